@@ -1,0 +1,121 @@
+"""The core: one Postgres database that hosts a group of virtual microservices.
+
+``Core`` owns the process's single connection pool, installs the catalog, registers descriptors
+and hands out transactions that run under a service's role.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+
+from sqlalchemy import select, text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from dbcore import eventlog, leases
+from dbcore.catalog import CATALOG_SCHEMA, metadata, owned_tables, services
+from dbcore.descriptor import ServiceDescriptor, role_for
+from dbcore.isolation import service_connection
+from dbcore.registry import Registration, ensure_group_role, register, sync_grants
+
+__all__ = ["Core"]
+
+_INSTALL_LOCK = text("SELECT pg_advisory_xact_lock(hashtext('vms.install'))")
+
+
+class Core:
+    """A Postgres-backed core. Create with :meth:`connect`; close with :meth:`close`."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self._table_owners: dict[str, str] = {}
+
+    @classmethod
+    def connect(cls, url: str, *, pool_size: int = 10, max_overflow: int = 10) -> Core:
+        engine = create_async_engine(
+            url,
+            pool_size=pool_size,
+            max_overflow=max_overflow,
+            pool_pre_ping=False,
+            # Prepared-statement cache per connection; asyncpg's own cache is per statement text.
+            connect_args={"server_settings": {"application_name": "vmsdb"}},
+        )
+        return cls(engine)
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+    @asynccontextmanager
+    async def admin(self) -> AsyncIterator[AsyncConnection]:
+        """A transaction as the administrative role (catalog work, registration)."""
+        async with service_connection(self.engine, None) as conn:
+            yield conn
+
+    @asynccontextmanager
+    async def transaction(
+        self, service: str, *, isolation: str = "read_committed", read_only: bool = False
+    ) -> AsyncIterator[AsyncConnection]:
+        """A transaction that runs under ``service``'s role."""
+        async with service_connection(
+            self.engine, role_for(service), isolation=isolation, read_only=read_only
+        ) as conn:
+            yield conn
+
+    async def install(self) -> None:
+        """Create the catalog if it is missing. Safe to run concurrently from many processes."""
+        async with self.admin() as conn:
+            await conn.execute(_INSTALL_LOCK)
+            await conn.execute(text(f"CREATE SCHEMA IF NOT EXISTS {CATALOG_SCHEMA}"))
+            await conn.run_sync(metadata.create_all)
+            await ensure_group_role(conn)
+            for statement in (*eventlog.install_sql, *leases.install_sql):
+                await conn.execute(text(statement))
+
+    async def register(self, descriptors: Iterable[ServiceDescriptor]) -> list[Registration]:
+        """Register descriptors in one transaction: all of them, or none."""
+        async with self.admin() as conn:
+            result = [await register(conn, d) for d in descriptors]
+        await self.refresh_owners()
+        return result
+
+    async def sync_grants(self, descriptors: Iterable[ServiceDescriptor]) -> None:
+        async with self.admin() as conn:
+            for d in descriptors:
+                await sync_grants(conn, d)
+
+    async def refresh_owners(self) -> None:
+        """Reload which service owns which table, for naming services in ``IsolationError``."""
+        async with self.admin() as conn:
+            rows = (
+                await conn.execute(
+                    select(
+                        owned_tables.c.schema_name,
+                        owned_tables.c.table_name,
+                        owned_tables.c.service,
+                    )
+                )
+            ).all()
+            names = (await conn.execute(select(services.c.name))).scalars().all()
+        owners: dict[str, str] = {name: name for name in names}
+        for schema, table, service in rows:
+            owners[f"{schema}.{table}"] = service
+            # A bare table name (as Postgres reports it) is only meaningful when unambiguous.
+            owners[table] = service if owners.get(table, service) == service else ""
+        self._table_owners = {k: v for k, v in owners.items() if v}
+
+    @property
+    def table_owners(self) -> dict[str, str]:
+        return self._table_owners
+
+    async def wait_ready(self, attempts: int = 50, delay: float = 0.1) -> None:
+        """Wait until the server accepts connections (a freshly started server may not yet)."""
+        for attempt in range(attempts):
+            try:
+                async with self.engine.connect() as conn:
+                    await conn.execute(text("SELECT 1"))
+                return
+            except OSError:
+                if attempt == attempts - 1:
+                    raise
+                await asyncio.sleep(delay)

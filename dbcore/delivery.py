@@ -1,0 +1,251 @@
+"""In-database delivery: claiming deliveries in order, acknowledging, retrying, dead-lettering.
+
+A worker *claims* a batch in a short READ COMMITTED transaction: it stamps each row with a
+random claim token and a deadline. It then runs each handler in the handler's own transaction
+(under the subscriber's role, at the handler's isolation level), and that transaction deletes the
+delivery row *by claim token* before it commits: the handler's effects and the "handled" mark
+commit together, exactly once (G4). If the worker dies (kill -9), its claims run out and another
+worker claims the rows again; if a slow worker's claim ran out and another took over, the slow
+one's delete finds no row with its token and it rolls back, so a redelivered event still takes
+effect once.
+
+Why the claim is not the handler's own ``SELECT ... FOR UPDATE SKIP LOCKED``: handlers may run
+SERIALIZABLE, and scanning the shared deliveries table inside serializable transactions would
+make unrelated handlers fail each other with serialization errors.
+
+A row is claimable only when (each condition is what keeps a guarantee):
+- its transaction id is below the snapshot's xmin: every transaction that could still commit an
+  earlier event has finished (G3: no gaps, nothing overtaken by a late commit);
+- no earlier delivery for the same subscriber and partition key is still pending or claimed
+  (G5: FIFO per key; later keys run in parallel);
+- no earlier delivery of a type declared to precede it is still pending (G5: precedence);
+- it is not claimed by a live claim and its retry backoff has passed.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from dbcore.errors import CoreError
+
+__all__ = [
+    "ClaimLost",
+    "Claimed",
+    "ack",
+    "claim",
+    "dead_letter",
+    "pending_count",
+    "release",
+    "replay",
+    "retry_later",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    subscriber: str
+    position: int
+    event_id: uuid.UUID
+    event_type: str
+    key: str | None
+    payload: Any
+    correlation_id: str | None
+    attempts: int
+    claim: uuid.UUID
+    created_at: datetime
+
+
+_CLAIM = text(
+    """
+    WITH horizon AS (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin),
+    ready AS (
+        SELECT d.subscriber, d.position
+          FROM vms.deliveries d, horizon h
+         WHERE d.subscriber = :subscriber
+           AND d.xid < h.xmin
+           AND d.available_at <= now()
+           AND (d.claim IS NULL OR d.claimed_until < now())
+           AND NOT EXISTS (
+                SELECT 1 FROM vms.deliveries e
+                 WHERE e.subscriber = d.subscriber AND e.key = d.key
+                   AND (e.xid, e.position) < (d.xid, d.position))
+           AND NOT EXISTS (
+                SELECT 1 FROM vms.subscriptions s
+                  JOIN vms.deliveries p
+                    ON p.subscriber = s.service AND p.event_type = s.event_type
+                 WHERE s.service = d.subscriber AND d.event_type = ANY(s.precedence)
+                   AND (p.xid, p.position) < (d.xid, d.position))
+         ORDER BY d.xid, d.position
+         LIMIT :limit
+         FOR UPDATE OF d SKIP LOCKED
+    )
+    UPDATE vms.deliveries d
+       SET claim = :claim, claimed_until = now() + make_interval(secs => :lease_seconds),
+           attempts = d.attempts + 1
+      FROM ready r, vms.events ev
+     WHERE d.subscriber = r.subscriber AND d.position = r.position AND ev.position = d.position
+    RETURNING d.subscriber, d.position, ev.id AS event_id, d.event_type, d.key, ev.payload,
+              ev.correlation_id, d.attempts, d.claim, ev.created_at, d.xid::text AS xid
+    """
+)
+
+
+async def claim(conn: AsyncConnection, subscriber: str, *, limit: int, lease_seconds: float) -> list[Claimed]:
+    """Claim up to ``limit`` deliveries of ``subscriber``, oldest first, at most one per key."""
+    token = uuid.uuid4()
+    rows = (
+        await conn.execute(
+            _CLAIM,
+            {
+                "subscriber": subscriber,
+                "limit": limit,
+                "claim": token,
+                "lease_seconds": lease_seconds,
+            },
+        )
+    ).all()
+    rows = sorted(rows, key=lambda r: (int(r.xid), r.position))
+    return [
+        Claimed(
+            subscriber=r.subscriber,
+            position=r.position,
+            event_id=r.event_id,
+            event_type=r.event_type,
+            key=r.key,
+            payload=r.payload,
+            correlation_id=r.correlation_id,
+            attempts=r.attempts,
+            claim=r.claim,
+            created_at=r.created_at,
+        )
+        for r in rows
+    ]
+
+
+_ACK = text(
+    "DELETE FROM vms.deliveries WHERE subscriber = :subscriber AND position = :position AND claim = :claim"
+)
+
+
+class ClaimLost(CoreError):
+    """The claim ran out and another worker took the delivery over; this attempt must roll back."""
+
+
+async def ack(conn: AsyncConnection, item: Claimed) -> None:
+    """Mark ``item`` handled, inside the handler's transaction (runs under the subscriber's role)."""
+    result = await conn.execute(
+        _ACK, {"subscriber": item.subscriber, "position": item.position, "claim": item.claim}
+    )
+    if result.rowcount != 1:
+        raise ClaimLost(
+            f"delivery of event {item.event_id} to {item.subscriber!r} was claimed by another "
+            "worker after this one's claim ran out"
+        )
+
+
+_RETRY = text(
+    """
+    UPDATE vms.deliveries
+       SET claim = NULL, claimed_until = NULL, last_error = :error,
+           available_at = now() + make_interval(secs => :delay)
+     WHERE subscriber = :subscriber AND position = :position AND claim = :claim
+    """
+)
+
+
+async def retry_later(conn: AsyncConnection, item: Claimed, error: str, delay: float) -> None:
+    await conn.execute(
+        _RETRY,
+        {
+            "subscriber": item.subscriber,
+            "position": item.position,
+            "claim": item.claim,
+            "error": error,
+            "delay": delay,
+        },
+    )
+
+
+_RELEASE = text(
+    "UPDATE vms.deliveries SET claim = NULL, claimed_until = NULL, attempts = attempts - 1 "
+    "WHERE subscriber = :subscriber AND position = :position AND claim = :claim"
+)
+
+
+async def release(conn: AsyncConnection, item: Claimed) -> None:
+    """Give a claimed delivery back untried (worker shutting down)."""
+    await conn.execute(
+        _RELEASE, {"subscriber": item.subscriber, "position": item.position, "claim": item.claim}
+    )
+
+
+_DEAD_LETTER = text(
+    """
+    WITH gone AS (
+        DELETE FROM vms.deliveries
+         WHERE subscriber = :subscriber AND position = :position AND claim = :claim
+        RETURNING subscriber, position, xid, event_type, key, attempts
+    )
+    INSERT INTO vms.dead_letters
+           (subscriber, position, xid, event_id, event_type, key, payload, error, traceback,
+            attempts)
+    SELECT g.subscriber, g.position, g.xid, ev.id, g.event_type, g.key, ev.payload, :error,
+           :traceback, g.attempts
+      FROM gone g JOIN vms.events ev ON ev.position = g.position
+    RETURNING id
+    """
+)
+
+
+async def dead_letter(conn: AsyncConnection, item: Claimed, error: str, traceback: str | None) -> int | None:
+    """Move ``item`` to the dead letters; later deliveries of its key flow on."""
+    row = (
+        await conn.execute(
+            _DEAD_LETTER,
+            {
+                "subscriber": item.subscriber,
+                "position": item.position,
+                "claim": item.claim,
+                "error": error,
+                "traceback": traceback,
+            },
+        )
+    ).first()
+    return None if row is None else int(row.id)
+
+
+_REPLAY = text(
+    """
+    WITH letter AS (
+        UPDATE vms.dead_letters SET replayed_at = now()
+         WHERE id = :id AND replayed_at IS NULL AND position IS NOT NULL
+        RETURNING subscriber, position, xid, event_type, key
+    )
+    INSERT INTO vms.deliveries (subscriber, position, xid, event_type, key)
+    SELECT l.subscriber, l.position, l.xid, l.event_type, l.key
+      FROM letter l JOIN vms.events ev ON ev.position = l.position
+    ON CONFLICT DO NOTHING
+    RETURNING subscriber
+    """
+)
+
+
+async def replay(conn: AsyncConnection, dead_letter_id: int) -> bool:
+    """Deliver a dead-lettered event again; ``False`` if unknown, replayed, or its event is gone."""
+    row = (await conn.execute(_REPLAY, {"id": dead_letter_id})).first()
+    if row is not None:
+        await conn.execute(text("SELECT pg_notify('vms_events', :s)"), {"s": row.subscriber})
+    return row is not None
+
+
+_PENDING = text("SELECT count(*) FROM vms.deliveries WHERE subscriber = ANY(CAST(:s AS text[]))")
+
+
+async def pending_count(conn: AsyncConnection, subscribers: list[str]) -> int:
+    return int((await conn.execute(_PENDING, {"s": subscribers})).scalar_one())

@@ -1,0 +1,175 @@
+"""Service descriptors: the one data structure that crosses from the framework into the core.
+
+A descriptor is plain JSON. The framework builds it from annotated classes at start-up; the core
+reads it to create the service's schema, role, grants and subscriptions. Nothing in here knows
+about Python classes or decorators, so a descriptor could as well be written by hand or come from
+another language.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+__all__ = [
+    "ColumnDescriptor",
+    "EventTypeDescriptor",
+    "ExportedFunctionDescriptor",
+    "InboundDescriptor",
+    "LeaseDescriptor",
+    "OutboundDescriptor",
+    "QueryDescriptor",
+    "ServiceDescriptor",
+    "TableDescriptor",
+    "TransactionalDescriptor",
+    "role_for",
+    "valid_service_name",
+]
+
+TxType = Literal["RW", "RO"]
+Isolation = Literal["serializable", "snapshot", "read_committed"]
+
+_SERVICE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
+_RESERVED = frozenset({"vms", "public", "information_schema", "pg_catalog", "pg_toast"})
+
+
+def valid_service_name(name: str) -> bool:
+    """A service name doubles as a Postgres schema name, so it must be a plain identifier."""
+    return bool(_SERVICE_NAME.match(name)) and name not in _RESERVED and not name.startswith("pg_")
+
+
+def role_for(service: str) -> str:
+    """The Postgres role every transaction of ``service`` runs under."""
+    return f"vms_{service}"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ColumnDescriptor(_Frozen):
+    name: str
+    type: str
+    nullable: bool = True
+    primary_key: bool = False
+
+
+class TableDescriptor(_Frozen):
+    name: str
+    entity: str = Field(description="the model class name other services use in @Query and @Lease")
+    columns: tuple[ColumnDescriptor, ...]
+    exported: bool = False
+
+    def column(self, name: str) -> ColumnDescriptor | None:
+        return next((c for c in self.columns if c.name == name), None)
+
+
+class ExportedFunctionDescriptor(_Frozen):
+    """A named SQL function an owner offers to other services' queries, e.g. ``expired()``."""
+
+    entity: str
+    name: str
+    returns: str
+    body: str
+
+
+class EventTypeDescriptor(_Frozen):
+    name: str
+    key: str | None
+    json_schema: dict[str, Any]
+
+
+class InboundDescriptor(_Frozen):
+    event: str
+    handler: str
+    precedence: tuple[str, ...] = ()
+    max_attempts: int = 5
+
+
+class OutboundDescriptor(_Frozen):
+    function: str
+    events: tuple[str, ...]
+
+
+class TransactionalDescriptor(_Frozen):
+    function: str
+    type: TxType
+    isolation: Isolation
+
+
+class LeaseDescriptor(_Frozen):
+    function: str
+    text: str
+    params: tuple[str, ...]
+
+
+class QueryDescriptor(_Frozen):
+    function: str
+    text: str
+    params: tuple[str, ...]
+
+
+class ServiceDescriptor(_Frozen):
+    """Everything the core needs to know about one virtual microservice."""
+
+    name: str
+    tables: tuple[TableDescriptor, ...] = ()
+    functions: tuple[ExportedFunctionDescriptor, ...] = ()
+    events: tuple[EventTypeDescriptor, ...] = ()
+    inbound: tuple[InboundDescriptor, ...] = ()
+    outbound: tuple[OutboundDescriptor, ...] = ()
+    transactional: tuple[TransactionalDescriptor, ...] = ()
+    leases: tuple[LeaseDescriptor, ...] = ()
+    queries: tuple[QueryDescriptor, ...] = ()
+    dependencies: tuple[str, ...] = ()
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        if not valid_service_name(value):
+            raise ValueError(
+                f"service name {value!r} must be a lower-case identifier of at most 40 characters"
+                " (it becomes a Postgres schema) and not a reserved schema name"
+            )
+        return value
+
+    @property
+    def schema_name(self) -> str:
+        return self.name
+
+    @property
+    def role(self) -> str:
+        return role_for(self.name)
+
+    @property
+    def exported_tables(self) -> tuple[TableDescriptor, ...]:
+        return tuple(t for t in self.tables if t.exported)
+
+    def table(self, name: str) -> TableDescriptor | None:
+        return next((t for t in self.tables if t.name == name), None)
+
+    def entity(self, entity: str) -> TableDescriptor | None:
+        return next((t for t in self.tables if t.entity == entity), None)
+
+    @property
+    def emitted_events(self) -> tuple[str, ...]:
+        seen: dict[str, None] = {}
+        for out in self.outbound:
+            seen.update(dict.fromkeys(out.events))
+        return tuple(seen)
+
+    def to_json(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ServiceDescriptor:
+        return cls.model_validate(data)
+
+    def fingerprint(self) -> str:
+        """A stable hash of the descriptor: a changed fingerprint is a new descriptor version."""
+        canonical = json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()

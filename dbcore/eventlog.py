@@ -1,0 +1,239 @@
+"""The event log: the transactional outbox every service writes, and the fan-out to subscribers.
+
+A service's transaction inserts its events into ``vms.events`` together with its state changes,
+so both commit or neither does (G2). A statement trigger fans each new event out into one
+``vms.deliveries`` row per subscribing service (from ``vms.subscriptions``) in the same
+transaction, and NOTIFYs the subscribers; the notification is sent by Postgres at commit only.
+
+Ordering is by ``(xid, position)``, never by ``position`` alone: a sequence value is taken when
+the row is inserted, not when its transaction commits, so position 7 may become visible before
+position 5. Readers only consider rows whose transaction id is below the xmin of their snapshot
+(every transaction with a smaller id has finished), so a row that is not visible yet always sorts
+after everything already read; see ``delivery.py`` and the relay.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    Index,
+    Integer,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    Text,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB, UUID
+from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.types import UserDefinedType
+
+from dbcore.catalog import SERVICES_GROUP_ROLE, metadata
+
+__all__ = [
+    "NOTIFY_CHANNEL",
+    "EventRecord",
+    "append",
+    "dead_letters",
+    "deliveries",
+    "events",
+    "install_sql",
+    "prune",
+]
+
+NOTIFY_CHANNEL = "vms_events"
+
+
+class Xid8(UserDefinedType[int]):
+    """Postgres ``xid8``: a 64-bit transaction id that never wraps around."""
+
+    cache_ok = True
+
+    def get_col_spec(self, **kw: object) -> str:
+        return "xid8"
+
+
+events = Table(
+    "events",
+    metadata,
+    Column("position", BigInteger, primary_key=True, autoincrement=True),
+    Column("xid", Xid8, nullable=False, server_default=text("pg_current_xact_id()")),
+    Column("id", UUID(as_uuid=True), nullable=False, unique=True),
+    Column("type", String(200), nullable=False),
+    Column("key", Text),
+    Column("payload", JSONB, nullable=False),
+    Column("producer", String(40)),
+    Column("correlation_id", Text),
+    Column("causation_id", UUID(as_uuid=True)),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Index("ix_events_xid_position", "xid", "position"),
+    Index(
+        "ix_events_correlation_id",
+        "correlation_id",
+        postgresql_where=text("correlation_id IS NOT NULL"),
+    ),
+)
+
+# One row per (subscriber, event) still to be handled. The row is deleted in the handler's own
+# transaction, so "handled" and the handler's effects commit together (G4).
+deliveries = Table(
+    "deliveries",
+    metadata,
+    Column("subscriber", String(40), nullable=False),
+    Column("position", BigInteger, nullable=False),
+    Column("xid", Xid8, nullable=False),
+    Column("event_type", String(200), nullable=False),
+    Column("key", Text),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("available_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("claim", UUID(as_uuid=True)),
+    Column("claimed_until", DateTime(timezone=True)),
+    Column("last_error", Text),
+    PrimaryKeyConstraint("subscriber", "position"),
+    Index("ix_deliveries_order", "subscriber", "xid", "position"),
+    Index("ix_deliveries_key", "subscriber", "key", "xid", "position"),
+    Index("ix_deliveries_type", "subscriber", "event_type", "xid", "position"),
+)
+
+dead_letters = Table(
+    "dead_letters",
+    metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=True),
+    Column("subscriber", String(40), nullable=False),
+    Column("position", BigInteger),
+    Column("xid", Xid8),
+    Column("event_id", UUID(as_uuid=True)),
+    Column("event_type", String(200), nullable=False),
+    Column("key", Text),
+    Column("payload", JSONB),
+    Column("raw", Text, comment="undecodable input as received, when there is no payload"),
+    Column("source", String(200), nullable=False, server_default="db"),
+    Column("error", Text, nullable=False),
+    Column("traceback", Text),
+    Column("attempts", Integer, nullable=False),
+    Column("blocking", String(5), nullable=False, server_default="false"),
+    Column("failed_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("replayed_at", DateTime(timezone=True)),
+)
+
+_GROUP = SERVICES_GROUP_ROLE
+
+#: DDL that SQLAlchemy's create_all does not express: fan-out trigger, row-level security.
+install_sql: Sequence[str] = (
+    # Fan-out: one delivery per subscriber of each new event, then one NOTIFY per statement
+    # naming the subscribers. SECURITY DEFINER so a service role, which may only insert into
+    # vms.events, can still create the deliveries its events cause.
+    f"""
+    CREATE OR REPLACE FUNCTION vms.fan_out() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, vms AS $$
+    DECLARE
+        targets text;
+    BEGIN
+        WITH inserted AS (
+            INSERT INTO vms.deliveries (subscriber, position, xid, event_type, key)
+            SELECT s.service, n.position, n.xid, n.type, n.key
+              FROM new_events n JOIN vms.subscriptions s ON s.event_type = n.type
+            RETURNING subscriber
+        )
+        SELECT string_agg(DISTINCT subscriber, ',') INTO targets FROM inserted;
+        -- Always notify, also with no subscriber: outcome waiters look for events by correlation.
+        PERFORM pg_notify('{NOTIFY_CHANNEL}', coalesce(targets, ''));
+        RETURN NULL;
+    END $$
+    """,
+    "DROP TRIGGER IF EXISTS events_fan_out ON vms.events",
+    """
+    CREATE TRIGGER events_fan_out AFTER INSERT ON vms.events
+    REFERENCING NEW TABLE AS new_events FOR EACH STATEMENT EXECUTE FUNCTION vms.fan_out()
+    """,
+    # Services write the outbox under their own role; row-level security makes sure a service
+    # can only insert events in its own name, and only see and delete its own deliveries.
+    f"GRANT USAGE ON SCHEMA vms TO {_GROUP}",
+    f"GRANT INSERT ON vms.events TO {_GROUP}",
+    f"GRANT USAGE ON SEQUENCE vms.events_position_seq TO {_GROUP}",
+    "ALTER TABLE vms.events ENABLE ROW LEVEL SECURITY",
+    "DROP POLICY IF EXISTS own_events ON vms.events",
+    """
+    CREATE POLICY own_events ON vms.events FOR INSERT
+    WITH CHECK (producer IS NOT NULL AND 'vms_' || producer = current_user)
+    """,
+    f"GRANT SELECT, DELETE ON vms.deliveries TO {_GROUP}",
+    "ALTER TABLE vms.deliveries ENABLE ROW LEVEL SECURITY",
+    "DROP POLICY IF EXISTS own_deliveries ON vms.deliveries",
+    """
+    CREATE POLICY own_deliveries ON vms.deliveries FOR ALL
+    USING ('vms_' || subscriber = current_user)
+    """,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class EventRecord:
+    """One event as the log stores it."""
+
+    id: uuid.UUID
+    type: str
+    key: str | None
+    payload: str  # JSON text, encoded once by the producer
+    producer: str | None
+    correlation_id: str | None = None
+    causation_id: uuid.UUID | None = None
+
+
+# One statement for a whole outbox, so the fan-out trigger fires once per transaction.
+_INSERT = """
+    INSERT INTO vms.events (id, type, key, payload, producer, correlation_id, causation_id)
+    SELECT id, type, key, payload::jsonb, producer, correlation_id, causation_id
+      FROM unnest(CAST(:ids AS uuid[]), CAST(:types AS text[]), CAST(:keys AS text[]),
+                  CAST(:payloads AS text[]), CAST(:producers AS text[]),
+                  CAST(:correlations AS text[]), CAST(:causations AS uuid[]))
+           AS t(id, type, key, payload, producer, correlation_id, causation_id)
+"""
+_APPEND = text(_INSERT)
+# Events from outside (publish, Kafka ingress) may arrive twice: the id makes the second a no-op.
+# Only the administrator uses it: ON CONFLICT needs to read the table, which service roles cannot.
+_APPEND_ONCE = text(_INSERT + " ON CONFLICT (id) DO NOTHING")
+
+
+async def append(conn: AsyncConnection, records: Sequence[EventRecord], *, deduplicate: bool = False) -> None:
+    """Insert ``records`` in ``conn``'s transaction.
+
+    ``deduplicate``: ignore an event whose id is already in the log (administrator only).
+    """
+    await conn.execute(
+        _APPEND_ONCE if deduplicate else _APPEND,
+        {
+            "ids": [r.id for r in records],
+            "types": [r.type for r in records],
+            "keys": [r.key for r in records],
+            "payloads": [r.payload for r in records],
+            "producers": [r.producer for r in records],
+            "correlations": [r.correlation_id for r in records],
+            "causations": [r.causation_id for r in records],
+        },
+    )
+
+
+# Keep what is still needed: pending deliveries, and dead letters that may be replayed.
+_PRUNE = text(
+    """
+    DELETE FROM vms.events e
+     WHERE e.created_at < now() - make_interval(secs => :seconds)
+       AND NOT EXISTS (SELECT 1 FROM vms.deliveries d WHERE d.position = e.position)
+       AND NOT EXISTS (SELECT 1 FROM vms.dead_letters l
+                        WHERE l.position = e.position AND l.replayed_at IS NULL)
+    """
+)
+
+
+async def prune(conn: AsyncConnection, older_than_seconds: float) -> int:
+    """Delete handled events older than ``older_than_seconds``; return how many."""
+    result = await conn.execute(_PRUNE, {"seconds": older_than_seconds})
+    return int(result.rowcount)

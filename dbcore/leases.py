@@ -1,0 +1,266 @@
+"""Leases pushed down to the core: expiring reservations on a numeric column of one row.
+
+For each ``@Lease`` of a service, registration creates two functions in the owner's schema,
+owned by the owner's role and ``SECURITY DEFINER``: callers execute them inside their own
+transaction, but they act with the owner's authority, so a caller never gets write access to the
+owner's table, and the caller's changes and the lease commit or roll back together.
+
+- ``lease__<fn>(key jsonb, qty numeric, period interval, holder text)``: lock the row, compute
+  ``available = on hand - active unexpired leases``, and insert a lease when ``qty`` fits;
+  otherwise return NULL. Locking the row serializes grants on it, so concurrent callers can
+  never get more than is on hand (G7).
+- ``lease__<fn>__settle(id uuid, action text, period interval)``: ``consume`` (decrement the row
+  and end the lease), ``release`` or ``renew``; idempotent, and refused with SQLSTATE VL001
+  (expired), VL002 (released), VL003 (consumed) or VL404 (unknown) otherwise.
+
+Expired leases need no process to give their quantity back: a grant only counts leases whose
+``expires_at`` lies ahead, and it marks the expired ones it meets as such. ``reap`` deletes ended
+leases later to keep the table small. Time comes from ``vms.now()``: the database clock plus an
+offset kept in ``vms.clock``, which tests move forward instead of sleeping.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from sqlalchemy import (
+    Column,
+    DateTime,
+    Index,
+    Numeric,
+    String,
+    Table,
+    Text,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB, UUID
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from dbcore.catalog import SERVICES_GROUP_ROLE, metadata, quote_ident
+from dbcore.descriptor import LeaseDescriptor, ServiceDescriptor, TableDescriptor
+from dbcore.lease_language import parse_lease
+
+__all__ = [
+    "SQLSTATE_CONSUMED",
+    "SQLSTATE_EXPIRED",
+    "SQLSTATE_NOT_FOUND",
+    "SQLSTATE_RELEASED",
+    "grant_function",
+    "install_lease_functions",
+    "install_sql",
+    "leases",
+    "reap",
+    "settle_function",
+]
+
+SQLSTATE_EXPIRED = "VL001"
+SQLSTATE_RELEASED = "VL002"
+SQLSTATE_CONSUMED = "VL003"
+SQLSTATE_NOT_FOUND = "VL404"
+
+leases = Table(
+    "leases",
+    metadata,
+    Column("id", UUID(as_uuid=True), primary_key=True),
+    Column("service", String(40), nullable=False),
+    Column("function", String(200), nullable=False),
+    Column("entity", String(63), nullable=False),
+    Column("key", JSONB, nullable=False),
+    Column("key_text", Text, nullable=False),
+    Column("quantity", Numeric, nullable=False),
+    Column("holder", String(40)),
+    Column("status", String(10), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+    Column("ended_at", DateTime(timezone=True)),
+    Index(
+        "ix_leases_active",
+        "service",
+        "entity",
+        "key_text",
+        postgresql_where=text("status = 'active'"),
+    ),
+)
+
+_GROUP = SERVICES_GROUP_ROLE
+
+install_sql: Sequence[str] = (
+    "CREATE TABLE IF NOT EXISTS vms.clock (id boolean PRIMARY KEY DEFAULT true CHECK (id), "
+    "offset_by interval NOT NULL DEFAULT '0')",
+    "INSERT INTO vms.clock (id) VALUES (true) ON CONFLICT DO NOTHING",
+    """
+    CREATE OR REPLACE FUNCTION vms.now() RETURNS timestamptz
+    LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog AS $$
+        SELECT now() + coalesce((SELECT offset_by FROM vms.clock), interval '0')
+    $$
+    """,
+    f"GRANT EXECUTE ON FUNCTION vms.now() TO {_GROUP}",
+    # Leases are visible to every service (they are the catalog's record of promises); only the
+    # owner's functions, running as the owner, may create or change them.
+    f"GRANT SELECT, INSERT, UPDATE ON vms.leases TO {_GROUP}",
+    "ALTER TABLE vms.leases ENABLE ROW LEVEL SECURITY",
+    "DROP POLICY IF EXISTS leases_read ON vms.leases",
+    "CREATE POLICY leases_read ON vms.leases FOR SELECT USING (true)",
+    "DROP POLICY IF EXISTS leases_insert ON vms.leases",
+    "CREATE POLICY leases_insert ON vms.leases FOR INSERT WITH CHECK ('vms_' || service = current_user)",
+    "DROP POLICY IF EXISTS leases_update ON vms.leases",
+    "CREATE POLICY leases_update ON vms.leases FOR UPDATE USING ('vms_' || service = current_user)",
+)
+
+
+def grant_function(service: str, function: str) -> str:
+    return f"{quote_ident(service)}.{quote_ident(f'lease__{function}')}"
+
+
+def settle_function(service: str, function: str) -> str:
+    return f"{quote_ident(service)}.{quote_ident(f'lease__{function}__settle')}"
+
+
+def _literal(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _definitions(descriptor: ServiceDescriptor, lease: LeaseDescriptor) -> list[str]:
+    spec = parse_lease(lease.text)
+    table: TableDescriptor | None = descriptor.entity(spec.entity) or descriptor.table(spec.entity)
+    if table is None:  # the framework checked this at start-up; a hand-written descriptor may not
+        raise ValueError(f"lease {lease.function}: {spec.entity!r} is not a table of {descriptor.name}")
+    svc, fn = descriptor.name, lease.function
+    qualified = f"{quote_ident(svc)}.{quote_ident(table.name)}"
+    column = quote_ident(spec.column)
+    key_columns = [quote_ident(c) for c, _ in spec.keys]
+    match_key = " AND ".join(f"t.{c} = k.{c}" for c in key_columns)
+    key_object = ", ".join(f"{_literal(c)}, r.{quote_ident(c)}" for c, _ in spec.keys)
+    same_lease = f"service = {_literal(svc)} AND entity = {_literal(table.name)} AND key_text = key_text_"
+    grant = f"""
+    CREATE OR REPLACE FUNCTION {grant_function(svc, fn)}(
+        p_key jsonb, p_qty numeric, p_period interval, p_holder text) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $fn$
+    DECLARE
+        r {qualified};
+        now_ timestamptz := vms.now();
+        key_text_ text;
+        held numeric;
+        lease_id uuid := gen_random_uuid();
+    BEGIN
+        IF p_qty IS NULL OR p_qty <= 0 THEN
+            RAISE EXCEPTION 'lease {svc}.{fn}: quantity must be positive, got %', p_qty
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        IF p_period IS NULL OR p_period <= interval '0' THEN
+            RAISE EXCEPTION 'lease {svc}.{fn}: period must be positive, got %', p_period
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        -- The row lock serializes every grant and consume on this row: no oversell.
+        SELECT t.* INTO r FROM {qualified} t, jsonb_populate_record(NULL::{qualified}, p_key) k
+         WHERE {match_key} FOR UPDATE OF t;
+        IF NOT FOUND THEN
+            RETURN NULL;
+        END IF;
+        key_text_ := jsonb_build_object({key_object})::text;
+        UPDATE vms.leases SET status = 'expired', ended_at = expires_at
+         WHERE {same_lease} AND status = 'active' AND expires_at <= now_;
+        SELECT coalesce(sum(quantity), 0) INTO held FROM vms.leases
+         WHERE {same_lease} AND status = 'active';
+        IF r.{column} - held < p_qty THEN
+            RETURN NULL;
+        END IF;
+        INSERT INTO vms.leases (id, service, function, entity, key, key_text, quantity, holder,
+                                status, created_at, expires_at)
+        VALUES (lease_id, {_literal(svc)}, {_literal(fn)}, {_literal(table.name)},
+                key_text_::jsonb, key_text_, p_qty, p_holder, 'active', now_, now_ + p_period);
+        RETURN jsonb_build_object('id', lease_id, 'quantity', p_qty, 'expires_at', now_ + p_period,
+                                  'key', key_text_::jsonb, 'row', to_jsonb(r),
+                                  'available', r.{column} - held - p_qty);
+    END $fn$
+    """
+    settle = f"""
+    CREATE OR REPLACE FUNCTION {settle_function(svc, fn)}(
+        p_id uuid, p_action text, p_period interval) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $fn$
+    DECLARE
+        l vms.leases;
+        now_ timestamptz := vms.now();
+    BEGIN
+        SELECT * INTO l FROM vms.leases
+         WHERE id = p_id AND service = {_literal(svc)} AND function = {_literal(fn)} FOR UPDATE;
+        IF NOT FOUND THEN
+            RAISE EXCEPTION 'lease % of {svc}.{fn} does not exist', p_id
+                USING ERRCODE = '{SQLSTATE_NOT_FOUND}';
+        END IF;
+        -- Repeating what already happened is a no-op (idempotent).
+        IF (p_action = 'consume' AND l.status = 'consumed')
+           OR (p_action = 'release' AND l.status IN ('released', 'expired')) THEN
+            RETURN to_jsonb(l);
+        END IF;
+        IF l.status = 'active' AND l.expires_at <= now_ THEN
+            IF p_action = 'release' THEN
+                UPDATE vms.leases SET status = 'expired', ended_at = l.expires_at WHERE id = p_id;
+                RETURN to_jsonb(l) || jsonb_build_object('status', 'expired');
+            END IF;
+            l.status := 'expired';
+        END IF;
+        IF l.status = 'expired' THEN
+            RAISE EXCEPTION 'lease % expired at %', p_id, l.expires_at
+                USING ERRCODE = '{SQLSTATE_EXPIRED}';
+        ELSIF l.status = 'released' THEN
+            RAISE EXCEPTION 'lease % was released', p_id USING ERRCODE = '{SQLSTATE_RELEASED}';
+        ELSIF l.status = 'consumed' THEN
+            RAISE EXCEPTION 'lease % was consumed', p_id USING ERRCODE = '{SQLSTATE_CONSUMED}';
+        END IF;
+        IF p_action = 'consume' THEN
+            UPDATE {qualified} t SET {column} = t.{column} - l.quantity
+              FROM jsonb_populate_record(NULL::{qualified}, l.key) k WHERE {match_key};
+            UPDATE vms.leases SET status = 'consumed', ended_at = now_ WHERE id = p_id
+            RETURNING * INTO l;
+        ELSIF p_action = 'release' THEN
+            UPDATE vms.leases SET status = 'released', ended_at = now_ WHERE id = p_id
+            RETURNING * INTO l;
+        ELSIF p_action = 'renew' THEN
+            UPDATE vms.leases SET expires_at = now_ + p_period WHERE id = p_id RETURNING * INTO l;
+        ELSE
+            RAISE EXCEPTION 'unknown lease action %', p_action USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        RETURN to_jsonb(l);
+    END $fn$
+    """
+    role = quote_ident(descriptor.role)
+    grants = []
+    for name, signature in (
+        (grant_function(svc, fn), "jsonb, numeric, interval, text"),
+        (settle_function(svc, fn), "uuid, text, interval"),
+    ):
+        grants += [
+            f"ALTER FUNCTION {name}({signature}) OWNER TO {role}",
+            f"REVOKE ALL ON FUNCTION {name}({signature}) FROM PUBLIC",
+            f"GRANT EXECUTE ON FUNCTION {name}({signature}) TO {quote_ident(_GROUP)}",
+        ]
+    return [grant, settle, *grants]
+
+
+async def install_lease_functions(conn: AsyncConnection, descriptor: ServiceDescriptor) -> None:
+    """Create (or replace) the functions of every lease the descriptor declares.
+
+    The owner's tables may not exist yet (migrations create them after registration), so the
+    bodies are not checked now; Postgres resolves the table when a function first runs.
+    """
+    if descriptor.leases:
+        await conn.execute(text("SET LOCAL check_function_bodies = off"))
+    for lease in descriptor.leases:
+        for statement in _definitions(descriptor, lease):
+            await conn.execute(text(statement))
+
+
+_REAP = text(
+    """
+    DELETE FROM vms.leases
+     WHERE (status <> 'active' AND ended_at < vms.now() - make_interval(secs => :keep))
+        OR (status = 'active' AND expires_at < vms.now() - make_interval(secs => :keep))
+    """
+)
+
+
+async def reap(conn: AsyncConnection, keep_seconds: float) -> int:
+    """Delete leases that ended (or expired) more than ``keep_seconds`` ago."""
+    result = await conn.execute(_REAP, {"keep": keep_seconds})
+    return int(result.rowcount)

@@ -1,0 +1,66 @@
+"""vmsdb's application tier: annotate services, run them as virtual microservices on one core.
+
+Everything a user needs is importable from here; modules not listed in ``__all__`` are
+implementation.
+"""
+
+from dbcore.errors import (
+    CoreError,
+    IsolationError,
+    LanguageError,
+    LeaseConsumed,
+    LeaseError,
+    LeaseExpired,
+    LeaseNotFound,
+    LeaseReleased,
+)
+from dbcore.isolation import ReadOnlyViolation
+from framework.annotations import Inbound, Lease, Outbound, Query, Transactional
+from framework.app import App
+from framework.config import Settings
+from framework.context import correlate, send, session
+from framework.errors import (
+    AnnotationError,
+    FrameworkError,
+    NoTransactionError,
+    RetriesExhausted,
+    ServiceCallError,
+    UndeclaredEventError,
+)
+from framework.events import Event
+from framework.leases import LeaseGrant, consume_lease, release_lease, renew_lease
+from framework.service import Service
+
+__all__ = [
+    "AnnotationError",
+    "App",
+    "CoreError",
+    "Event",
+    "FrameworkError",
+    "Inbound",
+    "IsolationError",
+    "LanguageError",
+    "Lease",
+    "LeaseConsumed",
+    "LeaseError",
+    "LeaseExpired",
+    "LeaseGrant",
+    "LeaseNotFound",
+    "LeaseReleased",
+    "NoTransactionError",
+    "Outbound",
+    "Query",
+    "ReadOnlyViolation",
+    "RetriesExhausted",
+    "Service",
+    "ServiceCallError",
+    "Settings",
+    "Transactional",
+    "UndeclaredEventError",
+    "consume_lease",
+    "correlate",
+    "release_lease",
+    "renew_lease",
+    "send",
+    "session",
+]

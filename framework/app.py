@@ -1,0 +1,328 @@
+"""``App``: the running group of services, connected to one core.
+
+```python
+async with App([Stock, Cart], create_tables=True) as app:   # no URL: embedded Postgres
+    await app.publish(AddCartItemRequest(customer_id="c1", item_id="i1", qty=2))
+    await app.drain()
+```
+
+Start-up scans the service classes into descriptors (every annotation mistake is an
+``AnnotationError`` here, before anything touches the database), connects, installs the catalog,
+registers the descriptors, optionally creates tables, and starts one dispatcher per service that
+has ``@Inbound`` handlers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from types import TracebackType
+from typing import Any, TypeVar
+
+from sqlalchemy import text
+
+from dbcore import delivery
+from dbcore.core import Core
+from dbcore.descriptor import ServiceDescriptor
+from dbcore.embedded import EmbeddedPostgres
+from dbcore.eventlog import NOTIFY_CHANNEL, append, prune
+from dbcore.leases import reap
+from framework.config import Settings, sqlalchemy_url
+from framework.context import correlation
+from framework.descriptors import ServicePlan, build_plans, dependencies_of
+from framework.dispatcher import Dispatcher
+from framework.errors import FrameworkError
+from framework.events import Event
+from framework.leases import LeaseExecutor
+from framework.metrics import Metrics
+from framework.outbox import record_of
+from framework.runtime import ServiceHandle, ServiceRuntime
+from framework.service import Service
+
+__all__ = ["App"]
+
+log = logging.getLogger("vmsdb.app")
+
+S = TypeVar("S", bound=Service)
+
+
+class App:
+    """A group of services on one core. Use as ``async with App([...]) as app``."""
+
+    def __init__(
+        self,
+        services: Iterable[type[Service]],
+        *,
+        database_url: str | None = None,
+        create_tables: bool = False,
+        workers: bool = True,
+        settings: Settings | None = None,
+        **overrides: Any,
+    ) -> None:
+        self.services: list[type[Service]] = list(services)
+        base = settings or Settings()
+        if database_url is not None:
+            overrides["database_url"] = database_url
+        self.settings = base.model_copy(update=overrides) if overrides else base
+        self.create_tables = create_tables
+        self.workers = workers
+        self.metrics = Metrics()
+        self.leases = LeaseExecutor(self)
+        self.plans: list[ServicePlan] = build_plans(self.services)
+        self._embedded: EmbeddedPostgres | None = None
+        self._core: Core | None = None
+        self._runtimes: dict[type[Service], ServiceRuntime] = {}
+        self._dispatchers: dict[str, Dispatcher] = {}
+        self._listener: Any = None
+        self._outcome_waiters: dict[str, list[tuple[frozenset[str], asyncio.Future[Event]]]] = {}
+        self._event_types: dict[str, type[Event]] = {}
+        self._background: list[asyncio.Task[None]] = []
+        self._started = False
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    @property
+    def core(self) -> Core:
+        if self._core is None:
+            raise FrameworkError("the App is not started; use `async with App(...) as app`")
+        return self._core
+
+    @property
+    def descriptors(self) -> list[ServiceDescriptor]:
+        return [p.descriptor for p in self.plans]
+
+    @property
+    def database_url(self) -> str:
+        return str(self.core.engine.url.render_as_string(hide_password=False))
+
+    async def start(self) -> App:
+        url = self.settings.database_url
+        if url is None:
+            self._embedded = EmbeddedPostgres(self.settings.data_dir)
+            url = await asyncio.to_thread(self._embedded.start)
+        self._core = Core.connect(sqlalchemy_url(url), pool_size=self.settings.pool_size)
+        try:
+            await self._core.wait_ready()
+            await self._core.install()
+            await self._core.register(self.descriptors)
+            if self.create_tables:
+                await self._create_tables()
+            self._attach()
+            await self._start_listener()
+            if self.workers:
+                for runtime in self._runtimes.values():
+                    if any(s.inbound for s in runtime.plan.functions.values()):
+                        dispatcher = Dispatcher(self, runtime)
+                        self._dispatchers[runtime.name] = dispatcher
+                        dispatcher.start()
+                self._background.append(asyncio.create_task(self._prune_loop()))
+        except BaseException:
+            await self._shutdown()
+            raise
+        self._started = True
+        return self
+
+    async def _create_tables(self) -> None:
+        """Create missing tables, owned by each service's role (development and tests)."""
+        for plan in self.plans:
+            async with self.core.transaction(plan.descriptor.name) as conn:
+                await conn.run_sync(plan.cls.Model.metadata.create_all)
+        await self.core.sync_grants(self.descriptors)
+
+    def _attach(self) -> None:
+        for plan in self.plans:
+            self._runtimes[plan.cls] = ServiceRuntime(self, plan)
+            for spec in plan.functions.values():
+                for ev in (
+                    *spec.outbound,
+                    *(() if spec.inbound is None else (spec.inbound.event,)),
+                ):
+                    self._event_types[ev.event_type()] = ev
+        by_name = {cls.service_name(): rt for cls, rt in self._runtimes.items()}
+        for cls, runtime in self._runtimes.items():
+            for attr, dep in dependencies_of(cls).items():
+                setattr(runtime.instance, attr, ServiceHandle(runtime.name, by_name[dep.service_name()]))
+
+    async def stop(self) -> None:
+        await self._shutdown()
+        self._started = False
+
+    async def _shutdown(self) -> None:
+        for dispatcher in self._dispatchers.values():
+            await dispatcher.stop()
+        self._dispatchers.clear()
+        for task in self._background:
+            task.cancel()
+        for task in self._background:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._background.clear()
+        if self._listener is not None:
+            with contextlib.suppress(Exception):
+                await self._listener.close()
+            self._listener = None
+        for waiters in self._outcome_waiters.values():
+            for _, fut in waiters:
+                fut.cancel()
+        if self._core is not None:
+            await self._core.close()
+            self._core = None
+        if self._embedded is not None:
+            await asyncio.to_thread(self._embedded.stop)
+            self._embedded = None
+
+    async def __aenter__(self) -> App:
+        return await self.start()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    # -- services ----------------------------------------------------------------------------
+
+    def service(self, cls: type[S]) -> S:
+        """The running instance of service class ``cls``; call its functions directly."""
+        runtime = self._runtimes.get(cls)
+        if runtime is None:
+            known = ", ".join(c.__name__ for c in self.services)
+            raise FrameworkError(f"{cls.__name__} is not a started service of this App ({known})")
+        return runtime.instance  # type: ignore[return-value]
+
+    def correlation_id(self) -> str | None:
+        return correlation.get()
+
+    # -- events ------------------------------------------------------------------------------
+
+    async def publish(
+        self, event: Event, *, correlation_id: str | None = None, event_id: uuid.UUID | None = None
+    ) -> uuid.UUID:
+        """Put ``event`` on the log from outside any service (an HTTP request, a test).
+
+        Publishing the same ``event_id`` twice delivers it once.
+        """
+        record = record_of(
+            event,
+            producer=None,
+            correlation_id=correlation_id or correlation.get(),
+            causation_id=None,
+            event_id=event_id,
+        )
+        async with self.core.admin() as conn:
+            await append(conn, [record], deduplicate=True)
+        return record.id
+
+    async def drain(self, timeout: float = 30.0) -> None:
+        """Wait until every event pending for this App's services is handled or dead-lettered."""
+        if not self._dispatchers and any(any(s.inbound for s in p.functions.values()) for p in self.plans):
+            raise FrameworkError("drain() needs the App's workers; it was started with workers=False")
+        subscribers = list(self._dispatchers)
+        deadline = time.monotonic() + timeout
+        while True:
+            async with self.core.admin() as conn:
+                pending = await delivery.pending_count(conn, subscribers)
+            if pending == 0:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"drain(): {pending} deliveries still pending after {timeout} s")
+            await asyncio.sleep(0.01)
+
+    async def outcome(self, correlation_id: str, *event_types: type[Event], timeout: float = 30.0) -> Event:
+        """The first event of one of ``event_types`` produced in ``correlation_id``'s chain."""
+        if not event_types:
+            raise ValueError("outcome() needs at least one event type to wait for")
+        names = frozenset(t.event_type() for t in event_types)
+        by_name = {t.event_type(): t for t in event_types}
+        fut: asyncio.Future[Event] = asyncio.get_running_loop().create_future()
+        entry = (names, fut)
+        self._outcome_waiters.setdefault(correlation_id, []).append(entry)
+        try:
+            found = await self._find_outcome(correlation_id, names)
+            if found is not None:
+                return by_name[found[0]].model_validate_json(found[1])
+            async with asyncio.timeout(timeout):
+                return await fut
+        except TimeoutError:
+            raise TimeoutError(
+                f"no {' or '.join(sorted(names))} in correlation {correlation_id!r} within {timeout} s"
+            ) from None
+        finally:
+            waiters = self._outcome_waiters.get(correlation_id, [])
+            if entry in waiters:
+                waiters.remove(entry)
+            if not waiters:
+                self._outcome_waiters.pop(correlation_id, None)
+
+    _OUTCOME = text(
+        "SELECT type, payload::text AS payload FROM vms.events "
+        "WHERE correlation_id = :c AND type = ANY(CAST(:t AS text[])) ORDER BY xid, position LIMIT 1"
+    )
+
+    async def _find_outcome(self, correlation_id: str, names: frozenset[str]) -> tuple[str, str] | None:
+        async with self.core.admin() as conn:
+            row = (await conn.execute(self._OUTCOME, {"c": correlation_id, "t": sorted(names)})).first()
+        return None if row is None else (row.type, row.payload)
+
+    async def _check_outcomes(self) -> None:
+        for correlation_id, waiters in list(self._outcome_waiters.items()):
+            for names, fut in list(waiters):
+                if fut.done():
+                    continue
+                found = await self._find_outcome(correlation_id, names)
+                if found is not None and not fut.done():
+                    event_type = self._event_types.get(found[0])
+                    if event_type is None:
+                        continue
+                    fut.set_result(event_type.model_validate_json(found[1]))
+
+    async def _start_listener(self) -> None:
+        import asyncpg
+
+        engine = self.core.engine
+        args, kwargs = engine.dialect.create_connect_args(engine.url)
+        self._listener = await asyncpg.connect(*args, **kwargs)
+
+        def on_notify(_conn: object, _pid: int, _channel: str, payload: str) -> None:
+            for name in payload.split(",") if payload else ():
+                dispatcher = self._dispatchers.get(name)
+                if dispatcher is not None:
+                    dispatcher.wake()
+            if self._outcome_waiters:
+                task = asyncio.create_task(self._check_outcomes())
+                self._background.append(task)
+                task.add_done_callback(self._forget)
+
+        await self._listener.add_listener(NOTIFY_CHANNEL, on_notify)
+
+    def _forget(self, task: asyncio.Task[None]) -> None:
+        with contextlib.suppress(ValueError):
+            self._background.remove(task)
+
+    async def _prune_loop(self) -> None:
+        retention = self.settings.retention_seconds
+        interval = min(max(retention / 10, 1.0), 300.0)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                async with self.core.admin() as conn:
+                    removed = await prune(conn, retention)
+                    await reap(conn, retention)
+                if removed:
+                    log.info("pruned %d handled events older than %.0f s", removed, retention)
+            except Exception:
+                log.exception("pruning the event log failed")
+
+    # -- introspection -----------------------------------------------------------------------
+
+    def dispatcher(self, service: str) -> Dispatcher | None:
+        return self._dispatchers.get(service)
+
+    def event_types(self) -> Sequence[type[Event]]:
+        return list(self._event_types.values())

@@ -1,0 +1,179 @@
+"""The ``vmsdb`` command line (Typer, with rich for tables and progress)."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import json
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from framework.app import App
+from framework.dataflow import flow_table, services_table, write_graph
+from framework.descriptors import build_descriptors
+from framework.errors import FrameworkError
+from framework.service import Service
+
+__all__ = ["load_app", "main"]
+
+T = TypeVar("T")
+
+cli = typer.Typer(help="vmsdb: virtual microservices on a Postgres core.", no_args_is_help=True)
+dead_letters_cli = typer.Typer(help="Inspect and replay events that handlers gave up on.")
+cli.add_typer(dead_letters_cli, name="dead-letters")
+console = Console()
+
+AppArg = Annotated[str, typer.Argument(help="the services, as module:attribute (an App or a list)")]
+
+
+def load_app(target: str) -> App:
+    """Import ``module:attribute`` (as uvicorn does) and return it as an App (not started)."""
+    module_name, _, attribute = target.partition(":")
+    if not module_name or not attribute:
+        raise typer.BadParameter(f"{target!r} is not module:attribute (e.g. examples.quickstart:app)")
+    if str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise typer.BadParameter(f"cannot import {module_name!r}: {err}") from err
+    value = getattr(module, attribute, None)
+    if isinstance(value, App):
+        return value
+    if isinstance(value, (list, tuple)) and all(
+        isinstance(v, type) and issubclass(v, Service) for v in value
+    ):
+        return App(value)
+    raise typer.BadParameter(f"{target!r} is neither an App nor a list of Service classes")
+
+
+def _offline(target: str) -> App:
+    """The App, to be started for inspection only: no handlers run in a CLI command."""
+    app = load_app(target)
+    app.workers = False
+    return app
+
+
+def _run(coro: Callable[[], Awaitable[T]]) -> T:
+    try:
+        return asyncio.run(coro())  # type: ignore[arg-type]
+    except FrameworkError as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(1) from err
+
+
+@cli.command()
+def services(
+    app: AppArg,
+    graph: Annotated[
+        Path, typer.Option(help="write the event dataflow here (.dot, and .svg if Graphviz is installed)")
+    ] = Path("dataflow"),
+    as_json: Annotated[bool, typer.Option("--json", help="print the descriptors as JSON")] = False,
+) -> None:
+    """Show the services' descriptors and the event dataflow between them."""
+    descriptors = build_descriptors(load_app(app).services)
+    if as_json:
+        print(json.dumps([d.to_json() for d in descriptors], indent=2))
+        return
+    console.print(services_table(descriptors))
+    console.print(flow_table(descriptors))
+    written = write_graph(descriptors, graph)
+    console.print("dataflow graph: " + ", ".join(str(p) for p in written))
+
+
+@dead_letters_cli.command("list")
+def dead_letters_list(
+    app: AppArg,
+    service: Annotated[str | None, typer.Option(help="only this subscriber")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="include replayed ones")] = False,
+) -> None:
+    """List dead letters: which event, which subscriber, after how many attempts, and why."""
+    from sqlalchemy import text
+
+    async def fetch() -> list[Any]:
+        async with _offline(app) as running, running.core.admin() as conn:
+            return list(
+                (
+                    await conn.execute(
+                        text(
+                            "SELECT id, subscriber, event_type, key, attempts, error, failed_at, "
+                            "replayed_at FROM vms.dead_letters "
+                            "WHERE (CAST(:s AS text) IS NULL OR subscriber = :s) "
+                            "AND (:all OR replayed_at IS NULL) ORDER BY id"
+                        ),
+                        {"s": service, "all": all_},
+                    )
+                ).all()
+            )
+
+    rows = _run(fetch)
+    table = Table("id", "subscriber", "event", "key", "attempts", "error", "failed at", "replayed")
+    for r in rows:
+        table.add_row(
+            str(r.id),
+            r.subscriber,
+            r.event_type,
+            r.key or "",
+            str(r.attempts),
+            (r.error or "")[:120],
+            f"{r.failed_at:%Y-%m-%d %H:%M:%S}",
+            "" if r.replayed_at is None else f"{r.replayed_at:%H:%M:%S}",
+        )
+    console.print(table)
+    console.print(f"{len(rows)} dead letter(s)")
+
+
+@dead_letters_cli.command("replay")
+def dead_letters_replay(
+    app: AppArg, ids: Annotated[list[int], typer.Argument(help="dead letter ids")]
+) -> None:
+    """Deliver dead-lettered events again (once each), after fixing what made them fail."""
+    from dbcore import delivery
+
+    async def replay() -> list[tuple[int, bool]]:
+        async with _offline(app) as running, running.core.admin() as conn:
+            return [(i, await delivery.replay(conn, i)) for i in ids]
+
+    for dead_letter_id, done in _run(replay):
+        if done:
+            console.print(f"dead letter {dead_letter_id}: delivered again")
+        else:
+            console.print(f"[yellow]dead letter {dead_letter_id}: unknown or already replayed[/yellow]")
+
+
+@cli.command()
+def leases(app: AppArg) -> None:
+    """List active leases per service and entity."""
+    from sqlalchemy import text
+
+    async def fetch() -> list[Any]:
+        async with _offline(app) as running, running.core.admin() as conn:
+            return list(
+                (
+                    await conn.execute(
+                        text(
+                            "SELECT service, entity, key_text, quantity, holder, expires_at, "
+                            "expires_at <= vms.now() AS expired FROM vms.leases "
+                            "WHERE status = 'active' ORDER BY service, entity, key_text, expires_at"
+                        )
+                    )
+                ).all()
+            )
+
+    rows = _run(fetch)
+    table = Table("service", "entity", "key", "quantity", "holder", "expires at")
+    for r in rows:
+        expiry = f"{r.expires_at:%Y-%m-%d %H:%M:%S}" + (" (expired)" if r.expired else "")
+        table.add_row(r.service, r.entity, r.key_text, str(r.quantity), r.holder or "", expiry)
+    console.print(table)
+    console.print(f"{len(rows)} active lease(s)")
+
+
+def main() -> None:
+    cli()

@@ -1,0 +1,37 @@
+"""Configuration from the environment (``VMSDB_*``), with pydantic-settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["Settings", "sqlalchemy_url"]
+
+
+class Settings(BaseSettings):
+    """``VMSDB_DATABASE_URL`` absent: an embedded Postgres in ``VMSDB_DATA_DIR``."""
+
+    model_config = SettingsConfigDict(env_prefix="VMSDB_", extra="ignore")
+
+    database_url: str | None = None
+    data_dir: Path = Path(".vmsdb")
+    kafka_bootstrap: str | None = None
+    pool_size: int = Field(default=10, ge=1)
+    #: Handlers one service runs at once in this process (different partition keys).
+    worker_concurrency: int = Field(default=16, ge=1)
+    #: A claimed delivery not acknowledged within this time is given to another worker.
+    claim_timeout: float = Field(default=30.0, gt=0)
+    #: Fallback poll interval when no notification arrives.
+    poll_interval: float = Field(default=0.5, gt=0)
+    #: Handled events older than this are pruned from the log.
+    retention_seconds: float = Field(default=7 * 24 * 3600, gt=0)
+
+
+def sqlalchemy_url(url: str) -> str:
+    """Accept ``postgres://`` and ``postgresql://`` URLs; the core talks asyncpg."""
+    for prefix in ("postgresql+asyncpg://", "postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+asyncpg://" + url[len(prefix) :]
+    return url

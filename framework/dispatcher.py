@@ -1,0 +1,180 @@
+"""Delivering events to one service's ``@Inbound`` handlers, in this process.
+
+A dispatcher claims deliveries (see ``dbcore.delivery`` for the ordering rules), runs each
+handler in the handler's transaction and acknowledges it in that same transaction. Claims come
+back at most one per partition key, so handlers of different keys run concurrently up to
+``concurrency`` and handlers of one key run one after another, in order.
+
+It wakes on the core's NOTIFY and polls as a fallback: after a notification that finds nothing
+claimable (an older transaction was still open, holding the horizon back) it polls again soon,
+backing off to ``poll_interval``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import traceback
+from typing import TYPE_CHECKING, Any
+
+from pydantic import ValidationError
+
+from dbcore import delivery
+from dbcore.delivery import Claimed, ClaimLost
+from framework.annotations import FunctionSpec
+from framework.context import TxContext
+from framework.events import Event
+from framework.runtime import backoff_delay
+
+if TYPE_CHECKING:
+    from framework.app import App
+    from framework.runtime import ServiceRuntime
+
+__all__ = ["Dispatcher"]
+
+log = logging.getLogger("vmsdb.delivery")
+
+_FIRST_POLL = 0.005
+
+
+class Dispatcher:
+    """Runs the ``@Inbound`` handlers of one service."""
+
+    def __init__(self, app: App, runtime: ServiceRuntime) -> None:
+        self.app = app
+        self.runtime = runtime
+        self.service = runtime.name
+        settings = app.settings
+        self.concurrency = settings.worker_concurrency
+        self.claim_timeout = settings.claim_timeout
+        self.poll_interval = settings.poll_interval
+        self.handlers: dict[str, tuple[FunctionSpec, type[Event]]] = {
+            spec.inbound.event.event_type(): (spec, spec.inbound.event)
+            for spec in runtime.plan.functions.values()
+            if spec.inbound is not None
+        }
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._task: asyncio.Task[None] | None = None
+        self._inflight: set[asyncio.Task[None]] = set()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"vmsdb-dispatch-{self.service}")
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._task is not None:
+            await self._task
+        if self._inflight:
+            await asyncio.gather(*self._inflight, return_exceptions=True)
+
+    async def _run(self) -> None:
+        idle = _FIRST_POLL
+        while not self._stopping:
+            free = self.concurrency - len(self._inflight)
+            claimed: list[Claimed] = []
+            if free > 0:
+                try:
+                    claimed = await self._claim(free)
+                except Exception:  # the database went away: log, back off, try again
+                    log.exception("%s: claiming deliveries failed", self.service)
+                    idle = self.poll_interval
+            for item in claimed:
+                task = asyncio.create_task(self._handle(item))
+                self._inflight.add(task)
+                task.add_done_callback(self._inflight.discard)
+            if claimed and len(claimed) == free:
+                continue  # there may be more; claim again once a slot frees
+            idle = _FIRST_POLL if claimed else min(idle * 2, self.poll_interval)
+            await self._wait(idle)
+            if self._wake.is_set():
+                self._wake.clear()
+                idle = _FIRST_POLL
+
+    async def _wait(self, timeout: float) -> None:
+        """Sleep until notified, until an in-flight handler finishes, or ``timeout``."""
+        waker = asyncio.ensure_future(self._wake.wait())
+        try:
+            await asyncio.wait({waker, *self._inflight}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waker.cancel()
+
+    async def _claim(self, limit: int) -> list[Claimed]:
+        async with self.app.core.admin() as conn:
+            return await delivery.claim(conn, self.service, limit=limit, lease_seconds=self.claim_timeout)
+
+    async def _handle(self, item: Claimed) -> None:
+        spec, event_type = self.handlers.get(item.event_type, (None, None))
+        if spec is None or event_type is None:
+            await self._dead_letter(
+                item, f"service {self.service!r} has no handler for {item.event_type}", None
+            )
+            return
+        try:
+            payload: Any = item.payload
+            event = (
+                event_type.model_validate_json(payload)
+                if isinstance(payload, (str, bytes))
+                else event_type.model_validate(payload)
+            )
+        except ValidationError as err:
+            # A payload that does not validate will never validate: no retries (G12).
+            await self._dead_letter(item, f"payload is not a valid {event_type.__name__}: {err}", None)
+            return
+
+        async def mark_handled(ctx: TxContext) -> None:
+            await delivery.ack(ctx.connection, item)
+
+        try:
+            await self.runtime.run(
+                spec,
+                spec.function,
+                (self.runtime.instance, event),
+                {},
+                correlation_id=item.correlation_id,
+                causation_id=str(item.event_id),
+                before_commit=mark_handled,
+            )
+            self.app.metrics.inc("events_handled", service=self.service, event=item.event_type)
+        except ClaimLost as err:
+            log.warning("%s: %s", self.service, err)
+        except Exception as err:
+            await self._failed(item, spec, err)
+
+    async def _failed(self, item: Claimed, spec: FunctionSpec, err: Exception) -> None:
+        assert spec.inbound is not None
+        error = f"{type(err).__name__}: {err}"
+        if item.attempts >= spec.inbound.max_attempts:
+            await self._dead_letter(item, error, traceback.format_exc())
+            return
+        delay = backoff_delay(item.attempts, base=0.05, cap=30.0)
+        log.warning(
+            "%s: %s failed on event %s (attempt %d of %d), retrying in %.0f ms: %s",
+            self.service,
+            spec.qualname,
+            item.event_id,
+            item.attempts,
+            spec.inbound.max_attempts,
+            delay * 1000,
+            error,
+        )
+        self.app.metrics.inc("event_retries", service=self.service, event=item.event_type)
+        async with self.app.core.admin() as conn:
+            await delivery.retry_later(conn, item, error, delay)
+
+    async def _dead_letter(self, item: Claimed, error: str, trace: str | None) -> None:
+        log.error(
+            "%s: event %s (%s) goes to the dead letters after %d attempt(s): %s",
+            self.service,
+            item.event_id,
+            item.event_type,
+            item.attempts,
+            error,
+        )
+        self.app.metrics.inc("dead_letters", service=self.service, event=item.event_type)
+        async with self.app.core.admin() as conn:
+            await delivery.dead_letter(conn, item, error, trace)
