@@ -1,0 +1,359 @@
+"""Events: outbox atomicity (G2), no gaps (G3), order and precedence (G5), failures (G6, G12)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+
+import pytest
+from sqlalchemy import select, text
+from sqlalchemy.orm import Mapped, mapped_column
+
+from framework import (
+    App,
+    Event,
+    Inbound,
+    Outbound,
+    Service,
+    Transactional,
+    UndeclaredEventError,
+    correlate,
+    send,
+    session,
+)
+from framework.context import current
+
+
+class Note(Event, key="key"):
+    key: str
+    seq: int
+    fail: bool = False
+
+
+class Flag(Event, key="key"):
+    key: str
+    seq: int
+
+
+class Noted(Event, key="key"):
+    key: str
+    seq: int
+
+
+class Stray(Event):
+    text: str
+
+
+# Test knobs the handlers read: which keys to slow down, how long.
+SLOW: dict[str, float] = {}
+
+
+class Writer(Service, name="writer"):
+    @Outbound(Note)
+    @Transactional(type="RW")
+    async def write(self, key: str, seq: int, *, hold: float = 0.0, fail: bool = False) -> None:
+        session().add(Written(key=key, seq=seq))
+        send(Note(key=key, seq=seq))
+        if hold:
+            await session().flush()  # takes the transaction id now ...
+            await asyncio.sleep(hold)  # ... and commits after later transactions
+        if fail:
+            raise RuntimeError("writer failed after sending")
+
+    @Outbound(Flag)
+    @Transactional(type="RW")
+    async def flag(self, key: str, seq: int) -> None:
+        send(Flag(key=key, seq=seq))
+
+    @Outbound(Note)
+    @Transactional(type="RW")
+    async def stray(self) -> None:
+        session().add(Written(key="stray", seq=0))
+        send(Stray(text="not declared"))  # type: ignore[arg-type]
+
+
+class Written(Writer.Model):
+    __tablename__ = "written"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    key: Mapped[str]
+    seq: Mapped[int]
+
+
+class Reader(Service, name="reader"):
+    @Inbound(Note, precedence=Flag, max_attempts=3)
+    @Outbound(Noted)
+    async def on_note(self, ev: Note) -> Noted:
+        delay = SLOW.get(ev.key, 0.0)
+        if delay:
+            await asyncio.sleep(delay)
+        if ev.fail:
+            raise ValueError(f"note {ev.key}/{ev.seq} is poisonous")
+        ctx = current()
+        assert ctx is not None
+        session().add(
+            Seen(kind="note", key=ev.key, seq=ev.seq, correlation_id=ctx.correlation_id)
+        )
+        return Noted(key=ev.key, seq=ev.seq)
+
+    @Inbound(Flag)
+    async def on_flag(self, ev: Flag) -> None:
+        session().add(Seen(kind="flag", key=ev.key, seq=ev.seq))
+
+
+class Seen(Reader.Model):
+    __tablename__ = "seen"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    kind: Mapped[str]
+    key: Mapped[str]
+    seq: Mapped[int]
+    correlation_id: Mapped[str | None]
+
+
+@pytest.fixture
+def vmsdb_services():
+    return [Writer, Reader]
+
+
+@pytest.fixture(autouse=True)
+def _reset_knobs():
+    SLOW.clear()
+    yield
+    SLOW.clear()
+
+
+async def seen(app: App, kind: str = "note") -> list[tuple[str, int]]:
+    async with app.core.admin() as conn:
+        rows = await conn.execute(
+            select(Seen.key, Seen.seq).where(Seen.kind == kind).order_by(Seen.id)
+        )
+        return [(r.key, r.seq) for r in rows]
+
+
+async def scalar(app: App, sql: str) -> object:
+    async with app.core.admin() as conn:
+        return (await conn.execute(text(sql))).scalar_one()
+
+
+# -- G2: the outbox commits with the state, or not at all ------------------------------------
+
+
+async def test_state_and_events_commit_together(app: App) -> None:
+    await app.service(Writer).write("k", 1)
+    await app.drain()
+    assert await scalar(app, "SELECT count(*) FROM writer.written") == 1
+    assert await scalar(app, "SELECT count(*) FROM vms.events WHERE type = 'Note'") == 1
+    assert await seen(app) == [("k", 1)]
+
+
+async def test_failed_transaction_publishes_nothing(app: App) -> None:
+    with pytest.raises(RuntimeError, match="writer failed"):
+        await app.service(Writer).write("k", 1, fail=True)
+    await app.drain()
+    assert await scalar(app, "SELECT count(*) FROM writer.written") == 0
+    assert await scalar(app, "SELECT count(*) FROM vms.events") == 0
+    assert await seen(app) == []
+
+
+async def test_undeclared_event_raises_and_rolls_back(app: App) -> None:
+    with pytest.raises(UndeclaredEventError, match="Stray.*declared: Note"):
+        await app.service(Writer).stray()
+    assert await scalar(app, "SELECT count(*) FROM writer.written") == 0
+    assert await scalar(app, "SELECT count(*) FROM vms.events") == 0
+
+
+async def test_events_carry_producer_correlation_and_causation(app: App) -> None:
+    with correlate("tid-42"):
+        await app.service(Writer).write("k", 1)
+    await app.drain()
+    async with app.core.admin() as conn:
+        rows = (
+            await conn.execute(
+                text(
+                    "SELECT id, type, key, producer, correlation_id, causation_id "
+                    "FROM vms.events ORDER BY position"
+                )
+            )
+        ).all()
+    note, noted = rows
+    assert (note.type, note.key, note.producer, note.correlation_id) == ("Note", "k", "writer", "tid-42")
+    assert note.causation_id is None
+    # The handler's event inherits the correlation and names its cause.
+    assert (noted.type, noted.producer, noted.correlation_id) == ("Noted", "reader", "tid-42")
+    assert noted.causation_id == note.id
+    assert await scalar(app, "SELECT correlation_id FROM reader.seen") == "tid-42"
+
+
+async def test_a_service_cannot_forge_events_in_another_name(app: App) -> None:
+    with pytest.raises(Exception, match="row-level security"):
+        async with app.core.transaction("reader") as conn:
+            await conn.execute(
+                text(
+                    "INSERT INTO vms.events (id, type, key, payload, producer) "
+                    "VALUES (gen_random_uuid(), 'Note', 'k', '{}', 'writer')"
+                )
+            )
+
+
+# -- G3: no gaps, whatever the commit order --------------------------------------------------
+
+
+async def test_long_and_short_transactions_every_event_arrives_in_key_order(app: App) -> None:
+    writer = app.service(Writer)
+    # A long transaction takes the first position, then short ones commit before it does.
+    long = asyncio.create_task(writer.write("shared", 0, hold=0.5))
+    await asyncio.sleep(0.1)
+
+    async def short_ones_in_order() -> None:
+        for i in range(1, 6):
+            await writer.write("shared", i)
+
+    await asyncio.gather(
+        long, short_ones_in_order(), *(writer.write(f"solo-{i}", i) for i in range(20))
+    )
+    await app.drain()
+    got = await seen(app)
+    assert sorted(got) == sorted([("shared", i) for i in range(6)] + [(f"solo-{i}", i) for i in range(20)])
+    # The long transaction took its id first: its event is handled first for that key, even
+    # though it committed last, and the reader skipped nothing while it was open.
+    assert [s for k, s in got if k == "shared"] == [0, 1, 2, 3, 4, 5]
+
+
+async def test_concurrent_producers_lose_nothing(app: App) -> None:
+    writer = app.service(Writer)
+
+    async def produce(worker: int) -> None:
+        for i in range(25):
+            await writer.write(f"p{worker}", i, hold=0.002 * (i % 3))
+
+    await asyncio.gather(*(produce(w) for w in range(8)))
+    await app.drain()
+    got = await seen(app)
+    assert len(got) == 200
+    for w in range(8):
+        assert [s for k, s in got if k == f"p{w}"] == list(range(25))
+
+
+# -- G5: FIFO per key, parallel across keys, precedence ----------------------------------------
+
+
+async def test_keys_run_in_parallel_and_each_key_in_order(app: App) -> None:
+    SLOW["slow"] = 0.3
+    writer = app.service(Writer)
+    for i in range(3):
+        await writer.write("slow", i)
+    for i in range(10):
+        await writer.write("fast", i)
+    await app.drain()
+    got = await seen(app)
+    assert [s for k, s in got if k == "slow"] == [0, 1, 2]
+    assert [s for k, s in got if k == "fast"] == list(range(10))
+    # The fast key did not wait behind the slow one.
+    assert got.index(("fast", 9)) < got.index(("slow", 2))
+
+
+async def test_precedence_holds_a_flag_until_earlier_notes_are_handled(app: App) -> None:
+    SLOW["a"] = 0.4  # the note handler is slow
+    writer = app.service(Writer)
+    await writer.write("a", 1)
+    await writer.flag("b", 1)  # another key: without precedence it would overtake the note
+    await writer.write("c", 1)  # a later note does not hold the flag back
+    await app.drain()
+    async with app.core.admin() as conn:
+        order = [
+            (r.kind, r.key)
+            for r in await conn.execute(select(Seen.kind, Seen.key).order_by(Seen.id))
+        ]
+    assert order.index(("note", "a")) < order.index(("flag", "b"))
+
+
+# -- G6 and G12: retries, dead letters, poison payloads, replay ------------------------------
+
+
+async def test_failing_handler_is_retried_then_dead_lettered_while_others_flow(app: App) -> None:
+    writer = app.service(Writer)
+    await app.publish(Note(key="bad", seq=1, fail=True))
+    await writer.write("bad", 2)  # same key: flows once the poisonous one is dead-lettered
+    await writer.write("good", 1)
+    await app.drain(timeout=60)
+    assert sorted(await seen(app)) == [("bad", 2), ("good", 1)]
+    async with app.core.admin() as conn:
+        letter = (await conn.execute(text("SELECT * FROM vms.dead_letters"))).one()
+    assert (letter.subscriber, letter.event_type, letter.key, letter.attempts) == ("reader", "Note", "bad", 3)
+    assert "ValueError: note bad/1 is poisonous" in letter.error
+    assert "on_note" in letter.traceback
+    assert app.metrics.value("event_retries", service="reader") == 2
+
+
+async def test_poison_payload_goes_to_dead_letters_at_once(app: App) -> None:
+    async with app.core.admin() as conn:
+        await conn.execute(
+            text(
+                "INSERT INTO vms.events (id, type, key, payload) "
+                "VALUES (:id, 'Note', 'k', CAST(:p AS jsonb))"
+            ),
+            {"id": uuid.uuid4(), "p": json.dumps({"key": "k", "seq": "not a number"})},
+        )
+    await app.service(Writer).write("k", 2)
+    await app.drain()
+    assert await seen(app) == [("k", 2)]
+    async with app.core.admin() as conn:
+        letter = (await conn.execute(text("SELECT * FROM vms.dead_letters"))).one()
+    assert letter.attempts == 1
+    assert "payload is not a valid Note" in letter.error and "seq" in letter.error
+    assert json.loads(letter.payload) if isinstance(letter.payload, str) else letter.payload
+
+
+async def test_replay_delivers_a_dead_letter_again(app: App) -> None:
+    from dbcore import delivery
+
+    await app.publish(Note(key="r", seq=1, fail=True))
+    await app.drain(timeout=60)
+    async with app.core.admin() as conn:
+        letter_id = (await conn.execute(text("SELECT id FROM vms.dead_letters"))).scalar_one()
+    # Fix the cause (here: the payload), then replay.
+    async with app.core.admin() as conn:
+        await conn.execute(
+            text("UPDATE vms.events SET payload = payload || '{\"fail\": false}'::jsonb")
+        )
+        assert await delivery.replay(conn, letter_id) is True
+    await app.drain()
+    assert await seen(app) == [("r", 1)]
+    async with app.core.admin() as conn:
+        assert await delivery.replay(conn, letter_id) is False  # once only
+
+
+# -- awaiting an outcome; retention -----------------------------------------------------------
+
+
+async def test_outcome_returns_the_chain_result(app: App) -> None:
+    waiter = asyncio.create_task(app.outcome("tid-7", Noted, timeout=10))
+    await asyncio.sleep(0.05)
+    with correlate("tid-7"):
+        await app.service(Writer).write("o", 7)
+    result = await waiter
+    assert result == Noted(key="o", seq=7)
+    # Asking after the fact finds it too.
+    assert await app.outcome("tid-7", Noted, timeout=1) == Noted(key="o", seq=7)
+    with pytest.raises(TimeoutError, match="no Noted in correlation 'nope'"):
+        await app.outcome("nope", Noted, timeout=0.2)
+
+
+async def test_retention_prunes_handled_events_only(app: App) -> None:
+    from dbcore.eventlog import prune
+
+    await app.service(Writer).write("x", 1)
+    await app.drain()
+    async with app.core.admin() as conn:
+        await conn.execute(text("UPDATE vms.events SET created_at = now() - interval '2 days'"))
+        # One event still pending for a subscriber must survive.
+        await conn.execute(
+            text(
+                "INSERT INTO vms.deliveries (subscriber, position, xid, event_type, key) "
+                "SELECT 'reader', position, xid, type, key FROM vms.events WHERE type = 'Note'"
+            )
+        )
+        removed = await prune(conn, 24 * 3600)
+        remaining = (await conn.execute(text("SELECT type FROM vms.events"))).scalars().all()
+        await conn.execute(text("DELETE FROM vms.deliveries"))
+    assert removed == 1 and remaining == ["Note"]
