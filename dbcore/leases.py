@@ -45,6 +45,7 @@ __all__ = [
     "SQLSTATE_EXPIRED",
     "SQLSTATE_NOT_FOUND",
     "SQLSTATE_RELEASED",
+    "advance_clock",
     "grant_function",
     "install_lease_functions",
     "install_sql",
@@ -264,3 +265,10 @@ async def reap(conn: AsyncConnection, keep_seconds: float) -> int:
     """Delete leases that ended (or expired) more than ``keep_seconds`` ago."""
     result = await conn.execute(_REAP, {"keep": keep_seconds})
     return int(result.rowcount)
+
+
+async def advance_clock(conn: AsyncConnection, seconds: float) -> None:
+    """Move the core's clock (``vms.now()``) forward; for tests of expiry without sleeping."""
+    await conn.execute(
+        text("UPDATE vms.clock SET offset_by = offset_by + make_interval(secs => :s)"), {"s": seconds}
+    )

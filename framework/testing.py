@@ -21,6 +21,7 @@ import os
 import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -30,14 +31,28 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
+from dbcore import leases
 from dbcore.embedded import EmbeddedPostgres
 from framework.app import App
 from framework.config import sqlalchemy_url
 from framework.service import Service
 
-__all__ = ["app", "app_factory", "vmsdb_database", "vmsdb_server", "vmsdb_services"]
+__all__ = [
+    "advance_clock",
+    "app",
+    "app_factory",
+    "vmsdb_database",
+    "vmsdb_server",
+    "vmsdb_services",
+]
 
 _counter = itertools.count()
+
+
+async def advance_clock(app: App, by: timedelta) -> None:
+    """Move the core's clock forward by ``by``: leases expire without a real wait."""
+    async with app.core.admin() as conn:
+        await leases.advance_clock(conn, by.total_seconds())
 
 
 @pytest.fixture(scope="session")

@@ -91,9 +91,7 @@ class Reader(Service, name="reader"):
             raise ValueError(f"note {ev.key}/{ev.seq} is poisonous")
         ctx = current()
         assert ctx is not None
-        session().add(
-            Seen(kind="note", key=ev.key, seq=ev.seq, correlation_id=ctx.correlation_id)
-        )
+        session().add(Seen(kind="note", key=ev.key, seq=ev.seq, correlation_id=ctx.correlation_id))
         return Noted(key=ev.key, seq=ev.seq)
 
     @Inbound(Flag)
@@ -124,9 +122,7 @@ def _reset_knobs():
 
 async def seen(app: App, kind: str = "note") -> list[tuple[str, int]]:
     async with app.core.admin() as conn:
-        rows = await conn.execute(
-            select(Seen.key, Seen.seq).where(Seen.kind == kind).order_by(Seen.id)
-        )
+        rows = await conn.execute(select(Seen.key, Seen.seq).where(Seen.kind == kind).order_by(Seen.id))
         return [(r.key, r.seq) for r in rows]
 
 
@@ -208,9 +204,7 @@ async def test_long_and_short_transactions_every_event_arrives_in_key_order(app:
         for i in range(1, 6):
             await writer.write("shared", i)
 
-    await asyncio.gather(
-        long, short_ones_in_order(), *(writer.write(f"solo-{i}", i) for i in range(20))
-    )
+    await asyncio.gather(long, short_ones_in_order(), *(writer.write(f"solo-{i}", i) for i in range(20)))
     await app.drain()
     got = await seen(app)
     assert sorted(got) == sorted([("shared", i) for i in range(6)] + [(f"solo-{i}", i) for i in range(20)])
@@ -260,10 +254,7 @@ async def test_precedence_holds_a_flag_until_earlier_notes_are_handled(app: App)
     await writer.write("c", 1)  # a later note does not hold the flag back
     await app.drain()
     async with app.core.admin() as conn:
-        order = [
-            (r.kind, r.key)
-            for r in await conn.execute(select(Seen.kind, Seen.key).order_by(Seen.id))
-        ]
+        order = [(r.kind, r.key) for r in await conn.execute(select(Seen.kind, Seen.key).order_by(Seen.id))]
     assert order.index(("note", "a")) < order.index(("flag", "b"))
 
 
@@ -289,8 +280,7 @@ async def test_poison_payload_goes_to_dead_letters_at_once(app: App) -> None:
     async with app.core.admin() as conn:
         await conn.execute(
             text(
-                "INSERT INTO vms.events (id, type, key, payload) "
-                "VALUES (:id, 'Note', 'k', CAST(:p AS jsonb))"
+                "INSERT INTO vms.events (id, type, key, payload) VALUES (:id, 'Note', 'k', CAST(:p AS jsonb))"
             ),
             {"id": uuid.uuid4(), "p": json.dumps({"key": "k", "seq": "not a number"})},
         )
@@ -313,9 +303,7 @@ async def test_replay_delivers_a_dead_letter_again(app: App) -> None:
         letter_id = (await conn.execute(text("SELECT id FROM vms.dead_letters"))).scalar_one()
     # Fix the cause (here: the payload), then replay.
     async with app.core.admin() as conn:
-        await conn.execute(
-            text("UPDATE vms.events SET payload = payload || '{\"fail\": false}'::jsonb")
-        )
+        await conn.execute(text("UPDATE vms.events SET payload = payload || '{\"fail\": false}'::jsonb"))
         assert await delivery.replay(conn, letter_id) is True
     await app.drain()
     assert await seen(app) == [("r", 1)]

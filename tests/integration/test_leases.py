@@ -1,0 +1,245 @@
+"""G7: leases never oversell, expire without a process, and settle atomically and idempotently."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import select, text
+from sqlalchemy.orm import Mapped, mapped_column
+
+from framework import (
+    App,
+    IsolationError,
+    Lease,
+    LeaseConsumed,
+    LeaseExpired,
+    LeaseGrant,
+    LeaseReleased,
+    Service,
+    Transactional,
+    consume_lease,
+    release_lease,
+    renew_lease,
+    session,
+)
+from framework.testing import advance_clock
+
+
+class Warehouse(Service, name="warehouse"):
+    @Lease(
+        "FROM Bin b WHERE b.seller = :seller AND b.sku = :sku "
+        "FOR UPDATE DECREMENT b.on_hand BY :qty WITH PERIOD :period"
+    )
+    async def hold(self, seller: int, sku: str, qty: int, period: timedelta) -> LeaseGrant | None: ...
+
+    @Transactional
+    async def stock(self, seller: int, sku: str, on_hand: int, price: int = 10) -> None:
+        session().add(Bin(seller=seller, sku=sku, on_hand=on_hand, price=price))
+
+    @Transactional(type="RO")
+    async def on_hand(self, seller: int, sku: str) -> int:
+        row = await session().get(Bin, (seller, sku))
+        assert row is not None
+        return row.on_hand
+
+
+@Warehouse.export
+class Bin(Warehouse.Model):
+    __tablename__ = "bins"
+    seller: Mapped[int] = mapped_column(primary_key=True)
+    sku: Mapped[str] = mapped_column(primary_key=True)
+    on_hand: Mapped[int]
+    price: Mapped[int]
+
+
+class Basket(Service, name="basket"):
+    warehouse: Warehouse
+
+    @Transactional(type="RW")
+    async def reserve(self, sku: str, qty: int, *, fail: bool = False) -> LeaseGrant | None:
+        grant = await self.warehouse.hold(1, sku, qty, timedelta(minutes=10))
+        if grant is not None:
+            session().add(Line(lease_id=str(grant.id), sku=sku, qty=qty))
+        if fail:
+            raise RuntimeError("basket failed after taking the lease")
+        return grant
+
+    @Transactional(type="RW")
+    async def checkout(self, lease: LeaseGrant) -> None:
+        await consume_lease(lease)
+        session().add(Line(lease_id=f"sold-{lease.id}", sku="sold", qty=int(lease.quantity)))
+
+    @Transactional(type="RW")
+    async def cancel(self, lease: LeaseGrant) -> None:
+        await release_lease(lease)
+
+    @Transactional(type="RW")
+    async def extend(self, lease: LeaseGrant, period: timedelta) -> None:
+        await renew_lease(lease, period)
+
+    @Transactional(type="RW")
+    async def tamper(self) -> None:
+        await session().execute(text("UPDATE warehouse.bins SET on_hand = on_hand + 100"))
+
+
+class Line(Basket.Model):
+    __tablename__ = "lines"
+    lease_id: Mapped[str] = mapped_column(primary_key=True)
+    sku: Mapped[str]
+    qty: Mapped[int]
+
+
+@pytest.fixture
+def vmsdb_services():
+    return [Warehouse, Basket]
+
+
+async def active_held(app: App, sku: str) -> int:
+    async with app.core.admin() as conn:
+        return int(
+            (
+                await conn.execute(
+                    text(
+                        "SELECT coalesce(sum(quantity), 0) FROM vms.leases WHERE key->>'sku' = :sku "
+                        "AND status = 'active' AND expires_at > vms.now()"
+                    ),
+                    {"sku": sku},
+                )
+            ).scalar_one()
+        )
+
+
+async def test_200_concurrent_callers_never_get_more_than_50_units(app: App) -> None:
+    await app.service(Warehouse).stock(1, "hot", 50)
+    basket = app.service(Basket)
+    grants = await asyncio.gather(*(basket.reserve("hot", 1) for _ in range(200)))
+    granted = [g for g in grants if g is not None]
+    assert len(granted) == 50
+    held = await active_held(app, "hot")
+    on_hand = await app.service(Warehouse).on_hand(1, "hot")
+    # Units granted plus units left equal the starting quantity.
+    assert held == 50 and on_hand - held == 0
+    assert app.metrics.value("lease_grants") == 50 and app.metrics.value("lease_refusals") == 150
+
+
+async def test_mixed_quantities_race_conserves_stock(app: App) -> None:
+    await app.service(Warehouse).stock(1, "mix", 37)
+    basket = app.service(Basket)
+    grants = await asyncio.gather(*(basket.reserve("mix", 1 + i % 4) for i in range(120)))
+    granted = sum(int(g.quantity) for g in grants if g is not None)
+    assert granted <= 37
+    assert granted + (37 - await active_held(app, "mix")) == 37
+    # Nothing that fits is left unsold: any remaining amount is smaller than every refused ask.
+    assert 37 - granted < 1 + min(i % 4 for i, g in enumerate(grants) if g is None)
+
+
+async def test_grant_carries_the_rows_values(app: App) -> None:
+    await app.service(Warehouse).stock(1, "v", 5, price=42)
+    grant = await app.service(Basket).reserve("v", 2)
+    assert grant is not None
+    assert grant.values == {"seller": 1, "sku": "v", "on_hand": 5, "price": 42}
+    assert grant.key == {"seller": 1, "sku": "v"} and grant.available == 3 and grant.quantity == 2
+
+
+async def test_expiry_gives_the_quantity_back_with_no_process(app: App) -> None:
+    await app.service(Warehouse).stock(1, "e", 3)
+    basket = app.service(Basket)
+    first = await basket.reserve("e", 3)
+    assert first is not None
+    assert await basket.reserve("e", 1) is None
+    await advance_clock(app, timedelta(minutes=11))
+    second = await basket.reserve("e", 3)
+    assert second is not None
+    async with app.core.admin() as conn:
+        status = (
+            await conn.execute(text("SELECT status FROM vms.leases WHERE id = :i"), {"i": first.id})
+        ).scalar_one()
+    assert status == "expired"
+
+
+async def test_consume_after_expiry_fails_and_changes_nothing(app: App) -> None:
+    await app.service(Warehouse).stock(1, "x", 4)
+    basket = app.service(Basket)
+    grant = await basket.reserve("x", 2)
+    assert grant is not None
+    await advance_clock(app, timedelta(minutes=11))
+    with pytest.raises(LeaseExpired, match="expired"):
+        await basket.checkout(grant)
+    assert await app.service(Warehouse).on_hand(1, "x") == 4
+    async with app.core.admin() as conn:
+        sold = (await conn.execute(select(Line).where(Line.sku == "sold"))).all()
+    assert sold == []
+
+
+async def test_consume_is_atomic_with_the_caller_and_idempotent(app: App) -> None:
+    await app.service(Warehouse).stock(1, "c", 4)
+    basket = app.service(Basket)
+    grant = await basket.reserve("c", 3)
+    assert grant is not None
+    await basket.checkout(grant)
+    assert await app.service(Warehouse).on_hand(1, "c") == 1
+    assert await active_held(app, "c") == 0
+    # Consuming again changes nothing (the caller's own insert collides and rolls back).
+    await app.leases.consume(grant)
+    assert await app.service(Warehouse).on_hand(1, "c") == 1
+    with pytest.raises(LeaseConsumed):
+        await basket.cancel(grant)
+
+
+async def test_release_and_renew(app: App) -> None:
+    await app.service(Warehouse).stock(1, "r", 2)
+    basket = app.service(Basket)
+    grant = await basket.reserve("r", 2)
+    assert grant is not None
+    await basket.extend(grant, timedelta(hours=2))
+    await advance_clock(app, timedelta(minutes=30))  # past the first period, within the renewal
+    assert await basket.reserve("r", 1) is None
+    await basket.cancel(grant)
+    await basket.cancel(grant)  # idempotent
+    assert await active_held(app, "r") == 0
+    with pytest.raises(LeaseReleased):
+        await basket.checkout(grant)
+    assert await basket.reserve("r", 2) is not None
+
+
+async def test_rolled_back_caller_leaves_no_lease(app: App) -> None:
+    await app.service(Warehouse).stock(1, "rb", 1)
+    basket = app.service(Basket)
+    with pytest.raises(RuntimeError, match="basket failed"):
+        await basket.reserve("rb", 1, fail=True)
+    async with app.core.admin() as conn:
+        assert (await conn.execute(text("SELECT count(*) FROM vms.leases"))).scalar_one() == 0
+    assert await basket.reserve("rb", 1) is not None
+
+
+async def test_caller_still_cannot_write_the_owners_table(app: App) -> None:
+    await app.service(Warehouse).stock(1, "t", 1)
+    await app.service(Basket).reserve("t", 1)
+    with pytest.raises(IsolationError) as caught:
+        await app.service(Basket).tamper()
+    assert (caught.value.service, caught.value.owner) == ("basket", "warehouse")
+    # Nor can it write leases in the owner's name.
+    with pytest.raises(Exception, match="row-level security|permission denied"):
+        async with app.core.transaction("basket") as conn:
+            await conn.execute(
+                text(
+                    "INSERT INTO vms.leases (id, service, function, entity, key, key_text, quantity, "
+                    "status, created_at, expires_at) VALUES (gen_random_uuid(), 'warehouse', 'hold', "
+                    "'bins', '{}', '{}', -100, 'active', now(), now())"
+                )
+            )
+
+
+async def test_unknown_row_and_bad_quantity(app: App) -> None:
+    assert await app.service(Basket).reserve("missing", 1) is None
+    await app.service(Warehouse).stock(1, "q", 1)
+    with pytest.raises(Exception, match="quantity must be positive"):
+        await app.service(Basket).reserve("q", 0)
+
+
+async def test_handle_exposes_only_leases_and_queries(app: App) -> None:
+    handle = app.service(Basket).warehouse
+    with pytest.raises(AttributeError, match="may call only the @Lease and @Query"):
+        handle.stock  # noqa: B018
