@@ -27,6 +27,7 @@ __all__ = [
     "TableDescriptor",
     "TransactionalDescriptor",
     "role_for",
+    "service_name_problem",
     "valid_service_name",
 ]
 
@@ -37,9 +38,20 @@ _SERVICE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
 _RESERVED = frozenset({"vms", "public", "information_schema", "pg_catalog", "pg_toast"})
 
 
+def service_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot name a service (it doubles as a Postgres schema), or ``None``."""
+    if not isinstance(name, str) or not _SERVICE_NAME.match(name):
+        return (
+            f"{name!r} must be a lower-case identifier (letters, digits, '_', at most 40 "
+            "characters, starting with a letter): it becomes the service's Postgres schema"
+        )
+    if name in _RESERVED or name.startswith("pg_"):
+        return f"{name!r} is reserved for Postgres or the core (vms, public, pg_*, information_schema)"
+    return None
+
+
 def valid_service_name(name: str) -> bool:
-    """A service name doubles as a Postgres schema name, so it must be a plain identifier."""
-    return bool(_SERVICE_NAME.match(name)) and name not in _RESERVED and not name.startswith("pg_")
+    return service_name_problem(name) is None
 
 
 def role_for(service: str) -> str:
@@ -130,11 +142,9 @@ class ServiceDescriptor(_Frozen):
     @field_validator("name")
     @classmethod
     def _check_name(cls, value: str) -> str:
-        if not valid_service_name(value):
-            raise ValueError(
-                f"service name {value!r} must be a lower-case identifier of at most 40 characters"
-                " (it becomes a Postgres schema) and not a reserved schema name"
-            )
+        problem = service_name_problem(value)
+        if problem is not None:
+            raise ValueError(f"service name {problem}")
         return value
 
     @property

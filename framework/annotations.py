@@ -173,6 +173,21 @@ def _event_types(value: Any, function: str, what: str) -> tuple[type[Event], ...
     return tuple(result)
 
 
+def _needs_argument(value: Any, annotation: str, example: str) -> None:
+    """A bare ``@Inbound`` would silently replace the method with the decorator's inner function."""
+    if inspect.isfunction(value) or isinstance(value, ServiceFunction):
+        name = getattr(value, "__qualname__", repr(value))
+        raise AnnotationError(name, f"@{annotation} needs its argument: @{annotation}({example})")
+
+
+def _not_pushed_down(spec: FunctionSpec, annotation: str) -> None:
+    if spec.lease is not None or spec.query is not None:
+        raise AnnotationError(
+            spec.qualname,
+            f"@Lease and @Query are API functions run by the core; they cannot also be @{annotation}",
+        )
+
+
 def _check_attempts(value: int, function: str, option: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise AnnotationError(function, f"{option} must be a whole number >= 1, got {value!r}")
@@ -190,13 +205,20 @@ def Inbound(
     ``precedence=B``: every ``event`` committed before a ``B`` is handled by this service before
     that ``B``. ``max_attempts``: after this many failures the event goes to the dead letters.
     """
+    _needs_argument(event, "Inbound", "MyEvent")
 
     def apply(fn: F) -> F:
         wrapper = _annotate(fn, "Inbound")
         spec = wrapper.vms_spec
+        _not_pushed_down(spec, "Inbound")
         if spec.inbound is not None:
             raise AnnotationError(spec.qualname, "has two @Inbound annotations; use one per handler")
-        (event_type,) = _event_types(event, spec.qualname, "@Inbound's event")
+        events = _event_types(event, spec.qualname, "@Inbound's event")
+        if len(events) != 1:
+            raise AnnotationError(
+                spec.qualname, "@Inbound takes one event type; write one handler per event type"
+            )
+        event_type = events[0]
         before = () if precedence is None else _event_types(precedence, spec.qualname, "precedence")
         if event_type in before:
             raise AnnotationError(spec.qualname, f"{event_type.__name__} cannot precede itself")
@@ -215,10 +237,12 @@ def Inbound(
 
 def Outbound(events: type[Event] | Iterable[type[Event]]) -> Callable[[F], F]:
     """Declare the event types the function may ``send()`` (or return)."""
+    _needs_argument(events, "Outbound", "MyEvent")
 
     def apply(fn: F) -> F:
         wrapper = _annotate(fn, "Outbound")
         spec = wrapper.vms_spec
+        _not_pushed_down(spec, "Outbound")
         declared = _event_types(events, spec.qualname, "@Outbound's events")
         spec.outbound = tuple(dict.fromkeys(spec.outbound + declared))
         return cast(F, wrapper)
@@ -256,11 +280,7 @@ def Transactional(
                 spec.qualname,
                 f"@Transactional isolation must be one of {ISOLATIONS}, got {isolation!r}",
             )
-        if spec.lease is not None or spec.query is not None:
-            raise AnnotationError(
-                spec.qualname,
-                "@Lease and @Query run in their caller's transaction; drop @Transactional",
-            )
+        _not_pushed_down(spec, "Transactional")
         spec.transactional = TransactionalSpec(
             type,
             isolation,  # type: ignore[arg-type]  # checked against ISOLATIONS just above
@@ -294,6 +314,7 @@ def Lease(text: str) -> Callable[[F], F]:
     BY :qty WITH PERIOD :period``. The text is parsed here; it is checked against the service's
     tables at start-up.
     """
+    _needs_argument(text, "Lease", '"FROM ..."')
 
     def apply(fn: F) -> F:
         wrapper = _pushed_down(fn, "Lease", text)
@@ -313,6 +334,7 @@ def Query(text: str) -> Callable[[F], F]:
     The text (FROM-first or SELECT) is parsed and resolved against the services' exports at
     start-up, when all descriptors are known.
     """
+    _needs_argument(text, "Query", '"FROM ..."')
 
     def apply(fn: F) -> F:
         wrapper = _pushed_down(fn, "Query", text)

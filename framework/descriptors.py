@@ -119,12 +119,23 @@ def _event_descriptor(event: type[Event]) -> EventTypeDescriptor:
 
 def _describe(cls: type[Service], functions: dict[str, FunctionSpec]) -> ServiceDescriptor:
     events: dict[str, type[Event]] = {}
+
+    def note(event: type[Event], where: str) -> None:
+        known = events.setdefault(event.event_type(), event)
+        if known is not event:
+            raise AnnotationError(
+                where,
+                f"event type name {event.event_type()!r} is used by two classes "
+                f"({known.__module__}.{known.__qualname__} and {event.__module__}.{event.__qualname__}); "
+                "give one of them another name with class X(Event, name=...)",
+            )
+
     inbound, outbound, transactional, leases, queries = [], [], [], [], []
     for attr, spec in sorted(functions.items()):
         if spec.inbound is not None:
             ib = spec.inbound
             for ev in (ib.event, *ib.precedence):
-                events[ev.event_type()] = ev
+                note(ev, spec.qualname)
             inbound.append(
                 InboundDescriptor(
                     event=ib.event.event_type(),
@@ -135,7 +146,7 @@ def _describe(cls: type[Service], functions: dict[str, FunctionSpec]) -> Service
             )
         if spec.outbound:
             for ev in spec.outbound:
-                events[ev.event_type()] = ev
+                note(ev, spec.qualname)
             outbound.append(
                 OutboundDescriptor(function=attr, events=tuple(e.event_type() for e in spec.outbound))
             )
@@ -201,8 +212,9 @@ def _check_names(classes: Sequence[type[Service]]) -> None:
 
 def build_plans(classes: Iterable[type[Service]]) -> list[ServicePlan]:
     """Build and check every service's descriptor; raise ``AnnotationError`` on any mistake."""
-    classes = list(dict.fromkeys(classes))
+    classes = list(classes)
     _check_names(classes)
+    classes = list(dict.fromkeys(classes))
     functions = {cls: function_specs(cls) for cls in classes}
     descriptors: dict[type[Service], ServiceDescriptor] = {}
     for cls in classes:

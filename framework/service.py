@@ -23,7 +23,7 @@ from typing import Any, ClassVar, TypeVar
 from sqlalchemy import MetaData
 from sqlalchemy.orm import DeclarativeBase
 
-from dbcore.descriptor import valid_service_name
+from dbcore.descriptor import service_name_problem
 from framework.errors import AnnotationError
 
 __all__ = ["Service"]
@@ -49,12 +49,9 @@ class Service:
         super().__init_subclass__(**kwargs)
         inherited = cls.__dict__.get("__service_name__")
         service_name = name or inherited or cls.__name__.lower()
-        if not valid_service_name(service_name):
-            raise AnnotationError(
-                f"service {cls.__qualname__}",
-                f"name={service_name!r} must be a lower-case identifier (letters, digits, '_', "
-                "at most 40 characters): it becomes the service's Postgres schema",
-            )
+        problem = service_name_problem(service_name)
+        if problem is not None:
+            raise AnnotationError(f"service {cls.__qualname__}", f"name={problem}")
         cls.__service_name__ = service_name
         metadata = MetaData(schema=service_name, naming_convention=NAMING_CONVENTION)
         cls.Model = type(

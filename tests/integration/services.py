@@ -5,7 +5,7 @@ from __future__ import annotations
 from sqlalchemy import select, text
 from sqlalchemy.orm import Mapped, mapped_column
 
-from framework import Event, Inbound, Outbound, Service, Transactional, send, session
+from framework import Event, Inbound, Outbound, Service, Transactional, session
 
 
 class Deposit(Event, key="account"):
@@ -32,9 +32,7 @@ class Bank(Service, name="bank"):
 
     @Transactional(type="RO", isolation="snapshot")
     async def balance(self, account: str) -> int:
-        return (
-            await session().execute(select(Account.balance).where(Account.id == account))
-        ).scalar_one()
+        return (await session().execute(select(Account.balance).where(Account.id == account))).scalar_one()
 
     @Transactional(type="RO")
     async def try_write(self, account: str) -> None:

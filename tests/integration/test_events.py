@@ -152,7 +152,7 @@ async def test_failed_transaction_publishes_nothing(app: App) -> None:
 
 
 async def test_undeclared_event_raises_and_rolls_back(app: App) -> None:
-    with pytest.raises(UndeclaredEventError, match="Stray.*declared: Note"):
+    with pytest.raises(UndeclaredEventError, match=r"Stray.*declared: Note"):
         await app.service(Writer).stray()
     assert await scalar(app, "SELECT count(*) FROM writer.written") == 0
     assert await scalar(app, "SELECT count(*) FROM vms.events") == 0

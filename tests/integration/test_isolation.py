@@ -35,7 +35,9 @@ async def test_registration_creates_schemas_roles_and_catalog(app: App) -> None:
             ).all()
         )
         table_owner = (
-            await conn.execute(text("SELECT tableowner FROM pg_tables WHERE schemaname = 'bank' AND tablename = 'accounts'"))
+            await conn.execute(
+                text("SELECT tableowner FROM pg_tables WHERE schemaname = 'bank' AND tablename = 'accounts'")
+            )
         ).scalar_one()
         services = dict(
             (await conn.execute(text("SELECT name, version FROM vms.services ORDER BY name"))).all()
@@ -92,16 +94,12 @@ async def test_read_only_transaction_cannot_write(app: App) -> None:
         assert (await conn.execute(text("SELECT count(*) FROM bank.accounts"))).scalar_one() == 0
 
 
-async def test_registration_is_idempotent_and_versions_changes(
-    app_factory, vmsdb_database: str
-) -> None:
+async def test_registration_is_idempotent_and_versions_changes(app_factory, vmsdb_database: str) -> None:
     async with app_factory([Bank, Shop]) as first:
         pass
     async with app_factory([Bank, Shop]) as again:
         async with again.core.admin() as conn:
-            versions = dict(
-                (await conn.execute(text("SELECT name, version FROM vms.services"))).all()
-            )
+            versions = dict((await conn.execute(text("SELECT name, version FROM vms.services"))).all())
         assert versions == {"bank": 1, "shop": 1}
     # A changed descriptor (here: the bank alone, with the shop gone) is a new version of neither;
     # a changed bank descriptor is recorded as version 2.

@@ -221,7 +221,7 @@ async def test_caller_still_cannot_write_the_owners_table(app: App) -> None:
         await app.service(Basket).tamper()
     assert (caught.value.service, caught.value.owner) == ("basket", "warehouse")
     # Nor can it write leases in the owner's name.
-    with pytest.raises(Exception, match="row-level security|permission denied"):
+    with pytest.raises(Exception, match=r"row-level security|permission denied"):
         async with app.core.transaction("basket") as conn:
             await conn.execute(
                 text(

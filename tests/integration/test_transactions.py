@@ -7,7 +7,7 @@ import asyncio
 import pytest
 from sqlalchemy import text
 
-from framework import App, RetriesExhausted, ServiceCallError, Service, Transactional, session
+from framework import App, RetriesExhausted, Service, ServiceCallError, Transactional, session
 
 from .services import Bank, Shop
 

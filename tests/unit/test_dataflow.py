@@ -196,9 +196,7 @@ def test_dot_quotes_and_escapes_names() -> None:
         assert re.sub(r"\\.", "", line).count('"') % 2 == 0, line
 
 
-def test_write_graph_without_dot_writes_only_dot(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_write_graph_without_dot_writes_only_dot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     empty = tmp_path / "bin"
     empty.mkdir()
     monkeypatch.setenv("PATH", str(empty))
@@ -208,9 +206,7 @@ def test_write_graph_without_dot_writes_only_dot(
     assert not (tmp_path / "out" / "services.v1.svg").exists()
 
 
-def test_write_graph_failing_dot_raises_with_stderr(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_write_graph_failing_dot_raises_with_stderr(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     fake = bin_dir / "dot"

@@ -98,8 +98,7 @@ def test_quoted_identifiers() -> None:
 
 def test_quoted_reserved_words_and_keywords_after_dot() -> None:
     spec = parse_lease(
-        'FROM "from" "where" WHERE "where".id = :id FOR UPDATE DECREMENT "where".by BY :n'
-        " WITH PERIOD :t"
+        'FROM "from" "where" WHERE "where".id = :id FOR UPDATE DECREMENT "where".by BY :n WITH PERIOD :t'
     )
     assert (spec.entity, spec.alias, spec.column) == ("from", "where", "by")
 

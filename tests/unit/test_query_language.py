@@ -122,9 +122,7 @@ def test_subqueries_ctes_unions_and_builtins() -> None:
 
 def test_own_private_table_allowed_and_reserved_name_quoted() -> None:
     spec = compile_("SELECT Order.id FROM Order WHERE Order.c_id = :cust_id")
-    assert spec.sql == (
-        'SELECT "order".id FROM "order"."orders" AS "order" WHERE "order".c_id = :cust_id'
-    )
+    assert spec.sql == ('SELECT "order".id FROM "order"."orders" AS "order" WHERE "order".c_id = :cust_id')
     assert spec.entities == (("order", "orders"),)
 
 
