@@ -23,6 +23,7 @@ __all__ = [
     "LeaseDescriptor",
     "OutboundDescriptor",
     "QueryDescriptor",
+    "ReplicaDescriptor",
     "ServiceDescriptor",
     "TableDescriptor",
     "TransactionalDescriptor",
@@ -125,6 +126,19 @@ class QueryDescriptor(_Frozen):
     params: tuple[str, ...]
 
 
+class ReplicaDescriptor(_Frozen):
+    """A copy, held by this service in ``table``, of another service's exported table."""
+
+    table: str
+    entity: str
+    source_service: str
+    source_table: str
+    columns: tuple[str, ...]
+    key: tuple[str, ...]
+    version: str | None = None
+    consistency: Literal["strong", "eventual"] = "eventual"
+
+
 class ServiceDescriptor(_Frozen):
     """Everything the core needs to know about one virtual microservice."""
 
@@ -137,6 +151,7 @@ class ServiceDescriptor(_Frozen):
     transactional: tuple[TransactionalDescriptor, ...] = ()
     leases: tuple[LeaseDescriptor, ...] = ()
     queries: tuple[QueryDescriptor, ...] = ()
+    replicas: tuple[ReplicaDescriptor, ...] = ()
     dependencies: tuple[str, ...] = ()
 
     @field_validator("name")

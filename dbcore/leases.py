@@ -38,6 +38,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from dbcore.catalog import SERVICES_GROUP_ROLE, metadata, quote_ident
 from dbcore.descriptor import LeaseDescriptor, ServiceDescriptor, TableDescriptor
+from dbcore.errors import RegistrationError
 from dbcore.lease_language import parse_lease
 
 __all__ = [
@@ -125,7 +126,9 @@ def _definitions(descriptor: ServiceDescriptor, lease: LeaseDescriptor) -> list[
     spec = parse_lease(lease.text)
     table: TableDescriptor | None = descriptor.entity(spec.entity) or descriptor.table(spec.entity)
     if table is None:  # the framework checked this at start-up; a hand-written descriptor may not
-        raise ValueError(f"lease {lease.function}: {spec.entity!r} is not a table of {descriptor.name}")
+        raise RegistrationError(
+            f"lease {lease.function}: {spec.entity!r} is not a table of {descriptor.name}"
+        )
     svc, fn = descriptor.name, lease.function
     qualified = f"{quote_ident(svc)}.{quote_ident(table.name)}"
     column = quote_ident(spec.column)

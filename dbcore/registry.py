@@ -23,7 +23,9 @@ from dbcore.catalog import (
     subscriptions,
 )
 from dbcore.descriptor import ServiceDescriptor
+from dbcore.exports import install_exported_functions
 from dbcore.leases import install_lease_functions
+from dbcore.replicas import change_event_type, install_replicas
 
 __all__ = ["Registration", "register", "sync_grants"]
 
@@ -158,20 +160,30 @@ async def _record_contract(conn: AsyncConnection, descriptor: ServiceDescriptor)
             )
         )
     await conn.execute(delete(subscriptions).where(subscriptions.c.service == descriptor.name))
-    if descriptor.inbound:
-        await conn.execute(
-            insert(subscriptions),
-            [
-                {
-                    "service": descriptor.name,
-                    "event_type": i.event,
-                    "handler": i.handler,
-                    "precedence": list(i.precedence),
-                    "max_attempts": i.max_attempts,
-                }
-                for i in descriptor.inbound
-            ],
-        )
+    rows = [
+        {
+            "service": descriptor.name,
+            "event_type": i.event,
+            "handler": i.handler,
+            "precedence": list(i.precedence),
+            "max_attempts": i.max_attempts,
+        }
+        for i in descriptor.inbound
+    ]
+    # An eventual replica's holder subscribes to its source table's change events.
+    rows += [
+        {
+            "service": descriptor.name,
+            "event_type": change_event_type(r.source_service, r.source_table),
+            "handler": f"(replica {r.table})",
+            "precedence": [],
+            "max_attempts": 5,
+        }
+        for r in descriptor.replicas
+        if r.consistency == "eventual"
+    ]
+    if rows:
+        await conn.execute(insert(subscriptions), rows)
 
 
 _EXISTING_TABLES = text(
@@ -182,6 +194,8 @@ _EXISTING_TABLES = text(
 
 async def sync_grants(conn: AsyncConnection, descriptor: ServiceDescriptor) -> None:
     """Grant read access on exactly the exported tables that exist; revoke it from the rest.
+
+    Also (re)creates the exported SQL functions of the tables that exist.
 
     Run after registration and again after tables are created or migrated, so a table added
     later gets the same isolation as one that existed at registration.
@@ -195,3 +209,7 @@ async def sync_grants(conn: AsyncConnection, descriptor: ServiceDescriptor) -> N
         await conn.execute(text(f"REVOKE ALL ON {qualified} FROM PUBLIC, {group}"))
         if table in exported:
             await conn.execute(text(f"GRANT SELECT ON {qualified} TO {group}"))
+    # An exported function takes its entity's row type, so it can exist only once the table does.
+    await install_exported_functions(conn, descriptor, existing)
+    # Likewise a replica's trigger needs both tables; whichever sync comes last installs it.
+    await install_replicas(conn)

@@ -29,7 +29,7 @@ from framework.errors import (
 )
 from framework.events import Event
 from framework.leases import LeaseGrant, consume_lease, release_lease, renew_lease
-from framework.service import Service
+from framework.service import Service, sql_function
 
 __all__ = [
     "AnnotationError",
@@ -63,4 +63,5 @@ __all__ = [
     "renew_lease",
     "send",
     "session",
+    "sql_function",
 ]

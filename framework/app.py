@@ -115,7 +115,9 @@ class App:
             await self._start_listener()
             if self.workers:
                 for runtime in self._runtimes.values():
-                    if any(s.inbound for s in runtime.plan.functions.values()):
+                    if runtime.plan.descriptor.inbound or any(
+                        r.consistency == "eventual" for r in runtime.plan.descriptor.replicas
+                    ):
                         dispatcher = Dispatcher(self, runtime)
                         self._dispatchers[runtime.name] = dispatcher
                         dispatcher.start()

@@ -13,6 +13,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 from rich.table import Table
+from sqlalchemy import text
 
 from framework.app import App
 from framework.dataflow import flow_table, services_table, write_graph
@@ -94,7 +95,6 @@ def dead_letters_list(
     all_: Annotated[bool, typer.Option("--all", help="include replayed ones")] = False,
 ) -> None:
     """List dead letters: which event, which subscriber, after how many attempts, and why."""
-    from sqlalchemy import text
 
     async def fetch() -> list[Any]:
         async with _offline(app) as running, running.core.admin() as conn:
@@ -150,7 +150,6 @@ def dead_letters_replay(
 @cli.command()
 def leases(app: AppArg) -> None:
     """List active leases per service and entity."""
-    from sqlalchemy import text
 
     async def fetch() -> list[Any]:
         async with _offline(app) as running, running.core.admin() as conn:
@@ -177,3 +176,40 @@ def leases(app: AppArg) -> None:
 
 def main() -> None:
     cli()
+
+
+replicas_cli = typer.Typer(help="Check declared replicas against their sources.")
+cli.add_typer(replicas_cli, name="replicas")
+
+
+@replicas_cli.command("check")
+def replicas_check(app: AppArg) -> None:
+    """Compare every replica with its source (one snapshot) and report differences."""
+    from dbcore import replicas
+
+    async def compare() -> list[replicas.ReplicaDiff]:
+        async with _offline(app) as running, running.core.admin() as conn:
+            await conn.execute(text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ"))
+            return await replicas.check(conn)
+
+    diffs = _run(compare)
+    table = Table("holder", "replica", "source", "mode", "missing", "extra", "different", "pending")
+    for d in diffs:
+        style = "" if d.ok else "red"
+        table.add_row(
+            d.holder,
+            d.table,
+            d.source,
+            d.consistency,
+            str(d.missing),
+            str(d.extra),
+            str(d.different),
+            str(d.pending),
+            style=style,
+        )
+    console.print(table)
+    bad = [d for d in diffs if not d.ok]
+    if bad:
+        console.print(f"[red]{len(bad)} replica(s) differ from their source[/red]")
+        raise typer.Exit(1)
+    console.print(f"{len(diffs)} replica(s) equal to their source")

@@ -12,16 +12,20 @@ import typing
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+import sqlglot
 from sqlalchemy import Table
 from sqlalchemy.dialects import postgresql
+from sqlglot import exp
 
 from dbcore.descriptor import (
     ColumnDescriptor,
     EventTypeDescriptor,
+    ExportedFunctionDescriptor,
     InboundDescriptor,
     LeaseDescriptor,
     OutboundDescriptor,
     QueryDescriptor,
+    ReplicaDescriptor,
     ServiceDescriptor,
     TableDescriptor,
     TransactionalDescriptor,
@@ -33,7 +37,7 @@ from framework.annotations import FunctionSpec, spec_of
 from framework.errors import AnnotationError
 from framework.events import Event
 from framework.results import row_type
-from framework.service import Service
+from framework.service import Service, SqlFunction
 
 __all__ = ["ServicePlan", "build_descriptors", "build_plans", "dependencies_of", "function_specs"]
 
@@ -111,6 +115,36 @@ def _tables(cls: type[Service]) -> tuple[TableDescriptor, ...]:
     return tuple(result)
 
 
+def _check_function(model: type, fn: SqlFunction) -> None:
+    where = f"{model.__qualname__}.{fn.name}"
+    try:
+        parsed = sqlglot.parse(f"SELECT CAST(({fn.body}) AS {fn.returns})", read="postgres")
+    except sqlglot.errors.SqlglotError as err:
+        raise AnnotationError(where, f"sql_function body or return type does not parse: {err}") from err
+    if len(parsed) != 1 or not isinstance(parsed[0], exp.Select) or parsed[0].args.get("from_"):
+        raise AnnotationError(where, f"sql_function body must be one SQL expression, got {fn.body!r}")
+
+
+def _functions(cls: type[Service]) -> tuple[ExportedFunctionDescriptor, ...]:
+    result = []
+    for mapper in sorted(cls.Model.registry.mappers, key=lambda m: m.class_.__name__):
+        model = mapper.class_
+        for value in vars(model).values():
+            if isinstance(value, SqlFunction):
+                _check_function(model, value)
+                result.append(
+                    ExportedFunctionDescriptor(
+                        entity=model.__name__, name=value.name, returns=value.returns, body=value.body
+                    )
+                )
+    return tuple(result)
+
+
+def _replicas(cls: type[Service]) -> tuple[ReplicaDescriptor, ...]:
+    found = (getattr(model, "__vms_replica__", None) for model in cls.__vms_replicas__)
+    return tuple(sorted((r for r in found if r is not None), key=lambda r: r.table))
+
+
 def _event_descriptor(event: type[Event]) -> EventTypeDescriptor:
     return EventTypeDescriptor(
         name=event.event_type(), key=event.__event_key__, json_schema=event.model_json_schema()
@@ -160,6 +194,8 @@ def _describe(cls: type[Service], functions: dict[str, FunctionSpec]) -> Service
     return ServiceDescriptor(
         name=cls.service_name(),
         tables=_tables(cls),
+        functions=_functions(cls),
+        replicas=_replicas(cls),
         events=tuple(_event_descriptor(events[k]) for k in sorted(events)),
         inbound=tuple(inbound),
         outbound=tuple(outbound),
@@ -225,6 +261,15 @@ def build_plans(classes: Iterable[type[Service]]) -> list[ServicePlan]:
     plans = []
     for cls in classes:
         desc = descriptors[cls]
+        for replica in desc.replicas:
+            source = next((d for d in catalog if d.name == replica.source_service), None)
+            table = source.table(replica.source_table) if source is not None else None
+            if table is not None and not table.exported:
+                raise AnnotationError(
+                    f"{cls.__qualname__}.replica({table.entity})",
+                    f"{table.entity} is not exported by service {replica.source_service!r}; "
+                    "mark it with @<Owner>.export to let other services replicate it",
+                )
         for dep in desc.dependencies:
             if dep not in known:
                 raise AnnotationError(

@@ -13,14 +13,17 @@ backing off to ``poll_interval``.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import traceback
 from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from dbcore import delivery
+from dbcore import delivery, replicas
 from dbcore.delivery import Claimed, ClaimLost
+from dbcore.descriptor import ReplicaDescriptor
+from dbcore.replicas import change_event_type
 from framework.annotations import FunctionSpec
 from framework.context import TxContext
 from framework.events import Event
@@ -35,6 +38,7 @@ __all__ = ["Dispatcher"]
 log = logging.getLogger("vmsdb.delivery")
 
 _FIRST_POLL = 0.005
+_REPLICA_ATTEMPTS = 5
 
 
 class Dispatcher:
@@ -52,6 +56,11 @@ class Dispatcher:
             spec.inbound.event.event_type(): (spec, spec.inbound.event)
             for spec in runtime.plan.functions.values()
             if spec.inbound is not None
+        }
+        self.replicas: dict[str, ReplicaDescriptor] = {
+            change_event_type(r.source_service, r.source_table): r
+            for r in runtime.plan.descriptor.replicas
+            if r.consistency == "eventual"
         }
         self._wake = asyncio.Event()
         self._stopping = False
@@ -108,6 +117,10 @@ class Dispatcher:
             return await delivery.claim(conn, self.service, limit=limit, lease_seconds=self.claim_timeout)
 
     async def _handle(self, item: Claimed) -> None:
+        replica = self.replicas.get(item.event_type)
+        if replica is not None:
+            await self._apply_replica(item, replica)
+            return
         spec, event_type = self.handlers.get(item.event_type, (None, None))
         if spec is None or event_type is None:
             await self._dead_letter(
@@ -143,22 +156,35 @@ class Dispatcher:
         except ClaimLost as err:
             log.warning("%s: %s", self.service, err)
         except Exception as err:
-            await self._failed(item, spec, err)
+            assert spec.inbound is not None
+            await self._failed(item, spec.qualname, spec.inbound.max_attempts, err)
 
-    async def _failed(self, item: Claimed, spec: FunctionSpec, err: Exception) -> None:
-        assert spec.inbound is not None
+    async def _apply_replica(self, item: Claimed, replica: ReplicaDescriptor) -> None:
+        """A change of a replicated source row: apply it and mark it handled, in one transaction."""
+        payload = json.loads(item.payload) if isinstance(item.payload, (str, bytes)) else item.payload
+        try:
+            async with self.app.core.transaction(self.service) as conn:
+                await replicas.apply_change(conn, self.service, replica, payload)
+                await delivery.ack(conn, item)
+            self.app.metrics.inc("replica_changes", service=self.service, table=replica.table)
+        except ClaimLost as err:
+            log.warning("%s: %s", self.service, err)
+        except Exception as err:
+            await self._failed(item, f"replica {replica.table}", _REPLICA_ATTEMPTS, err)
+
+    async def _failed(self, item: Claimed, handler: str, max_attempts: int, err: Exception) -> None:
         error = f"{type(err).__name__}: {err}"
-        if item.attempts >= spec.inbound.max_attempts:
+        if item.attempts >= max_attempts:
             await self._dead_letter(item, error, traceback.format_exc())
             return
         delay = backoff_delay(item.attempts, base=0.05, cap=30.0)
         log.warning(
             "%s: %s failed on event %s (attempt %d of %d), retrying in %.0f ms: %s",
             self.service,
-            spec.qualname,
+            handler,
             item.event_id,
             item.attempts,
-            spec.inbound.max_attempts,
+            max_attempts,
             delay * 1000,
             error,
         )

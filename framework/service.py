@@ -18,15 +18,16 @@ the service may call the other's ``@Lease`` and ``@Query`` functions, and nothin
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, TypeVar
+from collections.abc import Sequence
+from typing import Any, ClassVar, Literal, TypeVar
 
-from sqlalchemy import MetaData
+from sqlalchemy import Column, MetaData, Table
 from sqlalchemy.orm import DeclarativeBase
 
-from dbcore.descriptor import service_name_problem
+from dbcore.descriptor import ReplicaDescriptor, service_name_problem
 from framework.errors import AnnotationError
 
-__all__ = ["Service"]
+__all__ = ["Service", "SqlFunction", "sql_function"]
 
 M = TypeVar("M", bound=type)
 
@@ -39,11 +40,37 @@ NAMING_CONVENTION = {
 }
 
 
+class SqlFunction:
+    """An SQL function on a model's row, offered to queries as ``alias.<name>()``.
+
+    ``body`` is an SQL expression over ``self`` (the row), e.g. ``"self.expires_at < now()"``.
+    On an exported model, other services' ``@Query`` texts may call it; the core creates it in
+    the owner's schema at registration, owned by the owner.
+    """
+
+    def __init__(self, body: str, *, returns: str = "boolean") -> None:
+        self.body = body
+        self.returns = returns
+        self.name = ""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"sql_function({self.body!r}, returns={self.returns!r})"
+
+
+def sql_function(body: str, *, returns: str = "boolean") -> Any:
+    """Declare an SQL function on a model (see :class:`SqlFunction`)."""
+    return SqlFunction(body, returns=returns)
+
+
 class Service:
     """Base class of every service. Subclass with ``class Cart(Service, name="cart")``."""
 
     __service_name__: ClassVar[str]
     Model: ClassVar[type[DeclarativeBase]]
+    __vms_replicas__: ClassVar[list[type]]
 
     def __init_subclass__(cls, *, name: str | None = None, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -53,6 +80,7 @@ class Service:
         if problem is not None:
             raise AnnotationError(f"service {cls.__qualname__}", f"name={problem}")
         cls.__service_name__ = service_name
+        cls.__vms_replicas__ = []
         metadata = MetaData(schema=service_name, naming_convention=NAMING_CONVENTION)
         cls.Model = type(
             f"{cls.__name__}Model",
@@ -79,6 +107,64 @@ class Service:
                 f"(declare it as class X({cls.__name__}.Model))",
             )
         model.__vms_exported__ = True
+        return model
+
+    @classmethod
+    def replica(
+        cls,
+        source: type[DeclarativeBase],
+        *,
+        consistency: Literal["strong", "eventual"] = "eventual",
+        version: str | None = None,
+        table: str | None = None,
+        columns: Sequence[str] | None = None,
+    ) -> type[DeclarativeBase]:
+        """Keep a copy of another service's exported model in this service's schema.
+
+        Returns the replica's model class (same columns, in table ``replica_<source table>``
+        unless ``table`` is given), readable with this service's own session. ``strong``: kept
+        equal to the source in the source's transaction; ``eventual``: kept from change events,
+        never moving back to an older ``version``.
+        """
+        where = f"{cls.__name__}.replica({getattr(source, '__name__', source)!r})"
+        owner = getattr(source, "__vms_service__", None)
+        source_table = getattr(source, "__table__", None)
+        if owner is None or not isinstance(source_table, Table) or owner is cls:
+            raise AnnotationError(where, "the source must be a model of another service")
+        if consistency not in ("strong", "eventual"):
+            raise AnnotationError(where, f"consistency must be 'strong' or 'eventual', got {consistency!r}")
+        wanted = list(columns) if columns is not None else [c.name for c in source_table.columns]
+        keys = [c.name for c in source_table.primary_key.columns]
+        unknown = [c for c in (*wanted, *([version] if version else [])) if c not in source_table.columns]
+        if unknown:
+            raise AnnotationError(where, f"{source.__name__} has no column {unknown[0]!r}")
+        wanted += [c for c in (*keys, *([version] if version else [])) if c not in wanted]
+        copy = Table(
+            table or f"replica_{source_table.name}",
+            cls.Model.metadata,
+            *(
+                Column(c.name, c.type, primary_key=c.primary_key, nullable=c.nullable)
+                for c in source_table.columns
+                if c.name in wanted
+            ),
+        )
+        model = type(
+            "".join(part.title() for part in copy.name.split("_")),
+            (cls.Model,),
+            {"__table__": copy, "__module__": cls.__module__},
+        )
+        model.__vms_replica__ = ReplicaDescriptor(  # type: ignore[attr-defined]
+            table=copy.name,
+            entity=model.__name__,
+            source_service=owner.service_name(),
+            source_table=source_table.name,
+            columns=tuple(c.name for c in copy.columns),
+            key=tuple(keys),
+            version=version,
+            consistency=consistency,
+        )
+        # Declarative registries hold classes weakly; the service keeps its replicas alive.
+        cls.__dict__.get("__vms_replicas__", []).append(model)
         return model
 
     def __repr__(self) -> str:
