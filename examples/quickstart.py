@@ -37,13 +37,8 @@ class AddCartItemAttempt(Event, key="customer_id"):
 
 
 class Stock(Service, name="stock"):
-    @Lease(
-        "FROM StockItem s WHERE s.id = :item_id FOR UPDATE "
-        "DECREMENT s.qty BY :qty WITH PERIOD :period"
-    )
-    async def get_stock_item_info(
-        self, item_id: str, qty: int, period: timedelta
-    ) -> LeaseGrant | None: ...
+    @Lease("FROM StockItem s WHERE s.id = :item_id FOR UPDATE DECREMENT s.qty BY :qty WITH PERIOD :period")
+    async def get_stock_item_info(self, item_id: str, qty: int, period: timedelta) -> LeaseGrant | None: ...
 
 
 @Stock.export
