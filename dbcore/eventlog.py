@@ -45,6 +45,7 @@ __all__ = [
     "deliveries",
     "events",
     "install_sql",
+    "relay_cursors",
     "prune",
 ]
 
@@ -73,6 +74,9 @@ events = Table(
     Column("correlation_id", Text),
     Column("causation_id", UUID(as_uuid=True)),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    # Where an event came from when it did not start in this core (e.g. "kafka:<topic>"):
+    # the relay publishes only events that started here, so nothing loops back.
+    Column("origin", Text),
     Index("ix_events_xid_position", "xid", "position"),
     Index(
         "ix_events_correlation_id",
@@ -100,6 +104,16 @@ deliveries = Table(
     Index("ix_deliveries_order", "subscriber", "xid", "position"),
     Index("ix_deliveries_key", "subscriber", "key", "xid", "position"),
     Index("ix_deliveries_type", "subscriber", "event_type", "xid", "position"),
+)
+
+# How far each relay has published the log, as the (xid, position) of the last event sent.
+relay_cursors = Table(
+    "relay_cursors",
+    metadata,
+    Column("name", String(200), primary_key=True),
+    Column("xid", Xid8, nullable=False),
+    Column("position", BigInteger, nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
 )
 
 dead_letters = Table(
@@ -185,16 +199,18 @@ class EventRecord:
     producer: str | None
     correlation_id: str | None = None
     causation_id: uuid.UUID | None = None
+    origin: str | None = None
 
 
 # One statement for a whole outbox, so the fan-out trigger fires once per transaction.
 _INSERT = """
-    INSERT INTO vms.events (id, type, key, payload, producer, correlation_id, causation_id)
-    SELECT id, type, key, payload::jsonb, producer, correlation_id, causation_id
+    INSERT INTO vms.events (id, type, key, payload, producer, correlation_id, causation_id, origin)
+    SELECT id, type, key, payload::jsonb, producer, correlation_id, causation_id, origin
       FROM unnest(CAST(:ids AS uuid[]), CAST(:types AS text[]), CAST(:keys AS text[]),
                   CAST(:payloads AS text[]), CAST(:producers AS text[]),
-                  CAST(:correlations AS text[]), CAST(:causations AS uuid[]))
-           AS t(id, type, key, payload, producer, correlation_id, causation_id)
+                  CAST(:correlations AS text[]), CAST(:causations AS uuid[]),
+                  CAST(:origins AS text[]))
+           AS t(id, type, key, payload, producer, correlation_id, causation_id, origin)
 """
 _APPEND = text(_INSERT)
 # Events from outside (publish, Kafka ingress) may arrive twice: the id makes the second a no-op.
@@ -217,11 +233,13 @@ async def append(conn: AsyncConnection, records: Sequence[EventRecord], *, dedup
             "producers": [r.producer for r in records],
             "correlations": [r.correlation_id for r in records],
             "causations": [r.causation_id for r in records],
+            "origins": [r.origin for r in records],
         },
     )
 
 
-# Keep what is still needed: pending deliveries, and dead letters that may be replayed.
+# Keep what is still needed: pending deliveries, dead letters that may be replayed, and events a
+# relay has not published yet.
 _PRUNE = text(
     """
     DELETE FROM vms.events e
@@ -229,6 +247,8 @@ _PRUNE = text(
        AND NOT EXISTS (SELECT 1 FROM vms.deliveries d WHERE d.position = e.position)
        AND NOT EXISTS (SELECT 1 FROM vms.dead_letters l
                         WHERE l.position = e.position AND l.replayed_at IS NULL)
+       AND NOT EXISTS (SELECT 1 FROM vms.relay_cursors c
+                        WHERE (e.xid, e.position) > (c.xid, c.position))
     """
 )
 

@@ -82,6 +82,7 @@ class App:
         self._event_types: dict[str, type[Event]] = {}
         self._background: list[asyncio.Task[None]] = []
         self._started = False
+        self._kafka: Any = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -113,6 +114,11 @@ class App:
                 await self._create_tables()
             self._attach()
             await self._start_listener()
+            if self.settings.kafka_bootstrap:
+                from framework.kafka import KafkaTransport  # imported only when Kafka is on
+
+                self._kafka = KafkaTransport(self)
+                await self._kafka.start()
             if self.workers:
                 for runtime in self._runtimes.values():
                     if runtime.plan.descriptor.inbound or any(
@@ -154,6 +160,9 @@ class App:
         self._started = False
 
     async def _shutdown(self) -> None:
+        if self._kafka is not None:
+            await self._kafka.stop()
+            self._kafka = None
         for dispatcher in self._dispatchers.values():
             await dispatcher.stop()
         self._dispatchers.clear()

@@ -18,6 +18,12 @@ class Settings(BaseSettings):
     database_url: str | None = None
     data_dir: Path = Path(".vmsdb")
     kafka_bootstrap: str | None = None
+    #: Publish this core's committed events to Kafka (when ``kafka_bootstrap`` is set).
+    kafka_relay: bool = True
+    #: Services of this App whose @Inbound events come from Kafka (produced by another core).
+    kafka_remote: list[str] = Field(default_factory=list)
+    #: Topic of an event type: ``<prefix><EventType>``.
+    kafka_topic_prefix: str = ""
     pool_size: int = Field(default=10, ge=1)
     #: Handlers one service runs at once in this process (different partition keys).
     worker_concurrency: int = Field(default=16, ge=1)
