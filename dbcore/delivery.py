@@ -40,6 +40,8 @@ __all__ = [
     "ack",
     "claim",
     "dead_letter",
+    "discard",
+    "has_ready",
     "pending_count",
     "release",
     "replay",
@@ -185,35 +187,45 @@ async def release(conn: AsyncConnection, item: Claimed) -> None:
     )
 
 
-_DEAD_LETTER = text(
-    """
+_DEAD_LETTER = """
     WITH gone AS (
-        DELETE FROM vms.deliveries
-         WHERE subscriber = :subscriber AND position = :position AND claim = :claim
+        {remove}
         RETURNING subscriber, position, xid, event_type, key, attempts
     )
     INSERT INTO vms.dead_letters
            (subscriber, position, xid, event_id, event_type, key, payload, error, traceback,
-            attempts)
+            attempts, blocking)
     SELECT g.subscriber, g.position, g.xid, ev.id, g.event_type, g.key, ev.payload, :error,
-           :traceback, g.attempts
+           :traceback, g.attempts, :blocking
       FROM gone g JOIN vms.events ev ON ev.position = g.position
     RETURNING id
-    """
+"""
+_MATCH = "WHERE subscriber = :subscriber AND position = :position AND claim = :claim"
+# Non-blocking: the delivery goes, and later events of its key flow on.
+_DEAD_LETTER_FLOWING = text(_DEAD_LETTER.format(remove=f"DELETE FROM vms.deliveries {_MATCH}"))
+# Blocking: the delivery stays, parked for ever, so its key waits for a replay or a discard.
+_DEAD_LETTER_BLOCKING = text(
+    _DEAD_LETTER.format(
+        remove="UPDATE vms.deliveries SET claim = NULL, claimed_until = NULL, "
+        f"available_at = 'infinity', last_error = :error {_MATCH}"
+    )
 )
 
 
-async def dead_letter(conn: AsyncConnection, item: Claimed, error: str, traceback: str | None) -> int | None:
-    """Move ``item`` to the dead letters; later deliveries of its key flow on."""
+async def dead_letter(
+    conn: AsyncConnection, item: Claimed, error: str, traceback: str | None, *, blocking: bool = False
+) -> int | None:
+    """Move ``item`` to the dead letters; ``blocking`` keeps its key waiting until a replay."""
     row = (
         await conn.execute(
-            _DEAD_LETTER,
+            _DEAD_LETTER_BLOCKING if blocking else _DEAD_LETTER_FLOWING,
             {
                 "subscriber": item.subscriber,
                 "position": item.position,
                 "claim": item.claim,
                 "error": error,
                 "traceback": traceback,
+                "blocking": blocking,
             },
         )
     ).first()
@@ -230,7 +242,9 @@ _REPLAY = text(
     INSERT INTO vms.deliveries (subscriber, position, xid, event_type, key)
     SELECT l.subscriber, l.position, l.xid, l.event_type, l.key
       FROM letter l JOIN vms.events ev ON ev.position = l.position
-    ON CONFLICT DO NOTHING
+    -- A blocking letter's delivery is still there, parked: wake it up with a fresh budget.
+    ON CONFLICT (subscriber, position) DO UPDATE
+       SET available_at = now(), attempts = 0, claim = NULL, claimed_until = NULL
     RETURNING subscriber
     """
 )
@@ -244,7 +258,42 @@ async def replay(conn: AsyncConnection, dead_letter_id: int) -> bool:
     return row is not None
 
 
-_PENDING = text("SELECT count(*) FROM vms.deliveries WHERE subscriber = ANY(CAST(:s AS text[]))")
+_DISCARD = text(
+    """
+    WITH letter AS (
+        UPDATE vms.dead_letters SET replayed_at = now(), error = error || ' (discarded)'
+         WHERE id = :id AND replayed_at IS NULL
+        RETURNING subscriber, position, blocking
+    )
+    DELETE FROM vms.deliveries d USING letter l
+     WHERE l.blocking AND d.subscriber = l.subscriber AND d.position = l.position
+    RETURNING d.subscriber
+    """
+)
+
+
+async def discard(conn: AsyncConnection, dead_letter_id: int) -> bool:
+    """Give up on a blocking dead letter for good: its key flows on without it."""
+    row = (await conn.execute(_DISCARD, {"id": dead_letter_id})).first()
+    if row is not None:
+        await conn.execute(text("SELECT pg_notify('vms_events', :s)"), {"s": row.subscriber})
+    return row is not None
+
+
+# Parked deliveries (blocking dead letters) wait for a person, not for the workers.
+_PENDING = text(
+    "SELECT count(*) FROM vms.deliveries "
+    "WHERE subscriber = ANY(CAST(:s AS text[])) AND available_at < 'infinity'"
+)
+_READY = text(
+    "SELECT EXISTS (SELECT 1 FROM vms.deliveries WHERE subscriber = :s AND available_at <= now() "
+    "AND (claim IS NULL OR claimed_until < now()))"
+)
+
+
+async def has_ready(conn: AsyncConnection, subscriber: str) -> bool:
+    """Whether ``subscriber`` has deliveries due and unclaimed (claimable or held back)."""
+    return bool((await conn.execute(_READY, {"s": subscriber})).scalar_one())
 
 
 async def pending_count(conn: AsyncConnection, subscribers: list[str]) -> int:

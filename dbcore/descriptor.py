@@ -101,6 +101,7 @@ class InboundDescriptor(_Frozen):
     handler: str
     precedence: tuple[str, ...] = ()
     max_attempts: int = 5
+    blocking: bool = False
 
 
 class OutboundDescriptor(_Frozen):

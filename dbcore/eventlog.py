@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Column,
     DateTime,
     Index,
@@ -45,8 +46,8 @@ __all__ = [
     "deliveries",
     "events",
     "install_sql",
-    "relay_cursors",
     "prune",
+    "relay_cursors",
 ]
 
 NOTIFY_CHANNEL = "vms_events"
@@ -132,7 +133,8 @@ dead_letters = Table(
     Column("error", Text, nullable=False),
     Column("traceback", Text),
     Column("attempts", Integer, nullable=False),
-    Column("blocking", String(5), nullable=False, server_default="false"),
+    # A blocking dead letter keeps its delivery parked, holding back later events of its key.
+    Column("blocking", Boolean, nullable=False, server_default="false"),
     Column("failed_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("replayed_at", DateTime(timezone=True)),
 )

@@ -60,6 +60,7 @@ class InboundSpec:
     event: type[Event]
     precedence: tuple[type[Event], ...]
     max_attempts: int
+    blocking: bool = False
 
 
 @dataclass
@@ -199,11 +200,14 @@ def Inbound(
     precedence: type[Event] | Iterable[type[Event]] | None = None,
     *,
     max_attempts: int = 5,
+    blocking: bool = False,
 ) -> Callable[[F], F]:
     """Subscribe the function to ``event``.
 
     ``precedence=B``: every ``event`` committed before a ``B`` is handled by this service before
-    that ``B``. ``max_attempts``: after this many failures the event goes to the dead letters.
+    that ``B``. ``max_attempts``: after this many failures the event goes to the dead letters;
+    later events of its key then flow on, unless ``blocking=True``: the key waits until the dead
+    letter is replayed (or discarded), so no event of a key is ever handled out of order.
     """
     _needs_argument(event, "Inbound", "MyEvent")
 
@@ -228,7 +232,7 @@ def Inbound(
                 f"an @Inbound handler takes the event as a parameter ({event_type.__name__})",
             )
         spec.inbound = InboundSpec(
-            event_type, before, _check_attempts(max_attempts, spec.qualname, "max_attempts")
+            event_type, before, _check_attempts(max_attempts, spec.qualname, "max_attempts"), blocking
         )
         return cast(F, wrapper)
 

@@ -51,7 +51,12 @@ S = TypeVar("S", bound=Service)
 
 
 class App:
-    """A group of services on one core. Use as ``async with App([...]) as app``."""
+    """A group of services on one core. Use as ``async with App([...]) as app``.
+
+    Schemas: by default the App refuses to start unless the core and every service schema are
+    at their migration head (``vmsdb migrate``). ``migrate=True`` migrates on start
+    (development); ``create_tables=True`` creates missing tables without migrations (tests).
+    """
 
     def __init__(
         self,
@@ -59,6 +64,7 @@ class App:
         *,
         database_url: str | None = None,
         create_tables: bool = False,
+        migrate: bool = False,
         workers: bool = True,
         settings: Settings | None = None,
         **overrides: Any,
@@ -69,6 +75,7 @@ class App:
             overrides["database_url"] = database_url
         self.settings = base.model_copy(update=overrides) if overrides else base
         self.create_tables = create_tables
+        self.migrate = migrate
         self.workers = workers
         self.metrics = Metrics()
         self.leases = LeaseExecutor(self)
@@ -108,7 +115,14 @@ class App:
         self._core = Core.connect(sqlalchemy_url(url), pool_size=self.settings.pool_size)
         try:
             await self._core.wait_ready()
-            await self._core.install()
+            from framework import migrations  # lazy: keeps alembic out of import time
+
+            if self.migrate:  # development: the core and every service schema to head
+                await migrations.migrate(self)
+            elif self.create_tables:  # development and tests without revisions
+                await self._core.install()
+            else:  # production: refuse to start unless every history is at head
+                await migrations.ensure_at_head(self)
             await self._core.register(self.descriptors)
             if self.create_tables:
                 await self._create_tables()

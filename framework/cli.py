@@ -19,6 +19,7 @@ from framework.app import App
 from framework.dataflow import flow_table, services_table, write_graph
 from framework.descriptors import build_descriptors
 from framework.errors import FrameworkError
+from framework.migrate_cli import migrate_app
 from framework.service import Service
 
 __all__ = ["load_app", "main"]
@@ -26,11 +27,13 @@ __all__ = ["load_app", "main"]
 T = TypeVar("T")
 
 cli = typer.Typer(help="vmsdb: virtual microservices on a Postgres core.", no_args_is_help=True)
+cli.add_typer(migrate_app, name="migrate")
 dead_letters_cli = typer.Typer(help="Inspect and replay events that handlers gave up on.")
 cli.add_typer(dead_letters_cli, name="dead-letters")
 console = Console()
 
 AppArg = Annotated[str, typer.Argument(help="the services, as module:attribute (an App or a list)")]
+IdsArg = Annotated[list[int], typer.Argument(help="dead letter ids")]
 
 
 def load_app(target: str) -> App:
@@ -130,9 +133,7 @@ def dead_letters_list(
 
 
 @dead_letters_cli.command("replay")
-def dead_letters_replay(
-    app: AppArg, ids: Annotated[list[int], typer.Argument(help="dead letter ids")]
-) -> None:
+def dead_letters_replay(app: AppArg, ids: IdsArg) -> None:
     """Deliver dead-lettered events again (once each), after fixing what made them fail."""
     from dbcore import delivery
 
@@ -145,6 +146,20 @@ def dead_letters_replay(
             console.print(f"dead letter {dead_letter_id}: delivered again")
         else:
             console.print(f"[yellow]dead letter {dead_letter_id}: unknown or already replayed[/yellow]")
+
+
+@dead_letters_cli.command("discard")
+def dead_letters_discard(app: AppArg, ids: IdsArg) -> None:
+    """Give up on blocking dead letters for good, so their keys flow on without them."""
+    from dbcore import delivery
+
+    async def discard() -> list[tuple[int, bool]]:
+        async with _offline(app) as running, running.core.admin() as conn:
+            return [(i, await delivery.discard(conn, i)) for i in ids]
+
+    for dead_letter_id, done in _run(discard):
+        state = "discarded" if done else "[yellow]unknown or already settled[/yellow]"
+        console.print(f"dead letter {dead_letter_id}: {state}")
 
 
 @cli.command()

@@ -176,6 +176,7 @@ def _describe(cls: type[Service], functions: dict[str, FunctionSpec]) -> Service
                     handler=attr,
                     precedence=tuple(p.event_type() for p in ib.precedence),
                     max_attempts=ib.max_attempts,
+                    blocking=ib.blocking,
                 )
             )
         if spec.outbound:

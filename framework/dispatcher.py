@@ -38,6 +38,7 @@ __all__ = ["Dispatcher"]
 log = logging.getLogger("vmsdb.delivery")
 
 _FIRST_POLL = 0.005
+_HELD_BACK_POLL = 0.02
 _REPLICA_ATTEMPTS = 5
 
 
@@ -86,9 +87,10 @@ class Dispatcher:
         while not self._stopping:
             free = self.concurrency - len(self._inflight)
             claimed: list[Claimed] = []
+            held_back = False
             if free > 0:
                 try:
-                    claimed = await self._claim(free)
+                    claimed, held_back = await self._claim(free)
                 except Exception:  # the database went away: log, back off, try again
                     log.exception("%s: claiming deliveries failed", self.service)
                     idle = self.poll_interval
@@ -99,6 +101,11 @@ class Dispatcher:
             if claimed and len(claimed) == free:
                 continue  # there may be more; claim again once a slot frees
             idle = _FIRST_POLL if claimed else min(idle * 2, self.poll_interval)
+            if held_back:
+                # Work is ready but not claimable yet: an older transaction is still open (the
+                # horizon), or another process is handling a key's head. Neither ends with a
+                # notification, so look again soon instead of backing off to poll_interval.
+                idle = min(idle, _HELD_BACK_POLL)
             await self._wait(idle)
             if self._wake.is_set():
                 self._wake.clear()
@@ -112,9 +119,12 @@ class Dispatcher:
         finally:
             waker.cancel()
 
-    async def _claim(self, limit: int) -> list[Claimed]:
+    async def _claim(self, limit: int) -> tuple[list[Claimed], bool]:
+        """Claim up to ``limit`` deliveries; also say whether ready work was held back."""
         async with self.app.core.admin() as conn:
-            return await delivery.claim(conn, self.service, limit=limit, lease_seconds=self.claim_timeout)
+            claimed = await delivery.claim(conn, self.service, limit=limit, lease_seconds=self.claim_timeout)
+            held_back = not claimed and await delivery.has_ready(conn, self.service)
+        return claimed, held_back
 
     async def _handle(self, item: Claimed) -> None:
         replica = self.replicas.get(item.event_type)
@@ -136,7 +146,13 @@ class Dispatcher:
             )
         except ValidationError as err:
             # A payload that does not validate will never validate: no retries (G12).
-            await self._dead_letter(item, f"payload is not a valid {event_type.__name__}: {err}", None)
+            assert spec.inbound is not None
+            await self._dead_letter(
+                item,
+                f"payload is not a valid {event_type.__name__}: {err}",
+                None,
+                blocking=spec.inbound.blocking,
+            )
             return
 
         async def mark_handled(ctx: TxContext) -> None:
@@ -157,7 +173,9 @@ class Dispatcher:
             log.warning("%s: %s", self.service, err)
         except Exception as err:
             assert spec.inbound is not None
-            await self._failed(item, spec.qualname, spec.inbound.max_attempts, err)
+            await self._failed(
+                item, spec.qualname, spec.inbound.max_attempts, err, blocking=spec.inbound.blocking
+            )
 
     async def _apply_replica(self, item: Claimed, replica: ReplicaDescriptor) -> None:
         """A change of a replicated source row: apply it and mark it handled, in one transaction."""
@@ -172,10 +190,12 @@ class Dispatcher:
         except Exception as err:
             await self._failed(item, f"replica {replica.table}", _REPLICA_ATTEMPTS, err)
 
-    async def _failed(self, item: Claimed, handler: str, max_attempts: int, err: Exception) -> None:
+    async def _failed(
+        self, item: Claimed, handler: str, max_attempts: int, err: Exception, *, blocking: bool = False
+    ) -> None:
         error = f"{type(err).__name__}: {err}"
         if item.attempts >= max_attempts:
-            await self._dead_letter(item, error, traceback.format_exc())
+            await self._dead_letter(item, error, traceback.format_exc(), blocking=blocking)
             return
         delay = backoff_delay(item.attempts, base=0.05, cap=30.0)
         log.warning(
@@ -192,15 +212,18 @@ class Dispatcher:
         async with self.app.core.admin() as conn:
             await delivery.retry_later(conn, item, error, delay)
 
-    async def _dead_letter(self, item: Claimed, error: str, trace: str | None) -> None:
+    async def _dead_letter(
+        self, item: Claimed, error: str, trace: str | None, *, blocking: bool = False
+    ) -> None:
         log.error(
-            "%s: event %s (%s) goes to the dead letters after %d attempt(s): %s",
+            "%s: event %s (%s) goes to the dead letters after %d attempt(s)%s: %s",
             self.service,
             item.event_id,
             item.event_type,
             item.attempts,
+            " and holds its key until replayed" if blocking else "",
             error,
         )
         self.app.metrics.inc("dead_letters", service=self.service, event=item.event_type)
         async with self.app.core.admin() as conn:
-            await delivery.dead_letter(conn, item, error, trace)
+            await delivery.dead_letter(conn, item, error, trace, blocking=blocking)

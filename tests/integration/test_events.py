@@ -345,3 +345,58 @@ async def test_retention_prunes_handled_events_only(app: App) -> None:
         remaining = (await conn.execute(text("SELECT type FROM vms.events"))).scalars().all()
         await conn.execute(text("DELETE FROM vms.deliveries"))
     assert removed == 1 and remaining == ["Note"]
+
+
+class Strict(Service, name="strict"):
+    """Handles notes with blocking order: a dead letter holds its key until replayed."""
+
+    @Inbound(Note, max_attempts=1, blocking=True)
+    async def on_note(self, ev: Note) -> None:
+        if ev.fail:
+            raise ValueError("strict refuses")
+        session().add(StrictSeen(key=ev.key, seq=ev.seq))
+
+
+class StrictSeen(Strict.Model):
+    __tablename__ = "seen"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    key: Mapped[str]
+    seq: Mapped[int]
+
+
+async def test_blocking_dead_letter_holds_its_key_until_replayed(app_factory) -> None:
+    from dbcore import delivery
+
+    async with app_factory([Strict]) as app:
+        await app.publish(Note(key="k", seq=1, fail=True))
+        await app.publish(Note(key="k", seq=2))
+        await app.publish(Note(key="other", seq=1))
+        await asyncio.sleep(0.5)
+        async with app.core.admin() as conn:
+            handled = (await conn.execute(text("SELECT key, seq FROM strict.seen"))).all()
+            letter = (await conn.execute(text("SELECT id, blocking FROM vms.dead_letters"))).one()
+        # The other key flowed; k waits behind its dead letter.
+        assert [tuple(r) for r in handled] == [("other", 1)] and letter.blocking
+        async with app.core.admin() as conn:
+            await conn.execute(text("UPDATE vms.events SET payload = payload || '{\"fail\": false}'::jsonb"))
+            assert await delivery.replay(conn, letter.id)
+        await app.drain()
+        async with app.core.admin() as conn:
+            rows = (await conn.execute(text("SELECT key, seq FROM strict.seen ORDER BY id"))).all()
+        assert [tuple(r) for r in rows] == [("other", 1), ("k", 1), ("k", 2)]
+
+
+async def test_discarding_a_blocking_dead_letter_lets_its_key_flow(app_factory) -> None:
+    from dbcore import delivery
+
+    async with app_factory([Strict]) as app:
+        await app.publish(Note(key="k", seq=1, fail=True))
+        await app.publish(Note(key="k", seq=2))
+        await asyncio.sleep(0.3)
+        async with app.core.admin() as conn:
+            letter_id = (await conn.execute(text("SELECT id FROM vms.dead_letters"))).scalar_one()
+            assert await delivery.discard(conn, letter_id)
+        await app.drain()
+        async with app.core.admin() as conn:
+            rows = (await conn.execute(text("SELECT key, seq FROM strict.seen"))).all()
+        assert [tuple(r) for r in rows] == [("k", 2)]
