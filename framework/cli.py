@@ -73,6 +73,32 @@ def _run(coro: Callable[[], Awaitable[T]]) -> T:
 
 
 @cli.command()
+def run(
+    app: AppArg,
+    migrate: Annotated[bool, typer.Option(help="migrate the schemas to head before starting")] = False,
+) -> None:
+    """Run the App's event handlers (and Kafka transport, if configured) until interrupted.
+
+    Start it in several processes to share the work: deliveries are claimed, never handled twice.
+    """
+    import signal
+
+    async def serve() -> None:
+        target = load_app(app)
+        target.migrate = migrate
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        async with target:
+            names = ", ".join(d.name for d in target.descriptors)
+            console.print(f"vmsdb: running {names}; Ctrl-C to stop")
+            await stop.wait()
+
+    _run(serve)
+
+
+@cli.command()
 def services(
     app: AppArg,
     graph: Annotated[
