@@ -38,6 +38,8 @@ class Core:
             pool_size=pool_size,
             max_overflow=max_overflow,
             pool_pre_ping=False,
+            # service_connection() sends BEGIN itself (with the role): SQLAlchemy must not.
+            isolation_level="AUTOCOMMIT",
             # Prepared-statement cache per connection; asyncpg's own cache is per statement text.
             connect_args={"server_settings": {"application_name": "vmsdb"}},
         )

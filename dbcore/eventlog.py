@@ -204,20 +204,18 @@ class EventRecord:
     origin: str | None = None
 
 
-# One statement for a whole outbox, so the fan-out trigger fires once per transaction.
+# One statement for a whole outbox, so the fan-out trigger fires once per transaction. Sent on
+# the asyncpg connection itself (prepared once per connection): it is on every producer's path.
 _INSERT = """
     INSERT INTO vms.events (id, type, key, payload, producer, correlation_id, causation_id, origin)
     SELECT id, type, key, payload::jsonb, producer, correlation_id, causation_id, origin
-      FROM unnest(CAST(:ids AS uuid[]), CAST(:types AS text[]), CAST(:keys AS text[]),
-                  CAST(:payloads AS text[]), CAST(:producers AS text[]),
-                  CAST(:correlations AS text[]), CAST(:causations AS uuid[]),
-                  CAST(:origins AS text[]))
+      FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+                  $7::uuid[], $8::text[])
            AS t(id, type, key, payload, producer, correlation_id, causation_id, origin)
 """
-_APPEND = text(_INSERT)
 # Events from outside (publish, Kafka ingress) may arrive twice: the id makes the second a no-op.
 # Only the administrator uses it: ON CONFLICT needs to read the table, which service roles cannot.
-_APPEND_ONCE = text(_INSERT + " ON CONFLICT (id) DO NOTHING")
+_INSERT_ONCE = _INSERT + " ON CONFLICT (id) DO NOTHING"
 
 
 async def append(conn: AsyncConnection, records: Sequence[EventRecord], *, deduplicate: bool = False) -> None:
@@ -225,18 +223,18 @@ async def append(conn: AsyncConnection, records: Sequence[EventRecord], *, dedup
 
     ``deduplicate``: ignore an event whose id is already in the log (administrator only).
     """
-    await conn.execute(
-        _APPEND_ONCE if deduplicate else _APPEND,
-        {
-            "ids": [r.id for r in records],
-            "types": [r.type for r in records],
-            "keys": [r.key for r in records],
-            "payloads": [r.payload for r in records],
-            "producers": [r.producer for r in records],
-            "correlations": [r.correlation_id for r in records],
-            "causations": [r.causation_id for r in records],
-            "origins": [r.origin for r in records],
-        },
+    raw = (await conn.get_raw_connection()).driver_connection
+    assert raw is not None
+    await raw.execute(
+        _INSERT_ONCE if deduplicate else _INSERT,
+        [r.id for r in records],
+        [r.type for r in records],
+        [r.key for r in records],
+        [r.payload for r in records],
+        [r.producer for r in records],
+        [r.correlation_id for r in records],
+        [r.causation_id for r in records],
+        [r.origin for r in records],
     )
 
 

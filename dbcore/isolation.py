@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from functools import lru_cache
 from typing import Literal
 
 import sqlglot
@@ -20,6 +21,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlglot import exp
 
+from dbcore.catalog import quote_ident
 from dbcore.errors import (
     CoreError,
     IsolationError,
@@ -39,6 +41,7 @@ from dbcore.leases import (
 __all__ = [
     "ISOLATION_LEVELS",
     "ReadOnlyViolation",
+    "TransactionAborted",
     "TransactionConflict",
     "is_retryable",
     "service_connection",
@@ -152,19 +155,20 @@ def _qualified_in_statement(
     return table, None
 
 
-async def _set_session_role(conn: AsyncConnection, role: str | None) -> None:
-    """Switch the pooled connection's session role, skipping the round trip when it is set.
+class TransactionAborted(CoreError):
+    """The transaction was already aborted when it came to commit (an error was swallowed)."""
 
-    The role is set outside any transaction block: a ``SET ROLE`` inside a transaction that later
-    rolls back would be undone by Postgres while our per-connection record still claimed it.
-    """
-    raw = await conn.get_raw_connection()
-    if raw.info.get("vms_role", None) == role:
-        return
-    driver = raw.driver_connection
-    assert driver is not None
-    await driver.execute("RESET ROLE" if role is None else f'SET ROLE "{role}"')
-    raw.info["vms_role"] = role
+
+@lru_cache(maxsize=256)
+def _begin(role: str | None, isolation: str, read_only: bool) -> str:
+    """BEGIN and SET LOCAL ROLE in one message: one round trip opens the service's transaction."""
+    mode = "READ ONLY" if read_only else "READ WRITE"
+    begin = f"BEGIN ISOLATION LEVEL {ISOLATION_LEVELS[isolation]} {mode}"
+    return begin if role is None else f"{begin}; SET LOCAL ROLE {quote_ident(role)}"
+
+
+def _autocommit_engine(engine: AsyncEngine) -> bool:
+    return getattr(engine.sync_engine.dialect, "_on_connect_isolation_level", None) == "AUTOCOMMIT"
 
 
 @asynccontextmanager
@@ -178,11 +182,29 @@ async def service_connection(
     """A connection inside a transaction that runs as ``role`` (``None``: the administrator).
 
     The transaction commits when the block exits normally and rolls back on an exception.
+
+    The transaction is opened by hand rather than by SQLAlchemy, so that ``BEGIN`` and
+    ``SET LOCAL ROLE`` travel in one message, and SQLAlchemy runs in autocommit mode inside it
+    (it sends no BEGIN of its own). ``SET LOCAL`` ends with the transaction, so a pooled
+    connection never carries a service's role to its next user.
     """
     async with engine.connect() as conn:
-        await _set_session_role(conn, role)
-        await conn.execution_options(
-            isolation_level=ISOLATION_LEVELS[isolation], postgresql_readonly=read_only
-        )
-        async with conn.begin():
+        if not _autocommit_engine(engine):  # an engine not made by Core.connect
+            await conn.execution_options(isolation_level="AUTOCOMMIT")
+        raw = (await conn.get_raw_connection()).driver_connection
+        assert raw is not None
+        await raw.execute(_begin(role, isolation, read_only))
+        try:
             yield conn
+        except BaseException:
+            try:
+                await raw.execute("ROLLBACK")
+            except Exception:  # the connection broke (or a query was cut off): do not reuse it
+                await conn.invalidate()
+            raise
+        # COMMIT of a transaction that an error aborted answers ROLLBACK instead of failing.
+        if await raw.execute("COMMIT") != "COMMIT":
+            raise TransactionAborted(
+                "the transaction was aborted by an earlier error that was caught and ignored; "
+                "nothing was committed"
+            )

@@ -112,7 +112,10 @@ class App:
         if url is None:
             self._embedded = EmbeddedPostgres(self.settings.data_dir)
             url = await asyncio.to_thread(self._embedded.start)
-        self._core = Core.connect(sqlalchemy_url(url), pool_size=self.settings.pool_size)
+        # Every concurrent handler holds a connection: a pool smaller than that would open and
+        # close overflow connections all the time.
+        pool_size = max(self.settings.pool_size, self.settings.worker_concurrency + 4)
+        self._core = Core.connect(sqlalchemy_url(url), pool_size=pool_size)
         try:
             await self._core.wait_ready()
             from framework import migrations  # lazy: keeps alembic out of import time

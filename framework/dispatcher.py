@@ -63,6 +63,7 @@ class Dispatcher:
             for r in runtime.plan.descriptor.replicas
             if r.consistency == "eventual"
         }
+        self.has_precedence = any(i.precedence for i in runtime.plan.descriptor.inbound)
         self._wake = asyncio.Event()
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
@@ -122,7 +123,13 @@ class Dispatcher:
     async def _claim(self, limit: int) -> tuple[list[Claimed], bool]:
         """Claim up to ``limit`` deliveries; also say whether ready work was held back."""
         async with self.app.core.admin() as conn:
-            claimed = await delivery.claim(conn, self.service, limit=limit, lease_seconds=self.claim_timeout)
+            claimed = await delivery.claim(
+                conn,
+                self.service,
+                limit=limit,
+                lease_seconds=self.claim_timeout,
+                precedence=self.has_precedence,
+            )
             held_back = not claimed and await delivery.has_ready(conn, self.service)
         return claimed, held_back
 
