@@ -1,0 +1,110 @@
+"""``python -m benchmarks {handler,delivery,leases,all} [--seconds N] [--rounds R] [--json PATH]``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.logging import RichHandler
+
+from benchmarks import delivery, handler, leases
+from benchmarks.harness import (
+    Bench,
+    BenchmarkResult,
+    database_server,
+    machine_info,
+    make_progress,
+    now_utc,
+    render,
+    write_json,
+)
+
+RESULTS = Path(__file__).parent / "results"
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    name: str
+    description: str
+    default_seconds: float
+    run: Callable[[Bench], Awaitable[BenchmarkResult]]
+
+
+BENCHMARKS = {
+    m.NAME: Benchmark(m.NAME, m.DESCRIPTION, m.DEFAULT_SECONDS, m.run) for m in (handler, delivery, leases)
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="vmsdb against hand-written asyncpg baselines, measured in the same run.",
+    )
+    parser.add_argument("name", choices=[*BENCHMARKS, "all"])
+    parser.add_argument(
+        "--seconds",
+        type=float,
+        default=None,
+        help="measuring time per benchmark, split over its phases and rounds (default: ~12-16 s each)",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="alternating rounds per side; the best is reported (default 2)"
+    )
+    parser.add_argument(
+        "--json",
+        type=Path,
+        default=None,
+        help="where to write results (default benchmarks/results/<name>.json; with 'all', one file "
+        "holding every benchmark)",
+    )
+    args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    if args.seconds is not None and args.seconds <= 0:
+        parser.error("--seconds must be positive")
+    return args
+
+
+async def main(args: argparse.Namespace) -> None:
+    console = Console()
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[RichHandler(console=console)])
+    selected = list(BENCHMARKS.values()) if args.name == "all" else [BENCHMARKS[args.name]]
+    documents: dict[str, Any] = {}
+    with make_progress(console) as progress:
+        where = "VMSDB_DATABASE_URL" if "VMSDB_DATABASE_URL" in os.environ else "an embedded Postgres"
+        task = progress.add_task(f"starting {where}", total=None)
+        async with database_server() as server_url:
+            progress.remove_task(task)
+            machine = await machine_info(server_url)
+            for benchmark in selected:
+                bench = Bench(
+                    server_url,
+                    seconds=args.seconds or benchmark.default_seconds,
+                    rounds=args.rounds,
+                    progress=progress,
+                )
+                started_at, clock = now_utc(), time.perf_counter()
+                result = await benchmark.run(bench)
+                at_end = {**machine, "load_average_at_end": os.getloadavg()}
+                document = result.to_json(at_end, started_at, time.perf_counter() - clock)
+                documents[benchmark.name] = document
+                console.print(render(result))
+                if args.name != "all" or args.json is None:
+                    path = args.json or RESULTS / f"{benchmark.name}.json"
+                    write_json(path, document)
+                    console.print(f"[dim]results written to {path}[/]")
+    if args.name == "all" and args.json is not None:
+        write_json(args.json, {"benchmarks": documents})
+        console.print(f"[dim]results written to {args.json}[/]")
+
+
+if __name__ == "__main__":
+    asyncio.run(main(parse_args()))

@@ -1,0 +1,308 @@
+"""``handler``: a ``@Transactional`` handler against the same transaction on raw asyncpg.
+
+Both sides do, per event and in one transaction: take the event from the inbox, read one
+account row ``FOR UPDATE``, write it back, insert one outgoing event into the log and remove the
+inbox row. They run on the same tables (``ledger.accounts``, ``vms.events``, ``vms.deliveries``
+with its fan-out trigger), so what differs is the framework: SQLAlchemy and the ORM session,
+the dispatcher's batched claims, pydantic, role switching and row-level security.
+
+The hand-written worker claims the event inside its own transaction with ``FOR UPDATE SKIP
+LOCKED`` and keeps the same ordering rules the framework keeps (only events below the snapshot
+horizon, one event per partition key at a time); it skips what a hand-written loop usually
+skips: claim deadlines, attempt counts and dead letters, retries, roles.
+
+The second comparison is a direct call: ``await app.service(Ledger).bump(...)`` from 8
+concurrent callers against the same read-modify-write-and-send transaction on asyncpg.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import uuid
+from collections.abc import Awaitable, Callable
+
+import asyncpg
+from sqlalchemy.orm import Mapped, mapped_column
+
+from benchmarks.harness import (
+    BASELINE,
+    FRAMEWORK,
+    Bench,
+    BenchmarkResult,
+    Check,
+    Comparison,
+    Target,
+    alternate,
+    asyncpg_connect_kwargs,
+    connection,
+    raw_pool,
+    run_for,
+)
+from benchmarks.queueing import (
+    ANALYZE_NOTE,
+    WARMUP_EVENTS,
+    QueueWorkers,
+    backlog_size,
+    log_events,
+    measure_drain,
+)
+from dbcore.eventlog import NOTIFY_CHANNEL
+from framework import App, Event, Inbound, Outbound, Service, Settings, Transactional, send, session
+
+NAME = "handler"
+DESCRIPTION = "@Transactional handler (read-modify-write + emit + inbox mark) vs raw asyncpg"
+DEFAULT_SECONDS = 16.0
+
+ACCOUNTS = 1_000
+DIRECT_CONCURRENCY = 8
+HANDLER_CONCURRENCY = Settings().worker_concurrency
+
+
+class Bump(Event, key="account"):
+    account: str
+    amount: int
+
+
+class Bumped(Event, key="account"):
+    account: str
+    balance: int
+
+
+async def _bump(account: str, amount: int) -> int:
+    """The handler's body: the code a user writes."""
+    row = await session().get(Account, account, with_for_update=True)
+    assert row is not None
+    row.balance += amount
+    send(Bumped(account=account, balance=row.balance))
+    return row.balance
+
+
+class Ledger(Service, name="ledger"):
+    @Inbound(Bump)
+    @Outbound(Bumped)
+    @Transactional(type="RW", isolation="read_committed")
+    async def on_bump(self, event: Bump) -> None:
+        await _bump(event.account, event.amount)
+
+    @Outbound(Bumped)
+    @Transactional(type="RW", isolation="read_committed")
+    async def bump(self, account: str, amount: int) -> int:
+        return await _bump(account, amount)
+
+
+class Account(Ledger.Model):
+    __tablename__ = "accounts"
+    id: Mapped[str] = mapped_column(primary_key=True)
+    balance: Mapped[int]
+
+
+# -- the hand-written side -------------------------------------------------------------------
+
+# The framework's claim conditions (dbcore/delivery.py), minus precedence (none is declared),
+# taken inside the handling transaction as hand-written queues do.
+_CLAIM = """
+    SELECT d.position, ev.id, ev.payload::text AS payload, ev.correlation_id
+      FROM vms.deliveries d JOIN vms.events ev ON ev.position = d.position
+     WHERE d.subscriber = 'ledger'
+       AND d.xid < pg_snapshot_xmin(pg_current_snapshot())
+       AND NOT EXISTS (
+            SELECT 1 FROM vms.deliveries e
+             WHERE e.subscriber = d.subscriber AND e.key = d.key
+               AND (e.xid, e.position) < (d.xid, d.position))
+     ORDER BY d.xid, d.position
+     LIMIT 1
+     FOR UPDATE OF d SKIP LOCKED
+"""
+_READ = "SELECT balance FROM ledger.accounts WHERE id = $1 FOR UPDATE"
+_WRITE = "UPDATE ledger.accounts SET balance = $2 WHERE id = $1"
+_EMIT = """
+    INSERT INTO vms.events (id, type, key, payload, producer, correlation_id, causation_id)
+    VALUES ($1, 'Bumped', $2, $3::jsonb, 'ledger', $4, $5)
+"""
+_MARK = "DELETE FROM vms.deliveries WHERE subscriber = 'ledger' AND position = $1"
+
+
+async def raw_bump(
+    conn: asyncpg.Connection, account: str, amount: int, correlation: str | None, cause: uuid.UUID | None
+) -> int:
+    balance: int = await conn.fetchval(_READ, account) + amount
+    await conn.execute(_WRITE, account, balance)
+    payload = json.dumps({"account": account, "balance": balance})
+    await conn.execute(_EMIT, uuid.uuid4(), account, payload, correlation, cause)
+    return balance
+
+
+async def raw_handle_one(conn: asyncpg.Connection) -> bool:
+    """Claim one event, handle it and mark it handled, in the caller's transaction."""
+    row = await conn.fetchrow(_CLAIM)
+    if row is None:
+        return False
+    event = json.loads(row["payload"])
+    await raw_bump(conn, event["account"], event["amount"], row["correlation_id"], row["id"])
+    await conn.execute(_MARK, row["position"])
+    return True
+
+
+# -- the run ---------------------------------------------------------------------------------
+
+
+class _Inbound:
+    """The inbound comparison on one database: a backlog drained by either side."""
+
+    def __init__(self, bench: Bench, url: str, observer: asyncpg.Connection) -> None:
+        self.bench = bench
+        self.url = url
+        self.observer = observer
+        self.backlog = 0
+        #: Per side: effects applied minus events handled (0 when each took effect once).
+        self.mismatch: dict[str, int] = {FRAMEWORK: 0, BASELINE: 0}
+
+    async def enqueue(self, count: int) -> None:
+        await log_events(self.observer, [Bump(account=f"a{i % ACCOUNTS}", amount=1) for i in range(count)])
+
+    async def pending(self) -> int:
+        count: int = await self.observer.fetchval(
+            "SELECT count(*) FROM vms.deliveries WHERE subscriber = 'ledger'"
+        )
+        return count
+
+    async def effects(self) -> int:
+        total: int = await self.observer.fetchval("SELECT coalesce(sum(balance), 0) FROM ledger.accounts")
+        return total
+
+    async def calibrate(self, seconds: float) -> None:
+        """Size the backlog from a short framework drain; both sides then drain that size."""
+        async with App([Ledger], database_url=self.url):
+            probe = await measure_drain(
+                self.bench, "calibrating", 500, enqueue=self.enqueue, pending=self.pending
+            )
+        self.backlog = backlog_size(probe.rate, seconds)
+
+    async def framework(self, round_: int) -> float:
+        async with App([Ledger], database_url=self.url):
+            return await self._drain(FRAMEWORK, round_)
+
+    async def baseline(self, round_: int) -> float:
+        async with (
+            raw_pool(self.url) as pool,
+            QueueWorkers(
+                pool,
+                asyncpg_connect_kwargs(self.url),
+                concurrency=HANDLER_CONCURRENCY,
+                channel=NOTIFY_CHANNEL,
+                step=raw_handle_one,
+            ),
+        ):
+            return await self._drain(BASELINE, round_)
+
+    async def _drain(self, side: str, round_: int) -> float:
+        before = await self.effects()
+        result = await measure_drain(
+            self.bench,
+            f"{side} handler, round {round_ + 1}",
+            self.backlog,
+            enqueue=self.enqueue,
+            pending=self.pending,
+        )
+        self.mismatch[side] += await self.effects() - before - WARMUP_EVENTS - self.backlog
+        return result.rate
+
+
+class _Direct:
+    """The direct-call comparison: concurrent callers of one read-modify-write-and-send."""
+
+    def __init__(self, bench: Bench, url: str, seconds: float) -> None:
+        self.bench = bench
+        self.url = url
+        self.seconds = seconds
+
+    @staticmethod
+    def _accounts() -> list[Callable[[], str]]:
+        """One seeded account picker per caller: the same sequence on both sides."""
+
+        def picker(seed: int) -> Callable[[], str]:
+            rng = random.Random(seed)
+            return lambda: f"a{rng.randrange(ACCOUNTS)}"
+
+        return [picker(seed) for seed in range(DIRECT_CONCURRENCY)]
+
+    async def _measure(self, side: str, round_: int, call: Callable[[int], Awaitable[int]]) -> float:
+        label = f"{side} direct call, round {round_ + 1}"
+        return (await run_for(self.bench, label, self.seconds, DIRECT_CONCURRENCY, call)).rate
+
+    async def framework(self, round_: int) -> float:
+        pick = self._accounts()
+        async with App([Ledger], database_url=self.url, workers=False) as app:
+            ledger = app.service(Ledger)
+
+            async def call(worker: int) -> int:
+                await ledger.bump(pick[worker](), 1)
+                return 1
+
+            return await self._measure(FRAMEWORK, round_, call)
+
+    async def baseline(self, round_: int) -> float:
+        pick = self._accounts()
+        async with raw_pool(self.url) as pool:
+
+            async def call(worker: int) -> int:
+                async with pool.acquire() as conn, conn.transaction():
+                    await raw_bump(conn, pick[worker](), 1, None, None)
+                return 1
+
+            return await self._measure(BASELINE, round_, call)
+
+
+async def _prepare(url: str) -> None:
+    async with App([Ledger], database_url=url, create_tables=True, workers=False), connection(url) as conn:
+        await conn.execute(
+            "INSERT INTO ledger.accounts (id, balance) SELECT 'a' || i, 0 FROM generate_series(0, $1) i",
+            ACCOUNTS - 1,
+        )
+
+
+async def run(bench: Bench) -> BenchmarkResult:
+    phase = bench.phase_seconds(phases=4)
+    async with bench.database() as url, connection(url) as observer:
+        await _prepare(url)
+        inbound = _Inbound(bench, url, observer)
+        await inbound.calibrate(phase)
+        handled = await alternate(bench.rounds, {FRAMEWORK: inbound.framework, BASELINE: inbound.baseline})
+        direct = _Direct(bench, url, phase)
+        called = await alternate(bench.rounds, {FRAMEWORK: direct.framework, BASELINE: direct.baseline})
+
+    result = BenchmarkResult(NAME, DESCRIPTION)
+    result.comparisons = [
+        Comparison(
+            f"inbound handler, {HANDLER_CONCURRENCY} workers",
+            "events/s",
+            max(handled[FRAMEWORK]),
+            max(handled[BASELINE]),
+            target=Target("min_ratio", 0.7),
+            rounds=handled,
+        ),
+        Comparison(
+            f"direct call, {DIRECT_CONCURRENCY} callers",
+            "calls/s",
+            max(called[FRAMEWORK]),
+            max(called[BASELINE]),
+            rounds=called,
+        ),
+    ]
+    mismatch = inbound.mismatch
+    result.checks = [
+        Check(
+            "effect mismatches",
+            mismatch[FRAMEWORK],
+            mismatch[BASELINE],
+            mismatch[FRAMEWORK] == 0 and mismatch[BASELINE] == 0,
+        )
+    ]
+    result.notes = [
+        f"backlog of {inbound.backlog:,} events over {ACCOUNTS:,} keys; best of {bench.rounds} rounds",
+        "both: READ COMMITTED, row read FOR UPDATE, outgoing event through the fan-out trigger",
+        ANALYZE_NOTE,
+    ]
+    result.details = {"backlog": inbound.backlog, "accounts": ACCOUNTS, "phase_seconds": phase}
+    return result
