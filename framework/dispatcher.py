@@ -85,22 +85,27 @@ class Dispatcher:
 
     async def _run(self) -> None:
         idle = _FIRST_POLL
+        # Claim when at least half the slots are free (or nothing runs), so that one claim round
+        # trip starts a batch of handlers instead of one handler per completion.
+        batch = max(1, self.concurrency // 2)
         while not self._stopping:
             free = self.concurrency - len(self._inflight)
+            if free < batch and self._inflight:
+                await self._wait(self.poll_interval)
+                continue
             claimed: list[Claimed] = []
             held_back = False
-            if free > 0:
-                try:
-                    claimed, held_back = await self._claim(free)
-                except Exception:  # the database went away: log, back off, try again
-                    log.exception("%s: claiming deliveries failed", self.service)
-                    idle = self.poll_interval
+            try:
+                claimed, held_back = await self._claim(free)
+            except Exception:  # the database went away: log, back off, try again
+                log.exception("%s: claiming deliveries failed", self.service)
+                idle = self.poll_interval
             for item in claimed:
                 task = asyncio.create_task(self._handle(item))
                 self._inflight.add(task)
                 task.add_done_callback(self._inflight.discard)
             if claimed and len(claimed) == free:
-                continue  # there may be more; claim again once a slot frees
+                continue  # there may be more; claim again once slots free up
             idle = _FIRST_POLL if claimed else min(idle * 2, self.poll_interval)
             if held_back:
                 # Work is ready but not claimable yet: an older transaction is still open (the
