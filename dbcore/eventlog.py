@@ -151,6 +151,7 @@ install_sql: Sequence[str] = (
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, vms AS $$
     DECLARE
         targets text;
+        correlations text;
     BEGIN
         WITH inserted AS (
             INSERT INTO vms.deliveries (subscriber, position, xid, event_type, key)
@@ -159,8 +160,16 @@ install_sql: Sequence[str] = (
             RETURNING subscriber
         )
         SELECT string_agg(DISTINCT subscriber, ',') INTO targets FROM inserted;
-        -- Always notify, also with no subscriber: outcome waiters look for events by correlation.
-        PERFORM pg_notify('{NOTIFY_CHANNEL}', coalesce(targets, ''));
+        -- The second line names the correlations, so outcome waiters look up only their own;
+        -- '*' (look at all) when the list would not fit in a notification.
+        SELECT string_agg(DISTINCT correlation_id, ',') INTO correlations FROM new_events;
+        IF length(correlations) > 7000 THEN
+            correlations := '*';
+        END IF;
+        IF targets IS NOT NULL OR correlations IS NOT NULL THEN
+            PERFORM pg_notify('{NOTIFY_CHANNEL}',
+                              coalesce(targets, '') || E'\n' || coalesce(correlations, ''));
+        END IF;
         RETURN NULL;
     END $$
     """,

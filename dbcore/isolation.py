@@ -22,21 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlglot import exp
 
 from dbcore.catalog import quote_ident
-from dbcore.errors import (
-    CoreError,
-    IsolationError,
-    LeaseConsumed,
-    LeaseError,
-    LeaseExpired,
-    LeaseNotFound,
-    LeaseReleased,
-)
-from dbcore.leases import (
-    SQLSTATE_CONSUMED,
-    SQLSTATE_EXPIRED,
-    SQLSTATE_NOT_FOUND,
-    SQLSTATE_RELEASED,
-)
+from dbcore.errors import CoreError, IsolationError
 
 __all__ = [
     "ISOLATION_LEVELS",
@@ -62,13 +48,6 @@ _SERIALIZATION_FAILURE = "40001"
 _DEADLOCK_DETECTED = "40P01"
 _INSUFFICIENT_PRIVILEGE = "42501"
 _READ_ONLY_TRANSACTION = "25006"
-
-_LEASE_ERRORS: Mapping[str, type[LeaseError]] = {
-    SQLSTATE_EXPIRED: LeaseExpired,
-    SQLSTATE_RELEASED: LeaseReleased,
-    SQLSTATE_CONSUMED: LeaseConsumed,
-    SQLSTATE_NOT_FOUND: LeaseNotFound,
-}
 
 # Postgres: "permission denied for table stock_items" / "... for schema stock" / "... for view v".
 _DENIED = re.compile(r"permission denied for (table|schema|view|sequence|relation|function) (\S+)")
@@ -127,13 +106,6 @@ def translate_error(
             f"service {service!r} tried to write in a read-only (RO) transaction; "
             'declare the function @Transactional(type="RW") to let it write'
         )
-    lease_error = _LEASE_ERRORS.get(state or "")
-    if lease_error is not None:
-        message = str(err.orig if isinstance(err, DBAPIError) else err)
-        # asyncpg prefixes the class name; keep Postgres's own sentence.
-        detail = message.split(": ", 1)[-1].strip()
-        lease_id = detail.split()[1] if detail.startswith("lease ") else "?"
-        return lease_error(lease_id, detail)
     if state in (_SERIALIZATION_FAILURE, _DEADLOCK_DETECTED):
         return TransactionConflict(f"transaction of service {service!r} conflicted: {err}")
     return None

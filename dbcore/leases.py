@@ -10,8 +10,9 @@ owner's table, and the caller's changes and the lease commit or roll back togeth
   otherwise return NULL. Locking the row serializes grants on it, so concurrent callers can
   never get more than is on hand (G7).
 - ``lease__<fn>__settle(id uuid, action text, period interval)``: ``consume`` (decrement the row
-  and end the lease), ``release`` or ``renew``; idempotent, and refused with SQLSTATE VL001
-  (expired), VL002 (released), VL003 (consumed) or VL404 (unknown) otherwise.
+  and end the lease), ``release`` or ``renew``; idempotent. A refusal (expired, released,
+  consumed, unknown) is returned as ``{"error": ...}`` rather than raised, so it does not abort
+  the caller's transaction.
 
 Expired leases need no process to give their quantity back: a grant only counts leases whose
 ``expires_at`` lies ahead, and it marks the expired ones it meets as such. ``reap`` deletes ended
@@ -42,10 +43,6 @@ from dbcore.errors import RegistrationError
 from dbcore.lease_language import parse_lease
 
 __all__ = [
-    "SQLSTATE_CONSUMED",
-    "SQLSTATE_EXPIRED",
-    "SQLSTATE_NOT_FOUND",
-    "SQLSTATE_RELEASED",
     "advance_clock",
     "grant_function",
     "install_lease_functions",
@@ -54,11 +51,6 @@ __all__ = [
     "reap",
     "settle_function",
 ]
-
-SQLSTATE_EXPIRED = "VL001"
-SQLSTATE_RELEASED = "VL002"
-SQLSTATE_CONSUMED = "VL003"
-SQLSTATE_NOT_FOUND = "VL404"
 
 leases = Table(
     "leases",
@@ -99,6 +91,13 @@ install_sql: Sequence[str] = (
     f"GRANT EXECUTE ON FUNCTION vms.now() TO {_GROUP}",
     # Leases are visible to every service (they are the catalog's record of promises); only the
     # owner's functions, running as the owner, may create or change them.
+    "CREATE TABLE IF NOT EXISTS vms.lease_keys (service varchar(40) NOT NULL, "
+    "entity varchar(63) NOT NULL, key_text text NOT NULL, grants bigint NOT NULL, "
+    "PRIMARY KEY (service, entity, key_text))",
+    f"GRANT SELECT, INSERT, UPDATE ON vms.lease_keys TO {_GROUP}",
+    "ALTER TABLE vms.lease_keys ENABLE ROW LEVEL SECURITY",
+    "DROP POLICY IF EXISTS lease_keys_owner ON vms.lease_keys",
+    "CREATE POLICY lease_keys_owner ON vms.lease_keys FOR ALL USING ('vms_' || service = current_user)",
     f"GRANT SELECT, INSERT, UPDATE ON vms.leases TO {_GROUP}",
     "ALTER TABLE vms.leases ENABLE ROW LEVEL SECURITY",
     "DROP POLICY IF EXISTS leases_read ON vms.leases",
@@ -162,6 +161,13 @@ def _definitions(descriptor: ServiceDescriptor, lease: LeaseDescriptor) -> list[
             RETURN NULL;
         END IF;
         key_text_ := jsonb_build_object({key_object})::text;
+        -- Count this grant on the key's counter row. Under snapshot or serializable isolation a
+        -- concurrent grant on the same key then fails with a serialization error (and is retried)
+        -- instead of counting leases from a snapshot that misses the other's: no oversell there
+        -- either. Under read committed the update waits, and the sum below sees the other lease.
+        INSERT INTO vms.lease_keys AS lk (service, entity, key_text, grants)
+        VALUES ({_literal(svc)}, {_literal(table.name)}, key_text_, 1)
+        ON CONFLICT (service, entity, key_text) DO UPDATE SET grants = lk.grants + 1;
         UPDATE vms.leases SET status = 'expired', ended_at = expires_at
          WHERE {same_lease} AND status = 'active' AND expires_at <= now_;
         SELECT coalesce(sum(quantity), 0) INTO held FROM vms.leases
@@ -188,9 +194,11 @@ def _definitions(descriptor: ServiceDescriptor, lease: LeaseDescriptor) -> list[
     BEGIN
         SELECT * INTO l FROM vms.leases
          WHERE id = p_id AND service = {_literal(svc)} AND function = {_literal(fn)} FOR UPDATE;
+        -- A refusal is an answer, not an exception: the caller's transaction stays usable and
+        -- the framework raises LeaseExpired, LeaseReleased, ... in Python.
         IF NOT FOUND THEN
-            RAISE EXCEPTION 'lease % of {svc}.{fn} does not exist', p_id
-                USING ERRCODE = '{SQLSTATE_NOT_FOUND}';
+            RETURN jsonb_build_object('error', 'not_found', 'id', p_id,
+                                      'message', format('lease %s of {svc}.{fn} does not exist', p_id));
         END IF;
         -- Repeating what already happened is a no-op (idempotent).
         IF (p_action = 'consume' AND l.status = 'consumed')
@@ -205,12 +213,11 @@ def _definitions(descriptor: ServiceDescriptor, lease: LeaseDescriptor) -> list[
             l.status := 'expired';
         END IF;
         IF l.status = 'expired' THEN
-            RAISE EXCEPTION 'lease % expired at %', p_id, l.expires_at
-                USING ERRCODE = '{SQLSTATE_EXPIRED}';
-        ELSIF l.status = 'released' THEN
-            RAISE EXCEPTION 'lease % was released', p_id USING ERRCODE = '{SQLSTATE_RELEASED}';
-        ELSIF l.status = 'consumed' THEN
-            RAISE EXCEPTION 'lease % was consumed', p_id USING ERRCODE = '{SQLSTATE_CONSUMED}';
+            RETURN jsonb_build_object('error', 'expired', 'id', p_id,
+                                      'message', format('lease %s expired at %s', p_id, l.expires_at));
+        ELSIF l.status IN ('released', 'consumed') THEN
+            RETURN jsonb_build_object('error', l.status, 'id', p_id,
+                                      'message', format('lease %s was %s', p_id, l.status));
         END IF;
         IF p_action = 'consume' THEN
             UPDATE {qualified} t SET {column} = t.{column} - l.quantity

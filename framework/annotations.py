@@ -14,7 +14,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar, cast
+from typing import Any, Literal, TypeVar, cast, overload
 
 import wrapt
 
@@ -252,6 +252,16 @@ def Outbound(events: type[Event] | Iterable[type[Event]]) -> Callable[[F], F]:
         return cast(F, wrapper)
 
     return apply
+
+
+@overload
+def Transactional(type: F) -> F: ...
+
+
+@overload
+def Transactional(
+    type: str = "RW", isolation: str = "read_committed", *, max_attempts: int = DEFAULT_MAX_ATTEMPTS
+) -> Callable[[F], F]: ...
 
 
 def Transactional(

@@ -20,10 +20,11 @@ import logging
 import time
 import uuid
 from collections.abc import Iterable, Sequence
+from contextlib import AbstractAsyncContextManager
 from types import TracebackType
 from typing import Any, TypeVar
 
-from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from dbcore import delivery
 from dbcore.core import Core
@@ -40,6 +41,7 @@ from framework.events import Event
 from framework.leases import LeaseExecutor
 from framework.metrics import Metrics
 from framework.outbox import record_of
+from framework.outcomes import OutcomeWatcher
 from framework.runtime import ServiceHandle, ServiceRuntime
 from framework.service import Service
 
@@ -53,6 +55,9 @@ S = TypeVar("S", bound=Service)
 class App:
     """A group of services on one core. Use as ``async with App([...]) as app``.
 
+    ``workers``: run the ``@Inbound`` handlers of every service (``True``), of none (``False``),
+    or of the named services only; several processes may run the same handlers.
+
     Schemas: by default the App refuses to start unless the core and every service schema are
     at their migration head (``vmsdb migrate``). ``migrate=True`` migrates on start
     (development); ``create_tables=True`` creates missing tables without migrations (tests).
@@ -65,7 +70,7 @@ class App:
         database_url: str | None = None,
         create_tables: bool = False,
         migrate: bool = False,
-        workers: bool = True,
+        workers: bool | Iterable[str] = True,
         settings: Settings | None = None,
         **overrides: Any,
     ) -> None:
@@ -76,16 +81,20 @@ class App:
         self.settings = base.model_copy(update=overrides) if overrides else base
         self.create_tables = create_tables
         self.migrate = migrate
-        self.workers = workers
+        self.workers: bool | frozenset[str] = workers if isinstance(workers, bool) else frozenset(workers)
         self.metrics = Metrics()
         self.leases = LeaseExecutor(self)
         self.plans: list[ServicePlan] = build_plans(self.services)
+        if isinstance(self.workers, frozenset):
+            unknown = self.workers - {p.descriptor.name for p in self.plans}
+            if unknown:
+                raise FrameworkError(f"workers= names services not in this App: {', '.join(sorted(unknown))}")
         self._embedded: EmbeddedPostgres | None = None
         self._core: Core | None = None
         self._runtimes: dict[type[Service], ServiceRuntime] = {}
         self._dispatchers: dict[str, Dispatcher] = {}
         self._listener: Any = None
-        self._outcome_waiters: dict[str, list[tuple[frozenset[str], asyncio.Future[Event]]]] = {}
+        self._outcomes = OutcomeWatcher(self._admin)
         self._event_types: dict[str, type[Event]] = {}
         self._background: list[asyncio.Task[None]] = []
         self._started = False
@@ -138,8 +147,10 @@ class App:
                 await self._kafka.start()
             if self.workers:
                 for runtime in self._runtimes.values():
-                    if runtime.plan.descriptor.inbound or any(
-                        r.consistency == "eventual" for r in runtime.plan.descriptor.replicas
+                    chosen = self.workers is True or runtime.name in self.workers
+                    if chosen and (
+                        runtime.plan.descriptor.inbound
+                        or any(r.consistency == "eventual" for r in runtime.plan.descriptor.replicas)
                     ):
                         dispatcher = Dispatcher(self, runtime)
                         self._dispatchers[runtime.name] = dispatcher
@@ -193,9 +204,7 @@ class App:
             with contextlib.suppress(Exception):
                 await self._listener.close()
             self._listener = None
-        for waiters in self._outcome_waiters.values():
-            for _, fut in waiters:
-                fut.cancel()
+        await self._outcomes.close()
         if self._core is not None:
             await self._core.close()
             self._core = None
@@ -223,6 +232,9 @@ class App:
             known = ", ".join(c.__name__ for c in self.services)
             raise FrameworkError(f"{cls.__name__} is not a started service of this App ({known})")
         return runtime.instance  # type: ignore[return-value]
+
+    def _admin(self) -> AbstractAsyncContextManager[AsyncConnection]:
+        return self.core.admin()
 
     def correlation_id(self) -> str | None:
         return correlation.get()
@@ -263,52 +275,11 @@ class App:
             await asyncio.sleep(0.01)
 
     async def outcome(self, correlation_id: str, *event_types: type[Event], timeout: float = 30.0) -> Event:
-        """The first event of one of ``event_types`` produced in ``correlation_id``'s chain."""
-        if not event_types:
-            raise ValueError("outcome() needs at least one event type to wait for")
-        names = frozenset(t.event_type() for t in event_types)
-        by_name = {t.event_type(): t for t in event_types}
-        fut: asyncio.Future[Event] = asyncio.get_running_loop().create_future()
-        entry = (names, fut)
-        self._outcome_waiters.setdefault(correlation_id, []).append(entry)
-        try:
-            found = await self._find_outcome(correlation_id, names)
-            if found is not None:
-                return by_name[found[0]].model_validate_json(found[1])
-            async with asyncio.timeout(timeout):
-                return await fut
-        except TimeoutError:
-            raise TimeoutError(
-                f"no {' or '.join(sorted(names))} in correlation {correlation_id!r} within {timeout} s"
-            ) from None
-        finally:
-            waiters = self._outcome_waiters.get(correlation_id, [])
-            if entry in waiters:
-                waiters.remove(entry)
-            if not waiters:
-                self._outcome_waiters.pop(correlation_id, None)
+        """The first event of one of ``event_types`` produced in ``correlation_id``'s chain.
 
-    _OUTCOME = text(
-        "SELECT type, payload::text AS payload FROM vms.events "
-        "WHERE correlation_id = :c AND type = ANY(CAST(:t AS text[])) ORDER BY xid, position LIMIT 1"
-    )
-
-    async def _find_outcome(self, correlation_id: str, names: frozenset[str]) -> tuple[str, str] | None:
-        async with self.core.admin() as conn:
-            row = (await conn.execute(self._OUTCOME, {"c": correlation_id, "t": sorted(names)})).first()
-        return None if row is None else (row.type, row.payload)
-
-    async def _check_outcomes(self) -> None:
-        for correlation_id, waiters in list(self._outcome_waiters.items()):
-            for names, fut in list(waiters):
-                if fut.done():
-                    continue
-                found = await self._find_outcome(correlation_id, names)
-                if found is not None and not fut.done():
-                    event_type = self._event_types.get(found[0])
-                    if event_type is None:
-                        continue
-                    fut.set_result(event_type.model_validate_json(found[1]))
+        Raises ``TimeoutError`` naming the correlation when none arrives within ``timeout``.
+        """
+        return await self._outcomes.wait(correlation_id, event_types, timeout)
 
     async def _start_listener(self) -> None:
         import asyncpg
@@ -318,20 +289,15 @@ class App:
         self._listener = await asyncpg.connect(*args, **kwargs)
 
         def on_notify(_conn: object, _pid: int, _channel: str, payload: str) -> None:
-            for name in payload.split(",") if payload else ():
+            # "<subscribers>\n<correlations>", both comma-separated (see dbcore.eventlog).
+            subscribers, _, correlations = payload.partition("\n")
+            for name in subscribers.split(",") if subscribers else ():
                 dispatcher = self._dispatchers.get(name)
                 if dispatcher is not None:
                     dispatcher.wake()
-            if self._outcome_waiters:
-                task = asyncio.create_task(self._check_outcomes())
-                self._background.append(task)
-                task.add_done_callback(self._forget)
+            self._outcomes.notified(correlations)
 
         await self._listener.add_listener(NOTIFY_CHANNEL, on_notify)
-
-    def _forget(self, task: asyncio.Task[None]) -> None:
-        with contextlib.suppress(ValueError):
-            self._background.remove(task)
 
     async def _prune_loop(self) -> None:
         retention = self.settings.retention_seconds

@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 from sqlalchemy import text
 
+from examples.eshop.cli import app as eshop_app  # the sample ships with the framework
 from framework.app import App
 from framework.dataflow import flow_table, services_table, write_graph
 from framework.descriptors import build_descriptors
@@ -28,6 +29,7 @@ T = TypeVar("T")
 
 cli = typer.Typer(help="vmsdb: virtual microservices on a Postgres core.", no_args_is_help=True)
 cli.add_typer(migrate_app, name="migrate")
+cli.add_typer(eshop_app, name="eshop")
 dead_letters_cli = typer.Typer(help="Inspect and replay events that handlers gave up on.")
 cli.add_typer(dead_letters_cli, name="dead-letters")
 console = Console()

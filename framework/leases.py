@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict
 from sqlalchemy import TextClause, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from dbcore.errors import LeaseConsumed, LeaseError, LeaseExpired, LeaseNotFound, LeaseReleased
 from dbcore.isolation import translate_error
 from dbcore.leases import grant_function, settle_function
 from framework.annotations import FunctionSpec
@@ -168,14 +169,23 @@ async def settle(
         lease_id = lease if isinstance(lease, UUID) else UUID(str(lease))
         row = (await conn.execute(_WHICH, {"id": lease_id})).first()
         if row is None:
-            from dbcore.errors import LeaseNotFound
-
             raise LeaseNotFound(str(lease_id), f"lease {lease_id} does not exist (or was reaped)")
         service, function = row.service, row.function
     statement = text(f"SELECT {settle_function(service, function)}(CAST(:id AS uuid), :action, :period)")
     raw = (await conn.execute(statement, {"id": lease_id, "action": action, "period": period})).scalar_one()
     data: dict[str, Any] = json.loads(raw) if isinstance(raw, str) else raw
+    refusal = _REFUSALS.get(data.get("error", ""))
+    if refusal is not None:
+        raise refusal(str(lease_id), data["message"])
     return data
+
+
+_REFUSALS: dict[str, type[LeaseError]] = {
+    "expired": LeaseExpired,
+    "released": LeaseReleased,
+    "consumed": LeaseConsumed,
+    "not_found": LeaseNotFound,
+}
 
 
 async def _in_transaction(

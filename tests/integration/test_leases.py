@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 
 import pytest
@@ -78,6 +79,10 @@ class Basket(Service, name="basket"):
     @Transactional(type="RW")
     async def extend(self, lease: LeaseGrant, period: timedelta) -> None:
         await renew_lease(lease, period)
+
+    @Transactional(type="RW")
+    async def run_in_transaction(self, body: Callable[[], Awaitable[str]]) -> str:
+        return await body()
 
     @Transactional(type="RW")
     async def tamper(self) -> None:
@@ -243,3 +248,43 @@ async def test_handle_exposes_only_leases_and_queries(app: App) -> None:
     handle = app.service(Basket).warehouse
     with pytest.raises(AttributeError, match="may call only the @Lease and @Query"):
         handle.stock  # noqa: B018
+
+
+class SnapshotBasket(Service, name="snapbasket"):
+    warehouse: Warehouse
+
+    @Transactional(type="RW", isolation="snapshot")
+    async def reserve(self, sku: str) -> LeaseGrant | None:
+        grant = await self.warehouse.hold(1, sku, 1, timedelta(minutes=10))
+        await asyncio.sleep(0.01)  # widen the window in which concurrent grants overlap
+        return grant
+
+
+async def test_snapshot_callers_racing_for_the_last_units_never_oversell(app_factory) -> None:
+    async with app_factory([Warehouse, SnapshotBasket]) as app:
+        await app.service(Warehouse).stock(1, "last", 3)
+        basket = app.service(SnapshotBasket)
+        grants = await asyncio.gather(*(basket.reserve("last") for _ in range(30)))
+        assert len([g for g in grants if g is not None]) == 3
+        assert await active_held(app, "last") == 3
+
+
+async def test_a_refused_settle_leaves_the_callers_transaction_usable(app: App) -> None:
+    await app.service(Warehouse).stock(1, "u", 2)
+    basket = app.service(Basket)
+    grant = await basket.reserve("u", 1)
+    assert grant is not None
+    await basket.cancel(grant)
+
+    async def consume_then_carry_on() -> str:
+        try:
+            await consume_lease(grant)
+        except LeaseReleased:
+            session().add(Line(lease_id=f"note-{grant.id}", sku="u", qty=0))
+            return "refused, transaction still usable"
+        return "consumed"
+
+    outcome = await basket.run_in_transaction(consume_then_carry_on)
+    assert outcome == "refused, transaction still usable"
+    async with app.core.admin() as conn:
+        assert (await conn.execute(select(Line).where(Line.sku == "u", Line.qty == 0))).first()

@@ -56,6 +56,7 @@ INSTALL_SQL = (
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, vms AS $$
     DECLARE
         targets text;
+        correlations text;
     BEGIN
         WITH inserted AS (
             INSERT INTO vms.deliveries (subscriber, position, xid, event_type, key)
@@ -64,8 +65,16 @@ INSTALL_SQL = (
             RETURNING subscriber
         )
         SELECT string_agg(DISTINCT subscriber, ',') INTO targets FROM inserted;
-        -- Always notify, also with no subscriber: outcome waiters look for events by correlation.
-        PERFORM pg_notify('vms_events', coalesce(targets, ''));
+        -- The second line names the correlations, so outcome waiters look up only their own;
+        -- '*' (look at all) when the list would not fit in a notification.
+        SELECT string_agg(DISTINCT correlation_id, ',') INTO correlations FROM new_events;
+        IF length(correlations) > 7000 THEN
+            correlations := '*';
+        END IF;
+        IF targets IS NOT NULL OR correlations IS NOT NULL THEN
+            PERFORM pg_notify('vms_events',
+                              coalesce(targets, '') || E'\n' || coalesce(correlations, ''));
+        END IF;
         RETURN NULL;
     END $$
     """,
@@ -97,6 +106,12 @@ INSTALL_SQL = (
     $$
     """,
     "GRANT EXECUTE ON FUNCTION vms.now() TO vms_services",
+    "CREATE TABLE vms.lease_keys (service varchar(40) NOT NULL, "
+    "entity varchar(63) NOT NULL, key_text text NOT NULL, grants bigint NOT NULL, "
+    "PRIMARY KEY (service, entity, key_text))",
+    "GRANT SELECT, INSERT, UPDATE ON vms.lease_keys TO vms_services",
+    "ALTER TABLE vms.lease_keys ENABLE ROW LEVEL SECURITY",
+    "CREATE POLICY lease_keys_owner ON vms.lease_keys FOR ALL USING ('vms_' || service = current_user)",
     "GRANT SELECT, INSERT, UPDATE ON vms.leases TO vms_services",
     "ALTER TABLE vms.leases ENABLE ROW LEVEL SECURITY",
     "CREATE POLICY leases_read ON vms.leases FOR SELECT USING (true)",
@@ -285,6 +300,7 @@ def downgrade() -> None:
     # belong to the cluster, and other databases on it may use it.
     op.execute("DROP FUNCTION vms.now()")
     op.drop_table("clock", schema=SCHEMA)
+    op.drop_table("lease_keys", schema=SCHEMA)
     for table in (
         "leases",
         "dead_letters",

@@ -1,0 +1,73 @@
+"""Building the eShop: the App of the eight services, and the FastAPI application around it.
+
+```
+uvicorn --factory examples.eshop.app:create_api      # or: vmsdb eshop serve
+vmsdb services examples.eshop.app:services           # descriptors and event dataflow
+```
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from examples.eshop.routes import ROUTERS, NotFound, ops
+from examples.eshop.services import SERVICES
+from framework import App
+from framework.fastapi import attach, error_body
+
+__all__ = ["create_api", "create_app", "services"]
+
+#: The service classes, for ``vmsdb services examples.eshop.app:services``.
+services = SERVICES
+
+_DESCRIPTION = """
+The eShop sample of vmsdb: the eight services of the *Online Marketplace* benchmark
+(cart, customer, order, payment, product, seller, shipment, stock) as virtual microservices on
+one Postgres core, behind the benchmark driver's HTTP API.
+
+Checkout (`POST /cart/{customerId}/checkout`), price update (`PATCH /product`) and product
+replacement (`PUT /product`) answer when their event chain has an outcome, with its transaction
+mark `{tid, type, actorId, status, source}`: 200 on SUCCESS, 409 when not accepted.
+"""
+
+
+def create_app(**options: Any) -> App:
+    """The App of all eight services; ``options`` go to :class:`~framework.App`.
+
+    The schemas come from the services' migrations (``services/migrations/<service>/``),
+    brought to head at start-up unless ``options`` say otherwise (``migrate=False``: refuse to
+    start off head, as in production after ``vmsdb migrate examples.eshop.services:SERVICES``).
+    """
+    if not options.get("create_tables"):
+        options.setdefault("migrate", True)
+    return App(SERVICES, **options)
+
+
+async def _not_found(request: Request, exc: Exception) -> JSONResponse:
+    return JSONResponse(error_body(exc), status_code=404)
+
+
+def create_api(app: App | None = None, *, only: Iterable[str] | None = None) -> FastAPI:
+    """The FastAPI application; its lifespan starts and stops ``app`` (default: a new one).
+
+    ``only`` restricts the routes to those of the named services (``serve --service cart``);
+    ``/reset`` and ``/cleanup`` are always there.
+    """
+    chosen = set(ROUTERS) if only is None else set(only)
+    unknown = chosen - set(ROUTERS) - {s.service_name() for s in SERVICES}
+    if unknown:
+        raise ValueError(f"unknown service(s): {', '.join(sorted(unknown))}; choose from {sorted(ROUTERS)}")
+    api = FastAPI(title="vmsdb eShop", version="1.0", description=_DESCRIPTION)
+    # A process serving some services' routes runs only those services' event handlers.
+    workers = True if only is None else chosen & {s.service_name() for s in SERVICES}
+    attach(api, app if app is not None else create_app(workers=workers))
+    for name, router in ROUTERS.items():
+        if name in chosen:
+            api.include_router(router)
+    api.include_router(ops)
+    api.add_exception_handler(NotFound, _not_found)
+    return api

@@ -1,0 +1,107 @@
+"""``vmsdb eshop ...``: run the demo, serve the HTTP API, seed a marketplace, check consistency.
+
+Mounted by ``vmsdb`` as its ``eshop`` group; runnable alone as ``python -m examples.eshop.cli``.
+``serve``, ``seed`` and ``check`` use the database of ``VMSDB_DATABASE_URL`` (absent: the
+embedded Postgres in ``VMSDB_DATA_DIR``, default ``./.vmsdb``), so they work on the same data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from examples.eshop.app import create_api, create_app
+from examples.eshop.check import check as run_check
+from examples.eshop.demo import DEMO_SCALE, DemoOptions, run_demo
+from examples.eshop.generator import Scale, generate, load
+from examples.eshop.report import verdict_table
+
+__all__ = ["app"]
+
+app = typer.Typer(
+    help="The eShop sample: the Online Marketplace benchmark's eight services.", no_args_is_help=True
+)
+console = Console()
+
+
+@app.command()
+def demo(
+    duration: Annotated[float, typer.Option(help="seconds of transaction mix")] = 35.0,
+    concurrency: Annotated[int, typer.Option(help="concurrent clients")] = 8,
+    customers: Annotated[int, typer.Option(help="customers to seed")] = DEMO_SCALE.customers,
+    sellers: Annotated[int, typer.Option(help="sellers to seed")] = DEMO_SCALE.sellers,
+    stock: Annotated[int, typer.Option(help="units in stock per product")] = DEMO_SCALE.qty_per_product,
+    data_dir: Annotated[Path | None, typer.Option(help="keep the database here (default: temporary)")] = None,
+) -> None:
+    """Embedded Postgres, 8 services, a seeded marketplace, the benchmark's mix, the check."""
+    scale = Scale(
+        sellers=sellers,
+        products_per_seller=DEMO_SCALE.products_per_seller,
+        customers=customers,
+        qty_per_product=stock,
+    )
+    options = DemoOptions(duration=duration, concurrency=concurrency, scale=scale, data_dir=data_dir)
+    verdict = asyncio.run(run_demo(options, console))
+    raise typer.Exit(0 if verdict.ok else 1)
+
+
+@app.command()
+def serve(
+    port: Annotated[int, typer.Option(help="TCP port on 127.0.0.1")] = 8000,
+    service: Annotated[str | None, typer.Option(help="serve only this service's routes")] = None,
+) -> None:
+    """Serve the HTTP API (OpenAPI at /docs) on 127.0.0.1."""
+    import uvicorn
+
+    try:
+        api = create_api(only=None if service is None else [service])
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--service") from err
+    uvicorn.run(api, host="127.0.0.1", port=port)
+
+
+@app.command()
+def seed(
+    sellers: Annotated[int, typer.Option()] = 10,
+    products_per_seller: Annotated[int, typer.Option()] = 10,
+    customers: Annotated[int, typer.Option()] = 100,
+    stock: Annotated[int, typer.Option(help="units in stock per product")] = 10_000,
+) -> None:
+    """Load a generated marketplace into the database (as the benchmark's ingestion would)."""
+    market = generate(
+        Scale(
+            sellers=sellers,
+            products_per_seller=products_per_seller,
+            customers=customers,
+            qty_per_product=stock,
+        )
+    )
+
+    async def go() -> None:
+        async with create_app() as started:
+            await load(started, market)
+
+    asyncio.run(go())
+    console.print(f"seeded {market.counts()}")
+
+
+@app.command()
+def check() -> None:
+    """Finish the pending event chains, then run the consistency checks on the database."""
+
+    async def go() -> bool:
+        async with create_app() as started:
+            await started.drain(timeout=60)
+            verdict = await run_check(started)
+        console.print(verdict_table(verdict))
+        return verdict.ok
+
+    raise typer.Exit(0 if asyncio.run(go()) else 1)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,254 @@
+"""Cart: customers' carts, the stock leases their items hold, and a replica of the products.
+
+Add-to-cart leases the item's quantity from the stock (``@Lease``, through the ``stock`` handle)
+and keeps the lease id with the item; checkout hands the leases to the stock, which consumes
+them. The product replica follows ProductUpdated and PriceUpdated, guarded by the product's
+revision, and both handlers take ``precedence`` over checkout: a checkout sees every product
+change committed before it, and is priced from the replica.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+from uuid import UUID
+
+from sqlalchemy import String, delete, select, tuple_, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Mapped, mapped_column
+
+from examples.eshop.config import settings
+from examples.eshop.events import (
+    CheckoutMark,
+    CheckoutRequest,
+    PriceUpdated,
+    PriceUpdateMark,
+    ProductUpdated,
+    ReserveStock,
+)
+from examples.eshop.schemas import CartItem, CartItemFields, MarkStatus
+from examples.eshop.services.common import (
+    as_row,
+    clear,
+    money_column,
+    now,
+    rows,
+    settle_quietly,
+    timestamp_column,
+)
+from examples.eshop.services.stock import Stock
+from framework import Inbound, Outbound, Service, Transactional, release_lease, send, session
+
+__all__ = ["Cart", "CartHistory", "CartLine", "CartRecord", "ReplicaProduct"]
+
+
+class Cart(Service, name="cart"):
+    stock: Stock
+
+    # Read committed: the lease grant runs in this transaction and must see leases committed
+    # while it waited for the stock row's lock (see Stock.reserve).
+    @Transactional(isolation="read_committed")
+    async def add_item(self, customer_id: int, item: CartItemFields) -> dict[str, Any]:
+        """Put ``item`` in the cart, holding its quantity with a stock lease when there is enough.
+
+        Adding a product that is already in the cart replaces it (and its lease).
+        """
+        s = session()
+        await s.execute(insert(CartRecord).values(customer_id=customer_id).on_conflict_do_nothing())
+        line = await s.get(CartLine, (customer_id, item.seller_id, item.product_id))
+        if line is not None and line.lease_id is not None:
+            await settle_quietly(release_lease, line.lease_id)
+        grant = await self.stock.hold(item.seller_id, item.product_id, item.quantity, settings().lease_period)
+        values = {**item.model_dump(), "lease_id": None if grant is None else grant.id}
+        if line is None:
+            line = CartLine(customer_id=customer_id, **values)
+            s.add(line)
+        else:
+            for name, value in values.items():
+                setattr(line, name, value)
+        await s.flush()
+        return {**as_row(line), "reserved": grant is not None}
+
+    @Transactional
+    async def seal(self, customer_id: int) -> int:
+        """Empty the cart and give its leases back; returns how many items were dropped."""
+        dropped = await rows(
+            delete(CartLine).where(CartLine.customer_id == customer_id).returning(CartLine.lease_id)
+        )
+        for line in dropped:
+            if line["lease_id"] is not None:
+                await settle_quietly(release_lease, line["lease_id"])
+        return len(dropped)
+
+    @Transactional(type="RO")
+    async def get(self, customer_id: int) -> dict[str, Any] | None:
+        cart = await session().get(CartRecord, customer_id)
+        if cart is None:
+            return None
+        items = await rows(select(CartLine.__table__).where(CartLine.customer_id == customer_id))
+        return {**as_row(cart), "items": items}
+
+    @Transactional(type="RO")
+    async def history(self, customer_id: int, tid: str) -> list[dict[str, Any]]:
+        """The items checked out by transaction ``tid`` (the driver's anomaly check reads it)."""
+        table = CartHistory.__table__
+        return await rows(select(table).where(table.c.customer_id == customer_id, table.c.tid == tid))
+
+    @Inbound(CheckoutRequest)
+    @Outbound([ReserveStock, CheckoutMark])
+    @Transactional
+    async def checkout(self, event: CheckoutRequest) -> None:
+        """Price the items from the replica, record them, empty the cart, ask the stock."""
+        s = session()
+        lines = (
+            await s.scalars(
+                select(CartLine)
+                .where(CartLine.customer_id == event.customer_id)
+                .order_by(CartLine.seller_id, CartLine.product_id)
+            )
+        ).all()
+        if not lines:
+            send(CheckoutMark.of(event.tid, event.customer_id, MarkStatus.NOT_ACCEPTED, "cart", "empty cart"))
+            return
+        prices = await self._replica_prices(lines)
+        items = [
+            CartItem(**{**_fields(line), "unit_price": prices.get(_key(line), line.unit_price)})
+            for line in lines
+        ]
+        for item in items:
+            s.add(CartHistory(customer_id=event.customer_id, tid=event.tid, **item.model_dump()))
+        await s.execute(delete(CartLine).where(CartLine.customer_id == event.customer_id))
+        await s.execute(
+            update(CartRecord).where(CartRecord.customer_id == event.customer_id).values(updated_at=now())
+        )
+        send(ReserveStock(customer_id=event.customer_id, tid=event.tid, customer=event.checkout, items=items))
+
+    async def _replica_prices(self, lines: Sequence[CartLine]) -> dict[tuple[int, int, str], Decimal]:
+        """Current replica prices, by (seller, product, version), of the lines' products."""
+        keys = [(line.seller_id, line.product_id) for line in lines]
+        replicas = await session().scalars(
+            select(ReplicaProduct).where(
+                ReplicaProduct.active, tuple_(ReplicaProduct.seller_id, ReplicaProduct.product_id).in_(keys)
+            )
+        )
+        return {(r.seller_id, r.product_id, r.version): r.price for r in replicas}
+
+    @Inbound(PriceUpdated, precedence=CheckoutRequest)
+    @Outbound(PriceUpdateMark)
+    @Transactional
+    async def on_price_updated(self, event: PriceUpdated) -> None:
+        """Apply a newer price of the replica's version to the replica and to open carts."""
+        applied = await rows(
+            update(ReplicaProduct)
+            .where(
+                ReplicaProduct.seller_id == event.seller_id,
+                ReplicaProduct.product_id == event.product_id,
+                ReplicaProduct.version == event.version,
+                ReplicaProduct.revision < event.revision,  # an older update never wins
+            )
+            .values(price=event.price, revision=event.revision, updated_at=now())
+            .returning(ReplicaProduct.revision)
+        )
+        if applied:
+            await session().execute(
+                update(CartLine)
+                .where(
+                    CartLine.seller_id == event.seller_id,
+                    CartLine.product_id == event.product_id,
+                    CartLine.version == event.version,
+                )
+                .values(unit_price=event.price)
+            )
+        send(PriceUpdateMark.of(event.tid, event.seller_id, MarkStatus.SUCCESS, "cart"))
+
+    @Inbound(ProductUpdated, precedence=CheckoutRequest)
+    @Transactional
+    async def on_product_updated(self, event: ProductUpdated) -> None:
+        """Upsert the replica, unless it already holds a newer revision."""
+        product = event.product
+        values = {
+            "seller_id": event.seller_id,
+            "product_id": event.product_id,
+            "name": product.name,
+            "price": product.price,
+            "freight_value": product.freight_value,
+            "version": product.version,
+            "active": event.active,
+            "revision": event.revision,
+            "updated_at": now(),
+        }
+        statement = insert(ReplicaProduct).values(values)
+        await session().execute(
+            statement.on_conflict_do_update(
+                index_elements=["seller_id", "product_id"],
+                set_={k: statement.excluded[k] for k in values if k not in ("seller_id", "product_id")},
+                where=ReplicaProduct.revision < statement.excluded.revision,
+            )
+        )
+
+    @Transactional
+    async def cleanup(self) -> None:
+        """Release every lease, empty every cart and forget the history."""
+        for line in await rows(select(CartLine.lease_id).where(CartLine.lease_id.is_not(None))):
+            await settle_quietly(release_lease, line["lease_id"])
+        await clear(CartLine, CartHistory, CartRecord)
+
+
+def _key(line: CartLine) -> tuple[int, int, str]:
+    return (line.seller_id, line.product_id, line.version)
+
+
+def _fields(line: CartLine) -> dict[str, Any]:
+    return {name: getattr(line, name) for name in CartItem.model_fields}
+
+
+class CartRecord(Cart.Model):
+    __tablename__ = "carts"
+    customer_id: Mapped[int] = mapped_column(primary_key=True)
+    status: Mapped[str] = mapped_column(String(20), default="OPEN")
+    created_at: Mapped[datetime] = timestamp_column()
+    updated_at: Mapped[datetime] = timestamp_column()
+
+
+class _ItemColumns:
+    """The columns of a cart item, shared by open carts and the checkout history."""
+
+    seller_id: Mapped[int] = mapped_column(primary_key=True)
+    product_id: Mapped[int] = mapped_column(primary_key=True)
+    product_name: Mapped[str] = mapped_column(default="")
+    unit_price: Mapped[Decimal] = money_column()
+    freight_value: Mapped[Decimal] = money_column()
+    quantity: Mapped[int]
+    voucher: Mapped[Decimal] = money_column()
+    version: Mapped[str] = mapped_column(String(200), default="0")
+    lease_id: Mapped[UUID | None]
+
+
+class CartLine(_ItemColumns, Cart.Model):
+    __tablename__ = "cart_items"
+    customer_id: Mapped[int] = mapped_column(primary_key=True)
+
+
+class CartHistory(_ItemColumns, Cart.Model):
+    """What each checkout took out of the cart, at the prices it was charged."""
+
+    __tablename__ = "cart_history"
+    customer_id: Mapped[int] = mapped_column(primary_key=True)
+    tid: Mapped[str] = mapped_column(String(200), primary_key=True)
+
+
+class ReplicaProduct(Cart.Model):
+    """The cart's replica of product (name, price, version), kept by product events."""
+
+    __tablename__ = "replica_products"
+    seller_id: Mapped[int] = mapped_column(primary_key=True)
+    product_id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(default="")
+    price: Mapped[Decimal] = money_column()
+    freight_value: Mapped[Decimal] = money_column()
+    version: Mapped[str] = mapped_column(String(200), default="0")
+    active: Mapped[bool] = mapped_column(default=True)
+    revision: Mapped[int] = mapped_column(default=0)
+    updated_at: Mapped[datetime] = timestamp_column()

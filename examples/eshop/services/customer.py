@@ -1,0 +1,101 @@
+"""Customer: customers, their payment and delivery counters, and their seller discounts.
+
+``CustomerRecord`` and ``CustomerDiscount`` are exported (read-only) so that the order service's
+``@Query`` can check a customer's discounts in the order's own transaction; ``expired()`` is an
+SQL function the customer service offers to such queries.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import DateTime, update
+from sqlalchemy.orm import InstrumentedAttribute, Mapped, mapped_column
+
+from examples.eshop.events import DeliveryNotification, PaymentConfirmed, PaymentFailed
+from examples.eshop.schemas import CustomerRow, DiscountRow
+from examples.eshop.services.common import as_row, upsert
+from framework import Inbound, Service, Transactional, session, sql_function
+
+__all__ = ["Customer", "CustomerDiscount", "CustomerRecord"]
+
+
+class Customer(Service, name="customer"):
+    @Transactional
+    async def ingest(self, customers: list[CustomerRow]) -> int:
+        await upsert(CustomerRecord, [c.model_dump() for c in customers])
+        return len(customers)
+
+    @Transactional
+    async def add_discounts(self, discounts: list[DiscountRow]) -> int:
+        await upsert(CustomerDiscount, [d.model_dump() for d in discounts])
+        return len(discounts)
+
+    @Transactional(type="RO")
+    async def get(self, customer_id: int) -> dict[str, Any] | None:
+        row = await session().get(CustomerRecord, customer_id)
+        return None if row is None else as_row(row)
+
+    @Inbound(PaymentConfirmed)
+    @Transactional
+    async def on_payment_confirmed(self, event: PaymentConfirmed) -> None:
+        await self._count(event.customer_id, CustomerRecord.success_payment_count)
+
+    @Inbound(PaymentFailed)
+    @Transactional
+    async def on_payment_failed(self, event: PaymentFailed) -> None:
+        await self._count(event.customer_id, CustomerRecord.failed_payment_count)
+
+    @Inbound(DeliveryNotification)
+    @Transactional
+    async def on_delivery(self, event: DeliveryNotification) -> None:
+        await self._count(event.customer_id, CustomerRecord.delivery_count)
+
+    async def _count(self, customer_id: int, counter: InstrumentedAttribute[int]) -> None:
+        await session().execute(
+            update(CustomerRecord).where(CustomerRecord.id == customer_id).values({counter: counter + 1})
+        )
+
+    @Transactional
+    async def cleanup(self) -> None:
+        """Zero every counter (the discounts stay)."""
+        await session().execute(
+            update(CustomerRecord).values(success_payment_count=0, failed_payment_count=0, delivery_count=0)
+        )
+
+
+@Customer.export
+class CustomerRecord(Customer.Model):
+    __tablename__ = "customers"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    first_name: Mapped[str]
+    last_name: Mapped[str]
+    address: Mapped[str] = mapped_column(default="")
+    complement: Mapped[str] = mapped_column(default="")
+    birth_date: Mapped[str] = mapped_column(default="")
+    zip_code: Mapped[str] = mapped_column(default="")
+    city: Mapped[str] = mapped_column(default="")
+    state: Mapped[str] = mapped_column(default="")
+    card_number: Mapped[str] = mapped_column(default="")
+    card_security_number: Mapped[str] = mapped_column(default="")
+    card_expiration: Mapped[str] = mapped_column(default="")
+    card_holder_name: Mapped[str] = mapped_column(default="")
+    card_type: Mapped[str] = mapped_column(default="")
+    success_payment_count: Mapped[int] = mapped_column(default=0)
+    failed_payment_count: Mapped[int] = mapped_column(default=0)
+    delivery_count: Mapped[int] = mapped_column(default=0)
+    data: Mapped[str] = mapped_column(default="")
+
+
+@Customer.export
+class CustomerDiscount(Customer.Model):
+    """A customer's loyalty discount (percent) on one seller's items, until ``expires_at``."""
+
+    __tablename__ = "customer_discounts"
+    customer_id: Mapped[int] = mapped_column(primary_key=True)
+    seller_id: Mapped[int] = mapped_column(primary_key=True)
+    percent: Mapped[int]
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+    expired = sql_function("self.expires_at <= now()")

@@ -1,0 +1,233 @@
+"""Order: turns reserved items into an invoiced order and follows it to delivery.
+
+Discounts come from the customer service through ``@Query`` (the paper's Listing 1): the
+query runs inside the order's transaction and reads the customer's exported tables, which the
+order service could not read (let alone write) otherwise.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import Identity, String, select, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Mapped, mapped_column
+
+from examples.eshop.events import (
+    InvoiceIssued,
+    PaymentConfirmed,
+    PaymentFailed,
+    ShipmentNotification,
+    StockConfirmed,
+)
+from examples.eshop.schemas import (
+    AFTER_SHIPMENT,
+    CartItem,
+    DiscountRow,
+    OrderItem,
+    OrderStatus,
+    ShipmentStatus,
+)
+from examples.eshop.services.common import (
+    clear,
+    money,
+    money_column,
+    now,
+    rows,
+    timestamp_column,
+)
+from framework import Inbound, Outbound, Query, Service, Transactional, send, session
+
+__all__ = ["Order", "OrderHistory", "OrderLine", "OrderRecord", "invoice_line"]
+
+
+def invoice_line(item: CartItem, discount_percent: int) -> OrderItem:
+    """Totals of one item: the voucher plus the customer's discount, capped at the item total."""
+    total_items = money(item.unit_price * item.quantity)
+    incentive = min(total_items, money(item.voucher + total_items * discount_percent / Decimal(100)))
+    return OrderItem(
+        seller_id=item.seller_id,
+        product_id=item.product_id,
+        product_name=item.product_name,
+        unit_price=item.unit_price,
+        freight_value=item.freight_value,
+        quantity=item.quantity,
+        version=item.version,
+        total_items=total_items,
+        total_amount=total_items - incentive,
+        total_incentive=incentive,
+    )
+
+
+class Order(Service, name="order"):
+    @Query(
+        "FROM CustomerDiscount cd, CustomerRecord c JOIN c.id = cd.customer_id "
+        "WHERE c.id = :customer_id AND cd.seller_id IN (:items[seller_id]) AND cd.expired() = FALSE"
+    )
+    async def find_discounts(self, customer_id: int, items: list[CartItem]) -> list[DiscountRow]:
+        """The customer's unexpired discounts at the sellers of ``items``."""
+        ...
+
+    @Inbound(StockConfirmed)
+    @Outbound(InvoiceIssued)
+    @Transactional
+    async def on_stock_confirmed(self, event: StockConfirmed) -> None:
+        """Invoice the reserved items: totals, discounts, next order id, invoice number."""
+        discounts = {
+            d.seller_id: d.percent for d in await self.find_discounts(event.customer_id, event.items)
+        }
+        items = [invoice_line(item, discounts.get(item.seller_id, 0)) for item in event.items]
+        order_id = await self._next_order_id(event.customer_id)
+        issued = now()
+        total_amount = sum((i.total_amount for i in items), Decimal(0))
+        total_freight = sum((i.freight_value for i in items), Decimal(0))
+        order = OrderRecord(
+            customer_id=event.customer_id,
+            order_id=order_id,
+            tid=event.tid,
+            invoice_number=f"{event.customer_id}-{issued:%Y%m%d}-{order_id}",
+            status=OrderStatus.INVOICED,
+            purchase_date=issued,
+            count_items=len(items),
+            total_items=sum((i.total_items for i in items), Decimal(0)),
+            total_incentive=sum((i.total_incentive for i in items), Decimal(0)),
+            total_amount=total_amount,
+            total_freight=total_freight,
+            total_invoice=total_amount + total_freight,
+        )
+        s = session()
+        s.add(order)
+        for n, item in enumerate(items, start=1):
+            s.add(
+                OrderLine(
+                    customer_id=event.customer_id, order_id=order_id, order_item_id=n, **item.model_dump()
+                )
+            )
+        s.add(OrderHistory(customer_id=event.customer_id, order_id=order_id, status=OrderStatus.INVOICED))
+        send(
+            InvoiceIssued(
+                customer_id=event.customer_id,
+                tid=event.tid,
+                order_id=order_id,
+                customer=event.customer,
+                invoice_number=order.invoice_number,
+                issue_date=issued,
+                total_invoice=order.total_invoice,
+                items=items,
+            )
+        )
+
+    async def _next_order_id(self, customer_id: int) -> int:
+        """The customer's next order id (1, 2, ...), counted in the order service's own table."""
+        insert_first = insert(CustomerOrders).values(customer_id=customer_id, next_order_id=1)
+        statement = insert_first.on_conflict_do_update(
+            index_elements=["customer_id"], set_={"next_order_id": CustomerOrders.next_order_id + 1}
+        ).returning(CustomerOrders.next_order_id)
+        return int((await session().execute(statement)).scalar_one())
+
+    @Inbound(PaymentConfirmed)
+    @Transactional
+    async def on_payment_confirmed(self, event: PaymentConfirmed) -> None:
+        await self._advance(
+            event.customer_id, event.order_id, OrderStatus.PAYMENT_PROCESSED, payment_date=event.date
+        )
+
+    @Inbound(PaymentFailed)
+    @Transactional
+    async def on_payment_failed(self, event: PaymentFailed) -> None:
+        await self._advance(event.customer_id, event.order_id, OrderStatus.PAYMENT_FAILED)
+
+    @Inbound(ShipmentNotification)
+    @Transactional
+    async def on_shipment(self, event: ShipmentNotification) -> None:
+        dates: dict[str, datetime] = {}
+        if event.status is ShipmentStatus.DELIVERY_IN_PROGRESS:
+            dates["delivered_carrier_date"] = event.event_date
+        elif event.status is ShipmentStatus.CONCLUDED:
+            dates["delivered_customer_date"] = event.event_date
+        await self._advance(event.customer_id, event.order_id, AFTER_SHIPMENT[event.status], **dates)
+
+    async def _advance(self, customer_id: int, order_id: int, status: OrderStatus, **dates: Any) -> None:
+        await session().execute(
+            update(OrderRecord)
+            .where(OrderRecord.customer_id == customer_id, OrderRecord.order_id == order_id)
+            .values(status=status, updated_at=now(), **dates)
+        )
+        session().add(OrderHistory(customer_id=customer_id, order_id=order_id, status=status))
+
+    @Transactional(type="RO", isolation="snapshot")
+    async def orders_of(self, customer_id: int) -> list[dict[str, Any]]:
+        """The customer's orders, each with its items (one snapshot)."""
+        orders = await rows(
+            select(OrderRecord.__table__)
+            .where(OrderRecord.customer_id == customer_id)
+            .order_by(OrderRecord.order_id)
+        )
+        lines = await rows(
+            select(OrderLine.__table__)
+            .where(OrderLine.customer_id == customer_id)
+            .order_by(OrderLine.order_id, OrderLine.order_item_id)
+        )
+        for order in orders:
+            order["items"] = [line for line in lines if line["order_id"] == order["order_id"]]
+        return orders
+
+    @Transactional
+    async def cleanup(self) -> None:
+        await clear(OrderLine, OrderHistory, OrderRecord, CustomerOrders)
+
+
+class CustomerOrders(Order.Model):
+    __tablename__ = "customer_orders"
+    customer_id: Mapped[int] = mapped_column(primary_key=True)
+    next_order_id: Mapped[int]
+
+
+class OrderRecord(Order.Model):
+    __tablename__ = "orders"
+    customer_id: Mapped[int] = mapped_column(primary_key=True)
+    order_id: Mapped[int] = mapped_column(primary_key=True)
+    tid: Mapped[str] = mapped_column(String(200), index=True)
+    invoice_number: Mapped[str] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(String(30))
+    purchase_date: Mapped[datetime] = timestamp_column()
+    payment_date: Mapped[datetime | None] = timestamp_column(nullable=True)
+    delivered_carrier_date: Mapped[datetime | None] = timestamp_column(nullable=True)
+    delivered_customer_date: Mapped[datetime | None] = timestamp_column(nullable=True)
+    estimated_delivery_date: Mapped[datetime | None] = timestamp_column(nullable=True)
+    count_items: Mapped[int]
+    total_amount: Mapped[Decimal] = money_column()
+    total_freight: Mapped[Decimal] = money_column()
+    total_incentive: Mapped[Decimal] = money_column()
+    total_invoice: Mapped[Decimal] = money_column()
+    total_items: Mapped[Decimal] = money_column()
+    created_at: Mapped[datetime] = timestamp_column()
+    updated_at: Mapped[datetime] = timestamp_column()
+
+
+class OrderLine(Order.Model):
+    __tablename__ = "order_items"
+    customer_id: Mapped[int] = mapped_column(primary_key=True)
+    order_id: Mapped[int] = mapped_column(primary_key=True)
+    order_item_id: Mapped[int] = mapped_column(primary_key=True)
+    seller_id: Mapped[int]
+    product_id: Mapped[int]
+    product_name: Mapped[str] = mapped_column(default="")
+    unit_price: Mapped[Decimal] = money_column()
+    freight_value: Mapped[Decimal] = money_column()
+    quantity: Mapped[int]
+    version: Mapped[str] = mapped_column(String(200))
+    total_items: Mapped[Decimal] = money_column()
+    total_amount: Mapped[Decimal] = money_column()
+    total_incentive: Mapped[Decimal] = money_column()
+
+
+class OrderHistory(Order.Model):
+    __tablename__ = "order_history"
+    id: Mapped[int] = mapped_column(Identity(), primary_key=True)
+    customer_id: Mapped[int]
+    order_id: Mapped[int]
+    status: Mapped[str] = mapped_column(String(30))
+    created_at: Mapped[datetime] = timestamp_column()

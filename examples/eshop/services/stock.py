@@ -1,0 +1,263 @@
+"""Stock: quantities per (seller, product), leases for carts, reservations for checkouts.
+
+``qty_available`` is what is on hand and not yet taken by a checkout. A cart's ``@Lease`` holds
+part of it for a while (the core subtracts active leases from what it grants, so carts never
+hold more than there is). Reserving an item for a checkout *consumes* its lease, which moves the
+quantity out of ``qty_available`` into ``qty_reserved``; a confirmed payment moves it on to
+``ytd`` (sold), a failed payment back to ``qty_available``. So at every commit:
+``qty_initial = qty_available + qty_reserved + ytd``.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+from uuid import UUID
+
+from sqlalchemy import CheckConstraint, String, update
+from sqlalchemy.orm import Mapped, mapped_column
+
+from examples.eshop.events import (
+    CheckoutMark,
+    PaymentConfirmed,
+    PaymentFailed,
+    ProductUpdated,
+    ProductUpdateMark,
+    RejectedItem,
+    ReserveStock,
+    StockConfirmed,
+)
+from examples.eshop.schemas import CartItem, ItemStatus, MarkStatus, StockRow
+from examples.eshop.services.common import (
+    as_row,
+    clear,
+    keys_of,
+    now,
+    rows,
+    settle_quietly,
+    timestamp_column,
+    upsert,
+)
+from framework import (
+    Inbound,
+    Lease,
+    LeaseGrant,
+    Outbound,
+    Service,
+    Transactional,
+    consume_lease,
+    release_lease,
+    send,
+    session,
+)
+
+__all__ = ["Reservation", "Stock", "StockItem"]
+
+#: A checkout that finds no usable lease takes the stock then and there: it leases the quantity
+#: (so other carts' active leases are respected) and consumes it in the same transaction.
+_SPOT_PERIOD = timedelta(minutes=1)
+
+
+class Stock(Service, name="stock"):
+    @Lease(
+        "FROM StockItem s WHERE s.seller_id = :seller_id AND s.product_id = :product_id "
+        "FOR UPDATE DECREMENT s.qty_available BY :qty WITH PERIOD :period"
+    )
+    async def hold(self, seller_id: int, product_id: int, qty: int, period: timedelta) -> LeaseGrant | None:
+        """Hold ``qty`` of an item for ``period`` (add-to-cart); ``None`` if not that much is left."""
+        ...
+
+    @Transactional
+    async def ingest(self, items: list[StockRow]) -> int:
+        """Insert or replace stock rows; the ingested quantity becomes the item's initial one."""
+        await upsert(
+            StockItem,
+            [
+                {**row.model_dump(), "qty_reserved": 0, "qty_initial": row.qty_available, "ytd": 0}
+                for row in items
+            ],
+        )
+        return len(items)
+
+    @Transactional(type="RO")
+    async def get(self, seller_id: int, product_id: int) -> dict[str, Any] | None:
+        item = await session().get(StockItem, (seller_id, product_id))
+        return None if item is None else as_row(item)
+
+    # Read committed on purpose: the lease functions lock the stock row and then count the
+    # active leases; each statement must see the leases others committed while it waited for
+    # the lock, which a REPEATABLE READ snapshot taken earlier would not.
+    @Inbound(ReserveStock)
+    @Outbound([StockConfirmed, CheckoutMark])
+    @Transactional(isolation="read_committed")
+    async def reserve(self, event: ReserveStock) -> None:
+        """Reserve each item: its version must be current and its quantity still there."""
+        locked = await self._lock(keys_of(event.items))
+        reserved: list[CartItem] = []
+        rejected: list[RejectedItem] = []
+        for item in sorted(event.items, key=lambda i: (i.seller_id, i.product_id)):
+            current = locked.get((item.seller_id, item.product_id))
+            # An unknown item or a replaced version cannot be sold (referential integrity).
+            usable = current is not None and current.version == item.version
+            if usable and await self._take(item):
+                reserved.append(item)
+                await self._record(event, item)
+                continue
+            if item.lease_id is not None:
+                await settle_quietly(release_lease, item.lease_id)
+            status = ItemStatus.OUT_OF_STOCK if usable else ItemStatus.UNAVAILABLE
+            rejected.append(RejectedItem(**item.model_dump(), status=status))
+        if reserved:
+            send(
+                StockConfirmed(
+                    customer_id=event.customer_id,
+                    tid=event.tid,
+                    customer=event.customer,
+                    items=reserved,
+                    rejected=rejected,
+                )
+            )
+        else:
+            reasons = ", ".join(f"{r.seller_id}/{r.product_id} {r.status}" for r in rejected)
+            send(CheckoutMark.of(event.tid, event.customer_id, MarkStatus.NOT_ACCEPTED, "stock", reasons))
+
+    async def _lock(self, keys: list[tuple[int, int]]) -> dict[tuple[int, int], StockItem]:
+        """Lock the items' rows in key order (concurrent checkouts cannot deadlock)."""
+        found: dict[tuple[int, int], StockItem] = {}
+        for seller_id, product_id in keys:
+            item = await session().get(StockItem, (seller_id, product_id), with_for_update=True)
+            if item is not None:
+                found[(seller_id, product_id)] = item
+        return found
+
+    async def _take(self, item: CartItem) -> bool:
+        """Consume the item's lease, or lease and consume on the spot if it has none left."""
+        if item.lease_id is not None and await settle_quietly(consume_lease, item.lease_id):
+            return True
+        grant = await self.hold(item.seller_id, item.product_id, item.quantity, _SPOT_PERIOD)
+        if grant is None:
+            return False
+        await consume_lease(grant)
+        return True
+
+    async def _record(self, event: ReserveStock, item: CartItem) -> None:
+        session().add(
+            Reservation(
+                tid=event.tid,
+                seller_id=item.seller_id,
+                product_id=item.product_id,
+                customer_id=event.customer_id,
+                quantity=item.quantity,
+                version=item.version,
+                lease_id=item.lease_id,
+                status="reserved",
+            )
+        )
+        await session().execute(
+            update(StockItem)
+            .where(StockItem.seller_id == item.seller_id, StockItem.product_id == item.product_id)
+            .values(qty_reserved=StockItem.qty_reserved + item.quantity, updated_at=now())
+        )
+
+    @Inbound(PaymentConfirmed)
+    @Transactional
+    async def confirm(self, event: PaymentConfirmed) -> None:
+        """Sold: the reserved quantity leaves the stock for good."""
+        for held in await self._settle_reservations(event.customer_id, event.tid, "confirmed"):
+            await self._move(held, qty_reserved=-held["quantity"], ytd=held["quantity"], order_count=1)
+
+    @Inbound(PaymentFailed)
+    @Transactional
+    async def cancel(self, event: PaymentFailed) -> None:
+        """Not paid: the reserved quantity goes back on sale."""
+        for held in await self._settle_reservations(event.customer_id, event.tid, "cancelled"):
+            await self._move(held, qty_reserved=-held["quantity"], qty_available=held["quantity"])
+
+    async def _settle_reservations(self, customer_id: int, tid: str, status: str) -> list[dict[str, Any]]:
+        statement = (
+            update(Reservation)
+            .where(
+                Reservation.customer_id == customer_id,
+                Reservation.tid == tid,
+                Reservation.status == "reserved",
+            )
+            .values(status=status, updated_at=now())
+            .returning(Reservation.seller_id, Reservation.product_id, Reservation.quantity)
+        )
+        return sorted(await rows(statement), key=lambda r: (r["seller_id"], r["product_id"]))
+
+    async def _move(self, held: dict[str, Any], **deltas: int) -> None:
+        values: dict[str, Any] = {name: getattr(StockItem, name) + delta for name, delta in deltas.items()}
+        await session().execute(
+            update(StockItem)
+            .where(StockItem.seller_id == held["seller_id"], StockItem.product_id == held["product_id"])
+            .values(**values, updated_at=now())
+        )
+
+    @Inbound(ProductUpdated, precedence=ReserveStock)
+    @Outbound(ProductUpdateMark)
+    @Transactional
+    async def on_product_updated(self, event: ProductUpdated) -> None:
+        """Take the product's new version: from now on, items of the old one are UNAVAILABLE.
+
+        ``precedence=ReserveStock``: a replacement committed before a checkout's reservation
+        request is applied before it, so the replaced version cannot be sold to that checkout.
+        """
+        await session().execute(
+            update(StockItem)
+            .where(
+                StockItem.seller_id == event.seller_id,
+                StockItem.product_id == event.product_id,
+                StockItem.product_revision < event.revision,  # an older update never wins
+            )
+            .values(version=event.product.version, product_revision=event.revision, updated_at=now())
+        )
+        if event.tid is not None:
+            send(ProductUpdateMark.of(event.tid, event.seller_id, MarkStatus.SUCCESS, "stock"))
+
+    @Transactional
+    async def cleanup(self, *, restore: bool) -> None:
+        """Forget reservations; with ``restore``, put every quantity back to its ingested value."""
+        await clear(Reservation)
+        if restore:
+            await session().execute(
+                update(StockItem).values(
+                    qty_available=StockItem.qty_initial, qty_reserved=0, ytd=0, order_count=0
+                )
+            )
+
+
+class StockItem(Stock.Model):
+    __tablename__ = "stock_items"
+    __table_args__ = (
+        CheckConstraint("qty_available >= 0", name="available_not_negative"),
+        CheckConstraint("qty_reserved >= 0", name="reserved_not_negative"),
+    )
+    seller_id: Mapped[int] = mapped_column(primary_key=True)
+    product_id: Mapped[int] = mapped_column(primary_key=True)
+    qty_available: Mapped[int]
+    qty_reserved: Mapped[int] = mapped_column(default=0)
+    qty_initial: Mapped[int]
+    order_count: Mapped[int] = mapped_column(default=0)
+    ytd: Mapped[int] = mapped_column(default=0)
+    data: Mapped[str] = mapped_column(default="")
+    version: Mapped[str] = mapped_column(String(200), default="0")
+    product_revision: Mapped[int] = mapped_column(default=0)
+    created_at: Mapped[datetime] = timestamp_column()
+    updated_at: Mapped[datetime] = timestamp_column()
+
+
+class Reservation(Stock.Model):
+    """One checkout's hold on one item: reserved, then confirmed (sold) or cancelled."""
+
+    __tablename__ = "reservations"
+    customer_id: Mapped[int] = mapped_column(primary_key=True)
+    tid: Mapped[str] = mapped_column(String(200), primary_key=True)
+    seller_id: Mapped[int] = mapped_column(primary_key=True)
+    product_id: Mapped[int] = mapped_column(primary_key=True)
+    quantity: Mapped[int]
+    version: Mapped[str] = mapped_column(String(200))
+    lease_id: Mapped[UUID | None]
+    status: Mapped[str] = mapped_column(String(20))
+    created_at: Mapped[datetime] = timestamp_column()
+    updated_at: Mapped[datetime] = timestamp_column()
