@@ -19,7 +19,7 @@ the service may call the other's ``@Lease`` and ``@Query`` functions, and nothin
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeAlias, TypeVar
 
 from sqlalchemy import Column, MetaData, Table
 from sqlalchemy.orm import DeclarativeBase
@@ -69,7 +69,12 @@ class Service:
     """Base class of every service. Subclass with ``class Cart(Service, name="cart")``."""
 
     __service_name__: ClassVar[str]
-    Model: ClassVar[type[DeclarativeBase]]
+    if TYPE_CHECKING:
+        # Each service's Model is a DeclarativeBase subclass made at run time; to a type checker
+        # it is DeclarativeBase itself, so ``class Item(Stock.Model)`` type-checks in user code.
+        Model: TypeAlias = DeclarativeBase
+    else:
+        Model: ClassVar[type[DeclarativeBase]]
     __vms_replicas__: ClassVar[list[type]]
 
     def __init_subclass__(cls, *, name: str | None = None, **kwargs: Any) -> None:
@@ -82,7 +87,7 @@ class Service:
         cls.__service_name__ = service_name
         cls.__vms_replicas__ = []
         metadata = MetaData(schema=service_name, naming_convention=NAMING_CONVENTION)
-        cls.Model = type(
+        model_base = type(
             f"{cls.__name__}Model",
             (DeclarativeBase,),
             {
@@ -92,6 +97,7 @@ class Service:
                 "__module__": cls.__module__,
             },
         )
+        setattr(cls, "Model", model_base)  # noqa: B010 - see the TYPE_CHECKING alias above
 
     @classmethod
     def service_name(cls) -> str:

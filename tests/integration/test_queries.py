@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from pydantic import BaseModel
@@ -103,7 +103,7 @@ async def execute(app: App, *statements: str) -> None:
 
 async def test_papers_query_with_exported_function_and_list_expansion(app: App) -> None:
     await app.service(Customers).add("c1")
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     async with app.core.admin() as conn:
         for disc, offset in ((1, 1), (2, -1), (3, 1), (4, 1)):
             await conn.execute(
@@ -112,7 +112,10 @@ async def test_papers_query_with_exported_function_and_list_expansion(app: App) 
             )
     rows = await app.service(Orders).find_discounts([Discount(1), Discount(2), Discount(3)], "c1")
     # Discount 2 expired; 4 was not asked for.
-    assert rows == [DiscountRow(c_id="c1", disc_id=1, percent=5), DiscountRow(c_id="c1", disc_id=3, percent=15)]
+    assert rows == [
+        DiscountRow(c_id="c1", disc_id=1, percent=5),
+        DiscountRow(c_id="c1", disc_id=3, percent=15),
+    ]
     assert await app.service(Orders).find_discounts([], "c1") == []
 
 
@@ -128,7 +131,8 @@ async def test_query_naming_an_unexported_table_fails_at_start_up(vmsdb_database
         @Query("SELECT s.card FROM Secret s")
         async def cards(self) -> list[dict[str, str]]: ...
 
-    with pytest.raises(AnnotationError, match=r"Snoop.cards.*'Secret' of service 'customers' is not exported"):
+    unexported = r"Snoop.cards.*'Secret' of service 'customers' is not exported"
+    with pytest.raises(AnnotationError, match=unexported):
         App([Customers, Snoop], database_url=vmsdb_database)
 
 
