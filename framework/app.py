@@ -109,6 +109,11 @@ class App:
         return self._core
 
     @property
+    def kafka(self) -> Any:
+        """The Kafka transport (relay and ingress) when ``kafka_bootstrap`` is set, else ``None``."""
+        return self._kafka
+
+    @property
     def descriptors(self) -> list[ServiceDescriptor]:
         return [p.descriptor for p in self.plans]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -22,8 +23,19 @@ class Settings(BaseSettings):
     kafka_relay: bool = True
     #: Services of this App whose @Inbound events come from Kafka (produced by another core).
     kafka_remote: list[str] = Field(default_factory=list)
-    #: Topic of an event type: ``<prefix><EventType>``.
+    #: Topic of an event type: ``<prefix><EventType>``, unless ``kafka_topics`` maps it.
     kafka_topic_prefix: str = ""
+    kafka_topics: dict[str, str] = Field(default_factory=dict)
+    #: Topics of outside producers, mapped to the Event type (or type name) they carry.
+    kafka_ingress: dict[str, Any] = Field(default_factory=dict)
+    #: The idempotent producer, where the broker supports it (the test broker does not).
+    kafka_idempotence: bool = False
+    kafka_relay_name: str = "kafka"
+    kafka_batch_size: int = Field(default=500, ge=1)
+    #: A relay that cannot publish for this long is reported once (and its recovery once).
+    kafka_stall_warning: float = Field(default=5.0, gt=0)
+    kafka_group_id: str | None = None
+    kafka_session_timeout_ms: int = Field(default=10_000, ge=100)
     pool_size: int = Field(default=10, ge=1)
     #: Handlers one service runs at once in this process (different partition keys).
     worker_concurrency: int = Field(default=16, ge=1)

