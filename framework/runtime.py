@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import text
 
-from dbcore.isolation import is_retryable, translate_error
+from dbcore.isolation import is_retryable, sqlstate_of, translate_error
 from dbcore.query_language import QuerySpec, bind_values
 from framework.annotations import FunctionSpec, TransactionalSpec
 from framework.context import TxContext, bind, current, unbind
@@ -229,6 +229,4 @@ class ServiceHandle:
 
 
 def _sqlstate_name(err: BaseException) -> str:
-    from dbcore.isolation import sqlstate_of
-
     return {"40001": "serialization failure", "40P01": "deadlock"}.get(sqlstate_of(err) or "", "?")

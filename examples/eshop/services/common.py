@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from decimal import ROUND_HALF_UP, Decimal
@@ -62,6 +63,19 @@ async def rows(statement: Executable, params: Mapping[str, Any] | None = None) -
     """Run ``statement`` in the current transaction; rows as dicts."""
     result = await session().execute(statement, dict(params or {}))
     return [dict(r) for r in result.mappings()]
+
+
+async def nested(
+    parents: Executable, children: Executable, field: str, *, on: str = "order_id"
+) -> list[dict[str, Any]]:
+    """Rows of ``parents``, each with its rows of ``children`` (matched on ``on``) as ``field``."""
+    grouped: dict[Any, list[dict[str, Any]]] = defaultdict(list)
+    for child in await rows(children):
+        grouped[child[on]].append(child)
+    heads = await rows(parents)
+    for head in heads:
+        head[field] = grouped.get(head[on], [])
+    return heads
 
 
 async def upsert(model: type[DeclarativeBase], values: Sequence[Mapping[str, Any]]) -> None:

@@ -34,8 +34,8 @@ from examples.eshop.services.common import (
     clear,
     money,
     money_column,
+    nested,
     now,
-    rows,
     timestamp_column,
 )
 from framework import Inbound, Outbound, Query, Service, Transactional, send, session
@@ -160,19 +160,15 @@ class Order(Service, name="order"):
     @Transactional(type="RO", isolation="snapshot")
     async def orders_of(self, customer_id: int) -> list[dict[str, Any]]:
         """The customer's orders, each with its items (one snapshot)."""
-        orders = await rows(
+        return await nested(
             select(OrderRecord.__table__)
             .where(OrderRecord.customer_id == customer_id)
-            .order_by(OrderRecord.order_id)
-        )
-        lines = await rows(
+            .order_by(OrderRecord.order_id),
             select(OrderLine.__table__)
             .where(OrderLine.customer_id == customer_id)
-            .order_by(OrderLine.order_id, OrderLine.order_item_id)
+            .order_by(OrderLine.order_id, OrderLine.order_item_id),
+            "items",
         )
-        for order in orders:
-            order["items"] = [line for line in lines if line["order_id"] == order["order_id"]]
-        return orders
 
     @Transactional
     async def cleanup(self) -> None:

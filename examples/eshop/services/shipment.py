@@ -17,7 +17,7 @@ from sqlalchemy.orm import Mapped, mapped_column
 from examples.eshop.config import settings
 from examples.eshop.events import CheckoutMark, DeliveryNotification, PaymentConfirmed, ShipmentNotification
 from examples.eshop.schemas import MarkStatus, PackageStatus, ShipmentStatus
-from examples.eshop.services.common import clear, money_column, now, rows, timestamp_column
+from examples.eshop.services.common import clear, money_column, nested, now, rows, timestamp_column
 from framework import Inbound, Outbound, Service, Transactional, send, session
 
 __all__ = ["Package", "Shipment", "ShipmentRecord"]
@@ -150,19 +150,15 @@ class Shipment(Service, name="shipment"):
     @Transactional(type="RO", isolation="snapshot")
     async def shipments_of(self, customer_id: int) -> list[dict[str, Any]]:
         """The customer's shipments, each with its packages (one snapshot)."""
-        shipments = await rows(
+        return await nested(
             select(ShipmentRecord.__table__)
             .where(ShipmentRecord.customer_id == customer_id)
-            .order_by(ShipmentRecord.order_id)
-        )
-        packages = await rows(
+            .order_by(ShipmentRecord.order_id),
             select(Package.__table__)
             .where(Package.customer_id == customer_id)
-            .order_by(Package.order_id, Package.package_id)
+            .order_by(Package.order_id, Package.package_id),
+            "packages",
         )
-        for shipment in shipments:
-            shipment["packages"] = [p for p in packages if p["order_id"] == shipment["order_id"]]
-        return shipments
 
     @Transactional
     async def cleanup(self) -> None:
