@@ -1,4 +1,4 @@
-"""``python -m benchmarks {handler,delivery,leases,all} [--seconds N] [--rounds R] [--json PATH]``."""
+"""``python -m benchmarks {handler,delivery,leases,relay,all} [--seconds N] [--rounds R] [--json PATH]``."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import Any
 from rich.console import Console
 from rich.logging import RichHandler
 
-from benchmarks import delivery, handler, leases
+from benchmarks import delivery, handler, leases, relay
 from benchmarks.harness import (
     Bench,
     BenchmarkResult,
@@ -39,7 +39,8 @@ class Benchmark:
 
 
 BENCHMARKS = {
-    m.NAME: Benchmark(m.NAME, m.DESCRIPTION, m.DEFAULT_SECONDS, m.run) for m in (handler, delivery, leases)
+    m.NAME: Benchmark(m.NAME, m.DESCRIPTION, m.DEFAULT_SECONDS, m.run)
+    for m in (handler, delivery, leases, relay)
 }
 
 
