@@ -99,6 +99,7 @@ class App:
         self._background: list[asyncio.Task[None]] = []
         self._started = False
         self._kafka: Any = None
+        self.handler_slots = asyncio.Semaphore(self.settings.worker_concurrency)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -126,8 +127,9 @@ class App:
         if url is None:
             self._embedded = EmbeddedPostgres(self.settings.data_dir)
             url = await asyncio.to_thread(self._embedded.start)
-        # Every concurrent handler holds a connection: a pool smaller than that would open and
-        # close overflow connections all the time.
+        # Every running handler holds a connection (at most worker_concurrency of them, over all
+        # services), and claims, outcome checks and direct calls need some more: a pool smaller
+        # than that would open and close overflow connections all the time.
         pool_size = max(self.settings.pool_size, self.settings.worker_concurrency + 4)
         self._core = Core.connect(sqlalchemy_url(url), pool_size=pool_size)
         try:

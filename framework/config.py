@@ -37,7 +37,7 @@ class Settings(BaseSettings):
     kafka_group_id: str | None = None
     kafka_session_timeout_ms: int = Field(default=10_000, ge=100)
     pool_size: int = Field(default=10, ge=1)
-    #: Handlers one service runs at once in this process (different partition keys).
+    #: Handlers this process runs at once, over all its services (different partition keys).
     worker_concurrency: int = Field(default=16, ge=1)
     #: A claimed delivery not acknowledged within this time is given to another worker.
     claim_timeout: float = Field(default=30.0, gt=0)

@@ -139,6 +139,12 @@ class Dispatcher:
         return claimed, held_back
 
     async def _handle(self, item: Claimed) -> None:
+        # One pool serves every service of the App: all dispatchers together run at most
+        # worker_concurrency handlers, so none waits for (or times out on) a pooled connection.
+        async with self.app.handler_slots:
+            await self._handle_now(item)
+
+    async def _handle_now(self, item: Claimed) -> None:
         replica = self.replicas.get(item.event_type)
         if replica is not None:
             await self._apply_replica(item, replica)
