@@ -108,7 +108,9 @@ def translate_error(
         )
     if state in (_SERIALIZATION_FAILURE, _DEADLOCK_DETECTED):
         return TransactionConflict(f"transaction of service {service!r} conflicted: {err}")
-    return None
+    from dbcore.references import translate as translate_reference  # references imports this module
+
+    return translate_reference(err)
 
 
 def _qualified_in_statement(

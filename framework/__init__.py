@@ -29,12 +29,25 @@ from framework.errors import (
 )
 from framework.events import Event
 from framework.leases import LeaseGrant, consume_lease, release_lease, renew_lease
+from framework.references import (
+    EntityDeleted,
+    EntityNotFound,
+    Ref,
+    ServiceRecovering,
+    delete_reference,
+    get_reference,
+    ref_column,
+    referenceable,
+    refresh_reference,
+)
 from framework.service import Service, sql_function
 
 __all__ = [
     "AnnotationError",
     "App",
     "CoreError",
+    "EntityDeleted",
+    "EntityNotFound",
     "Event",
     "FrameworkError",
     "Inbound",
@@ -51,14 +64,21 @@ __all__ = [
     "Outbound",
     "Query",
     "ReadOnlyViolation",
+    "Ref",
     "RetriesExhausted",
     "Service",
     "ServiceCallError",
+    "ServiceRecovering",
     "Settings",
     "Transactional",
     "UndeclaredEventError",
     "consume_lease",
     "correlate",
+    "delete_reference",
+    "get_reference",
+    "ref_column",
+    "referenceable",
+    "refresh_reference",
     "release_lease",
     "renew_lease",
     "send",

@@ -145,6 +145,7 @@ class App:
             await self._core.register(self.descriptors)
             if self.create_tables:
                 await self._create_tables()
+            await self._install_references()
             self._attach()
             await self._start_listener()
             if self.settings.kafka_bootstrap:
@@ -175,6 +176,14 @@ class App:
             async with self.core.transaction(plan.descriptor.name) as conn:
                 await conn.run_sync(plan.cls.Model.metadata.create_all)
         await self.core.sync_grants(self.descriptors)
+
+    async def _install_references(self) -> None:
+        """Referenceable tables and reference columns (G9, G10), once the tables exist."""
+        from framework import references  # lazy: only Apps that declare references need it
+
+        declared = [references.describe(plan.cls) for plan in self.plans]
+        if any(d.referenceable or d.columns for d in declared):
+            await references.install(self)
 
     def _attach(self) -> None:
         for plan in self.plans:

@@ -20,6 +20,7 @@ from framework.app import App
 from framework.dataflow import flow_table, services_table, write_graph
 from framework.descriptors import build_descriptors
 from framework.errors import FrameworkError
+from framework.integrity_cli import mount as mount_integrity
 from framework.migrate_cli import migrate_app
 from framework.service import Service
 
@@ -30,6 +31,7 @@ T = TypeVar("T")
 cli = typer.Typer(help="vmsdb: virtual microservices on a Postgres core.", no_args_is_help=True)
 cli.add_typer(migrate_app, name="migrate")
 cli.add_typer(eshop_app, name="eshop")
+mount_integrity(cli)
 dead_letters_cli = typer.Typer(help="Inspect and replay events that handlers gave up on.")
 cli.add_typer(dead_letters_cli, name="dead-letters")
 console = Console()

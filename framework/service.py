@@ -116,6 +116,17 @@ class Service:
         return model
 
     @classmethod
+    def referenceable(cls, model: M) -> M:
+        """Let other services hold references to ``model``'s rows (G9): URIs, ``t``, ``k``, ``d``."""
+        if not (isinstance(model, type) and issubclass(model, cls.Model)):
+            raise AnnotationError(
+                f"@{cls.__name__}.referenceable",
+                f"{model!r} is not a model of service {cls.__service_name__!r}",
+            )
+        model.__vms_referenceable__ = True
+        return model
+
+    @classmethod
     def replica(
         cls,
         source: type[DeclarativeBase],
