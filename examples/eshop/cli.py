@@ -1,4 +1,5 @@
-"""``vmsdb eshop ...``: run the demo, serve the HTTP API, seed a marketplace, check consistency.
+"""``vmsdb eshop ...``: run the demo, serve the HTTP API, seed a marketplace, check consistency,
+play a disaster (backup, crash, restore, amnesia report).
 
 Mounted by ``vmsdb`` as its ``eshop`` group; runnable alone as ``python -m examples.eshop.cli``.
 ``serve``, ``seed`` and ``check`` use the database of ``VMSDB_DATABASE_URL`` (absent: the
@@ -8,6 +9,7 @@ embedded Postgres in ``VMSDB_DATA_DIR``, default ``./.vmsdb``), so they work on 
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 from typing import Annotated
 
@@ -17,8 +19,10 @@ from rich.console import Console
 from examples.eshop.app import create_api, create_app
 from examples.eshop.check import check as run_check
 from examples.eshop.demo import DEMO_SCALE, DemoOptions, run_demo
+from examples.eshop.disaster import DisasterOptions, run_disaster, summary
 from examples.eshop.generator import Scale, generate, load
 from examples.eshop.report import verdict_table
+from framework.integrity_cli import print_report
 
 __all__ = ["app"]
 
@@ -101,6 +105,38 @@ def check() -> None:
         return verdict.ok
 
     raise typer.Exit(0 if asyncio.run(go()) else 1)
+
+
+@app.command()
+def disaster(
+    service: Annotated[str, typer.Option(help="the service to lose and restore")] = "customer",
+    mode: Annotated[str, typer.Option(help="availability or consistency")] = "availability",
+    duration: Annotated[float, typer.Option(help="seconds of workload after the backup")] = 4.0,
+    timeout: Annotated[float, typer.Option(help="consistency: seconds to wait for answers")] = 10.0,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of tables")] = False,
+) -> None:
+    """Back up SERVICE, run a workload, crash it, restore it, print the amnesia report (G10).
+
+    Exit 1 unless the references are at least weakly consistent (Definition 3).
+    """
+    if mode not in ("availability", "consistency"):
+        raise typer.BadParameter("--mode is availability or consistency")
+    options = DisasterOptions(
+        service=service,
+        mode="consistency" if mode == "consistency" else "availability",
+        duration=duration,
+        timeout=timeout,
+    )
+    try:
+        result = asyncio.run(run_disaster(options, Console(stderr=True)))
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--service") from err
+    if as_json:
+        print(json.dumps(result.to_json(), indent=2, default=str))
+    else:
+        console.print(summary(result))
+        print_report(result.report, as_json=False)
+    raise typer.Exit(0 if result.report.weakly_consistent else 1)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,8 @@
 """Customer: customers, their payment and delivery counters, and their seller discounts.
 
+Customers are ``referenceable``: each order holds a reference to its customer (G9), with a
+cached copy of the name and city that a restore of this service can recover from (G10).
+
 ``CustomerRecord`` and ``CustomerDiscount`` are exported (read-only) so that the order service's
 ``@Query`` can check a customer's discounts in the order's own transaction; ``expired()`` is an
 SQL function the customer service offers to such queries.
@@ -66,6 +69,7 @@ class Customer(Service, name="customer"):
 
 
 @Customer.export
+@Customer.referenceable
 class CustomerRecord(Customer.Model):
     __tablename__ = "customers"
     id: Mapped[int] = mapped_column(primary_key=True)

@@ -3,6 +3,11 @@
 Discounts come from the customer service through ``@Query`` (the paper's Listing 1): the
 query runs inside the order's transaction and reads the customer's exported tables, which the
 order service could not read (let alone write) otherwise.
+
+Each order references its customer and each order line its product (G9): ``get_reference`` in
+the invoicing transaction counts the reference and caches a few display columns, so that a
+restored customer or product service can recover lost rows from the orders' copies (G10).
+An entity that is gone (not found, or deleted) leaves the reference empty: the order goes on.
 """
 
 from __future__ import annotations
@@ -38,9 +43,40 @@ from examples.eshop.services.common import (
     now,
     timestamp_column,
 )
+from examples.eshop.services.customer import CustomerRecord
+from examples.eshop.services.product import ProductRecord
 from framework import Inbound, Outbound, Query, Service, Transactional, send, session
+from framework.context import current
+from framework.references import (
+    EntityDeleted,
+    EntityNotFound,
+    Ref,
+    delete_reference,
+    get_reference,
+    ref_column,
+)
 
 __all__ = ["Order", "OrderHistory", "OrderLine", "OrderRecord", "invoice_line"]
+
+#: What an order keeps of its customer and a line of its product: the whole row. A restore
+#: re-inserts lost rows from these copies, and a partial copy cannot fill the NOT NULL columns
+#: (their defaults are client-side), so the copy must be complete.
+CUSTOMER_COPY: bool | list[str] = True
+PRODUCT_COPY: bool | list[str] = True
+
+
+async def reference(target: type, *key: object, copy: bool | list[str]) -> Ref | None:
+    """A reference to ``target``'s entity ``key`` with a cached copy; ``None`` if it is gone.
+
+    Taken in a savepoint: a refusal must not abort the order's transaction.
+    """
+    ctx = current()
+    assert ctx is not None
+    try:
+        async with ctx.connection.begin_nested():
+            return await get_reference(target, *key, copy=copy)
+    except (EntityNotFound, EntityDeleted):
+        return None
 
 
 def invoice_line(item: CartItem, discount_percent: int) -> OrderItem:
@@ -97,12 +133,18 @@ class Order(Service, name="order"):
             total_freight=total_freight,
             total_invoice=total_amount + total_freight,
         )
+        order.customer = await reference(CustomerRecord, event.customer_id, copy=CUSTOMER_COPY)
         s = session()
         s.add(order)
         for n, item in enumerate(items, start=1):
+            product = await reference(ProductRecord, item.seller_id, item.product_id, copy=PRODUCT_COPY)
             s.add(
                 OrderLine(
-                    customer_id=event.customer_id, order_id=order_id, order_item_id=n, **item.model_dump()
+                    customer_id=event.customer_id,
+                    order_id=order_id,
+                    order_item_id=n,
+                    product=product,
+                    **item.model_dump(),
                 )
             )
         s.add(OrderHistory(customer_id=event.customer_id, order_id=order_id, status=OrderStatus.INVOICED))
@@ -172,6 +214,11 @@ class Order(Service, name="order"):
 
     @Transactional
     async def cleanup(self) -> None:
+        """Give every reference back (or the entities' counts stay up), then delete every row."""
+        for column in (OrderRecord.customer, OrderLine.product):
+            for ref in (await session().scalars(select(column).where(column.is_not(None)))).all():
+                if ref is not None:
+                    await delete_reference(ref)
         await clear(OrderLine, OrderHistory, OrderRecord, CustomerOrders)
 
 
@@ -201,6 +248,8 @@ class OrderRecord(Order.Model):
     total_items: Mapped[Decimal] = money_column()
     created_at: Mapped[datetime] = timestamp_column()
     updated_at: Mapped[datetime] = timestamp_column()
+    #: The customer (G9), with a copy of the customer's row; ``None`` if it was gone.
+    customer: Mapped[Ref | None] = ref_column(CustomerRecord)
 
 
 class OrderLine(Order.Model):
@@ -218,6 +267,8 @@ class OrderLine(Order.Model):
     total_items: Mapped[Decimal] = money_column()
     total_amount: Mapped[Decimal] = money_column()
     total_incentive: Mapped[Decimal] = money_column()
+    #: The product (G9), with a copy of the product's row; ``None`` if it was gone.
+    product: Mapped[Ref | None] = ref_column(ProductRecord)
 
 
 class OrderHistory(Order.Model):

@@ -112,6 +112,7 @@ class Product(Service, name="product"):
         return len(replaced)
 
 
+@Product.referenceable
 class ProductRecord(Product.Model):
     __tablename__ = "products"
     seller_id: Mapped[int] = mapped_column(primary_key=True)
