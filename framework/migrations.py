@@ -37,7 +37,7 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import alembic.command
 from alembic.config import Config
@@ -46,10 +46,12 @@ from alembic.script import Script, ScriptDirectory
 from alembic.script.revision import RevisionMap
 from alembic.util import CommandError
 from sqlalchemy import MetaData, inspect, text
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError, SAWarning
 from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 from sqlalchemy.pool import NullPool
+from sqlalchemy.types import TypeDecorator
 
 from dbcore.catalog import CATALOG_SCHEMA, quote_ident
 from dbcore.catalog import metadata as catalog_metadata
@@ -201,9 +203,23 @@ class MigrationTarget:
             "include_name": include_name,
             "include_object": include_object,
             "compare_type": True,
+            "render_item": render_item,
             # One transaction for the whole run: a failing revision takes back those before it.
             "transaction_per_migration": False,
         }
+
+
+def render_item(type_: str, obj: Any, autogen_context: Any) -> str | Literal[False]:
+    """Render framework column types as the Postgres types they store.
+
+    A reference column (``ref_column``) is a ``TypeDecorator`` over JSONB: written as itself, a
+    generated revision would name a framework class it does not import. Everything else is
+    rendered by alembic (``False``).
+    """
+    if type_ == "type" and isinstance(obj, TypeDecorator) and isinstance(obj.impl_instance, JSONB):
+        autogen_context.imports.add("from sqlalchemy.dialects import postgresql")
+        return "postgresql.JSONB(astext_type=sa.Text())"
+    return False
 
 
 @dataclass

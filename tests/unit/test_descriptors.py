@@ -11,7 +11,7 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
-from sqlalchemy import Numeric, String
+from sqlalchemy import Integer, Numeric, String
 from sqlalchemy.orm import Mapped, mapped_column
 
 from dbcore.descriptor import (
@@ -385,3 +385,16 @@ def test_a_service_instance_is_not_a_service_class() -> None:
 
 def test_a_nested_list_is_not_a_service_class() -> None:
     plan_error([eshop()], "is not a Service subclass")
+
+
+def test_migrations_render_reference_columns_as_plain_jsonb() -> None:
+    """A generated revision must load as written: it cannot name the framework's column type."""
+    from types import SimpleNamespace
+
+    from framework.migrations import render_item
+    from framework.references import RefType
+
+    context = SimpleNamespace(imports=set())
+    assert render_item("type", RefType(), context) == "postgresql.JSONB(astext_type=sa.Text())"
+    assert context.imports == {"from sqlalchemy.dialects import postgresql"}
+    assert render_item("type", Integer(), context) is False
