@@ -196,6 +196,11 @@ _COLUMNS = text(
     "SELECT attname FROM pg_attribute WHERE attrelid = CAST(:t AS regclass) AND attnum > 0 "
     "AND NOT attisdropped"
 )
+# Columns a re-inserted row needs a value for: NOT NULL, with no default, not generated.
+_REQUIRED = text(
+    "SELECT attname FROM pg_attribute WHERE attrelid = CAST(:t AS regclass) AND attnum > 0 "
+    "AND NOT attisdropped AND attnotnull AND NOT atthasdef AND attidentity = '' AND attgenerated = ''"
+)
 _KEYS = text("SELECT key_columns FROM vms.referenceables WHERE service = :s AND entity = :e")
 _MERGING = text("SELECT set_config('vms.merging', :on, true)")
 
@@ -225,8 +230,15 @@ async def _applies(conn: AsyncConnection, rec: Any, e: Any, entry: AnswerEntry) 
     if e is None:
         # Created after the backup and lost with the crash (a copy from before the backup would
         # bring back an entity deleted on purpose), in the backup's epoch: no restore came in
-        # between, so every version of it up to the copy's is the copy's history.
-        return bool(entry.t > rec.t_backup and entry.k == rec.backup_epoch)
+        # between, so every version of it up to the copy's is the copy's history. The row is
+        # re-created from the copy, so the copy must hold every column the row cannot do
+        # without; a partial copy leaves the entity in amnesia, for a person to repair.
+        if not (entry.t > rec.t_backup and entry.k == rec.backup_epoch):
+            return False
+        service, entity, _ = parse_uri(entry.uri)
+        table = f"{quote_ident(service)}.{quote_ident(entity)}"
+        required = set((await conn.execute(_REQUIRED, {"t": table})).scalars())
+        return required <= set(entry.copy or {})
     if e.restored_by is None or str(e.restored_by) != str(rec.id):
         return False  # the owner wrote it since the restore: that write is the more recent one
     own = (await conn.execute(_OWN_INTERVAL, {"uri": entry.uri, "r": str(rec.id)})).one_or_none()

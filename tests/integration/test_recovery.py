@@ -306,3 +306,37 @@ def test_the_command_line_backs_up_crashes_restores_and_reports(vmsdb_database: 
     checked = runner.invoke(cli, ["integrity", "check"], env=env)
     assert checked.exit_code == 0 and "globally consistent" in checked.output, checked.output
     assert "amnesia" in checked.output  # the intervals are listed, for the record
+
+
+class Shelf(Service, name="shelf"):  # keeps partial copies: the member's name only
+    @Transactional
+    async def tag(self, sid: str, mid: str) -> Ref:
+        ref = await get_reference(Member, mid, copy=["name"])
+        session().add(Tag(id=sid, member=ref))
+        return ref
+
+
+class Tag(Shelf.Model):
+    __tablename__ = "tags"
+    id: Mapped[str] = mapped_column(primary_key=True)
+    member: Mapped[Ref | None] = ref_column(Member)
+
+
+async def test_a_partial_copy_cannot_recreate_a_lost_row_and_leaves_it_to_repair(
+    app_factory, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    async with app_factory([Club, Shelf], data_dir=tmp_path) as app:
+        await install(app)
+        club = app.service(Club)
+        await club.put("m1", "member 1")
+        await backup(app, "club")
+        await club.put("m4", "Bob", points=5)  # created after the backup: lost in the crash
+        await app.service(Shelf).tag("s4", "m4")  # its copy lacks `points` (NOT NULL, no default)
+        await crash(app, "club")
+        state = await restore(app, "club", answers=False)
+        assert await answer(app, state.id, "shelf") == []  # nothing it could bring back
+        assert await rows(app) == {"m1": ("member 1", 0)}
+        report = await check(app)
+        assert report.weakly_consistent
+        assert {(v.reference.key, v.kind) for v in report.violations} == {("s4", "missing")}
+        assert all(v.covered_by is not None for v in report.violations)
