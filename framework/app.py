@@ -19,7 +19,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from contextlib import AbstractAsyncContextManager
 from types import TracebackType
 from typing import Any, TypeVar
@@ -95,7 +95,6 @@ class App:
         self._dispatchers: dict[str, Dispatcher] = {}
         self._listener: Any = None
         self._outcomes = OutcomeWatcher(self._admin)
-        self._event_types: dict[str, type[Event]] = {}
         self._background: list[asyncio.Task[None]] = []
         self._started = False
         self._kafka: Any = None
@@ -188,12 +187,6 @@ class App:
     def _attach(self) -> None:
         for plan in self.plans:
             self._runtimes[plan.cls] = ServiceRuntime(self, plan)
-            for spec in plan.functions.values():
-                for ev in (
-                    *spec.outbound,
-                    *(() if spec.inbound is None else (spec.inbound.event,)),
-                ):
-                    self._event_types[ev.event_type()] = ev
         by_name = {cls.service_name(): rt for cls, rt in self._runtimes.items()}
         for cls, runtime in self._runtimes.items():
             for attr, dep in dependencies_of(cls).items():
@@ -328,11 +321,3 @@ class App:
                     log.info("pruned %d handled events older than %.0f s", removed, retention)
             except Exception:
                 log.exception("pruning the event log failed")
-
-    # -- introspection -----------------------------------------------------------------------
-
-    def dispatcher(self, service: str) -> Dispatcher | None:
-        return self._dispatchers.get(service)
-
-    def event_types(self) -> Sequence[type[Event]]:
-        return list(self._event_types.values())
