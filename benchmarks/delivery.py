@@ -1,7 +1,10 @@
 """``delivery``: in-database delivery end to end, against a hand-written LISTEN/NOTIFY queue.
 
 Throughput: a backlog of events over many partition keys becomes visible in one commit; the
-handler writes one row per event; events/s until nothing is pending.
+handler writes one row per event; events/s until nothing is pending. The handler writes its row
+in one of two styles, each drained on its own: the hand-written side's ``INSERT`` on the
+transaction's asyncpg connection (``connection()``'s driver: what the framework itself costs),
+and ``session().add(...)`` (what the ORM's unit of work adds on top).
 
 Latency: one event at a time at a low rate (idle workers); for each, the time from its commit
 (the publisher's commit returned) to the moment its handler starts.
@@ -16,6 +19,7 @@ comparison, not an equivalent.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -33,19 +37,21 @@ from benchmarks.harness import (
     Target,
     alternate,
     asyncpg_connect_kwargs,
-    connection,
     latency_summary,
     raw_pool,
     wait_until_drained,
 )
+from benchmarks.harness import connection as admin_connection
 from benchmarks.queueing import ANALYZE_NOTE, QueueWorkers, backlog_size, log_events, measure_drain, next_seq
-from framework import App, Event, Inbound, Service, Settings, session
+from framework import App, Event, Inbound, Service, Settings, connection, session
 
 NAME = "delivery"
 DESCRIPTION = "in-database delivery end to end vs a hand-written LISTEN/NOTIFY + SKIP LOCKED queue"
 DEFAULT_SECONDS = 16.0
 
 KEYS = 1_000
+#: How the framework's handler writes its row (see the module docstring), and the side's name.
+STYLES = {"driver": FRAMEWORK, "orm": f"{FRAMEWORK} ORM"}
 LATENCY_RATE = 100.0  # events/s: low enough that workers are idle between events
 WORKERS = Settings().worker_concurrency
 
@@ -56,13 +62,19 @@ STARTED: dict[int, float] = {}
 class Ping(Event, key="key"):
     key: str
     seq: int
+    style: str = "driver"
 
 
 class Sink(Service, name="sink"):
     @Inbound(Ping)
     async def on_ping(self, event: Ping) -> None:
         STARTED.setdefault(event.seq, time.perf_counter())
-        session().add(Received(seq=event.seq, key=event.key))
+        if event.style == "orm":
+            session().add(Received(seq=event.seq, key=event.key))
+        else:  # the hand-written side's statement, in the handler's transaction
+            driver = (await connection().get_raw_connection()).driver_connection
+            assert driver is not None
+            await driver.execute(_RECORD_SINK, event.seq, event.key)
 
 
 class Received(Sink.Model):
@@ -89,6 +101,7 @@ _TAKE = """
     RETURNING payload::text
 """
 _RECORD = "INSERT INTO rawq.received (seq, key) VALUES ($1, $2)"
+_RECORD_SINK = "INSERT INTO sink.received (seq, key) VALUES ($1, $2)"
 
 
 async def raw_publish(conn: asyncpg.Connection, events: list[Ping]) -> None:
@@ -112,8 +125,8 @@ async def raw_handle_one(conn: asyncpg.Connection) -> bool:
 # -- the run ---------------------------------------------------------------------------------
 
 
-def _pings(count: int) -> list[Ping]:
-    return [Ping(key=f"k{seq % KEYS}", seq=seq) for seq in (next_seq() for _ in range(count))]
+def _pings(count: int, style: str = "driver") -> list[Ping]:
+    return [Ping(key=f"k{seq % KEYS}", seq=seq, style=style) for seq in (next_seq() for _ in range(count))]
 
 
 class Side:
@@ -124,13 +137,15 @@ class Side:
         name: str,
         publish: Callable[[list[Ping]], Awaitable[None]],
         pending: Callable[[], Awaitable[int]],
+        style: str = "driver",
     ) -> None:
         self.name = name
         self.publish = publish
         self.pending = pending
+        self.style = style
 
     async def enqueue(self, count: int) -> None:
-        await self.publish(_pings(count))
+        await self.publish(_pings(count, self.style))
 
 
 #: A measurement made on a running side in a given round.
@@ -144,13 +159,16 @@ class _Sides:
         self.url = url
         self.observer = observer
 
-    def __call__(self, measure: Measure) -> dict[str, Callable[[int], Awaitable[float]]]:
-        return {
-            FRAMEWORK: lambda round_: self.framework(measure, round_),
-            BASELINE: lambda round_: self.baseline(measure, round_),
+    def __call__(
+        self, measure: Measure, styles: tuple[str, ...] = ("driver",)
+    ) -> dict[str, Callable[[int], Awaitable[float]]]:
+        sides: dict[str, Callable[[int], Awaitable[float]]] = {
+            STYLES[style]: functools.partial(self.framework, measure, style=style) for style in styles
         }
+        sides[BASELINE] = functools.partial(self.baseline, measure)
+        return sides
 
-    async def framework(self, measure: Measure, round_: int) -> float:
+    async def framework(self, measure: Measure, round_: int, *, style: str = "driver") -> float:
         async with App([Sink], database_url=self.url) as app:
 
             async def publish(events: list[Ping]) -> None:
@@ -165,7 +183,7 @@ class _Sides:
                 )
                 return count
 
-            return await measure(Side(FRAMEWORK, publish, pending), round_)
+            return await measure(Side(STYLES[style], publish, pending, style), round_)
 
     async def baseline(self, measure: Measure, round_: int) -> float:
         async with (
@@ -243,8 +261,8 @@ class _Latency:
 
 
 async def run(bench: Bench) -> BenchmarkResult:
-    phase = bench.phase_seconds(phases=4)
-    async with bench.database() as url, connection(url) as observer:
+    phase = bench.phase_seconds(phases=5)
+    async with bench.database() as url, admin_connection(url) as observer:
         async with App([Sink], database_url=url, create_tables=True, workers=False):
             pass
         for statement in _SCHEMA:
@@ -252,7 +270,7 @@ async def run(bench: Bench) -> BenchmarkResult:
         sides = _Sides(url, observer)
         throughput = _Throughput(bench, phase)
         await sides.framework(throughput.calibrate, 0)
-        drained = await alternate(bench.rounds, sides(throughput.measure))
+        drained = await alternate(bench.rounds, sides(throughput.measure, tuple(STYLES)))
         latency = _Latency(bench, phase)
         await alternate(bench.rounds, sides(latency.measure))
 
@@ -265,7 +283,14 @@ async def run(bench: Bench) -> BenchmarkResult:
             max(drained[FRAMEWORK]),
             max(drained[BASELINE]),
             target=Target("min_value", 3_000),
-            rounds=drained,
+            rounds={side: drained[side] for side in (FRAMEWORK, BASELINE)},
+        ),
+        Comparison(
+            f"backlog drain, {WORKERS} workers, handler writes with the ORM",
+            "events/s",
+            max(drained[STYLES["orm"]]),
+            max(drained[BASELINE]),
+            rounds={side: drained[side] for side in (STYLES["orm"], BASELINE)},
         ),
         *(
             Comparison(
@@ -281,6 +306,8 @@ async def run(bench: Bench) -> BenchmarkResult:
     ]
     result.notes = [
         f"backlog of {throughput.backlog:,} events over {KEYS:,} keys; best of {bench.rounds} rounds",
+        "the handler writes its row with the hand-written side's INSERT on the transaction's "
+        "driver connection; the ORM row: with session().add(...)",
         f"idle latency: commit to handler start, one event at a time at {LATENCY_RATE:.0f}/s, "
         f"{summaries[FRAMEWORK]['samples']:.0f} samples per side over all rounds; "
         "latency ratio is hand-written ÷ vmsdb (above 1: vmsdb faster)",

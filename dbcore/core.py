@@ -16,12 +16,22 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from dbcore import eventlog, leases
 from dbcore.catalog import CATALOG_SCHEMA, metadata, owned_tables, services
 from dbcore.descriptor import ServiceDescriptor, role_for
-from dbcore.isolation import service_connection
+from dbcore.isolation import CommitStatement, autocommit_connection, service_connection
 from dbcore.registry import Registration, ensure_group_role, register, sync_grants
 
-__all__ = ["Core"]
+__all__ = ["CATALOG_REVISION", "Core"]
 
 _INSTALL_LOCK = text("SELECT pg_advisory_xact_lock(hashtext('vms.install'))")
+
+#: The core revision (``alembic/versions/core``) whose catalog :meth:`Core.install` creates. A
+#: fresh install is stamped with it, so ``vmsdb migrate`` finds it at head.
+CATALOG_REVISION = "0002_delivery_ack"
+# alembic's own version table, as alembic creates it (schema vms, see framework.migrations).
+_VERSION_TABLE = text(
+    "CREATE TABLE vms.alembic_version (version_num VARCHAR(32) NOT NULL, "
+    "CONSTRAINT alembic_version_pkc PRIMARY KEY (version_num))"
+)
+_VERSIONED = text("SELECT to_regclass('vms.alembic_version') IS NOT NULL")
 
 
 class Core:
@@ -55,12 +65,33 @@ class Core:
             yield conn
 
     @asynccontextmanager
+    async def autocommit(self) -> AsyncIterator[AsyncConnection]:
+        """The administrator outside a transaction: each statement is its own transaction."""
+        async with autocommit_connection(self.engine) as conn:
+            yield conn
+
+    @asynccontextmanager
     async def transaction(
-        self, service: str, *, isolation: str = "read_committed", read_only: bool = False
+        self,
+        service: str,
+        *,
+        isolation: str = "read_committed",
+        read_only: bool = False,
+        connection: AsyncConnection | None = None,
+        before_commit: CommitStatement | None = None,
     ) -> AsyncIterator[AsyncConnection]:
-        """A transaction that runs under ``service``'s role."""
+        """A transaction that runs under ``service``'s role.
+
+        ``connection``: on this (already checked out) connection rather than a pooled one;
+        ``before_commit``: a statement sent together with ``COMMIT`` (see ``service_connection``).
+        """
         async with service_connection(
-            self.engine, role_for(service), isolation=isolation, read_only=read_only
+            self.engine,
+            role_for(service),
+            isolation=isolation,
+            read_only=read_only,
+            connection=connection,
+            before_commit=before_commit,
         ) as conn:
             yield conn
 
@@ -73,6 +104,12 @@ class Core:
             await ensure_group_role(conn)
             for statement in (*eventlog.install_sql, *leases.install_sql):
                 await conn.execute(text(statement))
+            if not (await conn.execute(_VERSIONED)).scalar_one():  # else alembic keeps it
+                await conn.execute(_VERSION_TABLE)
+                await conn.execute(
+                    text("INSERT INTO vms.alembic_version (version_num) VALUES (:v)"),
+                    {"v": CATALOG_REVISION},
+                )
 
     async def register(self, descriptors: Iterable[ServiceDescriptor]) -> list[Registration]:
         """Register descriptors in one transaction: all of them, or none."""

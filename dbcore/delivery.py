@@ -1,6 +1,6 @@
 """In-database delivery: claiming deliveries in order, acknowledging, retrying, dead-lettering.
 
-A worker *claims* a batch in a short READ COMMITTED transaction: it stamps each row with a
+A worker *claims* a batch in one statement (its own transaction): it stamps each row with a
 random claim token and a deadline. It then runs each handler in the handler's own transaction
 (under the subscriber's role, at the handler's isolation level), and that transaction deletes the
 delivery row *by claim token* before it commits: the handler's effects and the "handled" mark
@@ -33,11 +33,12 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from dbcore.errors import CoreError
+from dbcore.eventlog import CLAIM_LOST_SQLSTATE
 
 __all__ = [
+    "Ack",
     "ClaimLost",
     "Claimed",
-    "ack",
     "claim",
     "dead_letter",
     "discard",
@@ -95,7 +96,14 @@ _CLAIM = """
            SET claim = $3, claimed_until = now() + make_interval(secs => $4),
                attempts = d.attempts + 1
          WHERE d.subscriber = $1 AND d.position = ANY(ARRAY(SELECT position FROM ready))
-        RETURNING d.subscriber, d.position, d.xid, d.event_type, d.key, d.attempts, d.claim
+        RETURNING d.subscriber, d.position, d.xid, d.event_type, d.key, d.attempts, d.claim,
+                  -- The claim's transaction commits without waiting for its WAL to reach disk
+                  -- (synchronous_commit off), set where rows were claimed. That is safe: a
+                  -- claim lost in a crash leaves its delivery unclaimed, as if never claimed,
+                  -- and a handler's commit that deletes the delivery by this claim is flushed
+                  -- after the claim (WAL is flushed in order): no durable "handled" can rest on
+                  -- a lost claim.
+                  set_config('synchronous_commit', 'off', true) AS asynchronous_commit
     )
     SELECT c.subscriber, c.position, ev.id AS event_id, c.event_type, c.key,
            ev.payload::text AS payload, ev.correlation_id, c.attempts, c.claim, ev.created_at
@@ -130,24 +138,49 @@ async def claim(
         uuid.uuid4(),
         float(lease_seconds),
     )
-    return [Claimed(**dict(r)) for r in rows]
-
-
-_ACK = "DELETE FROM vms.deliveries WHERE subscriber = $1 AND position = $2 AND claim = $3"
+    return [Claimed(*r) for r in rows]  # the query's columns are the dataclass's fields, in order
 
 
 class ClaimLost(CoreError):
     """The claim ran out and another worker took the delivery over; this attempt must roll back."""
 
 
-async def ack(conn: AsyncConnection, item: Claimed) -> None:
-    """Mark ``item`` handled, inside the handler's transaction (runs under the subscriber's role)."""
-    status = await (await driver(conn)).execute(_ACK, item.subscriber, item.position, item.claim)
-    if status != "DELETE 1":
-        raise ClaimLost(
-            f"delivery of event {item.event_id} to {item.subscriber!r} was claimed by another "
-            "worker after this one's claim ran out"
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """Marks ``item`` handled: ``vms.ack``, sent in the handler transaction's COMMIT message.
+
+    It runs under the subscriber's role and deletes the delivery by its claim token, so the
+    handler's effects and the "handled" mark commit together (G4), at no extra round trip. When
+    the claim ran out and another worker took the delivery over, ``vms.ack`` raises, the
+    COMMIT does not run, and this attempt rolls back as ``ClaimLost``. The values are inlined
+    (the message uses the simple-query protocol): the subscriber is a validated service name,
+    quoted anyway; the position an integer; the claim a UUID.
+    """
+
+    item: Claimed
+
+    @property
+    def sql(self) -> str:
+        item = self.item
+        return (
+            f"SELECT vms.ack({quote_literal(item.subscriber)}, {int(item.position)}, "
+            f"'{uuid.UUID(str(item.claim))}')"
         )
+
+    def translate(self, err: BaseException) -> BaseException | None:
+        if getattr(err, "sqlstate", None) != CLAIM_LOST_SQLSTATE:
+            return None
+        return ClaimLost(
+            f"delivery of event {self.item.event_id} to {self.item.subscriber!r} was claimed "
+            "by another worker after this one's claim ran out"
+        )
+
+
+def quote_literal(value: str) -> str:
+    """A SQL string literal (standard_conforming_strings, the default since Postgres 9.1)."""
+    if "\x00" in value:
+        raise ValueError("a SQL literal cannot hold a NUL character")
+    return "'" + value.replace("'", "''") + "'"
 
 
 _RETRY = text(

@@ -141,6 +141,27 @@ dead_letters = Table(
 
 _GROUP = SERVICES_GROUP_ROLE
 
+#: SQLSTATE of ``vms.ack``'s refusal (a class Postgres does not use).
+CLAIM_LOST_SQLSTATE = "VMS01"
+
+# Marks a delivery handled, in the handler's transaction, under the subscriber's role (SECURITY
+# INVOKER: row-level security lets a service delete only its own deliveries). It raises, rather
+# than reporting zero rows, so that it can travel in the COMMIT's message: the error stops the
+# COMMIT and the handler's transaction rolls back.
+ACK_FUNCTION = f"""
+    CREATE OR REPLACE FUNCTION vms.ack(p_subscriber text, p_position bigint, p_claim uuid)
+    RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, vms AS $$
+    BEGIN
+        DELETE FROM vms.deliveries
+         WHERE subscriber = p_subscriber AND position = p_position AND claim = p_claim;
+        IF NOT FOUND THEN
+            RAISE EXCEPTION 'delivery % of % is no longer claimed by this worker',
+                            p_position, p_subscriber
+                  USING ERRCODE = '{CLAIM_LOST_SQLSTATE}';
+        END IF;
+    END $$
+"""
+
 #: DDL that SQLAlchemy's create_all does not express: fan-out trigger, row-level security.
 install_sql: Sequence[str] = (
     # Fan-out: one delivery per subscriber of each new event, then one NOTIFY per statement
@@ -196,6 +217,7 @@ install_sql: Sequence[str] = (
     CREATE POLICY own_deliveries ON vms.deliveries FOR ALL
     USING ('vms_' || subscriber = current_user)
     """,
+    ACK_FUNCTION,
 )
 
 

@@ -14,7 +14,7 @@ import re
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from functools import lru_cache
-from typing import Literal
+from typing import Literal, Protocol
 
 import sqlglot
 from sqlalchemy.exc import DBAPIError
@@ -26,9 +26,11 @@ from dbcore.errors import CoreError, IsolationError
 
 __all__ = [
     "ISOLATION_LEVELS",
+    "CommitStatement",
     "ReadOnlyViolation",
     "TransactionAborted",
     "TransactionConflict",
+    "autocommit_connection",
     "is_retryable",
     "service_connection",
     "sqlstate_of",
@@ -146,39 +148,92 @@ def _autocommit_engine(engine: AsyncEngine) -> bool:
 
 
 @asynccontextmanager
+async def autocommit_connection(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
+    """A pooled connection outside any transaction, as the administrator: each statement
+    commits on its own (one round trip, no ``BEGIN``/``COMMIT``)."""
+    async with engine.connect() as conn:
+        if not _autocommit_engine(engine):  # an engine not made by Core.connect
+            await conn.execution_options(isolation_level="AUTOCOMMIT")
+        yield conn
+
+
+class CommitStatement(Protocol):
+    """A statement that travels in the same message as ``COMMIT`` (no round trip of its own).
+
+    ``sql`` has its values inlined (a message of several statements uses the simple-query
+    protocol, which takes no parameters). To stop the commit it must raise: an error ends the
+    message, and the transaction is rolled back. ``translate`` turns its error into the
+    exception the caller should see (``None``: not its error).
+    """
+
+    @property
+    def sql(self) -> str: ...
+
+    def translate(self, err: BaseException) -> BaseException | None: ...
+
+
+@asynccontextmanager
 async def service_connection(
     engine: AsyncEngine,
     role: str | None,
     *,
     isolation: str = "read_committed",
     read_only: bool = False,
+    connection: AsyncConnection | None = None,
+    before_commit: CommitStatement | None = None,
 ) -> AsyncIterator[AsyncConnection]:
     """A connection inside a transaction that runs as ``role`` (``None``: the administrator).
 
     The transaction commits when the block exits normally and rolls back on an exception.
 
     The transaction is opened by hand rather than by SQLAlchemy, so that ``BEGIN`` and
-    ``SET LOCAL ROLE`` travel in one message, and SQLAlchemy runs in autocommit mode inside it
-    (it sends no BEGIN of its own). ``SET LOCAL`` ends with the transaction, so a pooled
-    connection never carries a service's role to its next user.
+    ``SET LOCAL ROLE`` travel in one message (and ``before_commit`` with ``COMMIT``), and
+    SQLAlchemy runs in autocommit mode inside it (it sends no BEGIN of its own). ``SET LOCAL``
+    ends with the transaction, so a pooled connection never carries a service's role to its
+    next user.
+
+    ``connection``: run on this connection (checked out by the caller, which keeps it) instead
+    of one from the pool.
     """
+    if connection is not None:
+        async with _transaction(connection, role, isolation, read_only, before_commit):
+            yield connection
+        return
     async with engine.connect() as conn:
         if not _autocommit_engine(engine):  # an engine not made by Core.connect
             await conn.execution_options(isolation_level="AUTOCOMMIT")
-        raw = (await conn.get_raw_connection()).driver_connection
-        assert raw is not None
-        await raw.execute(_begin(role, isolation, read_only))
-        try:
+        async with _transaction(conn, role, isolation, read_only, before_commit):
             yield conn
-        except BaseException:
-            try:
-                await raw.execute("ROLLBACK")
-            except Exception:  # the connection broke (or a query was cut off): do not reuse it
-                await conn.invalidate()
-            raise
+
+
+@asynccontextmanager
+async def _transaction(
+    conn: AsyncConnection,
+    role: str | None,
+    isolation: str,
+    read_only: bool,
+    before_commit: CommitStatement | None,
+) -> AsyncIterator[None]:
+    raw = (await conn.get_raw_connection()).driver_connection
+    assert raw is not None
+    try:
+        await raw.execute(_begin(role, isolation, read_only))
+        yield
         # COMMIT of a transaction that an error aborted answers ROLLBACK instead of failing.
-        if await raw.execute("COMMIT") != "COMMIT":
-            raise TransactionAborted(
-                "the transaction was aborted by an earlier error that was caught and ignored; "
-                "nothing was committed"
-            )
+        commit = "COMMIT" if before_commit is None else f"{before_commit.sql}; COMMIT"
+        status = await raw.execute(commit)
+    except BaseException as err:
+        try:
+            # Harmless when no transaction is open any more (Postgres only warns).
+            await raw.execute("ROLLBACK")
+        except Exception:  # the connection broke (or a query was cut off): do not reuse it
+            await conn.invalidate()
+        translated = before_commit.translate(err) if before_commit is not None else None
+        if translated is not None:
+            raise translated from err
+        raise
+    if status != "COMMIT":
+        raise TransactionAborted(
+            "the transaction was aborted by an earlier error that was caught and ignored; "
+            "nothing was committed"
+        )

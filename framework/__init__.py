@@ -18,7 +18,7 @@ from dbcore.isolation import ReadOnlyViolation
 from framework.annotations import Inbound, Lease, Outbound, Query, Transactional
 from framework.app import App
 from framework.config import Settings
-from framework.context import correlate, send, session
+from framework.context import connection, correlate, send, session
 from framework.errors import (
     AnnotationError,
     FrameworkError,
@@ -72,6 +72,7 @@ __all__ = [
     "Settings",
     "Transactional",
     "UndeclaredEventError",
+    "connection",
     "consume_lease",
     "correlate",
     "delete_reference",

@@ -44,6 +44,7 @@ from framework.outbox import record_of
 from framework.outcomes import OutcomeWatcher
 from framework.runtime import ServiceHandle, ServiceRuntime
 from framework.service import Service
+from framework.workers import HandlerWorkers
 
 __all__ = ["App"]
 
@@ -98,7 +99,7 @@ class App:
         self._background: list[asyncio.Task[None]] = []
         self._started = False
         self._kafka: Any = None
-        self.handler_slots = asyncio.Semaphore(self.settings.worker_concurrency)
+        self._workers: HandlerWorkers | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -153,13 +154,17 @@ class App:
                 self._kafka = KafkaTransport(self)
                 await self._kafka.start()
             if self.workers:
+                # One set of workers runs the handlers of every service: at most
+                # worker_concurrency handlers (and pooled connections) at once.
+                self._workers = HandlerWorkers(self, self.settings.worker_concurrency)
+                self._workers.start()
                 for runtime in self._runtimes.values():
                     chosen = self.workers is True or runtime.name in self.workers
                     if chosen and (
                         runtime.plan.descriptor.inbound
                         or any(r.consistency == "eventual" for r in runtime.plan.descriptor.replicas)
                     ):
-                        dispatcher = Dispatcher(self, runtime)
+                        dispatcher = Dispatcher(self, runtime, self._workers)
                         self._dispatchers[runtime.name] = dispatcher
                         dispatcher.start()
                 self._background.append(asyncio.create_task(self._prune_loop()))
@@ -202,6 +207,9 @@ class App:
             self._kafka = None
         for dispatcher in self._dispatchers.values():
             await dispatcher.stop()
+        if self._workers is not None:
+            await self._workers.stop()
+            self._workers = None
         self._dispatchers.clear()
         for task in self._background:
             task.cancel()

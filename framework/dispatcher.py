@@ -1,9 +1,12 @@
 """Delivering events to one service's ``@Inbound`` handlers, in this process.
 
-A dispatcher claims deliveries (see ``dbcore.delivery`` for the ordering rules), runs each
-handler in the handler's transaction and acknowledges it in that same transaction. Claims come
-back at most one per partition key, so handlers of different keys run concurrently up to
-``concurrency`` and handlers of one key run one after another, in order.
+A dispatcher claims deliveries (see ``dbcore.delivery`` for the ordering rules) ahead of need,
+up to three times ``worker_concurrency``, and queues them for the App's handler workers
+(``framework.workers``), which run each handler in the handler's transaction and acknowledge it in
+that same transaction. Claims come back at most one per partition key, so handlers of different
+keys run concurrently and handlers of one key run one after another, in order. Claiming ahead
+keeps the workers busy while the next claim is on its way: one claim round trip serves many
+handlers.
 
 It wakes on the core's NOTIFY and polls as a fallback: after a notification that finds nothing
 claimable (an older transaction was still open, holding the horizon back) it polls again soon,
@@ -13,6 +16,7 @@ backing off to ``poll_interval``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import traceback
@@ -21,15 +25,17 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from dbcore import delivery, replicas
-from dbcore.delivery import Claimed, ClaimLost
+from dbcore.delivery import Ack, Claimed, ClaimLost
 from dbcore.descriptor import ReplicaDescriptor
 from dbcore.replicas import change_event_type
 from framework.annotations import FunctionSpec
-from framework.context import TxContext
 from framework.events import Event
 from framework.runtime import backoff_delay
+from framework.workers import HandlerWorkers, Job
 
 if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncConnection
+
     from framework.app import App
     from framework.runtime import ServiceRuntime
 
@@ -40,17 +46,24 @@ log = logging.getLogger("vmsdb.delivery")
 _FIRST_POLL = 0.005
 _HELD_BACK_POLL = 0.02
 _REPLICA_ATTEMPTS = 5
+#: A claimed delivery not started within this share of the claim timeout is left to run out.
+_START_WITHIN = 0.8
 
 
 class Dispatcher:
     """Runs the ``@Inbound`` handlers of one service."""
 
-    def __init__(self, app: App, runtime: ServiceRuntime) -> None:
+    def __init__(self, app: App, runtime: ServiceRuntime, workers: HandlerWorkers) -> None:
         self.app = app
         self.runtime = runtime
+        self.workers = workers
         self.service = runtime.name
         settings = app.settings
-        self.concurrency = settings.worker_concurrency
+        # Claimed and not yet finished, at most three times what the workers run at once; the
+        # next claim goes out while a full round of work is still queued, so that the workers
+        # do not wait for it, and brings at least a round (one round trip for many handlers).
+        self.depth = 4 * settings.worker_concurrency
+        self.low_water = 3 * settings.worker_concurrency
         self.claim_timeout = settings.claim_timeout
         self.poll_interval = settings.poll_interval
         self.handlers: dict[str, tuple[FunctionSpec, type[Event]]] = {
@@ -65,9 +78,9 @@ class Dispatcher:
         }
         self.has_precedence = any(i.precedence for i in runtime.plan.descriptor.inbound)
         self._wake = asyncio.Event()
+        self._outstanding = 0  # claimed, not yet finished
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
-        self._inflight: set[asyncio.Task[None]] = set()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"vmsdb-dispatch-{self.service}")
@@ -75,59 +88,66 @@ class Dispatcher:
     def wake(self) -> None:
         self._wake.set()
 
+    def finished(self) -> None:
+        """A claimed delivery is done with (handled, retried, dead-lettered or given back)."""
+        self._outstanding -= 1
+        # A finished head may have made its key's next event claimable: look again, unless
+        # enough is claimed already.
+        if self._outstanding <= self.low_water:
+            self._wake.set()
+
     async def stop(self) -> None:
+        """Stop claiming; claimed deliveries are the workers' (``HandlerWorkers.stop``)."""
         self._stopping = True
         self._wake.set()
         if self._task is not None:
             await self._task
-        if self._inflight:
-            await asyncio.gather(*self._inflight, return_exceptions=True)
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
         idle = _FIRST_POLL
-        # Claim when at least half the slots are free (or nothing runs), so that one claim round
-        # trip starts a batch of handlers instead of one handler per completion.
-        batch = max(1, self.concurrency // 2)
         while not self._stopping:
-            free = self.concurrency - len(self._inflight)
-            if free < batch and self._inflight:
+            if self._outstanding > self.low_water:
                 await self._wait(self.poll_interval)
                 continue
+            limit = self.depth - self._outstanding
             claimed: list[Claimed] = []
             held_back = False
             try:
-                claimed, held_back = await self._claim(free)
+                claimed, held_back = await self._claim(limit)
             except Exception:  # the database went away: log, back off, try again
                 log.exception("%s: claiming deliveries failed", self.service)
                 idle = self.poll_interval
+            start_before = loop.time() + self.claim_timeout * _START_WITHIN
+            self._outstanding += len(claimed)
             for item in claimed:
-                task = asyncio.create_task(self._handle(item))
-                self._inflight.add(task)
-                task.add_done_callback(self._inflight.discard)
-            if claimed and len(claimed) == free:
-                continue  # there may be more; claim again once slots free up
+                self.workers.submit(Job(self, item, start_before))
+            if claimed and len(claimed) == limit:
+                continue  # there may be more; claim again at the low water mark
             idle = _FIRST_POLL if claimed else min(idle * 2, self.poll_interval)
             if held_back:
                 # Work is ready but not claimable yet: an older transaction is still open (the
                 # horizon), or another process is handling a key's head. Neither ends with a
                 # notification, so look again soon instead of backing off to poll_interval.
                 idle = min(idle, _HELD_BACK_POLL)
-            await self._wait(idle)
-            if self._wake.is_set():
-                self._wake.clear()
+            if await self._wait(idle):
                 idle = _FIRST_POLL
 
-    async def _wait(self, timeout: float) -> None:
-        """Sleep until notified, until an in-flight handler finishes, or ``timeout``."""
-        waker = asyncio.ensure_future(self._wake.wait())
-        try:
-            await asyncio.wait({waker, *self._inflight}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            waker.cancel()
+    async def _wait(self, timeout: float) -> bool:
+        """Sleep until notified, until a claimed delivery is finished, or ``timeout``.
+
+        ``True`` when woken rather than timed out.
+        """
+        if not self._wake.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
+        woken = self._wake.is_set()
+        self._wake.clear()
+        return woken
 
     async def _claim(self, limit: int) -> tuple[list[Claimed], bool]:
         """Claim up to ``limit`` deliveries; also say whether ready work was held back."""
-        async with self.app.core.admin() as conn:
+        async with self.app.core.autocommit() as conn:  # the claim is one statement
             claimed = await delivery.claim(
                 conn,
                 self.service,
@@ -138,16 +158,11 @@ class Dispatcher:
             held_back = not claimed and await delivery.has_ready(conn, self.service)
         return claimed, held_back
 
-    async def _handle(self, item: Claimed) -> None:
-        # One pool serves every service of the App: all dispatchers together run at most
-        # worker_concurrency handlers, so none waits for (or times out on) a pooled connection.
-        async with self.app.handler_slots:
-            await self._handle_now(item)
-
-    async def _handle_now(self, item: Claimed) -> None:
+    async def handle(self, item: Claimed, conn: AsyncConnection) -> None:
+        """Run ``item``'s handler on a worker's connection (``HandlerWorkers``)."""
         replica = self.replicas.get(item.event_type)
         if replica is not None:
-            await self._apply_replica(item, replica)
+            await self._apply_replica(item, replica, conn)
             return
         spec, event_type = self.handlers.get(item.event_type, (None, None))
         if spec is None or event_type is None:
@@ -172,10 +187,6 @@ class Dispatcher:
                 blocking=spec.inbound.blocking,
             )
             return
-
-        async def mark_handled(ctx: TxContext) -> None:
-            await delivery.ack(ctx.connection, item)
-
         try:
             await self.runtime.run(
                 spec,
@@ -184,7 +195,8 @@ class Dispatcher:
                 {},
                 correlation_id=item.correlation_id,
                 causation_id=str(item.event_id),
-                before_commit=mark_handled,
+                connection=conn,
+                before_commit=Ack(item),
             )
             self.app.metrics.inc("events_handled", service=self.service, event=item.event_type)
         except ClaimLost as err:
@@ -195,13 +207,12 @@ class Dispatcher:
                 item, spec.qualname, spec.inbound.max_attempts, err, blocking=spec.inbound.blocking
             )
 
-    async def _apply_replica(self, item: Claimed, replica: ReplicaDescriptor) -> None:
+    async def _apply_replica(self, item: Claimed, replica: ReplicaDescriptor, conn: AsyncConnection) -> None:
         """A change of a replicated source row: apply it and mark it handled, in one transaction."""
         payload = json.loads(item.payload) if isinstance(item.payload, (str, bytes)) else item.payload
         try:
-            async with self.app.core.transaction(self.service) as conn:
+            async with self.app.core.transaction(self.service, connection=conn, before_commit=Ack(item)):
                 await replicas.apply_change(conn, self.service, replica, payload)
-                await delivery.ack(conn, item)
             self.app.metrics.inc("replica_changes", service=self.service, table=replica.table)
         except ClaimLost as err:
             log.warning("%s: %s", self.service, err)

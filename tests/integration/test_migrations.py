@@ -41,7 +41,8 @@ from .migrations_app.faulty import Faulty
 
 ROOT = Path(__file__).resolve().parents[2]
 APP = "tests.integration.migrations_app:services"
-HEADS = {"core": ("0001_catalog",), "warehouse": ("w0002_audit",), "basket": ("b0001_lines",)}
+CORE_REVISIONS = ["0001_catalog", "0002_delivery_ack"]
+HEADS = {"core": ("0002_delivery_ack",), "warehouse": ("w0002_audit",), "basket": ("b0001_lines",)}
 AT_HEAD = {"vms": HEADS["core"], "warehouse": HEADS["warehouse"], "basket": HEADS["basket"]}
 
 
@@ -141,7 +142,7 @@ async def test_core_revision_builds_what_core_install_builds(vmsdb_server: str) 
         finally:
             await core.close()
         [result] = await migrate(App([], database_url=migrated))
-        assert result.applied == [CORE_BASELINE]
+        assert result.applied == CORE_REVISIONS
         expected, got = await catalog_snapshot(installed), await catalog_snapshot(migrated)
         for part in CATALOG_SNAPSHOT:
             assert got[part] == expected[part], (
@@ -149,7 +150,9 @@ async def test_core_revision_builds_what_core_install_builds(vmsdb_server: str) 
                 "without a core revision (alembic/versions/core)"
             )
         assert expected["columns"] and expected["functions"] and expected["policies"]
-        assert await versions(migrated) == {"vms": (CORE_BASELINE,)}
+        assert await versions(migrated) == {"vms": HEADS["core"]}
+        # Core.install() stamps what it built as the core's head, so migrating finds it done.
+        assert await versions(installed) == {"vms": HEADS["core"]}
 
 
 async def test_a_catalog_made_by_core_install_is_recognised(vmsdb_database: str) -> None:
@@ -160,19 +163,34 @@ async def test_a_catalog_made_by_core_install_is_recognised(vmsdb_database: str)
         await core.close()
     app = App([Warehouse, Basket], database_url=vmsdb_database)
     [core_status, *_] = await current(app)
-    assert (core_status.current, core_status.problem) == ((CORE_BASELINE,), None)
-    assert "Core.install()" in core_status.note
-    # Migrating stamps it as the baseline (nothing re-created) and migrates the services.
+    assert (core_status.current, core_status.problem) == (HEADS["core"], None)
     results = {r.target: r for r in await migrate(app)}
-    assert results["core"].applied == [] and results["core"].after == (CORE_BASELINE,)
-    assert await versions(vmsdb_database) == {
-        "vms": HEADS["core"],
-        "warehouse": HEADS["warehouse"],
-        "basket": HEADS["basket"],
-    }
+    assert results["core"].applied == [] and results["core"].after == HEADS["core"]
+    assert await versions(vmsdb_database) == AT_HEAD
     assert await check_at_head(app) == []
-    # Should Core.install() stamp its catalog itself, the revision it names must be the core's head.
-    assert getattr(dbcore.core, "CATALOG_REVISION", CORE_BASELINE) == HEADS["core"][0]
+    assert HEADS["core"][0] == dbcore.core.CATALOG_REVISION
+
+
+async def test_an_unversioned_catalog_counts_as_the_baseline_and_is_upgraded(vmsdb_database: str) -> None:
+    """Core.install() before it stamped its catalog left no version table: that is 0001."""
+    core = Core.connect(vmsdb_database)
+    try:
+        await core.install()
+        async with core.admin() as conn:
+            await conn.execute(text("DROP TABLE vms.alembic_version"))
+            await conn.execute(text("DROP FUNCTION vms.ack(text, bigint, uuid)"))
+    finally:
+        await core.close()
+    app = App([Warehouse, Basket], database_url=vmsdb_database)
+    [core_status, *_] = await current(app)
+    assert core_status.current == (CORE_BASELINE,)
+    assert "Core.install()" in core_status.note
+    # Migrating stamps it as the baseline (nothing re-created) and applies what came after.
+    results = {r.target: r for r in await migrate(app)}
+    assert results["core"].applied == CORE_REVISIONS[1:]
+    assert await versions(vmsdb_database) == AT_HEAD
+    ack = "SELECT to_regprocedure('vms.ack(text, bigint, uuid)') IS NOT NULL"
+    assert await query(vmsdb_database, ack) == [(True,)]
 
 
 # -- services ----------------------------------------------------------------------------------
@@ -242,7 +260,7 @@ async def test_upgrade_downgrade_and_upgrade_again(vmsdb_database: str) -> None:
     assert "'warehouse'" in problems[1] and "vmsdb migrate APP --service warehouse" in problems[1]
 
     results = {r.target: r for r in await migrate(app)}
-    assert results["core"].applied == ["0001_catalog"]
+    assert results["core"].applied == CORE_REVISIONS
     assert results["warehouse"].applied == ["w0001_items", "w0002_audit"]
     assert results["basket"].applied == ["b0001_lines"]
     assert await versions(vmsdb_database) == AT_HEAD
@@ -410,7 +428,7 @@ async def test_two_processes_migrating_at_once_end_in_one_correct_state(vmsdb_da
     output = first.stdout + second.stdout
     assert output.count("service warehouse: base -> w0002_audit (2 revisions)") == 1, output
     assert output.count("service warehouse: at w0002_audit, nothing to do") == 1, output
-    assert output.count("core catalog: base -> 0001_catalog") == 1, output
+    assert output.count(f"core catalog: base -> {HEADS['core'][0]} (2 revisions)") == 1, output
 
 
 # -- command lines -----------------------------------------------------------------------------

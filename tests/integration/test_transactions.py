@@ -6,8 +6,19 @@ import asyncio
 
 import pytest
 from sqlalchemy import text
+from sqlalchemy.orm import Mapped, mapped_column
 
-from framework import App, RetriesExhausted, Service, ServiceCallError, Transactional, session
+from framework import (
+    App,
+    IsolationError,
+    NoTransactionError,
+    RetriesExhausted,
+    Service,
+    ServiceCallError,
+    Transactional,
+    connection,
+    session,
+)
 
 from .services import Bank, Shop
 
@@ -74,3 +85,45 @@ async def test_concurrent_tasks_do_not_share_sessions(app: App) -> None:
     await asyncio.gather(*(bank.open(f"acct-{i}", i) for i in range(30)))
     balances = await asyncio.gather(*(bank.balance(f"acct-{i}") for i in range(30)))
     assert balances == list(range(30))
+
+
+async def test_connection_runs_core_statements_in_the_functions_transaction(app: App) -> None:
+    class Teller(Service, name="teller"):
+        @Transactional(type="RW")
+        async def open_and_count(self, account: str) -> int:
+            session().add(TellerNote(id=account, note="opened"))
+            await session().flush()  # the session does not flush before connection()'s statements
+            await connection().execute(
+                text("UPDATE teller.notes SET note = note || ' by core' WHERE id = :id"), {"id": account}
+            )
+            return (await connection().execute(text("SELECT count(*) FROM teller.notes"))).scalar_one()
+
+        @Transactional(type="RW")
+        async def write_then_fail(self, account: str) -> None:
+            await connection().execute(
+                text("INSERT INTO teller.notes (id, note) VALUES (:id, 'lost')"), {"id": account}
+            )
+            raise RuntimeError("boom after a core insert")
+
+        @Transactional(type="RW")
+        async def write_into_the_bank(self) -> None:
+            await connection().execute(text("UPDATE bank.accounts SET balance = 0"))
+
+    class TellerNote(Teller.Model):
+        __tablename__ = "notes"
+        id: Mapped[str] = mapped_column(primary_key=True)
+        note: Mapped[str]
+
+    with pytest.raises(NoTransactionError, match=r"connection\(\)"):
+        connection()
+    async with App([Teller, Bank], database_url=app.database_url, create_tables=True) as other:
+        teller = other.service(Teller)
+        assert await teller.open_and_count("t1") == 1
+        with pytest.raises(RuntimeError, match="boom"):
+            await teller.write_then_fail("t2")
+        with pytest.raises(IsolationError, match="bank"):
+            await teller.write_into_the_bank()
+        async with other.core.admin() as conn:
+            rows = (await conn.execute(text("SELECT id, note FROM teller.notes"))).all()
+    # Session and Core statements committed together; the failed call left nothing behind.
+    assert [tuple(r) for r in rows] == [("t1", "opened by core")]

@@ -1,0 +1,113 @@
+"""The App's handler workers: a fixed number of tasks that run claimed deliveries.
+
+Dispatchers (one per service, see ``framework.dispatcher``) claim deliveries ahead of need and
+queue them here; ``worker_concurrency`` workers take them in order. A worker keeps its pooled
+connection while the queue has work, so a backlog is handled without a pool checkout per event,
+and gives it back as soon as the queue runs dry, so an idle App holds no connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from dbcore import delivery
+from dbcore.delivery import Claimed
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncConnection
+
+    from framework.app import App
+    from framework.dispatcher import Dispatcher
+
+__all__ = ["HandlerWorkers", "Job"]
+
+log = logging.getLogger("vmsdb.delivery")
+
+#: After a failed connection checkout, wait this long before the next (the database is away).
+_RECONNECT_PAUSE = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """A claimed delivery waiting for a worker, and when its claim is too old to start on."""
+
+    dispatcher: Dispatcher
+    item: Claimed
+    start_before: float  # loop time
+
+
+class HandlerWorkers:
+    """``size`` workers sharing one queue of claimed deliveries, for every service of an App."""
+
+    def __init__(self, app: App, size: int) -> None:
+        self.app = app
+        self.size = size
+        self._queue: asyncio.Queue[Job | None] = asyncio.Queue()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._work(), name=f"vmsdb-handler-{i}") for i in range(self.size)]
+
+    def submit(self, job: Job) -> None:
+        self._queue.put_nowait(job)
+
+    async def stop(self) -> None:
+        """Give back the claims nobody started on, then let running handlers finish."""
+        waiting: list[Job] = []
+        while not self._queue.empty():
+            job = self._queue.get_nowait()
+            if job is not None:
+                waiting.append(job)
+        if waiting:
+            with contextlib.suppress(Exception):  # unreleased claims simply run out
+                async with self.app.core.admin() as conn:
+                    for job in waiting:
+                        await delivery.release(conn, job.item)
+        for job in waiting:
+            job.dispatcher.finished()
+        for _ in self._tasks:
+            self._queue.put_nowait(None)
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+
+    async def _work(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            job = await self._queue.get()
+            if job is None:
+                return
+            try:
+                async with self.app.core.engine.connect() as conn:
+                    while job is not None:
+                        running, job = job, None
+                        await self._run(running, conn, loop.time())
+                        if conn.invalidated or self._queue.empty():
+                            break
+                        job = self._queue.get_nowait()
+                        if job is None:
+                            return
+            except Exception:  # the database went away: claims in hand run out, are claimed again
+                log.exception("a handler worker lost its database connection")
+                if job is not None:  # checked out no connection, so never ran
+                    job.dispatcher.finished()
+                await asyncio.sleep(_RECONNECT_PAUSE)
+
+    @staticmethod
+    async def _run(job: Job, conn: AsyncConnection, now: float) -> None:
+        try:
+            if now < job.start_before:
+                await job.dispatcher.handle(job.item, conn)
+            else:
+                # Claimed too long ago: another worker may take it over any moment; let it.
+                log.info(
+                    "%s: event %s waited too long for a worker; its claim will run out and it "
+                    "will be claimed again",
+                    job.dispatcher.service,
+                    job.item.event_id,
+                )
+        finally:
+            job.dispatcher.finished()
