@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import uuid
 
 import pytest
@@ -400,3 +401,48 @@ async def test_discarding_a_blocking_dead_letter_lets_its_key_flow(app_factory) 
         async with app.core.admin() as conn:
             rows = (await conn.execute(text("SELECT key, seq FROM strict.seen"))).all()
         assert [tuple(r) for r in rows] == [("k", 2)]
+
+
+async def test_stopping_gives_back_claims_no_worker_started_on(app_factory) -> None:
+    """Claims taken ahead of the workers go back untried at stop; running handlers finish."""
+    keys = 40
+    async with app_factory([Writer, Reader], workers=False) as producer:
+        for k in range(keys):
+            await producer.service(Writer).write(f"k{k:02d}", 1)
+    SLOW.update({f"k{k:02d}": 0.4 for k in range(keys)})
+    async with app_factory([Writer, Reader]) as app:
+        await asyncio.sleep(0.2)  # every key claimed (64 ahead), 16 handlers running
+        claimed = await scalar(app, "SELECT count(*) FROM vms.deliveries WHERE claim IS NOT NULL")
+        assert claimed == keys
+    # Stopped: the handlers that had started finished; the rest are unclaimed, attempts untouched.
+    async with app_factory([Writer, Reader], workers=False) as app:
+        handled = len(await seen(app))
+        assert 0 < handled < keys
+        left = await scalar(
+            app,
+            "SELECT count(*) FROM vms.deliveries WHERE subscriber = 'reader' "
+            "AND claim IS NULL AND attempts = 0",
+        )
+        assert left == keys - handled
+    SLOW.clear()
+    async with app_factory([Writer, Reader]) as app:
+        await app.drain()
+        assert sorted(await seen(app)) == [(f"k{k:02d}", 1) for k in range(keys)]
+
+
+async def test_a_claim_that_waited_too_long_for_a_worker_is_left_to_run_out(
+    app_factory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One worker, slow handlers, a short claim timeout: claims queued behind the first handler
+    grow too old to start on; they run out, are claimed again, and each note counts once."""
+    caplog.set_level(logging.INFO, logger="vmsdb.delivery")
+    async with app_factory([Writer, Reader], workers=False) as producer:
+        for k in range(3):
+            await producer.service(Writer).write(f"k{k}", 1)
+    SLOW.update({f"k{k}": 0.7 for k in range(3)})
+    async with app_factory([Writer, Reader], worker_concurrency=1, claim_timeout=1.0) as app:
+        await app.drain(timeout=20)
+        assert sorted(await seen(app)) == [("k0", 1), ("k1", 1), ("k2", 1)]
+        reclaimed = await scalar(app, "SELECT count(*) FROM vms.dead_letters")
+        assert reclaimed == 0
+    assert "waited too long for a worker" in caplog.text

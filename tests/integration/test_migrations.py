@@ -97,7 +97,7 @@ CATALOG_SNAPSHOT = {
     """,
     "relations": """
         SELECT relname, relkind, relacl::text, relrowsecurity, relforcerowsecurity,
-               pg_get_userbyid(relowner), obj_description(oid, 'pg_class')
+               pg_get_userbyid(relowner), obj_description(oid, 'pg_class'), reloptions::text
           FROM pg_class WHERE relnamespace = 'vms'::regnamespace
     """,
     "constraints": """

@@ -1,6 +1,8 @@
-"""``vms.ack``: a delivery's "handled" mark that can travel in the handler's COMMIT message.
+"""``vms.ack``: a delivery's "handled" mark that can travel in the handler's COMMIT message; free
+space in ``vms.deliveries`` pages, so that claims are HOT updates.
 
-Copied from ``dbcore.eventlog.ACK_FUNCTION`` (a revision stays what it is when the code moves on).
+Copied from ``dbcore.eventlog`` (``ACK_FUNCTION``, ``DELIVERIES_FILLFACTOR``): a revision stays
+what it is when the code moves on.
 
 Revision ID: 0002_delivery_ack
 Revises: 0001_catalog
@@ -33,7 +35,9 @@ ACK_FUNCTION = """
 
 def upgrade() -> None:
     op.execute(ACK_FUNCTION)
+    op.execute("ALTER TABLE vms.deliveries SET (fillfactor = 50)")
 
 
 def downgrade() -> None:
+    op.execute("ALTER TABLE vms.deliveries RESET (fillfactor)")
     op.execute("DROP FUNCTION IF EXISTS vms.ack(text, bigint, uuid)")
