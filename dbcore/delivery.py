@@ -129,7 +129,9 @@ async def claim(
 ) -> list[Claimed]:
     """Claim up to ``limit`` deliveries of ``subscriber``, oldest first, at most one per key.
 
-    ``precedence=False`` when the subscriber declares no precedence constraint.
+    ``precedence=False`` when the subscriber declares no precedence constraint. Meant for an
+    autocommit connection: when rows are claimed, the statement turns ``synchronous_commit``
+    off for the transaction it runs in (see ``_CLAIM``).
     """
     rows = await (await driver(conn)).fetch(
         _CLAIM_WITH_PRECEDENCE if precedence else _CLAIM_PLAIN,

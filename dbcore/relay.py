@@ -88,7 +88,11 @@ _UNLOCK = text("SELECT pg_advisory_unlock(hashtext('vms.relay'), hashtext(:name)
 
 _CURSOR = text("SELECT xid::text AS xid, position FROM vms.relay_cursors WHERE name = :name")
 
-# Monotonic: a cursor never moves back, whatever order two relays' updates arrive in.
+# Monotonic: a cursor never moves back, whatever order two relays' updates arrive in. Committed
+# without waiting for the WAL flush (set where the cursor moved): a move lost in a crash only
+# means the batch is published again, which a crash between the acknowledgement and this update
+# means anyway (at least once; consumers drop duplicates). The relay's next batch then does not
+# wait for an fsync.
 _ADVANCE = text(
     """
     INSERT INTO vms.relay_cursors AS c (name, xid, position)
@@ -96,6 +100,7 @@ _ADVANCE = text(
     ON CONFLICT (name) DO UPDATE
        SET xid = EXCLUDED.xid, position = EXCLUDED.position, updated_at = now()
      WHERE (c.xid, c.position) < (EXCLUDED.xid, EXCLUDED.position)
+    RETURNING set_config('synchronous_commit', 'off', true)
     """
 )
 
@@ -140,7 +145,11 @@ async def cursor(conn: AsyncConnection, name: str) -> Cursor:
 
 
 async def advance(conn: AsyncConnection, name: str, to: Cursor) -> None:
-    """Record that everything up to and including ``to`` is published."""
+    """Record that everything up to and including ``to`` is published.
+
+    Meant for an autocommit connection: the statement turns ``synchronous_commit`` off for the
+    transaction it runs in (see ``_ADVANCE``).
+    """
     await conn.execute(_ADVANCE, {"name": name, "xid": to.xid, "position": to.position})
 
 
