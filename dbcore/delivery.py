@@ -42,7 +42,7 @@ __all__ = [
     "claim",
     "dead_letter",
     "discard",
-    "has_ready",
+    "held_back",
     "pending_count",
     "release",
     "replay",
@@ -62,6 +62,8 @@ class Claimed:
     attempts: int
     claim: uuid.UUID
     created_at: datetime
+    #: Another delivery of the same key waits behind this one (claimable once this one is done).
+    followed: bool = False
 
 
 # Why each condition is there: see the module docstring. The precedence clause is left out for
@@ -106,7 +108,10 @@ _CLAIM = """
                   set_config('synchronous_commit', 'off', true) AS asynchronous_commit
     )
     SELECT c.subscriber, c.position, ev.id AS event_id, c.event_type, c.key,
-           ev.payload::text AS payload, ev.correlation_id, c.attempts, c.claim, ev.created_at
+           ev.payload::text AS payload, ev.correlation_id, c.attempts, c.claim, ev.created_at,
+           EXISTS (SELECT 1 FROM vms.deliveries n
+                    WHERE n.subscriber = c.subscriber AND n.key = c.key
+                      AND (n.xid, n.position) > (c.xid, c.position)) AS followed
       FROM claimed c JOIN vms.events ev ON ev.position = c.position
      ORDER BY c.xid, c.position
 """
@@ -319,15 +324,19 @@ _PENDING = text(
     "SELECT count(*) FROM vms.deliveries "
     "WHERE subscriber = ANY(CAST(:s AS text[])) AND available_at < 'infinity'"
 )
-_READY = text(
-    "SELECT EXISTS (SELECT 1 FROM vms.deliveries WHERE subscriber = :s AND available_at <= now() "
-    "AND (claim IS NULL OR claimed_until < now()))"
-)
+# Due, unclaimed, committed, and above the snapshot horizon: waiting for an older transaction.
+_HELD_BACK = """
+    SELECT EXISTS (
+        SELECT 1 FROM vms.deliveries
+         WHERE subscriber = $1 AND available_at <= now()
+           AND (claim IS NULL OR claimed_until < now())
+           AND xid >= pg_snapshot_xmin(pg_current_snapshot()))
+"""
 
 
-async def has_ready(conn: AsyncConnection, subscriber: str) -> bool:
-    """Whether ``subscriber`` has deliveries due and unclaimed (claimable or held back)."""
-    return bool((await conn.execute(_READY, {"s": subscriber})).scalar_one())
+async def held_back(conn: AsyncConnection, subscriber: str) -> bool:
+    """Whether deliveries of ``subscriber`` wait only for the horizon (an older transaction)."""
+    return bool(await (await driver(conn)).fetchval(_HELD_BACK, subscriber))
 
 
 async def pending_count(conn: AsyncConnection, subscribers: list[str]) -> int:

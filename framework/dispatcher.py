@@ -8,9 +8,9 @@ keys run concurrently and handlers of one key run one after another, in order. C
 keeps the workers busy while the next claim is on its way: one claim round trip serves many
 handlers.
 
-It wakes on the core's NOTIFY and polls as a fallback: after a notification that finds nothing
-claimable (an older transaction was still open, holding the horizon back) it polls again soon,
-backing off to ``poll_interval``.
+It wakes on the core's NOTIFY, when a handled event had its key's next event behind it, and
+when a retry is due; it polls every 20 ms while events wait behind the snapshot horizon (an
+older transaction still open), and every ``poll_interval`` as a fallback.
 """
 
 from __future__ import annotations
@@ -43,7 +43,6 @@ __all__ = ["Dispatcher"]
 
 log = logging.getLogger("vmsdb.delivery")
 
-_FIRST_POLL = 0.005
 _HELD_BACK_POLL = 0.02
 _REPLICA_ATTEMPTS = 5
 #: A claimed delivery not started within this share of the claim timeout is left to run out.
@@ -79,6 +78,8 @@ class Dispatcher:
         self.has_precedence = any(i.precedence for i in runtime.plan.descriptor.inbound)
         self._wake = asyncio.Event()
         self._outstanding = 0  # claimed, not yet finished
+        self._saturated = False  # the last claim took as many as it asked for
+        self._unblocked = False  # since the last claim, a key's head finished with more behind
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
 
@@ -88,12 +89,15 @@ class Dispatcher:
     def wake(self) -> None:
         self._wake.set()
 
-    def finished(self) -> None:
-        """A claimed delivery is done with (handled, retried, dead-lettered or given back)."""
+    def finished(self, item: Claimed) -> None:
+        """``item`` is done with (handled, retried, dead-lettered or given back)."""
         self._outstanding -= 1
-        # A finished head may have made its key's next event claimable: look again, unless
-        # enough is claimed already.
-        if self._outstanding <= self.low_water:
+        # Claim again once below the low water mark, if there may be more to claim: the last
+        # claim took all it asked for, or a finished head had its key's next event behind it
+        # (with precedence declared, any finished event may have been holding one back). New
+        # events wake the dispatcher by notification.
+        self._unblocked = self._unblocked or item.followed or self.has_precedence
+        if self._outstanding <= self.low_water and (self._saturated or self._unblocked):
             self._wake.set()
 
     async def stop(self) -> None:
@@ -105,45 +109,38 @@ class Dispatcher:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        idle = _FIRST_POLL
         while not self._stopping:
             if self._outstanding > self.low_water:
                 await self._wait(self.poll_interval)
                 continue
             limit = self.depth - self._outstanding
-            claimed: list[Claimed] = []
-            held_back = False
+            self._unblocked = False
             try:
                 claimed, held_back = await self._claim(limit)
-            except Exception:  # the database went away: log, back off, try again
+            except Exception:  # the database went away: log, try again after poll_interval
                 log.exception("%s: claiming deliveries failed", self.service)
-                idle = self.poll_interval
+                claimed, held_back = [], False
             start_before = loop.time() + self.claim_timeout * _START_WITHIN
+            self._saturated = len(claimed) == limit
             self._outstanding += len(claimed)
             for item in claimed:
                 self.workers.submit(Job(self, item, start_before))
-            if claimed and len(claimed) == limit:
+            if self._saturated:
                 continue  # there may be more; claim again at the low water mark
-            idle = _FIRST_POLL if claimed else min(idle * 2, self.poll_interval)
-            if held_back:
-                # Work is ready but not claimable yet: an older transaction is still open (the
-                # horizon), or another process is handling a key's head. Neither ends with a
-                # notification, so look again soon instead of backing off to poll_interval.
-                idle = min(idle, _HELD_BACK_POLL)
-            if await self._wait(idle):
-                idle = _FIRST_POLL
+            # Everything claimable is claimed. What makes more claimable wakes the dispatcher:
+            # a notification for new events, a finished head with its key's next event behind
+            # it, a retry's backoff running out. Only the horizon moving (an older transaction,
+            # one that sent no events, ending) comes without a wake-up: poll for that while
+            # events wait behind it. poll_interval is the fallback for the rest (another
+            # process's claims running out, a notification lost with the listener).
+            await self._wait(_HELD_BACK_POLL if held_back else self.poll_interval)
 
-    async def _wait(self, timeout: float) -> bool:
-        """Sleep until notified, until a claimed delivery is finished, or ``timeout``.
-
-        ``True`` when woken rather than timed out.
-        """
+    async def _wait(self, timeout: float) -> None:
+        """Sleep until woken (see ``_run``) or ``timeout``."""
         if not self._wake.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)
-        woken = self._wake.is_set()
         self._wake.clear()
-        return woken
 
     async def _claim(self, limit: int) -> tuple[list[Claimed], bool]:
         """Claim up to ``limit`` deliveries; also say whether ready work was held back."""
@@ -155,7 +152,7 @@ class Dispatcher:
                 lease_seconds=self.claim_timeout,
                 precedence=self.has_precedence,
             )
-            held_back = not claimed and await delivery.has_ready(conn, self.service)
+            held_back = len(claimed) < limit and await delivery.held_back(conn, self.service)
         return claimed, held_back
 
     async def handle(self, item: Claimed, conn: AsyncConnection) -> None:
@@ -240,6 +237,7 @@ class Dispatcher:
         self.app.metrics.inc("event_retries", service=self.service, event=item.event_type)
         async with self.app.core.admin() as conn:
             await delivery.retry_later(conn, item, error, delay)
+        asyncio.get_running_loop().call_later(delay, self.wake)
 
     async def _dead_letter(
         self, item: Claimed, error: str, trace: str | None, *, blocking: bool = False

@@ -68,7 +68,7 @@ class HandlerWorkers:
                     for job in waiting:
                         await delivery.release(conn, job.item)
         for job in waiting:
-            job.dispatcher.finished()
+            job.dispatcher.finished(job.item)
         for _ in self._tasks:
             self._queue.put_nowait(None)
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -93,7 +93,7 @@ class HandlerWorkers:
             except Exception:  # the database went away: claims in hand run out, are claimed again
                 log.exception("a handler worker lost its database connection")
                 if job is not None:  # checked out no connection, so never ran
-                    job.dispatcher.finished()
+                    job.dispatcher.finished(job.item)
                 await asyncio.sleep(_RECONNECT_PAUSE)
 
     @staticmethod
@@ -110,4 +110,4 @@ class HandlerWorkers:
                     job.item.event_id,
                 )
         finally:
-            job.dispatcher.finished()
+            job.dispatcher.finished(job.item)

@@ -446,3 +446,49 @@ async def test_a_claim_that_waited_too_long_for_a_worker_is_left_to_run_out(
         reclaimed = await scalar(app, "SELECT count(*) FROM vms.dead_letters")
         assert reclaimed == 0
     assert "waited too long for a worker" in caplog.text
+
+
+async def test_a_keys_events_follow_each_other_without_waiting_for_a_poll(app_factory) -> None:
+    """When a key's head is handled, its next event is claimed at once: no notification comes
+    for it (it committed long ago), so the dispatcher must know to look again."""
+
+    class Tail(Service, name="tail"):  # no precedence: only a key's own head holds it back
+        @Inbound(Note)
+        async def on_note(self, ev: Note) -> None:
+            session().add(Tailed(key=ev.key, seq=ev.seq))
+
+    class Tailed(Tail.Model):
+        __tablename__ = "tailed"
+        id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+        key: Mapped[str]
+        seq: Mapped[int]
+
+    async with app_factory([Writer, Tail], workers=False) as producer:
+        for seq in range(30):
+            await producer.service(Writer).write("solo", seq)
+    async with app_factory([Writer, Tail], poll_interval=5.0) as app:
+        await app.drain(timeout=4.0)  # 30 polls would take 150 s
+        async with app.core.admin() as conn:
+            rows = (await conn.execute(select(Tailed.seq).order_by(Tailed.id))).scalars().all()
+        assert rows == list(range(30))
+
+
+async def test_a_retry_runs_when_its_backoff_ends_not_at_the_next_poll(app_factory) -> None:
+    async with app_factory([Writer, Reader], poll_interval=5.0) as app:
+        await app.publish(Note(key="bad", seq=1, fail=True))
+        await app.drain(timeout=4.0)  # two backoffs of at most 0.1 s, not two 5 s polls
+        assert await scalar(app, "SELECT attempts FROM vms.dead_letters") == 3
+
+
+async def test_events_behind_the_horizon_are_taken_soon_after_it_moves(app_factory) -> None:
+    """An older transaction that sends no events ends without a notification: the dispatcher
+    polls while events wait behind it, not only every poll_interval."""
+    async with app_factory([Writer, Reader], poll_interval=5.0) as app:
+        async with app.core.admin() as horizon:
+            await horizon.execute(text("SELECT pg_current_xact_id()"))  # takes an xid first
+            for seq in range(3):
+                await app.service(Writer).write("late", seq)
+            await asyncio.sleep(0.3)
+            assert await seen(app) == []  # all held back by the open transaction
+        await app.drain(timeout=2.0)
+        assert await seen(app) == [("late", 0), ("late", 1), ("late", 2)]
