@@ -5,6 +5,7 @@ Worked out once at start-up from the App's service plans and the Kafka options.
 
 from __future__ import annotations
 
+import graphlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -62,6 +63,8 @@ class Routing:
                     for later in spec.inbound.precedence:
                         before_types.setdefault(later.event_type(), set()).add(event.event_type())
 
+        _refuse_cycles(before_types)
+
         foreign: dict[str, type[Event]] = {}
         for topic, target in options.ingress.items():
             name = target if isinstance(target, str) else target.event_type()
@@ -100,3 +103,17 @@ class Routing:
             topics=tuple(sorted(set(framework_topics) | set(foreign))),
             services=tuple(sorted(services)),
         )
+
+
+def _refuse_cycles(before: Mapping[str, set[str]]) -> None:
+    """The ingress holds a B until the A's that precede it are in; with A's held for B's too
+    (a cycle, over one service or several), each would wait for the other for ever."""
+    try:
+        graphlib.TopologicalSorter(before).prepare()
+    except graphlib.CycleError as err:
+        cycle = " -> ".join(err.args[1])
+        raise KafkaSetupError(
+            f"@Inbound precedence of the Kafka-fed services forms a cycle ({cycle}): the ingress "
+            "would hold each type until the other is in, for ever; remove one of the precedence "
+            "declarations (in-database delivery, without Kafka, orders such a cycle by commit)"
+        ) from None

@@ -97,3 +97,34 @@ def test_app_options_reach_the_transport() -> None:
     options = KafkaOptions.from_settings(app.settings)
     assert options.topic_for("Placed") == "shop.Placed"
     assert options.topic_for("Signup") == "users.signups"
+
+
+def test_a_precedence_cycle_over_kafka_is_refused_at_start() -> None:
+    """The ingress holds a B until the A's before it are in: with A's also held for B's, both
+    would wait for ever. In-database delivery orders such a cycle by commit and accepts it."""
+    from framework import Event, Inbound, Service
+    from framework.kafka import KafkaOptions
+    from framework.kafka.routing import Routing
+
+    class Serve(Event, key="rally"):
+        rally: str
+
+    class Volley(Event, key="rally"):
+        rally: str
+
+    class Court(Service, name="court"):
+        @Inbound(Serve, precedence=Volley)
+        async def on_serve(self, ev: Serve) -> None:
+            return None
+
+        @Inbound(Volley, precedence=Serve)
+        async def on_volley(self, ev: Volley) -> None:
+            return None
+
+    local = App([Court])
+    assert [p.descriptor.name for p in local.plans] == ["court"]
+    app = App([Court], kafka_bootstrap="127.0.0.1:1", kafka_remote=["court"])
+    with pytest.raises(
+        KafkaSetupError, match=r"forms a cycle \((Serve -> Volley -> Serve|Volley -> Serve -> Volley)\)"
+    ):
+        Routing.build(app.plans, KafkaOptions.from_settings(app.settings))
