@@ -251,18 +251,20 @@ _INSERT = """
 """
 # Events from outside (publish, Kafka ingress) may arrive twice: the id makes the second a no-op.
 # Only the administrator uses it: ON CONFLICT needs to read the table, which service roles cannot.
-_INSERT_ONCE = _INSERT + " ON CONFLICT (id) DO NOTHING"
+_INSERT_ONCE = _INSERT + " ON CONFLICT (id) DO NOTHING RETURNING id"
 
 
-async def append(conn: AsyncConnection, records: Sequence[EventRecord], *, deduplicate: bool = False) -> None:
-    """Insert ``records`` in ``conn``'s transaction.
+async def append(
+    conn: AsyncConnection, records: Sequence[EventRecord], *, deduplicate: bool = False
+) -> list[uuid.UUID]:
+    """Insert ``records`` in ``conn``'s transaction; return the ids of those inserted.
 
-    ``deduplicate``: ignore an event whose id is already in the log (administrator only).
+    ``deduplicate``: ignore an event whose id is already in the log (administrator only); the
+    ids returned are then those that were new.
     """
     raw = (await conn.get_raw_connection()).driver_connection
     assert raw is not None
-    await raw.execute(
-        _INSERT_ONCE if deduplicate else _INSERT,
+    columns = (
         [r.id for r in records],
         [r.type for r in records],
         [r.key for r in records],
@@ -272,6 +274,10 @@ async def append(conn: AsyncConnection, records: Sequence[EventRecord], *, dedup
         [r.causation_id for r in records],
         [r.origin for r in records],
     )
+    if deduplicate:
+        return [row[0] for row in await raw.fetch(_INSERT_ONCE, *columns)]
+    await raw.execute(_INSERT, *columns)
+    return [r.id for r in records]
 
 
 # Keep what is still needed: pending deliveries, dead letters that may be replayed, and events a

@@ -10,6 +10,7 @@ where it sits in Kafka (uuid5 of topic/partition/offset), so reading it twice in
 from __future__ import annotations
 
 import base64
+import json
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -103,11 +104,13 @@ def decode(
     *,
     handled: Mapping[str, tuple[type[Event], str]],
     by_topic: Mapping[str, type[Event]],
+    protocol: frozenset[str] = frozenset(),
 ) -> Incoming:
     """Turn an aiokafka ``ConsumerRecord`` into an :class:`Incoming`.
 
     ``handled``: event type name -> (Event class, the service that handles it here);
-    ``by_topic``: topic -> the Event type of header-less (foreign) messages on it.
+    ``by_topic``: topic -> the Event type of header-less (foreign) messages on it;
+    ``protocol``: the core's own protocol event types taken here (``dbcore.reference_events``).
     """
     topic: str = message.topic
     source = source_of(topic, message.partition, message.offset)
@@ -118,6 +121,8 @@ def decode(
         type_name = _header(headers, HEADER_EVENT_TYPE) if framework_event else None
     except UnicodeDecodeError:
         type_name = None
+    if type_name is not None and type_name in protocol:
+        return _protocol_event(message, type_name, headers, source)
     if type_name is not None:
         cls: type[Event] | None = handled[type_name][0] if type_name in handled else None
         if cls is None:
@@ -159,5 +164,41 @@ def decode(
         correlation_id=correlation,
         causation_id=causation_id,
         origin=f"kafka:{topic}",
+    )
+    return Incoming(event=record)
+
+
+#: The subscriber named on a dead letter of the core's own protocol (no service handles it).
+PROTOCOL_SUBSCRIBER = "vms"
+
+
+def _protocol_event(message: Any, type_name: str, headers: Mapping[str, bytes], source: str) -> Incoming:
+    """A reference or recovery protocol event from another core: its JSON object as it came."""
+    value: bytes | None = message.value
+    key = None if message.key is None else raw_text(message.key)
+
+    def dead(error: str) -> Incoming:
+        return Incoming(dead=DeadInput(PROTOCOL_SUBSCRIBER, type_name, key, raw_text(value), source, error))
+
+    try:
+        payload = json.loads(value) if value is not None else None
+        event_id = uuid.UUID(_header(headers, HEADER_EVENT_ID) or "")
+        causation = _header(headers, HEADER_CAUSATION)
+        causation_id = None if causation is None else uuid.UUID(causation)
+        correlation = _header(headers, HEADER_CORRELATION)
+        producer = _header(headers, HEADER_PRODUCER)
+    except (ValueError, UnicodeDecodeError) as err:
+        return dead(f"malformed {type_name} message: {err}")
+    if not isinstance(payload, dict):
+        return dead(f"a {type_name} message must hold a JSON object")
+    record = EventRecord(
+        id=event_id,
+        type=type_name,
+        key=key,
+        payload=json.dumps(payload),
+        producer=producer,
+        correlation_id=correlation,
+        causation_id=causation_id,
+        origin=f"kafka:{message.topic}",
     )
     return Incoming(event=record)

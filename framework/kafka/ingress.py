@@ -7,6 +7,11 @@ like any local event, with exactly-once effects (G4): a crash between the insert
 commit reads the message again and its insert is a no-op. A message that cannot become an event
 goes to ``vms.dead_letters`` with its raw bytes, in the same transaction, and consumption goes on.
 
+The reference and recovery protocol (``dbcore.reference_events``) travels the same way when the
+App declares references: a protocol event from another core is inserted like any other and, when
+it is new, applied (``handle_event``) in that same transaction, so it takes effect once; what it
+answers goes into the local log, and the relay carries it back.
+
 Precedence (``@Inbound(A, precedence=B)``: every A committed before a B is handled before that B).
 Locally the dispatcher holds a B back while an A with a smaller log position is pending, so what
 the ingress must ensure is that those A's are *in the local log before the B*. The relay of the
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections import defaultdict, deque
@@ -40,6 +46,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from dbcore.core import Core
 from dbcore.eventlog import append
+from dbcore.reference_events import handle_event
 from dbcore.relay import dead_letter_input
 from framework.kafka.codec import Incoming, decode
 from framework.kafka.health import Outage
@@ -173,7 +180,12 @@ class Ingress:
         arrived = time.time() * 1000  # aiokafka's fetch timestamps use the same clock, in ms
         for tp, messages in fetched.items():
             for m in messages:
-                incoming = decode(m, handled=self.routing.handled, by_topic=self.routing.by_topic)
+                incoming = decode(
+                    m,
+                    handled=self.routing.handled,
+                    by_topic=self.routing.by_topic,
+                    protocol=self.routing.protocol,
+                )
                 self._buffers[tp].append(_Pending(tp, m.offset, incoming, arrived))
         if not any(self._buffers.values()):
             return
@@ -289,7 +301,11 @@ class Ingress:
             async with self.core.admin() as conn:
                 if records:
                     # In pick order: an A picked before the B it precedes gets a smaller position.
-                    await append(conn, records, deduplicate=True)
+                    inserted = set(await append(conn, records, deduplicate=True))
+                    for record in records:
+                        if record.type in self.routing.protocol and record.id in inserted:
+                            # In the transaction that records it as received: acted on once.
+                            await handle_event(conn, record.type, json.loads(record.payload))
                 await dead_letter_input(conn, letters)
         except (SQLAlchemyError, OSError) as err:
             self._db.failed(err)

@@ -9,6 +9,7 @@ import graphlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from dbcore.reference_events import PROTOCOL_EVENTS
 from framework.descriptors import ServicePlan
 from framework.events import Event
 from framework.kafka.options import KafkaOptions, KafkaSetupError, sanitize_topic
@@ -22,6 +23,9 @@ class Routing:
     ``by_topic``: topic -> Event type of header-less (foreign) messages on it.
     ``before``: event type B -> topics holding the events that must be inserted before a B
     (every ``A`` of an ``@Inbound(A, precedence=B)`` of a remote service).
+    ``protocol``: the reference and recovery protocol's event types, when a service of this App
+    declares references (``dbcore.reference_events``): they are read from Kafka too, so that
+    references reach across cores.
     ``topics``: every topic the ingress subscribes to.
     """
 
@@ -30,6 +34,7 @@ class Routing:
     before: Mapping[str, frozenset[str]]
     topics: tuple[str, ...]
     services: tuple[str, ...]
+    protocol: frozenset[str] = frozenset()
 
     @property
     def group_id(self) -> str:
@@ -95,14 +100,29 @@ class Routing:
             later: frozenset(t for name in earlier for t in topics_of(name))
             for later, earlier in before_types.items()
         }
-        services = set(options.remote) or {handled[e.event_type()][1] for e in foreign.values()}
+        # The protocol's events, when this App has references to give or to hold; consumed by
+        # every core (each acts only on what concerns its own services).
+        protocol = frozenset(PROTOCOL_EVENTS) if _uses_references(plans) else frozenset()
+        protocol_topics = {options.topic_for(name) for name in protocol}
+        services = (
+            set(options.remote)
+            or {handled[e.event_type()][1] for e in foreign.values()}
+            or ({p.descriptor.name for p in plans} if protocol else set())
+        )
         return cls(
             handled=handled,
             by_topic=by_topic,
             before=before,
-            topics=tuple(sorted(set(framework_topics) | set(foreign))),
+            topics=tuple(sorted(set(framework_topics) | set(foreign) | protocol_topics)),
             services=tuple(sorted(services)),
+            protocol=protocol,
         )
+
+
+def _uses_references(plans: Sequence[ServicePlan]) -> bool:
+    from framework.references import describe  # lazy: references pull in backup and recovery
+
+    return any(describe(p.cls).referenceable or describe(p.cls).columns for p in plans)
 
 
 def _refuse_cycles(before: Mapping[str, set[str]]) -> None:
