@@ -52,6 +52,7 @@ __all__ = [
     "SQLSTATE_DELETED",
     "SQLSTATE_NOT_FOUND",
     "SQLSTATE_RECOVERING",
+    "SQLSTATE_TRUNCATE",
     "amnesia",
     "backups",
     "clock_sequence",
@@ -178,6 +179,7 @@ def clock_sequence(service: str) -> str:
 SQLSTATE_NOT_FOUND = "VR404"
 SQLSTATE_DELETED = "VR410"
 SQLSTATE_RECOVERING = "VR503"
+SQLSTATE_TRUNCATE = "VR405"
 
 _GROUP = quote_ident(SERVICES_GROUP_ROLE)
 
@@ -185,6 +187,19 @@ _GROUP = quote_ident(SERVICES_GROUP_ROLE)
 # UPDATE first: that lock orders a delete after every reference taken before it, so "d = 0, so
 # remove" can never race with a new reference (the same reason leases lock the stock row).
 install_sql: Sequence[str] = (
+    # TRUNCATE fires no row trigger: on a referenceable table it would forget which entities
+    # were referenced (and leave no tombstones), so it is refused; DELETE keeps the bookkeeping.
+    f"""
+    CREATE OR REPLACE FUNCTION vms.ref_refuse_truncate() RETURNS trigger
+    LANGUAGE plpgsql SET search_path = pg_catalog AS $$
+    BEGIN
+        RAISE EXCEPTION 'TRUNCATE of %.% is refused because the table is referenceable and '
+                        'TRUNCATE would lose which of its entities are referenced; DELETE its '
+                        'rows instead',
+                        TG_TABLE_SCHEMA, TG_TABLE_NAME
+              USING ERRCODE = '{SQLSTATE_TRUNCATE}';
+    END $$
+    """,
     "CREATE OR REPLACE FUNCTION vms.uri_part(text) RETURNS text LANGUAGE sql IMMUTABLE "
     "AS $$ SELECT replace(replace($1, '%', '%25'), '/', '%2F') $$",
     """

@@ -30,6 +30,7 @@ from dbcore.reference_catalog import (
     SQLSTATE_DELETED,
     SQLSTATE_NOT_FOUND,
     SQLSTATE_RECOVERING,
+    SQLSTATE_TRUNCATE,
     clock_sequence,
 )
 
@@ -40,6 +41,7 @@ __all__ = [
     "ReferenceColumnSpec",
     "ServiceRecovering",
     "ServiceReferences",
+    "TruncateRefused",
     "delete_reference",
     "get_reference",
     "install_service",
@@ -187,17 +189,22 @@ async def _install_trigger(conn: AsyncConnection, service: str, table: str, keys
         )
     )
     await conn.execute(text(f"REVOKE ALL ON FUNCTION {function}() FROM PUBLIC"))
-    exists = await conn.execute(
-        text("SELECT 1 FROM pg_trigger WHERE tgname = 'vms_entity' AND tgrelid = CAST(:t AS regclass)"),
-        {"t": qualified},
-    )
-    if exists.first() is None:  # creating a trigger locks the table: only when it is missing
-        await conn.execute(
-            text(
-                f"CREATE TRIGGER vms_entity AFTER INSERT OR UPDATE OR DELETE ON {qualified} "
-                f"FOR EACH ROW EXECUTE FUNCTION {function}()"
+    triggers = {
+        "vms_entity": f"AFTER INSERT OR UPDATE OR DELETE ON {qualified} "
+        f"FOR EACH ROW EXECUTE FUNCTION {function}()",
+        "vms_entity_truncate": f"BEFORE TRUNCATE ON {qualified} "
+        "FOR EACH STATEMENT EXECUTE FUNCTION vms.ref_refuse_truncate()",
+    }
+    existing = set(
+        (
+            await conn.execute(
+                text("SELECT tgname FROM pg_trigger WHERE tgrelid = CAST(:t AS regclass)"), {"t": qualified}
             )
-        )
+        ).scalars()
+    )
+    for name, definition in triggers.items():
+        if name not in existing:  # creating a trigger locks the table: only when it is missing
+            await conn.execute(text(f"CREATE TRIGGER {name} {definition}"))
     await conn.execute(
         text(
             f"""
@@ -274,10 +281,15 @@ class ServiceRecovering(CoreError, RuntimeError):
     """The owner is recovering in consistency mode and serves nothing until the recovery ends."""
 
 
+class TruncateRefused(CoreError, PermissionError):
+    """TRUNCATE of a referenceable table: it would lose which entities are referenced."""
+
+
 _ERRORS: dict[str, type[CoreError]] = {
     SQLSTATE_NOT_FOUND: EntityNotFound,
     SQLSTATE_DELETED: EntityDeleted,
     SQLSTATE_RECOVERING: ServiceRecovering,
+    SQLSTATE_TRUNCATE: TruncateRefused,
 }
 
 

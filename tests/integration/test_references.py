@@ -12,7 +12,8 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Mapped, mapped_column
 
 from dbcore.integrity import Reference
-from framework import App, Service, Transactional, session
+from dbcore.references import TruncateRefused
+from framework import App, Service, Transactional, connection, session
 from framework.references import (
     EntityDeleted,
     EntityNotFound,
@@ -42,6 +43,10 @@ class Crm(Service, name="crm"):
         row = await session().get(Client, cid)
         assert row is not None
         await session().delete(row)
+
+    @Transactional
+    async def wipe(self) -> None:
+        await connection().execute(text("TRUNCATE crm.clients"))
 
 
 @referenceable
@@ -238,3 +243,15 @@ async def test_definition_1_lists_each_broken_reference_with_both_ends(app: App)
     assert newer.entity is not None and newer.entity.t == 2 and newer.covered_by is None
     # The forged rows were not counted: local consistency says so too.
     assert {p.problem for p in report.local} == {"shop holds 1 reference(s), counted 0"}
+
+
+async def test_truncating_a_referenceable_table_is_refused(app: App) -> None:
+    """TRUNCATE fires no row trigger: it would forget which entities are referenced."""
+    await app.service(Crm).put("c1", "Ada")
+    await app.service(Shop).order("o1", "c1")
+    with pytest.raises(TruncateRefused, match=r"TRUNCATE of crm\.clients is refused.*DELETE its rows"):
+        await app.service(Crm).wipe()
+    entity = await meta(app, uri_of(Client, "c1"))
+    assert entity is not None and entity["d"] == 1
+    async with app.core.admin() as conn:
+        assert (await conn.execute(text("SELECT count(*) FROM crm.clients"))).scalar_one() == 1
