@@ -49,6 +49,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from dbcore.catalog import CATALOG_SCHEMA, SERVICES_GROUP_ROLE, quote_ident
 
 __all__ = [
+    "RECOVERY_CHANNEL",
     "SQLSTATE_DELETED",
     "SQLSTATE_NOT_FOUND",
     "SQLSTATE_RECOVERING",
@@ -180,6 +181,9 @@ SQLSTATE_NOT_FOUND = "VR404"
 SQLSTATE_DELETED = "VR410"
 SQLSTATE_RECOVERING = "VR503"
 SQLSTATE_TRUNCATE = "VR405"
+#: NOTIFY channel: "<service>\n<mode>" when a service starts recovering ('availability' or
+#: 'consistency') and "<service>\n" when it serves again, so every App knows at once.
+RECOVERY_CHANNEL = "vms_recovery"
 
 _GROUP = quote_ident(SERVICES_GROUP_ROLE)
 
@@ -187,6 +191,19 @@ _GROUP = quote_ident(SERVICES_GROUP_ROLE)
 # UPDATE first: that lock orders a delete after every reference taken before it, so "d = 0, so
 # remove" can never race with a new reference (the same reason leases lock the stock row).
 install_sql: Sequence[str] = (
+    f"""
+    CREATE OR REPLACE FUNCTION vms.ref_services_notify() RETURNS trigger
+    LANGUAGE plpgsql SET search_path = pg_catalog AS $$
+    BEGIN
+        IF TG_OP = 'INSERT' OR NEW.recovering IS DISTINCT FROM OLD.recovering THEN
+            PERFORM pg_notify('{RECOVERY_CHANNEL}', NEW.service || E'\\n' || coalesce(NEW.recovering, ''));
+        END IF;
+        RETURN NULL;
+    END $$
+    """,
+    "DROP TRIGGER IF EXISTS ref_services_notify ON vms.ref_services",
+    "CREATE TRIGGER ref_services_notify AFTER INSERT OR UPDATE ON vms.ref_services "
+    "FOR EACH ROW EXECUTE FUNCTION vms.ref_services_notify()",
     # TRUNCATE fires no row trigger: on a referenceable table it would forget which entities
     # were referenced (and leave no tombstones), so it is refused; DELETE keeps the bookkeeping.
     f"""

@@ -32,6 +32,7 @@ from dbcore.descriptor import ServiceDescriptor
 from dbcore.embedded import EmbeddedPostgres
 from dbcore.eventlog import NOTIFY_CHANNEL, append, prune
 from dbcore.leases import reap
+from dbcore.reference_catalog import RECOVERY_CHANNEL
 from framework.config import Settings, sqlalchemy_url
 from framework.context import correlation
 from framework.descriptors import ServicePlan, build_plans, dependencies_of
@@ -100,6 +101,8 @@ class App:
         self._started = False
         self._kafka: Any = None
         self._workers: HandlerWorkers | None = None
+        #: Services recovering in consistency mode (G10): they serve nothing until it ends.
+        self.recovering: set[str] = set()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -315,6 +318,25 @@ class App:
             self._outcomes.notified(correlations)
 
         await self._listener.add_listener(NOTIFY_CHANNEL, on_notify)
+
+        def on_recovery(_conn: object, _pid: int, _channel: str, payload: str) -> None:
+            # "<service>\n<mode>", mode empty when the service serves again.
+            service, _, mode = payload.partition("\n")
+            if mode == "consistency":
+                self.recovering.add(service)
+                return
+            self.recovering.discard(service)
+            dispatcher = self._dispatchers.get(service)
+            if dispatcher is not None:
+                dispatcher.wake()
+
+        await self._listener.add_listener(RECOVERY_CHANNEL, on_recovery)
+        # Listening first, then reading: a recovery that starts in between is not missed.
+        if await self._listener.fetchval("SELECT to_regclass('vms.ref_services') IS NOT NULL"):
+            rows = await self._listener.fetch(
+                "SELECT service FROM vms.ref_services WHERE recovering = 'consistency'"
+            )
+            self.recovering.update(r[0] for r in rows)
 
     async def _prune_loop(self) -> None:
         retention = self.settings.retention_seconds

@@ -110,7 +110,9 @@ class Dispatcher:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while not self._stopping:
-            if self._outstanding > self.low_water:
+            if self._outstanding > self.low_water or self.service in self.app.recovering:
+                # Enough claimed; or recovering in consistency mode (G10), when its events wait
+                # rather than fail (the App wakes the dispatcher when the recovery ends).
                 await self._wait(self.poll_interval)
                 continue
             limit = self.depth - self._outstanding

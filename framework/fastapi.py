@@ -18,7 +18,8 @@ async def checkout(customer_id: str, app: CurrentApp) -> dict:
 
 Framework errors become JSON answers ``{"error": "<class name>", "detail": "<message>"}`` in one
 place: ``IsolationError`` 403, ``LeaseError`` and :class:`Conflict` 409, ``RetriesExhausted`` 503,
-``TimeoutError`` (``App.outcome``) 504, ``LanguageError``/``AnnotationError`` and any other
+``ServiceRecovering`` (a service restoring in consistency mode) 503, ``TimeoutError``
+(``App.outcome``) 504, ``LanguageError``/``AnnotationError`` and any other
 framework or core error 500. Request validation keeps FastAPI's 422 answer, which names the field.
 """
 
@@ -34,6 +35,7 @@ from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp
 
 from dbcore.errors import CoreError, IsolationError, LanguageError, LeaseError
+from dbcore.references import ServiceRecovering
 from framework.app import App
 from framework.errors import AnnotationError, FrameworkError, RetriesExhausted
 from framework.events import Event
@@ -75,6 +77,7 @@ _STATUS: tuple[tuple[type[Exception], int], ...] = (
     (LeaseError, 409),
     (Conflict, 409),
     (RetriesExhausted, 503),
+    (ServiceRecovering, 503),
     (TimeoutError, 504),
     (LanguageError, 500),
     (AnnotationError, 500),

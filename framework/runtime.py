@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from dbcore.isolation import CommitStatement, is_retryable, sqlstate_of, translate_error
 from dbcore.query_language import QuerySpec, bind_values
+from dbcore.references import ServiceRecovering
 from framework.annotations import FunctionSpec, TransactionalSpec
 from framework.context import TxContext, bind, current, unbind
 from framework.errors import RetriesExhausted, ServiceCallError
@@ -61,10 +62,21 @@ class ServiceRuntime:
         kwargs: dict[str, Any],
     ) -> Awaitable[Any]:
         if spec.query is not None:
+            self.refuse_while_recovering()
             return self._run_query(spec, args, kwargs)
         if spec.lease is not None:
+            self.refuse_while_recovering()
             return self.app.leases.call(self, spec, args, kwargs)
         return self.run(spec, wrapped, args, kwargs)
+
+    def refuse_while_recovering(self) -> None:
+        """Raise ``ServiceRecovering`` while this service recovers in consistency mode (G10)."""
+        if self.name in self.app.recovering:
+            raise ServiceRecovering(
+                f"service {self.name!r} is recovering in consistency mode: it serves nothing, "
+                "reads included, until every holder of its references has answered (or the "
+                "recovery times out)"
+            )
 
     async def run(
         self,
@@ -87,6 +99,7 @@ class ServiceRuntime:
         outer = current()
         if outer is not None:
             return await self._join(outer, spec, wrapped, args, kwargs)
+        self.refuse_while_recovering()
         tx = spec.tx
         if tx is None:
             return await wrapped(*args, **kwargs)

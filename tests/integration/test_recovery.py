@@ -12,7 +12,7 @@ from sqlalchemy import text
 from sqlalchemy.orm import Mapped, mapped_column
 from typer.testing import CliRunner
 
-from framework import App, Service, Transactional, session
+from framework import App, Event, Inbound, Service, Transactional, session
 from framework.integrity_cli import mount
 from framework.references import (
     Ref,
@@ -30,7 +30,23 @@ from framework.references import (
 )
 
 
+class Bonus(Event, key="mid"):
+    mid: str
+    points: int
+
+
 class Club(Service, name="club"):
+    @Transactional(type="RO")
+    async def name_of(self, mid: str) -> str | None:
+        row = await session().get(Member, mid)
+        return None if row is None else row.name
+
+    @Inbound(Bonus)
+    async def on_bonus(self, ev: Bonus) -> None:
+        row = await session().get(Member, ev.mid)
+        assert row is not None
+        row.points += ev.points
+
     @Transactional
     async def put(self, mid: str, name: str, points: int = 0) -> None:
         row = await session().get(Member, mid)
@@ -207,6 +223,35 @@ async def test_consistency_mode_refuses_writes_and_references_until_every_holder
     state = await recovering
     assert (state.status, state.waiting_for) == ("timed_out", ("remote",))
     await club.put("m1", "served again")
+
+
+async def test_consistency_mode_serves_no_reads_and_holds_events_until_it_ends(app: App) -> None:
+    club = app.service(Club)
+    await club.put("m1", "member 1")
+    async with app.core.admin() as conn:  # a holder in another core, which will never answer
+        await conn.execute(
+            text("SELECT vms.get_reference('vms://club/members/m1', true, false, NULL, 'remote')")
+        )
+    await backup(app, "club")
+    await crash(app, "club")
+    recovering = asyncio.create_task(restore(app, "club", mode="consistency", timeout=1.5))
+    for _ in range(100):  # the App hears of it by notification
+        if "club" in app.recovering:
+            break
+        await asyncio.sleep(0.02)
+    with pytest.raises(ServiceRecovering, match="reads included"):
+        await club.name_of("m1")
+    await app.publish(Bonus(mid="m1", points=3))
+    await asyncio.sleep(0.3)
+    async with app.core.admin() as conn:
+        waiting = (await conn.execute(text("SELECT count(*) FROM vms.deliveries"))).scalar_one()
+        letters = (await conn.execute(text("SELECT count(*) FROM vms.dead_letters"))).scalar_one()
+    assert (waiting, letters) == (1, 0)  # the event waits for the recovery; it does not fail
+    state = await recovering
+    assert state.status == "timed_out" and "club" not in app.recovering
+    await app.drain()
+    assert (await rows(app))["m1"] == ("member 1", 3)
+    assert await club.name_of("m1") == "member 1"
 
 
 async def test_consistency_mode_with_every_holder_here_recovers_before_serving(app: App) -> None:
