@@ -1,7 +1,7 @@
 """Delivering events to one service's ``@Inbound`` handlers, in this process.
 
 A dispatcher claims deliveries (see ``dbcore.delivery`` for the ordering rules) ahead of need,
-up to three times ``worker_concurrency``, and queues them for the App's handler workers
+up to four times ``worker_concurrency``, and queues them for the App's handler workers
 (``framework.workers``), which run each handler in the handler's transaction and acknowledge it in
 that same transaction. Claims come back at most one per partition key, so handlers of different
 keys run concurrently and handlers of one key run one after another, in order. Claiming ahead
@@ -58,9 +58,10 @@ class Dispatcher:
         self.workers = workers
         self.service = runtime.name
         settings = app.settings
-        # Claimed and not yet finished, at most three times what the workers run at once; the
-        # next claim goes out while a full round of work is still queued, so that the workers
-        # do not wait for it, and brings at least a round (one round trip for many handlers).
+        # Claimed and not yet finished, at most four times what the workers run at once; the
+        # next claim goes out once a round is done, while two more rounds are still queued, so
+        # that the workers do not wait for it, and brings at least a round (one round trip for
+        # many handlers).
         self.depth = 4 * settings.worker_concurrency
         self.low_water = 3 * settings.worker_concurrency
         self.claim_timeout = settings.claim_timeout

@@ -31,7 +31,16 @@ from framework.kafka.options import (
     HEADER_XID,
 )
 
-__all__ = ["FOREIGN_NAMESPACE", "Incoming", "Outgoing", "decode", "encode", "raw_text", "source_of"]
+__all__ = [
+    "FOREIGN_NAMESPACE",
+    "PROTOCOL_SUBSCRIBER",
+    "Incoming",
+    "Outgoing",
+    "decode",
+    "encode",
+    "raw_text",
+    "source_of",
+]
 
 #: Namespace of the ids given to foreign messages.
 FOREIGN_NAMESPACE = uuid.UUID("6f1f7a4e-2d7c-5b8e-9a51-6b6d73646b66")

@@ -35,6 +35,7 @@ import contextlib
 import json
 import logging
 import time
+import uuid
 from collections import defaultdict, deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -42,13 +43,16 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
+from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from dbcore.core import Core
+from dbcore.errors import CoreError
 from dbcore.eventlog import append
 from dbcore.reference_events import handle_event
-from dbcore.relay import dead_letter_input
-from framework.kafka.codec import Incoming, decode
+from dbcore.relay import DeadInput, dead_letter_input
+from framework.kafka.codec import PROTOCOL_SUBSCRIBER, Incoming, decode, source_of
 from framework.kafka.health import Outage
 from framework.kafka.options import KafkaOptions
 from framework.kafka.routing import Routing
@@ -58,6 +62,9 @@ __all__ = ["Ingress"]
 log = logging.getLogger("vmsdb.kafka.ingress")
 
 _STOP_GRACE = 5.0
+_SAVEPOINT = text("SAVEPOINT vms_protocol")
+_RELEASE_SAVEPOINT = text("RELEASE SAVEPOINT vms_protocol")
+_ROLLBACK_TO_SAVEPOINT = text("ROLLBACK TO SAVEPOINT vms_protocol")
 _LIST_OFFSETS_TIMEOUT = 5.0
 
 
@@ -302,10 +309,8 @@ class Ingress:
                 if records:
                     # In pick order: an A picked before the B it precedes gets a smaller position.
                     inserted = set(await append(conn, records, deduplicate=True))
-                    for record in records:
-                        if record.type in self.routing.protocol and record.id in inserted:
-                            # In the transaction that records it as received: acted on once.
-                            await handle_event(conn, record.type, json.loads(record.payload))
+                    if self.routing.protocol:
+                        letters += await self._apply_protocol(conn, picks, inserted)
                 await dead_letter_input(conn, letters)
         except (SQLAlchemyError, OSError) as err:
             self._db.failed(err)
@@ -321,6 +326,34 @@ class Ingress:
                 letter.error,
             )
         return True
+
+    async def _apply_protocol(
+        self, conn: AsyncConnection, picks: list[_Pending], inserted: set[uuid.UUID]
+    ) -> list[DeadInput]:
+        """Apply the new protocol events, in the transaction that records them (so once each).
+
+        Each runs in a savepoint: one whose payload cannot be applied (a field missing, a
+        refusal) becomes a dead letter and the others go on. Database errors are not its own
+        fault: they fail the round, which is read again.
+        """
+        failed: list[DeadInput] = []
+        for p in picks:
+            record = p.incoming.event
+            if record is None or record.type not in self.routing.protocol or record.id not in inserted:
+                continue
+            await conn.execute(_SAVEPOINT)
+            try:
+                await handle_event(conn, record.type, json.loads(record.payload))
+            except (CoreError, KeyError, TypeError, ValueError) as err:
+                await conn.execute(_ROLLBACK_TO_SAVEPOINT)
+                source = source_of(p.tp.topic, p.tp.partition, p.offset)
+                error = f"{record.type} could not be applied: {type(err).__name__}: {err}"
+                failed.append(
+                    DeadInput(PROTOCOL_SUBSCRIBER, record.type, record.key, record.payload, source, error)
+                )
+            else:
+                await conn.execute(_RELEASE_SAVEPOINT)
+        return failed
 
     async def _commit(self, consumer: AIOKafkaConsumer, picks: list[_Pending]) -> None:
         assignment = consumer.assignment()

@@ -97,29 +97,34 @@ async def test_a_restore_hears_from_a_holder_on_another_core_through_kafka(cores
     assert (await check(core_a)).globally_consistent
 
 
-async def test_a_malformed_protocol_message_is_a_dead_letter(
+async def test_malformed_protocol_messages_are_dead_letters_and_the_rest_flows(
     cores: tuple[App, App], kafka_broker: KafkaBroker, kafka_topic_prefix: str
 ) -> None:
-    core_a, _ = cores
+    core_a, core_b = cores
+    await core_a.service(Guild).put("f1", "Ada")
+    topic = f"{kafka_topic_prefix}vms.ref.acquire"
     producer = AIOKafkaProducer(bootstrap_servers=kafka_broker.bootstrap, acks="all")
     await producer.start()
     try:
-        headers = [
-            ("vmsdb-event-id", b"9b0cf7a4-3d2e-4c55-8a43-6f0a3b8f8e01"),
-            ("vmsdb-event-type", b"vms.ref.acquire"),
-        ]
-        await producer.send_and_wait(
-            f"{kafka_topic_prefix}vms.ref.acquire", b"[1, 2]", key=b"k", headers=headers
-        )
+        for event_id, value in (
+            (b"9b0cf7a4-3d2e-4c55-8a43-6f0a3b8f8e01", b"[1, 2]"),  # not a JSON object
+            (b"9b0cf7a4-3d2e-4c55-8a43-6f0a3b8f8e02", b'{"uri": "vms://guild/fellows/f1"}'),  # no holder
+        ):
+            headers = [("vmsdb-event-id", event_id), ("vmsdb-event-type", b"vms.ref.acquire")]
+            await producer.send_and_wait(topic, value, key=b"k", headers=headers)
     finally:
         await producer.stop()
+    # A real request after them: the ingress went on.
+    await core_b.service(Archive).file("r1", "f1")
+    await until(lambda: granted(core_b, "r1"), "the grant after the malformed messages")
 
-    async def lettered() -> bool:
-        return bool(await rows(core_a, "SELECT 1 FROM vms.dead_letters WHERE subscriber = 'vms'"))
-
-    await until(lambda: lettered(), "the dead letter")
-    [(event_type, raw, error)] = await rows(
-        core_a, "SELECT event_type, raw, error FROM vms.dead_letters WHERE subscriber = 'vms'"
+    letters = await rows(
+        core_a, "SELECT event_type, raw, error FROM vms.dead_letters WHERE subscriber = 'vms' ORDER BY id"
     )
-    assert (event_type, raw) == ("vms.ref.acquire", "[1, 2]")
-    assert "must hold a JSON object" in error
+    assert [(t, raw) for t, raw, _ in letters] == [
+        ("vms.ref.acquire", "[1, 2]"),
+        ("vms.ref.acquire", '{"uri": "vms://guild/fellows/f1"}'),
+    ]
+    assert "must hold a JSON object" in letters[0][2]
+    assert "could not be applied: KeyError: 'holder'" in letters[1][2]
+    assert await held(core_a, uri_of(Fellow, "f1")) == (1, {"archive": 1})
