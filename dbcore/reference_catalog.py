@@ -201,9 +201,6 @@ install_sql: Sequence[str] = (
         RETURN NULL;
     END $$
     """,
-    "DROP TRIGGER IF EXISTS ref_services_notify ON vms.ref_services",
-    "CREATE TRIGGER ref_services_notify AFTER INSERT OR UPDATE ON vms.ref_services "
-    "FOR EACH ROW EXECUTE FUNCTION vms.ref_services_notify()",
     # TRUNCATE fires no row trigger: on a referenceable table it would forget which entities
     # were referenced (and leave no tombstones), so it is refused; DELETE keeps the bookkeeping.
     f"""
@@ -434,6 +431,15 @@ install_sql: Sequence[str] = (
 )
 
 _INSTALL_LOCK = text("SELECT pg_advisory_xact_lock(hashtext('vms.references'))")
+# Created only when missing: creating a trigger locks the table, and every App start installs.
+_NOTIFY_TRIGGER_EXISTS = text(
+    "SELECT 1 FROM pg_trigger WHERE tgname = 'ref_services_notify' "
+    "AND tgrelid = CAST('vms.ref_services' AS regclass)"
+)
+_NOTIFY_TRIGGER = text(
+    "CREATE TRIGGER ref_services_notify AFTER INSERT OR UPDATE ON vms.ref_services "
+    "FOR EACH ROW EXECUTE FUNCTION vms.ref_services_notify()"
+)
 
 
 async def install(conn: AsyncConnection) -> None:
@@ -443,3 +449,5 @@ async def install(conn: AsyncConnection) -> None:
     await conn.run_sync(metadata.create_all)
     for statement in install_sql:
         await conn.execute(text(statement))
+    if (await conn.execute(_NOTIFY_TRIGGER_EXISTS)).first() is None:
+        await conn.execute(_NOTIFY_TRIGGER)
