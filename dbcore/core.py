@@ -13,7 +13,7 @@ from contextlib import asynccontextmanager
 from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from dbcore import eventlog, leases
+from dbcore import eventlog, leases, reference_catalog
 from dbcore.catalog import CATALOG_SCHEMA, metadata, owned_tables, services
 from dbcore.descriptor import ServiceDescriptor, role_for
 from dbcore.isolation import CommitStatement, autocommit_connection, service_connection
@@ -25,7 +25,7 @@ _INSTALL_LOCK = text("SELECT pg_advisory_xact_lock(hashtext('vms.install'))")
 
 #: The core revision (``alembic/versions/core``) whose catalog :meth:`Core.install` creates. A
 #: fresh install is stamped with it, so ``vmsdb migrate`` finds it at head.
-CATALOG_REVISION = "0002_delivery_ack"
+CATALOG_REVISION = "0003_references"
 # alembic's own version table, as alembic creates it (schema vms, see framework.migrations).
 _VERSION_TABLE = text(
     "CREATE TABLE vms.alembic_version (version_num VARCHAR(32) NOT NULL, "
@@ -104,6 +104,7 @@ class Core:
             await ensure_group_role(conn)
             for statement in (*eventlog.install_sql, *leases.install_sql):
                 await conn.execute(text(statement))
+            await reference_catalog.install(conn)
             if not (await conn.execute(_VERSIONED)).scalar_one():  # else alembic keeps it
                 await conn.execute(_VERSION_TABLE)
                 await conn.execute(

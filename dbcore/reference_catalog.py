@@ -20,8 +20,9 @@ commits with the caller's changes or not at all, and the caller is read from the
 so a service cannot count references in another's name. Services may read which tables are
 referenceable and where references are kept; the metadata changes only through the functions.
 
-The tables have a ``MetaData`` of their own: the core's is what ``Core.install()`` and revision
-0001 build, and this catalog is installed beside it by :func:`install`.
+The tables have a ``MetaData`` of their own; :func:`install` creates them and the functions, and
+``Core.install()`` calls it. Core revision ``0003_references`` creates the same (a test compares).
+When this module changes, add a core revision (see ``alembic/README.md``).
 """
 
 from __future__ import annotations

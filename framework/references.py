@@ -43,7 +43,7 @@ from sqlalchemy.orm import mapped_column
 from sqlalchemy.types import TypeDecorator
 
 from dbcore import backup as backups
-from dbcore import integrity, recovery, reference_catalog, reference_events, references
+from dbcore import integrity, recovery, reference_events, references
 from dbcore.backup import BackupInfo
 from dbcore.integrity import IntegrityReport
 from dbcore.isolation import service_connection
@@ -178,9 +178,9 @@ def describe(cls: type[Service]) -> ServiceReferences:
 
 
 async def install(app: Host) -> None:
-    """Install the catalog and every service's triggers (at start, once the tables exist)."""
+    """Install every service's referenceable tables and reference columns (at start, once the
+    tables exist). The catalog itself is the core's (``Core.install()``, core revision 0003)."""
     async with app.core.admin() as conn:
-        await reference_catalog.install(conn)
         for plan in app.plans:
             await references.install_service(conn, plan.descriptor.name, describe(plan.cls))
 
