@@ -306,8 +306,13 @@ class Run:
         self.rates: dict[str, list[float]] = {FRAMEWORK: [], BASELINE: []}
 
     def app(self, prefix: str) -> App:
-        kafka = {"kafka_bootstrap": self.bootstrap, "kafka_topic_prefix": prefix}
-        return App([], database_url=self.url, workers=False, **kafka)
+        return App(
+            [],
+            database_url=self.url,
+            workers=False,
+            kafka_bootstrap=self.bootstrap,
+            kafka_topic_prefix=prefix,
+        )
 
     # -- throughput ----------------------------------------------------------------------------
 

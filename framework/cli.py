@@ -219,6 +219,35 @@ def leases(app: AppArg) -> None:
     console.print(f"{len(rows)} active lease(s)")
 
 
+BENCHMARK_NAMES = ("handler", "delivery", "leases", "relay", "all")
+
+
+@cli.command()
+def bench(
+    name: Annotated[str, typer.Argument(help="handler, delivery, leases, relay or all")],
+    seconds: Annotated[
+        float | None, typer.Option(help="measuring time per benchmark (default: its own, 12-24 s)")
+    ] = None,
+    rounds: Annotated[int, typer.Option(help="alternating rounds per side; the best is reported")] = 2,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="results file (default benchmarks/results/<name>.json)")
+    ] = None,
+) -> None:
+    """Measure the framework against hand-written asyncpg baselines in the same run
+    (``python -m benchmarks``; what each compares: benchmarks/README.md)."""
+    if name not in BENCHMARK_NAMES:
+        raise typer.BadParameter(f"{name!r} is not a benchmark; choose one of {', '.join(BENCHMARK_NAMES)}")
+    if rounds < 1 or (seconds is not None and seconds <= 0):
+        raise typer.BadParameter("--rounds must be at least 1 and --seconds positive")
+    from benchmarks.__main__ import main as run_benchmarks  # lazy: pulls in every benchmark
+    from benchmarks.__main__ import parse_args
+
+    argv = [name, "--rounds", str(rounds)]
+    argv += ["--seconds", str(seconds)] if seconds is not None else []
+    argv += ["--json", str(json_path)] if json_path is not None else []
+    asyncio.run(run_benchmarks(parse_args(argv)))
+
+
 def main() -> None:
     cli()
 
