@@ -239,8 +239,15 @@ def bench(
         raise typer.BadParameter(f"{name!r} is not a benchmark; choose one of {', '.join(BENCHMARK_NAMES)}")
     if rounds < 1 or (seconds is not None and seconds <= 0):
         raise typer.BadParameter("--rounds must be at least 1 and --seconds positive")
-    from benchmarks.__main__ import main as run_benchmarks  # lazy: pulls in every benchmark
-    from benchmarks.__main__ import parse_args
+    try:  # lazy: pulls in every benchmark, and the brokers and fixtures of the test extra
+        from benchmarks.__main__ import main as run_benchmarks
+        from benchmarks.__main__ import parse_args
+    except ModuleNotFoundError as err:
+        typer.echo(
+            f"vmsdb bench needs the test extra ({err.name} is missing): pip install -e '.[test]'",
+            err=True,
+        )
+        raise typer.Exit(1) from err
 
     argv = [name, "--rounds", str(rounds)]
     argv += ["--seconds", str(seconds)] if seconds is not None else []
