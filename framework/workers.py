@@ -1,9 +1,11 @@
 """The App's handler workers: a fixed number of tasks that run claimed deliveries.
 
 Dispatchers (one per service, see ``framework.dispatcher``) claim deliveries ahead of need and
-queue them here; ``worker_concurrency`` workers take them in order. A worker keeps its pooled
-connection while the queue has work, so a backlog is handled without a pool checkout per event,
-and gives it back as soon as the queue runs dry, so an idle App holds no connections.
+queue them here; ``worker_concurrency`` workers take them, each service's in order and the
+services in turn, so a service with a backlog never makes another's events wait behind all of
+it. A worker keeps its pooled connection while there is work, so a backlog is handled without a
+pool checkout per event, and gives it back as soon as the queue runs dry, so an idle App holds
+no connections.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -41,27 +44,43 @@ class Job:
 
 
 class HandlerWorkers:
-    """``size`` workers sharing one queue of claimed deliveries, for every service of an App."""
+    """``size`` workers sharing the claimed deliveries of every service of an App."""
 
     def __init__(self, app: App, size: int) -> None:
         self.app = app
         self.size = size
-        self._queue: asyncio.Queue[Job | None] = asyncio.Queue()
+        self._queues: dict[str, deque[Job]] = {}  # per service, in claim order
+        self._turns: deque[str] = deque()  # services with work, in the order they are served
+        self._available: asyncio.Queue[bool] = asyncio.Queue()  # one True per job, False: stop
         self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self._work(), name=f"vmsdb-handler-{i}") for i in range(self.size)]
 
     def submit(self, job: Job) -> None:
-        self._queue.put_nowait(job)
+        service = job.dispatcher.service
+        queue = self._queues.setdefault(service, deque())
+        if not queue:
+            self._turns.append(service)
+        queue.append(job)
+        self._available.put_nowait(True)
+
+    def _take(self) -> Job | None:
+        """The next service's oldest job; that service goes to the back of the line."""
+        if not self._turns:
+            return None  # given back at stop
+        service = self._turns.popleft()
+        queue = self._queues[service]
+        job = queue.popleft()
+        if queue:
+            self._turns.append(service)
+        return job
 
     async def stop(self) -> None:
         """Give back the claims nobody started on, then let running handlers finish."""
-        waiting: list[Job] = []
-        while not self._queue.empty():
-            job = self._queue.get_nowait()
-            if job is not None:
-                waiting.append(job)
+        waiting = [job for queue in self._queues.values() for job in queue]
+        self._queues.clear()
+        self._turns.clear()
         if waiting:
             with contextlib.suppress(Exception):  # unreleased claims simply run out
                 async with self.app.core.admin() as conn:
@@ -70,26 +89,28 @@ class HandlerWorkers:
         for job in waiting:
             job.dispatcher.finished(job.item)
         for _ in self._tasks:
-            self._queue.put_nowait(None)
+            self._available.put_nowait(False)
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
 
     async def _work(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            job = await self._queue.get()
-            if job is None:
+            if not await self._available.get():
                 return
+            job = self._take()
+            if job is None:
+                continue
             try:
                 async with self.app.core.engine.connect() as conn:
                     while job is not None:
                         running, job = job, None
                         await self._run(running, conn, loop.time())
-                        if conn.invalidated or self._queue.empty():
+                        if conn.invalidated or self._available.empty():
                             break
-                        job = self._queue.get_nowait()
-                        if job is None:
+                        if not self._available.get_nowait():
                             return
+                        job = self._take()
             except Exception:  # the database went away: claims in hand run out, are claimed again
                 log.exception("a handler worker lost its database connection")
                 if job is not None:  # checked out no connection, so never ran

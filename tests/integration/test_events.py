@@ -492,3 +492,37 @@ async def test_events_behind_the_horizon_are_taken_soon_after_it_moves(app_facto
             assert await seen(app) == []  # all held back by the open transaction
         await app.drain(timeout=2.0)
         assert await seen(app) == [("late", 0), ("late", 1), ("late", 2)]
+
+
+async def test_a_backlog_of_one_service_does_not_queue_anothers_events_behind_it(app_factory) -> None:
+    """Workers serve the services in turn: an event for another service is taken by the next
+    free worker, not after every claimed event of a slow backlog."""
+    started: list[tuple[str, int]] = []
+    busy, flagged = asyncio.Event(), asyncio.Event()
+
+    class Slow(Service, name="slow"):
+        @Inbound(Noted)
+        async def on_noted(self, ev: Noted) -> None:
+            await asyncio.sleep(0.05)
+            started.append(("slow", ev.seq))
+            if len(started) >= 20:
+                busy.set()
+
+    class Quick(Service, name="quick"):
+        @Inbound(Flag)
+        async def on_flag(self, ev: Flag) -> None:
+            started.append(("quick", ev.seq))
+            flagged.set()
+
+    async with app_factory([Writer, Slow, Quick], workers=False) as producer:
+        for seq in range(300):
+            await producer.publish(Noted(key=f"k{seq}", seq=seq))
+    async with app_factory([Writer, Slow, Quick]) as app:
+        await asyncio.wait_for(busy.wait(), 20)  # the backlog is being worked on, 64 claimed ahead
+        before = len(started)
+        await app.service(Writer).flag("f", 1)
+        await asyncio.wait_for(flagged.wait(), 20)
+        overtaken = started.index(("quick", 1)) - before
+        # Served in turn, the flag waits for the handlers already running (16) at most, not for
+        # the ~48 events of the backlog queued ahead of it.
+        assert overtaken <= 20, overtaken
