@@ -24,6 +24,7 @@ from contextlib import AbstractAsyncContextManager
 from types import TracebackType
 from typing import Any, TypeVar
 
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from dbcore import delivery
@@ -48,6 +49,10 @@ from framework.service import Service
 from framework.workers import HandlerWorkers
 
 __all__ = ["App"]
+
+#: While a service recovers in consistency mode, how often the App reads the state again.
+_RECOVERY_RECHECK = 1.0
+_RECOVERING = text("SELECT service FROM vms.ref_services WHERE recovering = 'consistency'")
 
 log = logging.getLogger("vmsdb.app")
 
@@ -332,11 +337,31 @@ class App:
 
         await self._listener.add_listener(RECOVERY_CHANNEL, on_recovery)
         # Listening first, then reading: a recovery that starts in between is not missed.
-        if await self._listener.fetchval("SELECT to_regclass('vms.ref_services') IS NOT NULL"):
-            rows = await self._listener.fetch(
-                "SELECT service FROM vms.ref_services WHERE recovering = 'consistency'"
-            )
-            self.recovering.update(r[0] for r in rows)
+        self.recovering.update(await self._read_recovering())
+        self._background.append(asyncio.create_task(self._recovery_watch()))
+
+    async def _read_recovering(self) -> set[str]:
+        """Services recovering in consistency mode (through the pool, not the listener)."""
+        async with self.core.autocommit() as conn:
+            return set((await conn.execute(_RECOVERING)).scalars())
+
+    async def _recovery_watch(self) -> None:
+        """While a service is known to recover, read the state again now and then: a notification
+        lost with the listener's connection must not keep it refusing for ever."""
+        while True:
+            await asyncio.sleep(_RECOVERY_RECHECK)
+            if not self.recovering:
+                continue
+            try:
+                now = await self._read_recovering()
+            except Exception:  # the listener's connection is gone: the core refuses writes anyway
+                log.warning("could not read which services are recovering", exc_info=True)
+                continue
+            for service in self.recovering - now:
+                dispatcher = self._dispatchers.get(service)
+                if dispatcher is not None:
+                    dispatcher.wake()
+            self.recovering.intersection_update(now)
 
     async def _prune_loop(self) -> None:
         retention = self.settings.retention_seconds

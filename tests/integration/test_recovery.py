@@ -385,3 +385,18 @@ async def test_a_partial_copy_cannot_recreate_a_lost_row_and_leaves_it_to_repair
         assert report.weakly_consistent
         assert {(v.reference.key, v.kind) for v in report.violations} == {("s4", "missing")}
         assert all(v.covered_by is not None for v in report.violations)
+
+
+async def test_a_recovery_end_missed_by_the_listener_is_noticed_soon(app: App) -> None:
+    """The App keeps which services recover from notifications; had it missed the end of one
+    (its listener's connection lost), re-reading the state must let the service serve again."""
+    club = app.service(Club)
+    await club.put("m1", "member 1")
+    app.recovering.add("club")  # as if the notification of the end never came
+    with pytest.raises(ServiceRecovering):
+        await club.name_of("m1")
+    for _ in range(60):
+        if "club" not in app.recovering:
+            break
+        await asyncio.sleep(0.05)
+    assert await club.name_of("m1") == "member 1"
