@@ -160,6 +160,12 @@ class Dispatcher:
 
     async def handle(self, item: Claimed, conn: AsyncConnection) -> None:
         """Run ``item``'s handler on a worker's connection (``HandlerWorkers``)."""
+        if self.service in self.app.recovering:
+            # Claimed before a consistency-mode recovery began: give it back untried, so that it
+            # waits for the recovery instead of spending its attempts on refusals.
+            async with self.app.core.admin() as admin:
+                await delivery.release(admin, item)
+            return
         replica = self.replicas.get(item.event_type)
         if replica is not None:
             await self._apply_replica(item, replica, conn)

@@ -400,3 +400,35 @@ async def test_a_recovery_end_missed_by_the_listener_is_noticed_soon(app: App) -
             break
         await asyncio.sleep(0.05)
     assert await club.name_of("m1") == "member 1"
+
+
+async def test_an_event_claimed_before_a_recovery_began_is_given_back_untried(app: App) -> None:
+    """A worker that comes to an event claimed just before its service began recovering in
+    consistency mode gives the claim back: it waits for the recovery, attempts untouched."""
+    from dbcore import delivery
+
+    club = app.service(Club)
+    await club.put("m1", "member 1")
+
+    async def set_recovering(mode: str | None) -> None:
+        async with app.core.admin() as conn:
+            await conn.execute(
+                text("UPDATE vms.ref_services SET recovering = :m WHERE service = 'club'"), {"m": mode}
+            )
+
+    await set_recovering("consistency")
+    for _ in range(100):  # heard by notification
+        if "club" in app.recovering:
+            break
+        await asyncio.sleep(0.02)
+    await app.publish(Bonus(mid="m1", points=3))
+    async with app.core.autocommit() as conn:
+        [item] = await delivery.claim(conn, "club", limit=10, lease_seconds=30, precedence=False)
+        await app._dispatchers["club"].handle(item, conn)
+        row = (
+            await conn.execute(text("SELECT claim, attempts FROM vms.deliveries WHERE subscriber = 'club'"))
+        ).one()
+    assert (row.claim, row.attempts) == (None, 0)
+    await set_recovering(None)
+    await app.drain()
+    assert (await rows(app))["m1"] == ("member 1", 3)
