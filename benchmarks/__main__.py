@@ -1,4 +1,7 @@
-"""``python -m benchmarks {handler,delivery,leases,relay,all} [--seconds N] [--rounds R] [--json PATH]``."""
+"""``python -m benchmarks NAME [--seconds N] [--rounds R] [--json PATH]``.
+
+NAME: handler, delivery, leases, relay, eshop or all.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from typing import Any
 from rich.console import Console
 from rich.logging import RichHandler
 
-from benchmarks import delivery, handler, leases, relay
+from benchmarks import delivery, eshop, handler, leases, relay
 from benchmarks.harness import (
     Bench,
     BenchmarkResult,
@@ -40,7 +43,7 @@ class Benchmark:
 
 BENCHMARKS = {
     m.NAME: Benchmark(m.NAME, m.DESCRIPTION, m.DEFAULT_SECONDS, m.run)
-    for m in (handler, delivery, leases, relay)
+    for m in (handler, delivery, leases, relay, eshop)
 }
 
 

@@ -45,6 +45,7 @@ __all__ = [
     "BenchmarkResult",
     "Check",
     "Comparison",
+    "Measurement",
     "Target",
     "Throughput",
     "alternate",
@@ -335,6 +336,15 @@ class Comparison:
 
 
 @dataclass
+class Measurement:
+    """A figure with no hand-written counterpart (the eShop's mix): reported as measured."""
+
+    metric: str
+    unit: str
+    value: float | str
+
+
+@dataclass
 class Check:
     """A correctness check made at the end of a run (reported, never asserted)."""
 
@@ -349,6 +359,7 @@ class BenchmarkResult:
     name: str
     description: str
     comparisons: list[Comparison] = field(default_factory=list)
+    measurements: list[Measurement] = field(default_factory=list)
     checks: list[Check] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     details: dict[str, Any] = field(default_factory=dict)
@@ -361,6 +372,7 @@ class BenchmarkResult:
             "wall_seconds": round(seconds, 1),
             "machine": machine,
             "comparisons": [c.to_json() for c in self.comparisons],
+            "measurements": [asdict(m) for m in self.measurements],
             "checks": [asdict(c) for c in self.checks],
             "notes": self.notes,
             "details": self.details,
@@ -380,6 +392,9 @@ def render(result: BenchmarkResult) -> Table:
         table.add_row(
             f"{c.metric} ({c.unit})", _number(c.framework), _number(c.baseline), f"{c.ratio:.2f}", target
         )
+    for m in result.measurements:
+        value = m.value if isinstance(m.value, str) else _number(m.value)
+        table.add_row(f"{m.metric} ({m.unit})", value, "—", "", "")
     for check in result.checks:
         mark = "[green]ok[/]" if check.ok else "[red]FAILED[/]"
         table.add_row(check.name, str(check.framework), str(check.baseline), "", mark)

@@ -219,14 +219,14 @@ def leases(app: AppArg) -> None:
     console.print(f"{len(rows)} active lease(s)")
 
 
-BENCHMARK_NAMES = ("handler", "delivery", "leases", "relay", "all")
+BENCHMARK_NAMES = ("handler", "delivery", "leases", "relay", "eshop", "all")
 
 
 @cli.command()
 def bench(
-    name: Annotated[str, typer.Argument(help="handler, delivery, leases, relay or all")],
+    name: Annotated[str, typer.Argument(help="handler, delivery, leases, relay, eshop or all")],
     seconds: Annotated[
-        float | None, typer.Option(help="measuring time per benchmark (default: its own, 12-24 s)")
+        float | None, typer.Option(help="measuring time per benchmark (default: its own, 12-30 s)")
     ] = None,
     rounds: Annotated[int, typer.Option(help="alternating rounds per side; the best is reported")] = 2,
     json_path: Annotated[
