@@ -17,7 +17,8 @@ async def checkout(customer_id: str, app: CurrentApp) -> dict:
 ```
 
 Framework errors become JSON answers ``{"error": "<class name>", "detail": "<message>"}`` in one
-place: ``IsolationError`` 403, ``LeaseError`` and :class:`Conflict` 409, ``RetriesExhausted`` 503,
+place: ``IsolationError`` 403, ``EntityNotFound`` 404 and ``EntityDeleted`` 410 (a reference to
+an entity that is not there), ``LeaseError`` and :class:`Conflict` 409, ``RetriesExhausted`` 503,
 ``ServiceRecovering`` (a service restoring in consistency mode) 503, ``TimeoutError``
 (``App.outcome``) 504, ``LanguageError``/``AnnotationError`` and any other
 framework or core error 500. Request validation keeps FastAPI's 422 answer, which names the field.
@@ -35,7 +36,7 @@ from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp
 
 from dbcore.errors import CoreError, IsolationError, LanguageError, LeaseError
-from dbcore.references import ServiceRecovering
+from dbcore.references import EntityDeleted, EntityNotFound, ServiceRecovering
 from framework.app import App
 from framework.errors import AnnotationError, FrameworkError, RetriesExhausted
 from framework.events import Event
@@ -76,6 +77,8 @@ _STATUS: tuple[tuple[type[Exception], int], ...] = (
     (IsolationError, 403),
     (LeaseError, 409),
     (Conflict, 409),
+    (EntityNotFound, 404),
+    (EntityDeleted, 410),
     (RetriesExhausted, 503),
     (ServiceRecovering, 503),
     (TimeoutError, 504),

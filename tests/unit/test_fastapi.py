@@ -20,6 +20,8 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from framework import (
     App,
+    EntityDeleted,
+    EntityNotFound,
     Event,
     FrameworkError,
     Inbound,
@@ -29,6 +31,7 @@ from framework import (
     Query,
     RetriesExhausted,
     Service,
+    ServiceRecovering,
     Transactional,
     consume_lease,
     send,
@@ -139,6 +142,18 @@ def routes(api: FastAPI) -> FastAPI:
     async def exhausted() -> None:
         raise RetriesExhausted("fa_shop.buy", 10, RuntimeError("serialization failure"))
 
+    @api.get("/gone")
+    async def gone() -> None:
+        raise EntityDeleted("entity vms://fa_depot/items/x was deleted")
+
+    @api.get("/unknown")
+    async def unknown() -> None:
+        raise EntityNotFound("no referenceable entity vms://fa_depot/items/y")
+
+    @api.get("/recovering")
+    async def recovering() -> None:
+        raise ServiceRecovering("service 'fa_depot' is recovering in consistency mode")
+
     return api
 
 
@@ -243,6 +258,9 @@ async def test_publish_and_wait_returns_the_outcome_and_times_out_as_504(
         ("/bad-query", 500, "LanguageError"),
         ("/bad-service", 500, "AnnotationError"),
         ("/exhausted", 503, "RetriesExhausted"),
+        ("/gone", 410, "EntityDeleted"),
+        ("/unknown", 404, "EntityNotFound"),
+        ("/recovering", 503, "ServiceRecovering"),
     ],
 )
 async def test_other_framework_errors(
