@@ -118,18 +118,26 @@ class Dispatcher:
                 continue
             limit = self.depth - self._outstanding
             self._unblocked = False
+            held_back = False
             try:
-                claimed, held_back = await self._claim(limit)
+                async with self.app.core.autocommit() as conn:  # the claim is one statement
+                    claimed = await delivery.claim(
+                        conn,
+                        self.service,
+                        limit=limit,
+                        lease_seconds=self.claim_timeout,
+                        precedence=self.has_precedence,
+                    )
+                    start_before = loop.time() + self.claim_timeout * _START_WITHIN
+                    self._saturated = len(claimed) == limit
+                    self._outstanding += len(claimed)
+                    for item in claimed:  # before the held-back check: the workers start at once
+                        self.workers.submit(Job(self, item, start_before))
+                    if self._saturated:
+                        continue  # there may be more; claim again at the low water mark
+                    held_back = await delivery.held_back(conn, self.service)
             except Exception:  # the database went away: log, try again after poll_interval
                 log.exception("%s: claiming deliveries failed", self.service)
-                claimed, held_back = [], False
-            start_before = loop.time() + self.claim_timeout * _START_WITHIN
-            self._saturated = len(claimed) == limit
-            self._outstanding += len(claimed)
-            for item in claimed:
-                self.workers.submit(Job(self, item, start_before))
-            if self._saturated:
-                continue  # there may be more; claim again at the low water mark
             # Everything claimable is claimed. What makes more claimable wakes the dispatcher:
             # a notification for new events, a finished head with its key's next event behind
             # it, a retry's backoff running out. Only the horizon moving (an older transaction,
@@ -144,19 +152,6 @@ class Dispatcher:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)
         self._wake.clear()
-
-    async def _claim(self, limit: int) -> tuple[list[Claimed], bool]:
-        """Claim up to ``limit`` deliveries; also say whether ready work was held back."""
-        async with self.app.core.autocommit() as conn:  # the claim is one statement
-            claimed = await delivery.claim(
-                conn,
-                self.service,
-                limit=limit,
-                lease_seconds=self.claim_timeout,
-                precedence=self.has_precedence,
-            )
-            held_back = len(claimed) < limit and await delivery.held_back(conn, self.service)
-        return claimed, held_back
 
     async def handle(self, item: Claimed, conn: AsyncConnection) -> None:
         """Run ``item``'s handler on a worker's connection (``HandlerWorkers``)."""
