@@ -159,6 +159,13 @@ class MigrationTarget:
 
     def config(self, connection: Connection | None = None, **attributes: Any) -> Config:
         """An alembic ``Config`` for this history (no ini file needed)."""
+        if not (CORE_VERSIONS.is_dir() and (ALEMBIC_DIR / "env.py").is_file()):
+            # Installed from a wheel, ``ALEMBIC_DIR`` would even be the alembic library's own.
+            raise MigrationError(
+                f"the core's alembic scripts are not at {ALEMBIC_DIR}: they ship with the source "
+                "tree, so migrations need vmsdb installed from a checkout (pip install -e .)",
+                target=self.name,
+            )
         cfg = Config(cmd_opts=Namespace(quiet=True))  # the caller reports; alembic stays silent
         cfg.set_main_option("script_location", str(ALEMBIC_DIR).replace("%", "%%"))
         cfg.set_main_option("version_locations", str(self.versions).replace("%", "%%"))
