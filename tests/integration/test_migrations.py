@@ -474,3 +474,16 @@ def test_vmsdb_migrate_command(vmsdb_database: str, monkeypatch: pytest.MonkeyPa
     assert stepped.exit_code == 0 and "service basket: b0001_lines -> base" in stepped.output, stepped.output
     unknown = vmsdb("up", APP, "--service", "nope")
     assert unknown.exit_code == 1 and "no service 'nope'" in unknown.output
+
+
+def test_without_the_core_scripts_migrating_says_how_to_install(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """From a wheel, the source tree's alembic/ is not there (the path would even be the alembic
+    library's own): the error names the fix instead of alembic's missing env.py."""
+    import framework.migrations as migrations
+
+    monkeypatch.setattr(migrations, "ALEMBIC_DIR", tmp_path / "alembic")
+    monkeypatch.setattr(migrations, "CORE_VERSIONS", tmp_path / "alembic" / "versions" / "core")
+    with pytest.raises(MigrationError, match=r"ship with the source tree.*pip install -e \."):
+        migrations.core_target().config()
