@@ -55,6 +55,7 @@ from dbcore.references import (
     ReferenceColumnSpec,
     ServiceRecovering,
     ServiceReferences,
+    TruncateRefused,
     uri_for,
 )
 from framework.context import current
@@ -74,6 +75,7 @@ __all__ = [
     "Ref",
     "RefType",
     "ServiceRecovering",
+    "TruncateRefused",
     "answer",
     "backup",
     "check",

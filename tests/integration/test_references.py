@@ -12,8 +12,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Mapped, mapped_column
 
 from dbcore.integrity import Reference
-from dbcore.references import TruncateRefused
-from framework import App, Service, Transactional, connection, session
+from framework import App, Service, Transactional, TruncateRefused, connection, session
 from framework.references import (
     EntityDeleted,
     EntityNotFound,
