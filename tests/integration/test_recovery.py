@@ -12,6 +12,7 @@ from sqlalchemy import text
 from sqlalchemy.orm import Mapped, mapped_column
 from typer.testing import CliRunner
 
+from dbcore.recovery import RecoveryState
 from framework import App, Event, Inbound, Service, Transactional, session
 from framework.integrity_cli import mount
 from framework.references import (
@@ -197,16 +198,31 @@ async def test_availability_mode_serves_at_once_and_merges_answers_as_they_arriv
     assert report.weakly_consistent
 
 
-async def test_consistency_mode_refuses_writes_and_references_until_every_holder_answered(app: App) -> None:
-    club = app.service(Club)
-    await club.put("m1", "member 1")
-    async with app.core.admin() as conn:  # a holder in another core, which will never answer
+async def start_a_recovery_that_waits_for_a_remote_holder(app: App) -> asyncio.Task[RecoveryState]:
+    """m1 held by a service of another core that will never answer, then club backed up,
+    crashed and restored in consistency mode: the recovery runs until its 1.5 s timeout."""
+    await app.service(Club).put("m1", "member 1")
+    async with app.core.admin() as conn:
         await conn.execute(
             text("SELECT vms.get_reference('vms://club/members/m1', true, false, NULL, 'remote')")
         )
     await backup(app, "club")
     await crash(app, "club")
-    recovering = asyncio.create_task(restore(app, "club", mode="consistency", timeout=1.5))
+    return asyncio.create_task(restore(app, "club", mode="consistency", timeout=1.5))
+
+
+async def until_the_app_hears(app: App, *, recovering: bool) -> None:
+    """Until the App knows (by notification) that club is, or is no longer, recovering."""
+    for _ in range(100):
+        if ("club" in app.recovering) == recovering:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"the App never heard that club is {'' if recovering else 'not '}recovering")
+
+
+async def test_consistency_mode_refuses_writes_and_references_until_every_holder_answered(app: App) -> None:
+    club = app.service(Club)
+    recovering = await start_a_recovery_that_waits_for_a_remote_holder(app)
     for _ in range(100):
         async with app.core.admin() as conn:
             mode = (
@@ -227,18 +243,8 @@ async def test_consistency_mode_refuses_writes_and_references_until_every_holder
 
 async def test_consistency_mode_serves_no_reads_and_holds_events_until_it_ends(app: App) -> None:
     club = app.service(Club)
-    await club.put("m1", "member 1")
-    async with app.core.admin() as conn:  # a holder in another core, which will never answer
-        await conn.execute(
-            text("SELECT vms.get_reference('vms://club/members/m1', true, false, NULL, 'remote')")
-        )
-    await backup(app, "club")
-    await crash(app, "club")
-    recovering = asyncio.create_task(restore(app, "club", mode="consistency", timeout=1.5))
-    for _ in range(100):  # the App hears of it by notification
-        if "club" in app.recovering:
-            break
-        await asyncio.sleep(0.02)
+    recovering = await start_a_recovery_that_waits_for_a_remote_holder(app)
+    await until_the_app_hears(app, recovering=True)
     with pytest.raises(ServiceRecovering, match="reads included"):
         await club.name_of("m1")
     await app.publish(Bonus(mid="m1", points=3))
@@ -395,10 +401,7 @@ async def test_a_recovery_end_missed_by_the_listener_is_noticed_soon(app: App) -
     app.recovering.add("club")  # as if the notification of the end never came
     with pytest.raises(ServiceRecovering):
         await club.name_of("m1")
-    for _ in range(60):
-        if "club" not in app.recovering:
-            break
-        await asyncio.sleep(0.05)
+    await until_the_app_hears(app, recovering=False)
     assert await club.name_of("m1") == "member 1"
 
 
@@ -417,10 +420,7 @@ async def test_an_event_claimed_before_a_recovery_began_is_given_back_untried(ap
             )
 
     await set_recovering("consistency")
-    for _ in range(100):  # heard by notification
-        if "club" in app.recovering:
-            break
-        await asyncio.sleep(0.02)
+    await until_the_app_hears(app, recovering=True)
     await app.publish(Bonus(mid="m1", points=3))
     async with app.core.autocommit() as conn:
         [item] = await delivery.claim(conn, "club", limit=10, lease_seconds=30, precedence=False)
