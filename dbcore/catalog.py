@@ -29,6 +29,7 @@ __all__ = [
     "metadata",
     "owned_tables",
     "quote_ident",
+    "quote_literal",
     "service_versions",
     "services",
     "subscriptions",
@@ -43,6 +44,14 @@ SERVICES_GROUP_ROLE = "vms_services"
 def quote_ident(name: str) -> str:
     """Quote a Postgres identifier. Names reaching here were validated; this is belt and braces."""
     return '"' + name.replace('"', '""') + '"'
+
+
+def quote_literal(value: str) -> str:
+    """A SQL string literal (standard_conforming_strings, the default since Postgres 9.1), for
+    SQL that is generated (DDL) or sent with the simple-query protocol (no parameters)."""
+    if "\x00" in value:
+        raise ValueError("a SQL literal cannot hold a NUL character")
+    return "'" + value.replace("'", "''") + "'"
 
 
 metadata = MetaData(

@@ -32,6 +32,7 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from dbcore.catalog import quote_literal
 from dbcore.errors import CoreError
 from dbcore.eventlog import CLAIM_LOST_SQLSTATE
 
@@ -181,13 +182,6 @@ class Ack:
             f"delivery of event {self.item.event_id} to {self.item.subscriber!r} was claimed "
             "by another worker after this one's claim ran out"
         )
-
-
-def quote_literal(value: str) -> str:
-    """A SQL string literal (standard_conforming_strings, the default since Postgres 9.1)."""
-    if "\x00" in value:
-        raise ValueError("a SQL literal cannot hold a NUL character")
-    return "'" + value.replace("'", "''") + "'"
 
 
 _RETRY = text(

@@ -37,7 +37,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB, UUID
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from dbcore.catalog import SERVICES_GROUP_ROLE, metadata, quote_ident
+from dbcore.catalog import SERVICES_GROUP_ROLE, metadata, quote_ident, quote_literal
 from dbcore.descriptor import LeaseDescriptor, ServiceDescriptor, TableDescriptor
 from dbcore.errors import RegistrationError
 from dbcore.lease_language import parse_lease
@@ -117,10 +117,6 @@ def settle_function(service: str, function: str) -> str:
     return f"{quote_ident(service)}.{quote_ident(f'lease__{function}__settle')}"
 
 
-def _literal(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
-
-
 def _definitions(descriptor: ServiceDescriptor, lease: LeaseDescriptor) -> list[str]:
     spec = parse_lease(lease.text)
     table: TableDescriptor | None = descriptor.entity(spec.entity) or descriptor.table(spec.entity)
@@ -133,8 +129,10 @@ def _definitions(descriptor: ServiceDescriptor, lease: LeaseDescriptor) -> list[
     column = quote_ident(spec.column)
     key_columns = [quote_ident(c) for c, _ in spec.keys]
     match_key = " AND ".join(f"t.{c} = k.{c}" for c in key_columns)
-    key_object = ", ".join(f"{_literal(c)}, r.{quote_ident(c)}" for c, _ in spec.keys)
-    same_lease = f"service = {_literal(svc)} AND entity = {_literal(table.name)} AND key_text = key_text_"
+    key_object = ", ".join(f"{quote_literal(c)}, r.{quote_ident(c)}" for c, _ in spec.keys)
+    same_lease = (
+        f"service = {quote_literal(svc)} AND entity = {quote_literal(table.name)} AND key_text = key_text_"
+    )
     grant = f"""
     CREATE OR REPLACE FUNCTION {grant_function(svc, fn)}(
         p_key jsonb, p_qty numeric, p_period interval, p_holder text) RETURNS jsonb
@@ -166,7 +164,7 @@ def _definitions(descriptor: ServiceDescriptor, lease: LeaseDescriptor) -> list[
         -- instead of counting leases from a snapshot that misses the other's: no oversell there
         -- either. Under read committed the update waits, and the sum below sees the other lease.
         INSERT INTO vms.lease_keys AS lk (service, entity, key_text, grants)
-        VALUES ({_literal(svc)}, {_literal(table.name)}, key_text_, 1)
+        VALUES ({quote_literal(svc)}, {quote_literal(table.name)}, key_text_, 1)
         ON CONFLICT (service, entity, key_text) DO UPDATE SET grants = lk.grants + 1;
         UPDATE vms.leases SET status = 'expired', ended_at = expires_at
          WHERE {same_lease} AND status = 'active' AND expires_at <= now_;
@@ -177,7 +175,7 @@ def _definitions(descriptor: ServiceDescriptor, lease: LeaseDescriptor) -> list[
         END IF;
         INSERT INTO vms.leases (id, service, function, entity, key, key_text, quantity, holder,
                                 status, created_at, expires_at)
-        VALUES (lease_id, {_literal(svc)}, {_literal(fn)}, {_literal(table.name)},
+        VALUES (lease_id, {quote_literal(svc)}, {quote_literal(fn)}, {quote_literal(table.name)},
                 key_text_::jsonb, key_text_, p_qty, p_holder, 'active', now_, now_ + p_period);
         RETURN jsonb_build_object('id', lease_id, 'quantity', p_qty, 'expires_at', now_ + p_period,
                                   'key', key_text_::jsonb, 'row', to_jsonb(r),
@@ -193,7 +191,7 @@ def _definitions(descriptor: ServiceDescriptor, lease: LeaseDescriptor) -> list[
         now_ timestamptz := vms.now();
     BEGIN
         SELECT * INTO l FROM vms.leases
-         WHERE id = p_id AND service = {_literal(svc)} AND function = {_literal(fn)} FOR UPDATE;
+         WHERE id = p_id AND service = {quote_literal(svc)} AND function = {quote_literal(fn)} FOR UPDATE;
         -- A refusal is an answer, not an exception: the caller's transaction stays usable and
         -- the framework raises LeaseExpired, LeaseReleased, ... in Python.
         IF NOT FOUND THEN

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from dbcore.catalog import quote_ident
+from dbcore.catalog import quote_ident, quote_literal
 from dbcore.errors import CoreError
 from dbcore.isolation import sqlstate_of
 from dbcore.reference_catalog import (
@@ -75,10 +75,6 @@ class ServiceReferences(BaseModel):
     columns: tuple[ReferenceColumnSpec, ...] = ()
 
 
-def _literal(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
-
-
 def _trigger_function(service: str, table: str) -> str:
     name = f"entity__{service}__{table}"
     if len(name) > 63:  # Postgres truncates longer names: keep them distinct
@@ -89,11 +85,13 @@ def _trigger_function(service: str, table: str) -> str:
 def uri_expression(service: str, table: str, keys: Sequence[str], row: str) -> str:
     """SQL building the URI of ``row`` (``NEW``, ``OLD``, an alias): same text as :func:`uri_for`."""
     parts = " || '/' || ".join(f"vms.uri_part({row}.{quote_ident(c)}::text)" for c in keys)
-    return f"{_literal(f'vms://{service}/{table}/')} || {parts}"
+    return f"{quote_literal(f'vms://{service}/{table}/')} || {parts}"
 
 
 def _key_expression(keys: Sequence[str], row: str) -> str:
-    return "jsonb_build_object(" + ", ".join(f"{_literal(c)}, {row}.{quote_ident(c)}" for c in keys) + ")"
+    return (
+        "jsonb_build_object(" + ", ".join(f"{quote_literal(c)}, {row}.{quote_ident(c)}" for c in keys) + ")"
+    )
 
 
 _PRIMARY_KEY = text(
@@ -166,7 +164,7 @@ async def install_service(conn: AsyncConnection, service: str, spec: ServiceRefe
 async def _install_trigger(conn: AsyncConnection, service: str, table: str, keys: Sequence[str]) -> None:
     function = _trigger_function(service, table)
     qualified = f"{quote_ident(service)}.{quote_ident(table)}"
-    svc, tbl = _literal(service), _literal(table)
+    svc, tbl = quote_literal(service), quote_literal(table)
     # A key change is the old entity deleted and a new one written.
     await conn.execute(
         text(
