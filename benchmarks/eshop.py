@@ -13,15 +13,12 @@ from __future__ import annotations
 import logging
 import time
 
-import httpx
-
 from benchmarks.harness import Bench, BenchmarkResult, Check, Measurement
-from examples.eshop.app import create_api, create_app
+from examples.eshop.app import create_app
 from examples.eshop.check import check
-from examples.eshop.demo import DEMO_SCALE
+from examples.eshop.demo import DEMO_SCALE, drive_mix
 from examples.eshop.generator import generate, load
-from examples.eshop.workload import Workload, WorkloadConfig
-from framework.fastapi import run_lifespan
+from examples.eshop.workload import WorkloadConfig
 
 NAME = "eshop"
 DESCRIPTION = "the eShop under the benchmark's transaction mix (absolute figures: no baseline)"
@@ -41,15 +38,9 @@ async def run(bench: Bench) -> BenchmarkResult:
             with bench.phase("seeding the marketplace", total=1) as tick:
                 await load(app, market)
                 tick(1)
-            api = create_api(app)
             config = WorkloadConfig(duration=bench.seconds, concurrency=CONCURRENCY)
-            async with run_lifespan(api):
-                transport = httpx.ASGITransport(app=api)
-                async with httpx.AsyncClient(
-                    transport=transport, base_url="http://eshop", timeout=60
-                ) as client:
-                    with bench.phase("transaction mix", total=bench.seconds) as tick:
-                        mix = await Workload(client, market, config).run(lambda elapsed, _done: tick(elapsed))
+            with bench.phase("transaction mix", total=bench.seconds) as tick:
+                mix = await drive_mix(app, market, config, lambda elapsed, _done: tick(elapsed))
             with bench.phase("every event chain to finish", total=1) as tick:
                 began = time.monotonic()
                 await app.drain(timeout=120)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,13 +21,13 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from examples.eshop.app import create_api, create_app
 from examples.eshop.check import Verdict, check
-from examples.eshop.generator import Scale, generate, load
+from examples.eshop.generator import Marketplace, Scale, generate, load
 from examples.eshop.report import outcome_line, verdict_table, workload_table
 from examples.eshop.workload import Workload, WorkloadConfig, WorkloadResult
 from framework import App
 from framework.fastapi import run_lifespan
 
-__all__ = ["DemoOptions", "run_demo"]
+__all__ = ["DemoOptions", "drive_mix", "run_demo"]
 
 #: Quantities low enough that popular items sell out: out-of-stock checkouts show up too.
 DEMO_SCALE = Scale(sellers=20, products_per_seller=10, customers=400, qty_per_product=30)
@@ -52,7 +53,6 @@ async def _run_mix(app: App, options: DemoOptions, console: Console) -> Workload
     console.print(
         f"[green]Seeded[/] {counts}, {len(market.discounts)} discounts in {time.monotonic() - began:.1f} s"
     )
-    api = create_api(app)
     config = WorkloadConfig(duration=options.duration, concurrency=options.concurrency)
     progress = Progress(
         TextColumn("[bold]Transaction mix"),
@@ -62,23 +62,34 @@ async def _run_mix(app: App, options: DemoOptions, console: Console) -> Workload
         TimeRemainingColumn(),
         console=console,
     )
+    with progress:
+        task = progress.add_task("mix", total=options.duration, done=0, tps=0.0)
+
+        def advance(elapsed: float, done: int) -> None:
+            progress.update(
+                task,
+                completed=min(elapsed, options.duration),
+                done=done,
+                tps=done / elapsed if elapsed else 0.0,
+            )
+
+        result = await drive_mix(app, market, config, advance)
+        progress.update(task, completed=options.duration)
+    return result
+
+
+async def drive_mix(
+    app: App,
+    market: Marketplace,
+    config: WorkloadConfig,
+    on_progress: Callable[[float, int], None] | None = None,
+) -> WorkloadResult:
+    """The mix against ``app``'s HTTP API, in process (httpx's ASGI transport)."""
+    api = create_api(app)
     async with run_lifespan(api):
         transport = httpx.ASGITransport(app=api)
         async with httpx.AsyncClient(transport=transport, base_url="http://eshop", timeout=60) as client:
-            with progress:
-                task = progress.add_task("mix", total=options.duration, done=0, tps=0.0)
-
-                def advance(elapsed: float, done: int) -> None:
-                    progress.update(
-                        task,
-                        completed=min(elapsed, options.duration),
-                        done=done,
-                        tps=done / elapsed if elapsed else 0.0,
-                    )
-
-                result = await Workload(client, market, config).run(advance)
-                progress.update(task, completed=options.duration)
-    return result
+            return await Workload(client, market, config).run(on_progress)
 
 
 async def run_demo(options: DemoOptions = DemoOptions(), console: Console | None = None) -> Verdict:
