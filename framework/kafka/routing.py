@@ -122,7 +122,8 @@ class Routing:
 def _uses_references(plans: Sequence[ServicePlan]) -> bool:
     from framework.references import describe  # lazy: references pull in backup and recovery
 
-    return any(describe(p.cls).referenceable or describe(p.cls).columns for p in plans)
+    declared = (describe(p.cls) for p in plans)
+    return any(refs.referenceable or refs.columns for refs in declared)
 
 
 def _refuse_cycles(before: Mapping[str, set[str]]) -> None:
