@@ -18,8 +18,8 @@ from typing import Any
 from rich.console import Console
 from rich.logging import RichHandler
 
-from benchmarks import delivery, eshop, handler, leases, relay
-from benchmarks.harness import (
+from vmsdb_bench import delivery, eshop, handler, leases, relay
+from vmsdb_bench.harness import (
     Bench,
     BenchmarkResult,
     database_server,
@@ -30,7 +30,8 @@ from benchmarks.harness import (
     write_json,
 )
 
-RESULTS = Path(__file__).parent / "results"
+#: Where results go by default, relative to the working directory (the checkout's benchmarks/results/).
+RESULTS = Path("benchmarks") / "results"
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,8 @@ import asyncpg
 from sqlalchemy import BigInteger
 from sqlalchemy.orm import Mapped, mapped_column
 
-from benchmarks.harness import (
+from framework import App, Event, Inbound, Service, Settings, connection, session
+from vmsdb_bench.harness import (
     BASELINE,
     FRAMEWORK,
     Bench,
@@ -41,9 +42,8 @@ from benchmarks.harness import (
     raw_pool,
     wait_until_drained,
 )
-from benchmarks.harness import connection as admin_connection
-from benchmarks.queueing import ANALYZE_NOTE, QueueWorkers, backlog_size, log_events, measure_drain, next_seq
-from framework import App, Event, Inbound, Service, Settings, connection, session
+from vmsdb_bench.harness import connection as admin_connection
+from vmsdb_bench.queueing import ANALYZE_NOTE, QueueWorkers, backlog_size, log_events, measure_drain, next_seq
 
 NAME = "delivery"
 DESCRIPTION = "in-database delivery end to end vs a hand-written LISTEN/NOTIFY + SKIP LOCKED queue"

@@ -13,12 +13,12 @@ from __future__ import annotations
 import logging
 import time
 
-from benchmarks.harness import Bench, BenchmarkResult, Check, Measurement
-from examples.eshop.app import create_app
-from examples.eshop.check import check
-from examples.eshop.demo import DEMO_SCALE, drive_mix
-from examples.eshop.generator import generate, load
-from examples.eshop.workload import WorkloadConfig
+from vmsdb_bench.harness import Bench, BenchmarkResult, Check, Measurement
+from vmsdb_eshop.app import create_app
+from vmsdb_eshop.check import check
+from vmsdb_eshop.demo import DEMO_SCALE, drive_mix
+from vmsdb_eshop.generator import generate, load
+from vmsdb_eshop.workload import WorkloadConfig
 
 NAME = "eshop"
 DESCRIPTION = "the eShop under the benchmark's transaction mix (absolute figures: no baseline)"

@@ -32,28 +32,6 @@ import asyncpg
 from sqlalchemy import select, update
 from sqlalchemy.orm import Mapped, mapped_column
 
-from benchmarks.harness import (
-    BASELINE,
-    FRAMEWORK,
-    Bench,
-    BenchmarkResult,
-    Check,
-    Comparison,
-    Target,
-    alternate,
-    asyncpg_connect_kwargs,
-    raw_pool,
-    run_for,
-)
-from benchmarks.harness import connection as admin_connection
-from benchmarks.queueing import (
-    ANALYZE_NOTE,
-    WARMUP_EVENTS,
-    QueueWorkers,
-    backlog_size,
-    log_events,
-    measure_drain,
-)
 from dbcore.eventlog import NOTIFY_CHANNEL
 from framework import (
     App,
@@ -66,6 +44,28 @@ from framework import (
     connection,
     send,
     session,
+)
+from vmsdb_bench.harness import (
+    BASELINE,
+    FRAMEWORK,
+    Bench,
+    BenchmarkResult,
+    Check,
+    Comparison,
+    Target,
+    alternate,
+    asyncpg_connect_kwargs,
+    raw_pool,
+    run_for,
+)
+from vmsdb_bench.harness import connection as admin_connection
+from vmsdb_bench.queueing import (
+    ANALYZE_NOTE,
+    WARMUP_EVENTS,
+    QueueWorkers,
+    backlog_size,
+    log_events,
+    measure_drain,
 )
 
 NAME = "handler"

@@ -35,7 +35,7 @@ from rich.table import Table
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from dbcore.embedded import EmbeddedPostgres
-from framework.config import Settings, sqlalchemy_url
+from framework._internal.config import Settings, sqlalchemy_url
 from framework.testing import fresh_database
 
 __all__ = [

@@ -26,7 +26,8 @@ from datetime import timedelta
 import asyncpg
 from sqlalchemy.orm import Mapped, mapped_column
 
-from benchmarks.harness import (
+from framework import App, Lease, LeaseGrant, Service
+from vmsdb_bench.harness import (
     BASELINE,
     FRAMEWORK,
     Bench,
@@ -40,7 +41,6 @@ from benchmarks.harness import (
     run_fixed,
     run_for,
 )
-from framework import App, Lease, LeaseGrant, Service
 
 NAME = "leases"
 DESCRIPTION = "@Lease grant/consume/release on 100 hot items vs SELECT ... FOR UPDATE + decrement"

@@ -13,8 +13,8 @@ from typing import Any
 
 import asyncpg
 
-from benchmarks.harness import Bench, Throughput, wait_until_drained
 from framework import Event
+from vmsdb_bench.harness import Bench, Throughput, wait_until_drained
 
 __all__ = [
     "ANALYZE_NOTE",

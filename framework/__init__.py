@@ -15,11 +15,11 @@ from dbcore.errors import (
     LeaseReleased,
 )
 from dbcore.isolation import ReadOnlyViolation
-from framework.annotations import Inbound, Lease, Outbound, Query, Transactional
-from framework.app import App
-from framework.config import Settings
-from framework.context import connection, correlate, send, session
-from framework.errors import (
+from framework._internal.annotations import Inbound, Lease, Outbound, Query, Transactional
+from framework._internal.app import App
+from framework._internal.config import Settings
+from framework._internal.context import connection, correlate, send, session
+from framework._internal.errors import (
     AnnotationError,
     FrameworkError,
     NoTransactionError,
@@ -27,8 +27,9 @@ from framework.errors import (
     ServiceCallError,
     UndeclaredEventError,
 )
-from framework.events import Event
-from framework.leases import LeaseGrant, consume_lease, release_lease, renew_lease
+from framework._internal.events import Event
+from framework._internal.leases import LeaseGrant, consume_lease, release_lease, renew_lease
+from framework._internal.service import Service, sql_function
 from framework.references import (
     EntityDeleted,
     EntityNotFound,
@@ -41,7 +42,6 @@ from framework.references import (
     referenceable,
     refresh_reference,
 )
-from framework.service import Service, sql_function
 
 __all__ = [
     "AnnotationError",

@@ -37,10 +37,10 @@ from starlette.types import ASGIApp
 
 from dbcore.errors import CoreError, IsolationError, LanguageError, LeaseError
 from dbcore.references import EntityDeleted, EntityNotFound, ServiceRecovering
-from framework.app import App
-from framework.errors import AnnotationError, FrameworkError, RetriesExhausted
-from framework.events import Event
-from framework.service import Service
+from framework._internal.app import App
+from framework._internal.errors import AnnotationError, FrameworkError, RetriesExhausted
+from framework._internal.events import Event
+from framework._internal.service import Service
 
 __all__ = [
     "Conflict",

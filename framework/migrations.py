@@ -60,12 +60,12 @@ from dbcore.descriptor import ServiceDescriptor
 from dbcore.embedded import EmbeddedPostgres
 from dbcore.isolation import service_connection
 from dbcore.registry import register, sync_grants
-from framework.config import sqlalchemy_url
-from framework.errors import FrameworkError
-from framework.service import Service
+from framework._internal.config import sqlalchemy_url
+from framework._internal.errors import FrameworkError
+from framework._internal.service import Service
 
 if TYPE_CHECKING:
-    from framework.app import App
+    from framework._internal.app import App
 
 __all__ = [
     "ALEMBIC_DIR",
@@ -90,8 +90,20 @@ __all__ = [
 
 log = logging.getLogger("vmsdb.migrations")
 
+
+
+def _alembic_dir() -> Path:
+    """Where the package ``vmsdb_alembic`` lies: the repository's ``alembic/`` in a checkout
+    (``pip install -e .`` maps the name there), ``site-packages/vmsdb_alembic`` from a wheel."""
+    spec = importlib.util.find_spec("vmsdb_alembic")
+    for location in (spec.submodule_search_locations or ()) if spec is not None else ():
+        if Path(location, "env.py").is_file():
+            return Path(location)
+    return Path(sys.prefix, "vmsdb_alembic")  # missing: MigrationTarget.config() names the fix
+
+
 #: alembic's script location: ``env.py``, the revision template and the core's revisions.
-ALEMBIC_DIR = Path(__file__).resolve().parent.parent / "alembic"
+ALEMBIC_DIR = _alembic_dir()
 CORE_VERSIONS = ALEMBIC_DIR / "versions" / "core"
 #: The core revision whose catalog ``Core.install()`` creates.
 CORE_BASELINE = "0001_catalog"
@@ -160,10 +172,10 @@ class MigrationTarget:
     def config(self, connection: Connection | None = None, **attributes: Any) -> Config:
         """An alembic ``Config`` for this history (no ini file needed)."""
         if not (CORE_VERSIONS.is_dir() and (ALEMBIC_DIR / "env.py").is_file()):
-            # Installed from a wheel, ``ALEMBIC_DIR`` would even be the alembic library's own.
             raise MigrationError(
-                f"the core's alembic scripts are not at {ALEMBIC_DIR}: they ship with the source "
-                "tree, so migrations need vmsdb installed from a checkout (pip install -e .)",
+                f"the core's alembic scripts are not at {ALEMBIC_DIR}: this installation of vmsdb "
+                "lacks its package vmsdb_alembic; reinstall it (pip install --force-reinstall vmsdb, "
+                "or pip install -e . in a checkout)",
                 target=self.name,
             )
         cfg = Config(cmd_opts=Namespace(quiet=True))  # the caller reports; alembic stays silent
@@ -732,7 +744,7 @@ def _target_from_command_line() -> tuple[MigrationTarget, App | None]:
 
 
 def _load_app(spec: str) -> App:
-    from framework.cli import load_app  # the CLI's own reading of module:attribute
+    from framework._internal.loading import load_app
 
     return load_app(spec)
 
@@ -746,7 +758,7 @@ async def _run_standalone(target: MigrationTarget, app: App | None) -> None:
     """Plain ``alembic``: connect, then run like ``vmsdb migrate`` does (lock, role, grants)."""
     from alembic import context
 
-    from framework.app import App
+    from framework._internal.app import App
 
     config = context.config
     url = context.get_x_argument(as_dictionary=True).get("url") or config.get_main_option("sqlalchemy.url")

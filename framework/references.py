@@ -58,15 +58,15 @@ from dbcore.references import (
     TruncateRefused,
     uri_for,
 )
-from framework.context import current
-from framework.errors import AnnotationError, NoTransactionError
-from framework.service import Service
+from framework._internal.context import current
+from framework._internal.errors import AnnotationError, NoTransactionError
+from framework._internal.service import Service
 
 if TYPE_CHECKING:
     from dbcore.core import Core
     from dbcore.descriptor import ServiceDescriptor
-    from framework.config import Settings
-    from framework.descriptors import ServicePlan
+    from framework._internal.config import Settings
+    from framework._internal.descriptors import ServicePlan
 
 __all__ = [
     "EntityDeleted",

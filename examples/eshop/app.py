@@ -1,8 +1,8 @@
 """Building the eShop: the App of the eight services, and the FastAPI application around it.
 
 ```
-uvicorn --factory examples.eshop.app:create_api      # or: vmsdb eshop serve
-vmsdb services examples.eshop.app:services           # descriptors and event dataflow
+uvicorn --factory vmsdb_eshop.app:create_api      # or: vmsdb eshop serve
+vmsdb services vmsdb_eshop.app:services           # descriptors and event dataflow
 ```
 """
 
@@ -14,14 +14,14 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from examples.eshop.routes import ROUTERS, NotFound, ops
-from examples.eshop.services import SERVICES
 from framework import App
 from framework.fastapi import attach, error_body
+from vmsdb_eshop.routes import ROUTERS, NotFound, ops
+from vmsdb_eshop.services import SERVICES
 
 __all__ = ["create_api", "create_app", "services"]
 
-#: The service classes, for ``vmsdb services examples.eshop.app:services``.
+#: The service classes, for ``vmsdb services vmsdb_eshop.app:services``.
 services = SERVICES
 
 _DESCRIPTION = """
@@ -40,7 +40,7 @@ def create_app(**options: Any) -> App:
 
     The schemas come from the services' migrations (``services/migrations/<service>/``),
     brought to head at start-up unless ``options`` say otherwise (``migrate=False``: refuse to
-    start off head, as in production after ``vmsdb migrate examples.eshop.services:SERVICES``).
+    start off head, as in production after ``vmsdb migrate vmsdb_eshop.services:SERVICES``).
     """
     if not options.get("create_tables"):
         options.setdefault("migrate", True)

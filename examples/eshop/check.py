@@ -27,11 +27,11 @@ from typing import Any
 
 from sqlalchemy import text
 
-from examples.eshop.schemas import PAID_ORDER_STATUSES, OrderStatus
-from examples.eshop.services import Seller
-from examples.eshop.services.common import money
-from examples.eshop.services.seller import VIEW_TOTALS
 from framework import App
+from vmsdb_eshop.schemas import PAID_ORDER_STATUSES, OrderStatus
+from vmsdb_eshop.services import Seller
+from vmsdb_eshop.services.common import money
+from vmsdb_eshop.services.seller import VIEW_TOTALS
 
 __all__ = ["CheckResult", "Verdict", "check", "dashboard_consistent"]
 

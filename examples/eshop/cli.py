@@ -1,7 +1,7 @@
 """``vmsdb eshop ...``: run the demo, serve the HTTP API, seed a marketplace, check consistency,
 play a disaster (backup, crash, restore, amnesia report).
 
-Mounted by ``vmsdb`` as its ``eshop`` group; runnable alone as ``python -m examples.eshop.cli``.
+Mounted by ``vmsdb`` as its ``eshop`` group; runnable alone as ``python -m vmsdb_eshop.cli``.
 ``serve``, ``seed`` and ``check`` use the database of ``VMSDB_DATABASE_URL`` (absent: the
 embedded Postgres in ``VMSDB_DATA_DIR``, default ``./.vmsdb``), so they work on the same data.
 """
@@ -16,13 +16,13 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from examples.eshop.app import create_api, create_app
-from examples.eshop.check import check as run_check
-from examples.eshop.demo import DEMO_SCALE, DemoOptions, run_demo
-from examples.eshop.disaster import DisasterOptions, run_disaster, summary
-from examples.eshop.generator import Scale, generate, load
-from examples.eshop.report import verdict_table
-from framework.integrity_cli import print_report
+from framework.cli._integrity import print_report
+from vmsdb_eshop.app import create_api, create_app
+from vmsdb_eshop.check import check as run_check
+from vmsdb_eshop.demo import DEMO_SCALE, DemoOptions, run_demo
+from vmsdb_eshop.disaster import DisasterOptions, run_disaster, summary
+from vmsdb_eshop.generator import Scale, generate, load
+from vmsdb_eshop.report import verdict_table
 
 __all__ = ["app"]
 

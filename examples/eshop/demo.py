@@ -19,13 +19,13 @@ import httpx
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from examples.eshop.app import create_api, create_app
-from examples.eshop.check import Verdict, check
-from examples.eshop.generator import Marketplace, Scale, generate, load
-from examples.eshop.report import outcome_line, verdict_table, workload_table
-from examples.eshop.workload import Workload, WorkloadConfig, WorkloadResult
 from framework import App
 from framework.fastapi import run_lifespan
+from vmsdb_eshop.app import create_api, create_app
+from vmsdb_eshop.check import Verdict, check
+from vmsdb_eshop.generator import Marketplace, Scale, generate, load
+from vmsdb_eshop.report import outcome_line, verdict_table, workload_table
+from vmsdb_eshop.workload import Workload, WorkloadConfig, WorkloadResult
 
 __all__ = ["DemoOptions", "drive_mix", "run_demo"]
 

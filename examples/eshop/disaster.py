@@ -25,12 +25,12 @@ from rich.console import Console
 from dbcore.backup import BackupInfo
 from dbcore.integrity import IntegrityReport
 from dbcore.recovery import Mode, RecoveryState
-from examples.eshop.app import create_api, create_app
-from examples.eshop.generator import Scale, generate, load
-from examples.eshop.services.customer import Customer
-from examples.eshop.workload import Mix, Workload, WorkloadConfig, WorkloadResult
 from framework import references
 from framework.fastapi import run_lifespan
+from vmsdb_eshop.app import create_api, create_app
+from vmsdb_eshop.generator import Scale, generate, load
+from vmsdb_eshop.services.customer import Customer
+from vmsdb_eshop.workload import Mix, Workload, WorkloadConfig, WorkloadResult
 
 __all__ = ["DISASTER_SCALE", "DisasterOptions", "DisasterResult", "run_disaster"]
 

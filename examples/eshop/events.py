@@ -14,7 +14,8 @@ from typing import ClassVar, Self
 
 from pydantic import ConfigDict, Field
 
-from examples.eshop.schemas import (
+from framework import Event
+from vmsdb_eshop.schemas import (
     CartItem,
     CustomerCheckout,
     ItemStatus,
@@ -24,7 +25,6 @@ from examples.eshop.schemas import (
     ShipmentStatus,
     TransactionType,
 )
-from framework import Event
 
 __all__ = [
     "CheckoutMark",

@@ -19,9 +19,9 @@ from typing import Any
 import httpx
 from pydantic import BaseModel
 
-from examples.eshop.schemas import CustomerRow, DiscountRow, ProductData, SellerRow, StockRow
-from examples.eshop.services import Customer, Product, Seller, Stock
 from framework import App
+from vmsdb_eshop.schemas import CustomerRow, DiscountRow, ProductData, SellerRow, StockRow
+from vmsdb_eshop.services import Customer, Product, Seller, Stock
 
 __all__ = ["Marketplace", "Scale", "generate", "load", "load_through_api"]
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from rich.table import Table
 from rich.text import Text
 
-from examples.eshop.check import Verdict
-from examples.eshop.workload import WorkloadResult
+from vmsdb_eshop.check import Verdict
+from vmsdb_eshop.workload import WorkloadResult
 
 __all__ = ["outcome_line", "verdict_table", "workload_table"]
 

@@ -12,15 +12,17 @@ from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, status
 
-from examples.eshop.config import settings
-from examples.eshop.events import (
+from framework import App, Event, correlate
+from framework.fastapi import Conflict, CurrentApp, publish_and_wait, service
+from vmsdb_eshop.config import settings
+from vmsdb_eshop.events import (
     CheckoutMark,
     CheckoutRequest,
     PriceUpdateMark,
     ProductUpdateMark,
     TransactionMark,
 )
-from examples.eshop.schemas import (
+from vmsdb_eshop.schemas import (
     CartItemBody,
     CheckoutBody,
     CustomerCheckout,
@@ -32,9 +34,7 @@ from examples.eshop.schemas import (
     SellerRow,
     StockRow,
 )
-from examples.eshop.services import Cart, Customer, Order, Payment, Product, Seller, Shipment, Stock
-from framework import App, Event, correlate
-from framework.fastapi import Conflict, CurrentApp, publish_and_wait, service
+from vmsdb_eshop.services import Cart, Customer, Order, Payment, Product, Seller, Shipment, Stock
 
 __all__ = ["ROUTERS", "NotFound", "cleanup", "ops"]
 

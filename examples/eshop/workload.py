@@ -22,10 +22,10 @@ from typing import Any
 
 import httpx
 
-from examples.eshop.check import dashboard_consistent
-from examples.eshop.generator import Marketplace
-from examples.eshop.schemas import TransactionType
-from examples.eshop.services.common import money
+from vmsdb_eshop.check import dashboard_consistent
+from vmsdb_eshop.generator import Marketplace
+from vmsdb_eshop.schemas import TransactionType
+from vmsdb_eshop.services.common import money
 
 __all__ = ["Mix", "TxStats", "Workload", "WorkloadConfig", "WorkloadResult"]
 

@@ -12,12 +12,12 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from examples.eshop.app import create_api
-from examples.eshop.check import Verdict, check
-from examples.eshop.generator import Marketplace, Scale, generate, load
-from examples.eshop.services import SERVICES
 from framework import App
 from framework.fastapi import run_lifespan
+from vmsdb_eshop.app import create_api
+from vmsdb_eshop.check import Verdict, check
+from vmsdb_eshop.generator import Marketplace, Scale, generate, load
+from vmsdb_eshop.services import SERVICES
 
 
 @dataclass
@@ -96,9 +96,9 @@ def scale() -> Scale:
 
 
 @pytest.fixture
-async def eshop(app_factory: Any, scale: Scale) -> AsyncIterator[Eshop]:
+async def eshop(vmsdb_app_factory: Any, scale: Scale) -> AsyncIterator[Eshop]:
     # The eShop's schemas come from its migrations, as in the demo and in production.
-    async with app_factory(SERVICES, create_tables=False, migrate=True) as app:
+    async with vmsdb_app_factory(SERVICES, create_tables=False, migrate=True) as app:
         api = create_api(app)
         transport = httpx.ASGITransport(app=api)
         async with (

@@ -14,11 +14,11 @@ import pytest
 import uvicorn
 from sqlalchemy import text
 
-from examples.eshop.app import create_api
-from examples.eshop.generator import Scale, generate, load_through_api
-from examples.eshop.services import SERVICES
 from framework import App
 from framework.fastapi import run_lifespan
+from vmsdb_eshop.app import create_api
+from vmsdb_eshop.generator import Scale, generate, load_through_api
+from vmsdb_eshop.services import SERVICES
 
 CART_ITEM = {
     "SellerId": 1,
@@ -59,9 +59,9 @@ BAD_BODIES = [
     ("method", "path", "body", "field"), BAD_BODIES, ids=[f"{m} {p} {f}" for m, p, _, f in BAD_BODIES]
 )
 async def test_bad_body_is_422_naming_the_field(
-    app_factory: Any, method: str, path: str, body: dict[str, Any], field: str
+    vmsdb_app_factory: Any, method: str, path: str, body: dict[str, Any], field: str
 ) -> None:
-    async with app_factory(SERVICES) as app:
+    async with vmsdb_app_factory(SERVICES) as app:
         api = create_api(app)
         transport = httpx.ASGITransport(app=api)
         async with run_lifespan(api), httpx.AsyncClient(transport=transport, base_url="http://eshop") as http:
@@ -123,11 +123,11 @@ async def _serve(api: Any, port: int) -> AsyncIterator[str]:
         await task
 
 
-async def test_served_over_tcp_with_openapi(app_factory: Any) -> None:
+async def test_served_over_tcp_with_openapi(vmsdb_app_factory: Any) -> None:
     """Ingest through the API (as the driver does), then one session, over uvicorn."""
     market = generate(Scale(sellers=2, products_per_seller=2, customers=3, qty_per_product=10))
     async with (
-        app_factory(SERVICES) as app,
+        vmsdb_app_factory(SERVICES) as app,
         _serve(create_api(app), _free_port()) as base,
         httpx.AsyncClient(base_url=base, timeout=30) as http,
     ):

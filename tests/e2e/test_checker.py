@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from examples.eshop import check
+from vmsdb_eshop import check
 
 Db = dict[str, list[dict[str, Any]]]
 D = Decimal

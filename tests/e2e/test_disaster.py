@@ -7,9 +7,9 @@ from pathlib import Path
 
 from sqlalchemy import text
 
-from examples.eshop.disaster import DisasterOptions, run_disaster
-from examples.eshop.generator import Scale
 from tests.e2e.conftest import Eshop, assert_holds
+from vmsdb_eshop.disaster import DisasterOptions, run_disaster
+from vmsdb_eshop.generator import Scale
 
 
 async def test_a_lost_customer_service_is_restored_and_its_amnesia_reported(

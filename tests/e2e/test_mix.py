@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from examples.eshop.generator import Scale
-from examples.eshop.schemas import TransactionType
-from examples.eshop.workload import Mix, Workload, WorkloadConfig
 from tests.e2e.conftest import Eshop, assert_holds
+from vmsdb_eshop.generator import Scale
+from vmsdb_eshop.schemas import TransactionType
+from vmsdb_eshop.workload import Mix, Workload, WorkloadConfig
 
 
 @pytest.fixture

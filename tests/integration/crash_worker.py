@@ -23,7 +23,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Mapped, mapped_column
 
 from framework import App, Event, Inbound, Service, Transactional, session
-from framework.context import current
+from framework._internal.context import current
 
 #: Claims of a killed worker are taken over after this many seconds.
 CLAIM_TIMEOUT = 2.0

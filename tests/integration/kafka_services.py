@@ -20,7 +20,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Mapped, mapped_column
 
 from framework import App, Event, Inbound, Outbound, Service, Transactional, send, session
-from framework.context import current
+from framework._internal.context import current
 
 #: Upper bound of any single wait in the Kafka tests.
 WAIT = 20.0

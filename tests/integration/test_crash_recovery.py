@@ -173,9 +173,9 @@ def gate(tmp_path: Path) -> Path:
 
 
 async def test_kill_9_mid_handler_then_redelivery_takes_effect_once(
-    app_factory, spawn: Spawn, gate: Path
+    vmsdb_app_factory, spawn: Spawn, gate: Path
 ) -> None:
-    async with app_factory([Ledger], workers=False) as app:
+    async with vmsdb_app_factory([Ledger], workers=False) as app:
         (gate / "hold").touch()
         a = await spawn("A", gate)
         event_id = await app.publish(Tick(key="k1", n=1))
@@ -206,8 +206,10 @@ async def test_kill_9_mid_handler_then_redelivery_takes_effect_once(
         assert await dead_letters(app) == 0
 
 
-async def test_kill_9_with_several_events_of_one_key_pending(app_factory, spawn: Spawn, gate: Path) -> None:
-    async with app_factory([Ledger], workers=False) as app:
+async def test_kill_9_with_several_events_of_one_key_pending(
+    vmsdb_app_factory, spawn: Spawn, gate: Path
+) -> None:
+    async with vmsdb_app_factory([Ledger], workers=False) as app:
         (gate / "hold").touch()
         # Published before A starts: once a handler's transaction is open, later events are
         # beyond the claim horizon (G3) until it ends, so A could only ever hold one of them.
@@ -241,10 +243,12 @@ async def test_kill_9_with_several_events_of_one_key_pending(app_factory, spawn:
         assert await dead_letters(app) == 0
 
 
-async def test_slow_worker_whose_claim_ran_out_rolls_back(app_factory, spawn: Spawn, gate: Path) -> None:
+async def test_slow_worker_whose_claim_ran_out_rolls_back(
+    vmsdb_app_factory, spawn: Spawn, gate: Path
+) -> None:
     """A is stuck mid-handler past its claim; B takes the delivery over; A wakes up: A's ack
     finds B's claim and A rolls back; B's run is the one effect."""
-    async with app_factory([Ledger], workers=False) as app:
+    async with vmsdb_app_factory([Ledger], workers=False) as app:
         (gate / "hold").touch()
         a = await spawn("A", gate)
         event_id = await app.publish(Tick(key="k1", n=1))
@@ -273,10 +277,10 @@ async def test_slow_worker_whose_claim_ran_out_rolls_back(app_factory, spawn: Sp
 
 
 async def test_two_worker_processes_share_work_without_double_handling(
-    app_factory, spawn: Spawn, gate: Path
+    vmsdb_app_factory, spawn: Spawn, gate: Path
 ) -> None:
     keys, per_key = 40, 10
-    async with app_factory([Ledger], workers=False) as app:
+    async with vmsdb_app_factory([Ledger], workers=False) as app:
         await spawn("A", gate)
         await spawn("B", gate)
         # An open transaction with an xid holds the claim horizon back while we publish, so the
@@ -304,8 +308,8 @@ async def test_two_worker_processes_share_work_without_double_handling(
         assert await dead_letters(app) == 0
 
 
-async def test_duplicate_publish_of_one_event_id_has_one_effect(app_factory) -> None:
-    async with app_factory([Ledger], claim_timeout=CLAIM_TIMEOUT, poll_interval=0.05) as app:
+async def test_duplicate_publish_of_one_event_id_has_one_effect(vmsdb_app_factory) -> None:
+    async with vmsdb_app_factory([Ledger], claim_timeout=CLAIM_TIMEOUT, poll_interval=0.05) as app:
         event_id = uuid.uuid4()
         assert await app.publish(Tick(key="k1", n=1), event_id=event_id) == event_id
         assert await app.publish(Tick(key="k1", n=1), event_id=event_id) == event_id

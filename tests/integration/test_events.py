@@ -23,7 +23,7 @@ from framework import (
     send,
     session,
 )
-from framework.context import current
+from framework._internal.context import current
 
 
 class Note(Event, key="key"):
@@ -135,35 +135,35 @@ async def scalar(app: App, sql: str) -> object:
 # -- G2: the outbox commits with the state, or not at all ------------------------------------
 
 
-async def test_state_and_events_commit_together(app: App) -> None:
-    await app.service(Writer).write("k", 1)
-    await app.drain()
-    assert await scalar(app, "SELECT count(*) FROM writer.written") == 1
-    assert await scalar(app, "SELECT count(*) FROM vms.events WHERE type = 'Note'") == 1
-    assert await seen(app) == [("k", 1)]
+async def test_state_and_events_commit_together(vmsdb_app: App) -> None:
+    await vmsdb_app.service(Writer).write("k", 1)
+    await vmsdb_app.drain()
+    assert await scalar(vmsdb_app, "SELECT count(*) FROM writer.written") == 1
+    assert await scalar(vmsdb_app, "SELECT count(*) FROM vms.events WHERE type = 'Note'") == 1
+    assert await seen(vmsdb_app) == [("k", 1)]
 
 
-async def test_failed_transaction_publishes_nothing(app: App) -> None:
+async def test_failed_transaction_publishes_nothing(vmsdb_app: App) -> None:
     with pytest.raises(RuntimeError, match="writer failed"):
-        await app.service(Writer).write("k", 1, fail=True)
-    await app.drain()
-    assert await scalar(app, "SELECT count(*) FROM writer.written") == 0
-    assert await scalar(app, "SELECT count(*) FROM vms.events") == 0
-    assert await seen(app) == []
+        await vmsdb_app.service(Writer).write("k", 1, fail=True)
+    await vmsdb_app.drain()
+    assert await scalar(vmsdb_app, "SELECT count(*) FROM writer.written") == 0
+    assert await scalar(vmsdb_app, "SELECT count(*) FROM vms.events") == 0
+    assert await seen(vmsdb_app) == []
 
 
-async def test_undeclared_event_raises_and_rolls_back(app: App) -> None:
+async def test_undeclared_event_raises_and_rolls_back(vmsdb_app: App) -> None:
     with pytest.raises(UndeclaredEventError, match=r"Stray.*declared: Note"):
-        await app.service(Writer).stray()
-    assert await scalar(app, "SELECT count(*) FROM writer.written") == 0
-    assert await scalar(app, "SELECT count(*) FROM vms.events") == 0
+        await vmsdb_app.service(Writer).stray()
+    assert await scalar(vmsdb_app, "SELECT count(*) FROM writer.written") == 0
+    assert await scalar(vmsdb_app, "SELECT count(*) FROM vms.events") == 0
 
 
-async def test_events_carry_producer_correlation_and_causation(app: App) -> None:
+async def test_events_carry_producer_correlation_and_causation(vmsdb_app: App) -> None:
     with correlate("tid-42"):
-        await app.service(Writer).write("k", 1)
-    await app.drain()
-    async with app.core.admin() as conn:
+        await vmsdb_app.service(Writer).write("k", 1)
+    await vmsdb_app.drain()
+    async with vmsdb_app.core.admin() as conn:
         rows = (
             await conn.execute(
                 text(
@@ -178,12 +178,12 @@ async def test_events_carry_producer_correlation_and_causation(app: App) -> None
     # The handler's event inherits the correlation and names its cause.
     assert (noted.type, noted.producer, noted.correlation_id) == ("Noted", "reader", "tid-42")
     assert noted.causation_id == note.id
-    assert await scalar(app, "SELECT correlation_id FROM reader.seen") == "tid-42"
+    assert await scalar(vmsdb_app, "SELECT correlation_id FROM reader.seen") == "tid-42"
 
 
-async def test_a_service_cannot_forge_events_in_another_name(app: App) -> None:
+async def test_a_service_cannot_forge_events_in_another_name(vmsdb_app: App) -> None:
     with pytest.raises(Exception, match="row-level security"):
-        async with app.core.transaction("reader") as conn:
+        async with vmsdb_app.core.transaction("reader") as conn:
             await conn.execute(
                 text(
                     "INSERT INTO vms.events (id, type, key, payload, producer) "
@@ -195,8 +195,8 @@ async def test_a_service_cannot_forge_events_in_another_name(app: App) -> None:
 # -- G3: no gaps, whatever the commit order --------------------------------------------------
 
 
-async def test_long_and_short_transactions_every_event_arrives_in_key_order(app: App) -> None:
-    writer = app.service(Writer)
+async def test_long_and_short_transactions_every_event_arrives_in_key_order(vmsdb_app: App) -> None:
+    writer = vmsdb_app.service(Writer)
     # A long transaction takes the first position, then short ones commit before it does.
     long = asyncio.create_task(writer.write("shared", 0, hold=0.5))
     await asyncio.sleep(0.1)
@@ -206,24 +206,24 @@ async def test_long_and_short_transactions_every_event_arrives_in_key_order(app:
             await writer.write("shared", i)
 
     await asyncio.gather(long, short_ones_in_order(), *(writer.write(f"solo-{i}", i) for i in range(20)))
-    await app.drain()
-    got = await seen(app)
+    await vmsdb_app.drain()
+    got = await seen(vmsdb_app)
     assert sorted(got) == sorted([("shared", i) for i in range(6)] + [(f"solo-{i}", i) for i in range(20)])
     # The long transaction took its id first: its event is handled first for that key, even
     # though it committed last, and the reader skipped nothing while it was open.
     assert [s for k, s in got if k == "shared"] == [0, 1, 2, 3, 4, 5]
 
 
-async def test_concurrent_producers_lose_nothing(app: App) -> None:
-    writer = app.service(Writer)
+async def test_concurrent_producers_lose_nothing(vmsdb_app: App) -> None:
+    writer = vmsdb_app.service(Writer)
 
     async def produce(worker: int) -> None:
         for i in range(25):
             await writer.write(f"p{worker}", i, hold=0.002 * (i % 3))
 
     await asyncio.gather(*(produce(w) for w in range(8)))
-    await app.drain()
-    got = await seen(app)
+    await vmsdb_app.drain()
+    got = await seen(vmsdb_app)
     assert len(got) == 200
     for w in range(8):
         assert [s for k, s in got if k == f"p{w}"] == list(range(25))
@@ -232,29 +232,29 @@ async def test_concurrent_producers_lose_nothing(app: App) -> None:
 # -- G5: FIFO per key, parallel across keys, precedence ----------------------------------------
 
 
-async def test_keys_run_in_parallel_and_each_key_in_order(app: App) -> None:
+async def test_keys_run_in_parallel_and_each_key_in_order(vmsdb_app: App) -> None:
     SLOW["slow"] = 0.3
-    writer = app.service(Writer)
+    writer = vmsdb_app.service(Writer)
     for i in range(3):
         await writer.write("slow", i)
     for i in range(10):
         await writer.write("fast", i)
-    await app.drain()
-    got = await seen(app)
+    await vmsdb_app.drain()
+    got = await seen(vmsdb_app)
     assert [s for k, s in got if k == "slow"] == [0, 1, 2]
     assert [s for k, s in got if k == "fast"] == list(range(10))
     # The fast key did not wait behind the slow one.
     assert got.index(("fast", 9)) < got.index(("slow", 2))
 
 
-async def test_precedence_holds_a_flag_until_earlier_notes_are_handled(app: App) -> None:
+async def test_precedence_holds_a_flag_until_earlier_notes_are_handled(vmsdb_app: App) -> None:
     SLOW["a"] = 0.4  # the note handler is slow
-    writer = app.service(Writer)
+    writer = vmsdb_app.service(Writer)
     await writer.write("a", 1)
     await writer.flag("b", 1)  # another key: without precedence it would overtake the note
     await writer.write("c", 1)  # a later note does not hold the flag back
-    await app.drain()
-    async with app.core.admin() as conn:
+    await vmsdb_app.drain()
+    async with vmsdb_app.core.admin() as conn:
         order = [(r.kind, r.key) for r in await conn.execute(select(Seen.kind, Seen.key).order_by(Seen.id))]
     assert order.index(("note", "a")) < order.index(("flag", "b"))
 
@@ -262,78 +262,78 @@ async def test_precedence_holds_a_flag_until_earlier_notes_are_handled(app: App)
 # -- G6 and G12: retries, dead letters, poison payloads, replay ------------------------------
 
 
-async def test_failing_handler_is_retried_then_dead_lettered_while_others_flow(app: App) -> None:
-    writer = app.service(Writer)
-    await app.publish(Note(key="bad", seq=1, fail=True))
+async def test_failing_handler_is_retried_then_dead_lettered_while_others_flow(vmsdb_app: App) -> None:
+    writer = vmsdb_app.service(Writer)
+    await vmsdb_app.publish(Note(key="bad", seq=1, fail=True))
     await writer.write("bad", 2)  # same key: flows once the poisonous one is dead-lettered
     await writer.write("good", 1)
-    await app.drain(timeout=60)
-    assert sorted(await seen(app)) == [("bad", 2), ("good", 1)]
-    async with app.core.admin() as conn:
+    await vmsdb_app.drain(timeout=60)
+    assert sorted(await seen(vmsdb_app)) == [("bad", 2), ("good", 1)]
+    async with vmsdb_app.core.admin() as conn:
         letter = (await conn.execute(text("SELECT * FROM vms.dead_letters"))).one()
     assert (letter.subscriber, letter.event_type, letter.key, letter.attempts) == ("reader", "Note", "bad", 3)
     assert "ValueError: note bad/1 is poisonous" in letter.error
     assert "on_note" in letter.traceback
-    assert app.metrics.value("event_retries", service="reader") == 2
+    assert vmsdb_app.metrics.value("event_retries", service="reader") == 2
 
 
-async def test_poison_payload_goes_to_dead_letters_at_once(app: App) -> None:
-    async with app.core.admin() as conn:
+async def test_poison_payload_goes_to_dead_letters_at_once(vmsdb_app: App) -> None:
+    async with vmsdb_app.core.admin() as conn:
         await conn.execute(
             text(
                 "INSERT INTO vms.events (id, type, key, payload) VALUES (:id, 'Note', 'k', CAST(:p AS jsonb))"
             ),
             {"id": uuid.uuid4(), "p": json.dumps({"key": "k", "seq": "not a number"})},
         )
-    await app.service(Writer).write("k", 2)
-    await app.drain()
-    assert await seen(app) == [("k", 2)]
-    async with app.core.admin() as conn:
+    await vmsdb_app.service(Writer).write("k", 2)
+    await vmsdb_app.drain()
+    assert await seen(vmsdb_app) == [("k", 2)]
+    async with vmsdb_app.core.admin() as conn:
         letter = (await conn.execute(text("SELECT * FROM vms.dead_letters"))).one()
     assert letter.attempts == 1
     assert "payload is not a valid Note" in letter.error and "seq" in letter.error
     assert json.loads(letter.payload) if isinstance(letter.payload, str) else letter.payload
 
 
-async def test_replay_delivers_a_dead_letter_again(app: App) -> None:
+async def test_replay_delivers_a_dead_letter_again(vmsdb_app: App) -> None:
     from dbcore import delivery
 
-    await app.publish(Note(key="r", seq=1, fail=True))
-    await app.drain(timeout=60)
-    async with app.core.admin() as conn:
+    await vmsdb_app.publish(Note(key="r", seq=1, fail=True))
+    await vmsdb_app.drain(timeout=60)
+    async with vmsdb_app.core.admin() as conn:
         letter_id = (await conn.execute(text("SELECT id FROM vms.dead_letters"))).scalar_one()
     # Fix the cause (here: the payload), then replay.
-    async with app.core.admin() as conn:
+    async with vmsdb_app.core.admin() as conn:
         await conn.execute(text("UPDATE vms.events SET payload = payload || '{\"fail\": false}'::jsonb"))
         assert await delivery.replay(conn, letter_id) is True
-    await app.drain()
-    assert await seen(app) == [("r", 1)]
-    async with app.core.admin() as conn:
+    await vmsdb_app.drain()
+    assert await seen(vmsdb_app) == [("r", 1)]
+    async with vmsdb_app.core.admin() as conn:
         assert await delivery.replay(conn, letter_id) is False  # once only
 
 
 # -- awaiting an outcome; retention -----------------------------------------------------------
 
 
-async def test_outcome_returns_the_chain_result(app: App) -> None:
-    waiter = asyncio.create_task(app.outcome("tid-7", Noted, timeout=10))
+async def test_outcome_returns_the_chain_result(vmsdb_app: App) -> None:
+    waiter = asyncio.create_task(vmsdb_app.outcome("tid-7", Noted, timeout=10))
     await asyncio.sleep(0.05)
     with correlate("tid-7"):
-        await app.service(Writer).write("o", 7)
+        await vmsdb_app.service(Writer).write("o", 7)
     result = await waiter
     assert result == Noted(key="o", seq=7)
     # Asking after the fact finds it too.
-    assert await app.outcome("tid-7", Noted, timeout=1) == Noted(key="o", seq=7)
+    assert await vmsdb_app.outcome("tid-7", Noted, timeout=1) == Noted(key="o", seq=7)
     with pytest.raises(TimeoutError, match="no Noted in correlation 'nope'"):
-        await app.outcome("nope", Noted, timeout=0.2)
+        await vmsdb_app.outcome("nope", Noted, timeout=0.2)
 
 
-async def test_retention_prunes_handled_events_only(app: App) -> None:
+async def test_retention_prunes_handled_events_only(vmsdb_app: App) -> None:
     from dbcore.eventlog import prune
 
-    await app.service(Writer).write("x", 1)
-    await app.drain()
-    async with app.core.admin() as conn:
+    await vmsdb_app.service(Writer).write("x", 1)
+    await vmsdb_app.drain()
+    async with vmsdb_app.core.admin() as conn:
         await conn.execute(text("UPDATE vms.events SET created_at = now() - interval '2 days'"))
         # One event still pending for a subscriber must survive.
         await conn.execute(
@@ -365,10 +365,10 @@ class StrictSeen(Strict.Model):
     seq: Mapped[int]
 
 
-async def test_blocking_dead_letter_holds_its_key_until_replayed(app_factory) -> None:
+async def test_blocking_dead_letter_holds_its_key_until_replayed(vmsdb_app_factory) -> None:
     from dbcore import delivery
 
-    async with app_factory([Strict]) as app:
+    async with vmsdb_app_factory([Strict]) as app:
         await app.publish(Note(key="k", seq=1, fail=True))
         await app.publish(Note(key="k", seq=2))
         await app.publish(Note(key="other", seq=1))
@@ -387,10 +387,10 @@ async def test_blocking_dead_letter_holds_its_key_until_replayed(app_factory) ->
         assert [tuple(r) for r in rows] == [("other", 1), ("k", 1), ("k", 2)]
 
 
-async def test_discarding_a_blocking_dead_letter_lets_its_key_flow(app_factory) -> None:
+async def test_discarding_a_blocking_dead_letter_lets_its_key_flow(vmsdb_app_factory) -> None:
     from dbcore import delivery
 
-    async with app_factory([Strict]) as app:
+    async with vmsdb_app_factory([Strict]) as app:
         await app.publish(Note(key="k", seq=1, fail=True))
         await app.publish(Note(key="k", seq=2))
         await asyncio.sleep(0.3)
@@ -403,19 +403,19 @@ async def test_discarding_a_blocking_dead_letter_lets_its_key_flow(app_factory) 
         assert [tuple(r) for r in rows] == [("k", 2)]
 
 
-async def test_stopping_gives_back_claims_no_worker_started_on(app_factory) -> None:
+async def test_stopping_gives_back_claims_no_worker_started_on(vmsdb_app_factory) -> None:
     """Claims taken ahead of the workers go back untried at stop; running handlers finish."""
     keys = 40
-    async with app_factory([Writer, Reader], workers=False) as producer:
+    async with vmsdb_app_factory([Writer, Reader], workers=False) as producer:
         for k in range(keys):
             await producer.service(Writer).write(f"k{k:02d}", 1)
     SLOW.update({f"k{k:02d}": 0.4 for k in range(keys)})
-    async with app_factory([Writer, Reader]) as app:
+    async with vmsdb_app_factory([Writer, Reader]) as app:
         await asyncio.sleep(0.2)  # every key claimed (64 ahead), 16 handlers running
         claimed = await scalar(app, "SELECT count(*) FROM vms.deliveries WHERE claim IS NOT NULL")
         assert claimed == keys
     # Stopped: the handlers that had started finished; the rest are unclaimed, attempts untouched.
-    async with app_factory([Writer, Reader], workers=False) as app:
+    async with vmsdb_app_factory([Writer, Reader], workers=False) as app:
         handled = len(await seen(app))
         assert 0 < handled < keys
         left = await scalar(
@@ -425,22 +425,22 @@ async def test_stopping_gives_back_claims_no_worker_started_on(app_factory) -> N
         )
         assert left == keys - handled
     SLOW.clear()
-    async with app_factory([Writer, Reader]) as app:
+    async with vmsdb_app_factory([Writer, Reader]) as app:
         await app.drain()
         assert sorted(await seen(app)) == [(f"k{k:02d}", 1) for k in range(keys)]
 
 
 async def test_a_claim_that_waited_too_long_for_a_worker_is_left_to_run_out(
-    app_factory, caplog: pytest.LogCaptureFixture
+    vmsdb_app_factory, caplog: pytest.LogCaptureFixture
 ) -> None:
     """One worker, slow handlers, a short claim timeout: claims queued behind the first handler
     grow too old to start on; they run out, are claimed again, and each note counts once."""
     caplog.set_level(logging.INFO, logger="vmsdb.delivery")
-    async with app_factory([Writer, Reader], workers=False) as producer:
+    async with vmsdb_app_factory([Writer, Reader], workers=False) as producer:
         for k in range(3):
             await producer.service(Writer).write(f"k{k}", 1)
     SLOW.update({f"k{k}": 0.7 for k in range(3)})
-    async with app_factory([Writer, Reader], worker_concurrency=1, claim_timeout=1.0) as app:
+    async with vmsdb_app_factory([Writer, Reader], worker_concurrency=1, claim_timeout=1.0) as app:
         await app.drain(timeout=20)
         assert sorted(await seen(app)) == [("k0", 1), ("k1", 1), ("k2", 1)]
         reclaimed = await scalar(app, "SELECT count(*) FROM vms.dead_letters")
@@ -448,7 +448,7 @@ async def test_a_claim_that_waited_too_long_for_a_worker_is_left_to_run_out(
     assert "waited too long for a worker" in caplog.text
 
 
-async def test_a_keys_events_follow_each_other_without_waiting_for_a_poll(app_factory) -> None:
+async def test_a_keys_events_follow_each_other_without_waiting_for_a_poll(vmsdb_app_factory) -> None:
     """When a key's head is handled, its next event is claimed at once: no notification comes
     for it (it committed long ago), so the dispatcher must know to look again."""
 
@@ -463,27 +463,27 @@ async def test_a_keys_events_follow_each_other_without_waiting_for_a_poll(app_fa
         key: Mapped[str]
         seq: Mapped[int]
 
-    async with app_factory([Writer, Tail], workers=False) as producer:
+    async with vmsdb_app_factory([Writer, Tail], workers=False) as producer:
         for seq in range(30):
             await producer.service(Writer).write("solo", seq)
-    async with app_factory([Writer, Tail], poll_interval=5.0) as app:
+    async with vmsdb_app_factory([Writer, Tail], poll_interval=5.0) as app:
         await app.drain(timeout=4.0)  # 30 polls would take 150 s
         async with app.core.admin() as conn:
             rows = (await conn.execute(select(Tailed.seq).order_by(Tailed.id))).scalars().all()
         assert rows == list(range(30))
 
 
-async def test_a_retry_runs_when_its_backoff_ends_not_at_the_next_poll(app_factory) -> None:
-    async with app_factory([Writer, Reader], poll_interval=5.0) as app:
+async def test_a_retry_runs_when_its_backoff_ends_not_at_the_next_poll(vmsdb_app_factory) -> None:
+    async with vmsdb_app_factory([Writer, Reader], poll_interval=5.0) as app:
         await app.publish(Note(key="bad", seq=1, fail=True))
         await app.drain(timeout=4.0)  # two backoffs of at most 0.1 s, not two 5 s polls
         assert await scalar(app, "SELECT attempts FROM vms.dead_letters") == 3
 
 
-async def test_events_behind_the_horizon_are_taken_soon_after_it_moves(app_factory) -> None:
+async def test_events_behind_the_horizon_are_taken_soon_after_it_moves(vmsdb_app_factory) -> None:
     """An older transaction that sends no events ends without a notification: the dispatcher
     polls while events wait behind it, not only every poll_interval."""
-    async with app_factory([Writer, Reader], poll_interval=5.0) as app:
+    async with vmsdb_app_factory([Writer, Reader], poll_interval=5.0) as app:
         async with app.core.admin() as horizon:
             await horizon.execute(text("SELECT pg_current_xact_id()"))  # takes an xid first
             for seq in range(3):
@@ -494,7 +494,7 @@ async def test_events_behind_the_horizon_are_taken_soon_after_it_moves(app_facto
         assert await seen(app) == [("late", 0), ("late", 1), ("late", 2)]
 
 
-async def test_a_backlog_of_one_service_does_not_queue_anothers_events_behind_it(app_factory) -> None:
+async def test_a_backlog_of_one_service_does_not_queue_anothers_events_behind_it(vmsdb_app_factory) -> None:
     """Workers serve the services in turn: an event for another service is taken by the next
     free worker, not after every claimed event of a slow backlog."""
     started: list[tuple[str, int]] = []
@@ -514,10 +514,10 @@ async def test_a_backlog_of_one_service_does_not_queue_anothers_events_behind_it
             started.append(("quick", ev.seq))
             flagged.set()
 
-    async with app_factory([Writer, Slow, Quick], workers=False) as producer:
+    async with vmsdb_app_factory([Writer, Slow, Quick], workers=False) as producer:
         for seq in range(300):
             await producer.publish(Noted(key=f"k{seq}", seq=seq))
-    async with app_factory([Writer, Slow, Quick]) as app:
+    async with vmsdb_app_factory([Writer, Slow, Quick]) as app:
         await asyncio.wait_for(busy.wait(), 20)  # the backlog is being worked on, 64 claimed ahead
         before = len(started)
         await app.service(Writer).flag("f", 1)

@@ -15,8 +15,8 @@ def vmsdb_services():
     return [Bank, Shop]
 
 
-async def test_registration_creates_schemas_roles_and_catalog(app: App) -> None:
-    async with app.core.admin() as conn:
+async def test_registration_creates_schemas_roles_and_catalog(vmsdb_app: App) -> None:
+    async with vmsdb_app.core.admin() as conn:
         schemas = set(
             (
                 await conn.execute(
@@ -48,29 +48,29 @@ async def test_registration_creates_schemas_roles_and_catalog(app: App) -> None:
     assert services == {"bank": 1, "shop": 1}
 
 
-async def test_write_into_another_service_raises_and_leaves_nothing(app: App) -> None:
-    await app.service(Bank).open("a1", 10)
+async def test_write_into_another_service_raises_and_leaves_nothing(vmsdb_app: App) -> None:
+    await vmsdb_app.service(Bank).open("a1", 10)
     with pytest.raises(IsolationError) as caught:
-        await app.service(Shop).steal("o1")
+        await vmsdb_app.service(Shop).steal("o1")
     err = caught.value
     assert (err.service, err.owner, err.table, err.action) == ("shop", "bank", "bank.accounts", "write")
     assert "'shop'" in str(err) and "'bank'" in str(err)
     # Nothing half-written: neither the shop's own order nor the bank's balance changed.
-    assert await app.service(Shop).orders() == []
-    assert await app.service(Bank).balance("a1") == 10
+    assert await vmsdb_app.service(Shop).orders() == []
+    assert await vmsdb_app.service(Bank).balance("a1") == 10
 
 
-async def test_exported_table_is_readable_private_table_is_not(app: App) -> None:
-    await app.service(Bank).open("a1", 10)
-    assert await app.service(Shop).read_accounts() == [("a1", 10)]
+async def test_exported_table_is_readable_private_table_is_not(vmsdb_app: App) -> None:
+    await vmsdb_app.service(Bank).open("a1", 10)
+    assert await vmsdb_app.service(Shop).read_accounts() == [("a1", 10)]
     with pytest.raises(IsolationError) as caught:
-        await app.service(Shop).read_audit()
+        await vmsdb_app.service(Shop).read_audit()
     assert (caught.value.owner, caught.value.table, caught.value.action) == ("bank", "bank.audit", "access")
 
 
-async def test_isolation_is_enforced_by_postgres_not_python(app: App) -> None:
+async def test_isolation_is_enforced_by_postgres_not_python(vmsdb_app: App) -> None:
     """The same statements as the service's role, without the framework in the way."""
-    async with app.core.transaction("shop") as conn:
+    async with vmsdb_app.core.transaction("shop") as conn:
         await conn.execute(text("SELECT count(*) FROM bank.accounts"))  # exported: allowed
     for statement in (
         "SELECT * FROM bank.audit",
@@ -81,23 +81,25 @@ async def test_isolation_is_enforced_by_postgres_not_python(app: App) -> None:
         "SELECT * FROM vms.events",
     ):
         with pytest.raises(Exception) as caught:
-            async with app.core.transaction("shop") as conn:
+            async with vmsdb_app.core.transaction("shop") as conn:
                 await conn.execute(text(statement))
         assert "permission denied" in str(caught.value) or "must be owner" in str(caught.value), statement
 
 
-async def test_read_only_transaction_cannot_write(app: App) -> None:
+async def test_read_only_transaction_cannot_write(vmsdb_app: App) -> None:
     with pytest.raises(ReadOnlyViolation) as caught:
-        await app.service(Bank).try_write("a2")
+        await vmsdb_app.service(Bank).try_write("a2")
     assert "read-only" in str(caught.value)
-    async with app.core.admin() as conn:
+    async with vmsdb_app.core.admin() as conn:
         assert (await conn.execute(text("SELECT count(*) FROM bank.accounts"))).scalar_one() == 0
 
 
-async def test_registration_is_idempotent_and_versions_changes(app_factory, vmsdb_database: str) -> None:
-    async with app_factory([Bank, Shop]) as first:
+async def test_registration_is_idempotent_and_versions_changes(
+    vmsdb_app_factory, vmsdb_database: str
+) -> None:
+    async with vmsdb_app_factory([Bank, Shop]) as first:
         pass
-    async with app_factory([Bank, Shop]) as again:
+    async with vmsdb_app_factory([Bank, Shop]) as again:
         async with again.core.admin() as conn:
             versions = dict((await conn.execute(text("SELECT name, version FROM vms.services"))).all())
         assert versions == {"bank": 1, "shop": 1}

@@ -14,11 +14,9 @@ from aiokafka import AIOKafkaProducer
 from dbcore import relay as relay_log
 from framework import App
 from framework.testing import fresh_database
-from framework.testing_kafka import KafkaBroker
+from framework.testing.kafka import KafkaBroker
 
 from .kafka_services import Shop, Tally, read_topic, rows, seen, until
-
-pytest_plugins = ["framework.testing_kafka"]
 
 
 async def published(app: App) -> bool:
@@ -45,9 +43,9 @@ async def republish(bootstrap: str, messages: list[Any]) -> None:
 
 
 async def test_two_cores_effects_once_in_order_with_precedence(
-    app_factory, vmsdb_server: str, kafka_broker: KafkaBroker, kafka_topic_prefix: str
+    vmsdb_app_factory, vmsdb_server: str, vmsdb_kafka_broker: KafkaBroker, vmsdb_kafka_topic_prefix: str
 ) -> None:
-    kafka = {"kafka_bootstrap": kafka_broker.bootstrap, "kafka_topic_prefix": kafka_topic_prefix}
+    kafka = {"kafka_bootstrap": vmsdb_kafka_broker.bootstrap, "kafka_topic_prefix": vmsdb_kafka_topic_prefix}
     # Small ingress rounds (7 messages): the Flagged comes in while earlier Placed still wait.
     consumer_options = {
         **kafka,
@@ -55,18 +53,18 @@ async def test_two_cores_effects_once_in_order_with_precedence(
         "kafka_session_timeout_ms": 1000,
         "kafka_batch_size": 7,
     }
-    async with app_factory([Shop], **kafka) as core_a:
+    async with vmsdb_app_factory([Shop], **kafka) as core_a:
         # A backlog in Kafka before the consumer's core exists: 60 Placed, a Flagged, 20 Placed.
         await place(core_a, 0, 60)
         await core_a.service(Shop).flag("f", 1)
         await place(core_a, 60, 20)
         await until(lambda: published(core_a), "core A's relay to publish the backlog")
-        copies = await read_topic(kafka_broker.bootstrap, f"{kafka_topic_prefix}Placed", 80)
-        await republish(kafka_broker.bootstrap, copies[::7])
+        copies = await read_topic(vmsdb_kafka_broker.bootstrap, f"{vmsdb_kafka_topic_prefix}Placed", 80)
+        await republish(vmsdb_kafka_broker.bootstrap, copies[::7])
 
         async with (
             fresh_database(vmsdb_server) as url_b,
-            app_factory([Tally], database_url=url_b, **consumer_options) as core_b,
+            vmsdb_app_factory([Tally], database_url=url_b, **consumer_options) as core_b,
         ):
 
             async def handled(placed: int, flagged: int) -> bool:
@@ -105,5 +103,5 @@ async def test_two_cores_effects_once_in_order_with_precedence(
     ]
     # Ingested events came from Kafka and were not published again; B published its own.
     assert {(t, o) for t, o in origins if o is None} == {("Tallied", None)}
-    assert {o for t, o in origins if t == "Placed"} == {f"kafka:{kafka_topic_prefix}Placed"}
+    assert {o for t, o in origins if t == "Placed"} == {f"kafka:{vmsdb_kafka_topic_prefix}Placed"}
     assert relay_b.published >= 120

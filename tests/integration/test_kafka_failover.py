@@ -18,11 +18,9 @@ import pytest
 from dbcore import relay as relay_log
 from framework import App
 from framework.testing import fresh_database
-from framework.testing_kafka import KafkaBroker
+from framework.testing.kafka import KafkaBroker
 
 from .kafka_services import WAIT, Shop, Tally, headers, read_topic, rows, seen, until
-
-pytest_plugins = ["framework.testing_kafka"]
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -59,7 +57,7 @@ Spawn = Callable[[str], Awaitable[RelayProcess]]
 
 @pytest.fixture
 async def spawn_relay(
-    vmsdb_database: str, kafka_broker: KafkaBroker, kafka_topic_prefix: str, tmp_path: Path
+    vmsdb_database: str, vmsdb_kafka_broker: KafkaBroker, vmsdb_kafka_topic_prefix: str, tmp_path: Path
 ) -> AsyncIterator[Spawn]:
     """``await spawn_relay(name)``: a started relay process on this test's database."""
     started: list[RelayProcess] = []
@@ -72,8 +70,8 @@ async def spawn_relay(
                 "-m",
                 "tests.integration.kafka_relay_worker",
                 vmsdb_database,
-                kafka_broker.bootstrap,
-                kafka_topic_prefix,
+                vmsdb_kafka_broker.bootstrap,
+                vmsdb_kafka_topic_prefix,
                 cwd=ROOT,
                 stdout=stdout,
                 stderr=stderr,
@@ -107,23 +105,23 @@ async def event_ids(app: App) -> set[str]:
 
 
 async def test_relay_killed_mid_batch_republishes_and_effects_stay_once(
-    app_factory,
+    vmsdb_app_factory,
     vmsdb_server: str,
     spawn_relay: Spawn,
-    kafka_broker: KafkaBroker,
-    kafka_topic_prefix: str,
+    vmsdb_kafka_broker: KafkaBroker,
+    vmsdb_kafka_topic_prefix: str,
 ) -> None:
     consumer_options = {
-        "kafka_bootstrap": kafka_broker.bootstrap,
-        "kafka_topic_prefix": kafka_topic_prefix,
+        "kafka_bootstrap": vmsdb_kafka_broker.bootstrap,
+        "kafka_topic_prefix": vmsdb_kafka_topic_prefix,
         "kafka_remote": ["ktally"],
         "kafka_relay": False,
         "kafka_session_timeout_ms": 1000,
     }
     async with (
-        app_factory([Shop]) as core_a,  # no Kafka in this process: the relay runs in another
+        vmsdb_app_factory([Shop]) as core_a,  # no Kafka in this process: the relay runs in another
         fresh_database(vmsdb_server) as url_b,
-        app_factory([Tally], database_url=url_b, **consumer_options) as core_b,
+        vmsdb_app_factory([Tally], database_url=url_b, **consumer_options) as core_b,
     ):
 
         def handled(count: int) -> Callable[[], Awaitable[bool]]:
@@ -137,7 +135,7 @@ async def test_relay_killed_mid_batch_republishes_and_effects_stay_once(
         await place(core_a, 0, 20)
         await until(handled(20), "core B to handle the first 20 events")
 
-        with kafka_broker.paused():
+        with vmsdb_kafka_broker.paused():
             # One transaction takes its id first and commits last: the relay reads nothing until
             # it commits, then all 100 events as one batch, sends them, and no answer comes.
             late = asyncio.create_task(core_a.service(Shop).place("k0", 20, hold=0.5))
@@ -156,7 +154,7 @@ async def test_relay_killed_mid_batch_republishes_and_effects_stay_once(
 
         placed = await seen(core_b, "placed")
         counters = {r.id: r.n for r in await rows(core_b, "SELECT id, n FROM ktally.counters")}
-        in_kafka = await read_topic(kafka_broker.bootstrap, f"{kafka_topic_prefix}Placed", 120)
+        in_kafka = await read_topic(vmsdb_kafka_broker.bootstrap, f"{vmsdb_kafka_topic_prefix}Placed", 120)
         produced = await event_ids(core_a)
         assert await backlog(core_a) == 0
 
@@ -170,9 +168,9 @@ async def test_relay_killed_mid_batch_republishes_and_effects_stay_once(
 
 
 async def test_standby_relay_takes_over_from_a_dead_one(
-    app_factory, spawn_relay: Spawn, kafka_broker: KafkaBroker, kafka_topic_prefix: str
+    vmsdb_app_factory, spawn_relay: Spawn, vmsdb_kafka_broker: KafkaBroker, vmsdb_kafka_topic_prefix: str
 ) -> None:
-    async with app_factory([Shop]) as core_a:
+    async with vmsdb_app_factory([Shop]) as core_a:
         one, two = await asyncio.gather(spawn_relay("one"), spawn_relay("two"))
 
         async def someone_leads() -> bool:
@@ -188,7 +186,7 @@ async def test_standby_relay_takes_over_from_a_dead_one(
         await place(core_a, 10, 10)
         await standby.wait_for("leader")  # its connection closed, the lock freed
         await until(lambda: _published(core_a), "the standby to publish the backlog")
-        in_kafka = await read_topic(kafka_broker.bootstrap, f"{kafka_topic_prefix}Placed", 20)
+        in_kafka = await read_topic(vmsdb_kafka_broker.bootstrap, f"{vmsdb_kafka_topic_prefix}Placed", 20)
         produced = await event_ids(core_a)
 
     assert {headers(m)["vmsdb-event-id"] for m in in_kafka} == produced

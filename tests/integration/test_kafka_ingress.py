@@ -10,20 +10,18 @@ import json
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from framework.testing_kafka import KafkaBroker
+from framework.testing.kafka import KafkaBroker
 
 from .kafka_services import Signup, Tally, rows, seen, until
 
-pytest_plugins = ["framework.testing_kafka"]
-
 
 async def test_foreign_json_is_handled_once_and_bad_messages_are_dead_lettered(
-    app_factory, kafka_broker: KafkaBroker, kafka_topic_prefix: str
+    vmsdb_app_factory, vmsdb_kafka_broker: KafkaBroker, vmsdb_kafka_topic_prefix: str
 ) -> None:
-    topic = f"{kafka_topic_prefix}signups"
+    topic = f"{vmsdb_kafka_topic_prefix}signups"
     options = {
-        "kafka_bootstrap": kafka_broker.bootstrap,
-        "kafka_topic_prefix": kafka_topic_prefix,
+        "kafka_bootstrap": vmsdb_kafka_broker.bootstrap,
+        "kafka_topic_prefix": vmsdb_kafka_topic_prefix,
         "kafka_relay": False,
         "kafka_ingress": {topic: Signup},
         "kafka_session_timeout_ms": 1000,  # the test broker holds a group join for about half of it
@@ -35,9 +33,9 @@ async def test_foreign_json_is_handled_once_and_bad_messages_are_dead_lettered(
         json.dumps({"user": "u3"}).encode(),  # JSON, but not a Signup
         json.dumps({"user": "u4", "plan": "free"}).encode(),  # after the bad ones: still handled
     ]
-    await _produce(kafka_broker, topic, messages)  # the bad ones sit between the good ones
+    await _produce(vmsdb_kafka_broker, topic, messages)  # the bad ones sit between the good ones
 
-    async with app_factory([Tally], **options) as app:
+    async with vmsdb_app_factory([Tally], **options) as app:
 
         async def handled() -> bool:
             return len(await seen(app, "signup")) == 2
@@ -58,8 +56,8 @@ async def test_foreign_json_is_handled_once_and_bad_messages_are_dead_lettered(
 
     # Started again on the same database and group, it goes on from the committed offsets:
     # a new message is handled, and nothing before it is read (or dead-lettered) twice.
-    async with app_factory([Tally], **options) as app:
-        await _produce(kafka_broker, topic, [json.dumps({"user": "u5", "plan": "pro"}).encode()])
+    async with vmsdb_app_factory([Tally], **options) as app:
+        await _produce(vmsdb_kafka_broker, topic, [json.dumps({"user": "u5", "plan": "pro"}).encode()])
 
         async def third() -> bool:
             return len(await seen(app, "signup")) == 3

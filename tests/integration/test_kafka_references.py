@@ -14,20 +14,18 @@ from aiokafka import AIOKafkaProducer
 from framework import App
 from framework.references import backup, check, crash, restore, uri_of
 from framework.testing import fresh_database
-from framework.testing_kafka import KafkaBroker
+from framework.testing.kafka import KafkaBroker
 
 from .kafka_services import read_topic, rows, until
 from .test_kafka_cores import republish
 from .test_references_cross_core import Archive, Fellow, Guild, held
 
-pytest_plugins = ["framework.testing_kafka"]
-
 
 @pytest.fixture
 async def cores(
-    vmsdb_server: str, kafka_broker: KafkaBroker, kafka_topic_prefix: str, tmp_path: Path
+    vmsdb_server: str, vmsdb_kafka_broker: KafkaBroker, vmsdb_kafka_topic_prefix: str, tmp_path: Path
 ) -> AsyncIterator[tuple[App, App]]:
-    kafka = {"kafka_bootstrap": kafka_broker.bootstrap, "kafka_topic_prefix": kafka_topic_prefix}
+    kafka = {"kafka_bootstrap": vmsdb_kafka_broker.bootstrap, "kafka_topic_prefix": vmsdb_kafka_topic_prefix}
     async with fresh_database(vmsdb_server) as url_a, fresh_database(vmsdb_server) as url_b:
         core_a = App([Guild], database_url=url_a, create_tables=True, data_dir=tmp_path, **kafka)
         core_b = App([Archive], database_url=url_b, create_tables=True, data_dir=tmp_path, **kafka)
@@ -40,7 +38,7 @@ async def granted(core_b: App, rid: str) -> bool:
 
 
 async def test_a_reference_is_granted_and_given_back_across_cores_through_kafka(
-    cores: tuple[App, App], kafka_broker: KafkaBroker, kafka_topic_prefix: str
+    cores: tuple[App, App], vmsdb_kafka_broker: KafkaBroker, vmsdb_kafka_topic_prefix: str
 ) -> None:
     core_a, core_b = cores
     uri = uri_of(Fellow, "f1")
@@ -52,8 +50,8 @@ async def test_a_reference_is_granted_and_given_back_across_cores_through_kafka(
     assert await held(core_a, uri) == (1, {"archive": 1})
 
     # Kafka delivers the request again: core A has it already, so it counts once.
-    copies = await read_topic(kafka_broker.bootstrap, f"{kafka_topic_prefix}vms.ref.acquire", 1)
-    await republish(kafka_broker.bootstrap, copies)
+    copies = await read_topic(vmsdb_kafka_broker.bootstrap, f"{vmsdb_kafka_topic_prefix}vms.ref.acquire", 1)
+    await republish(vmsdb_kafka_broker.bootstrap, copies)
     await core_b.service(Archive).file("r2", "f1")  # a later request, to know the copy was read
     await until(lambda: granted(core_b, "r2"), "the second grant")
     assert await held(core_a, uri) == (2, {"archive": 2})
@@ -98,12 +96,12 @@ async def test_a_restore_hears_from_a_holder_on_another_core_through_kafka(cores
 
 
 async def test_malformed_protocol_messages_are_dead_letters_and_the_rest_flows(
-    cores: tuple[App, App], kafka_broker: KafkaBroker, kafka_topic_prefix: str
+    cores: tuple[App, App], vmsdb_kafka_broker: KafkaBroker, vmsdb_kafka_topic_prefix: str
 ) -> None:
     core_a, core_b = cores
     await core_a.service(Guild).put("f1", "Ada")
-    topic = f"{kafka_topic_prefix}vms.ref.acquire"
-    producer = AIOKafkaProducer(bootstrap_servers=kafka_broker.bootstrap, acks="all")
+    topic = f"{vmsdb_kafka_topic_prefix}vms.ref.acquire"
+    producer = AIOKafkaProducer(bootstrap_servers=vmsdb_kafka_broker.bootstrap, acks="all")
     await producer.start()
     try:
         for event_id, value in (

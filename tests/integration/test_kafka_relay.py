@@ -13,11 +13,9 @@ import pytest
 
 from dbcore import relay as relay_log
 from framework import App, correlate
-from framework.testing_kafka import KafkaBroker
+from framework.testing.kafka import KafkaBroker
 
 from .kafka_services import Placed, Shop, Tally, headers, read_topic, rows, until
-
-pytest_plugins = ["framework.testing_kafka"]
 
 
 def kafka(broker: KafkaBroker, prefix: str, **options: object) -> dict[str, object]:
@@ -34,9 +32,9 @@ async def published(app: App) -> bool:
 
 
 async def test_committed_events_reach_kafka_in_key_order_with_headers(
-    app_factory, kafka_broker: KafkaBroker, kafka_topic_prefix: str
+    vmsdb_app_factory, vmsdb_kafka_broker: KafkaBroker, vmsdb_kafka_topic_prefix: str
 ) -> None:
-    async with app_factory([Shop, Tally], **kafka(kafka_broker, kafka_topic_prefix)) as app:
+    async with vmsdb_app_factory([Shop, Tally], **kafka(vmsdb_kafka_broker, vmsdb_kafka_topic_prefix)) as app:
         shop = app.service(Shop)
 
         async def in_order(key: str) -> None:
@@ -46,8 +44,8 @@ async def test_committed_events_reach_kafka_in_key_order_with_headers(
 
         await asyncio.gather(*(in_order(f"k{i}") for i in range(5)))
         await app.drain()
-        placed = await read_topic(kafka_broker.bootstrap, f"{kafka_topic_prefix}Placed", 50)
-        tallied = await read_topic(kafka_broker.bootstrap, f"{kafka_topic_prefix}Tallied", 50)
+        placed = await read_topic(vmsdb_kafka_broker.bootstrap, f"{vmsdb_kafka_topic_prefix}Placed", 50)
+        tallied = await read_topic(vmsdb_kafka_broker.bootstrap, f"{vmsdb_kafka_topic_prefix}Tallied", 50)
         log_rows = {
             str(r.id): r
             for r in await rows(
@@ -80,24 +78,24 @@ async def test_committed_events_reach_kafka_in_key_order_with_headers(
 
 
 async def test_rolled_back_transaction_publishes_nothing(
-    app_factory, kafka_broker: KafkaBroker, kafka_topic_prefix: str
+    vmsdb_app_factory, vmsdb_kafka_broker: KafkaBroker, vmsdb_kafka_topic_prefix: str
 ) -> None:
-    async with app_factory([Shop], **kafka(kafka_broker, kafka_topic_prefix)) as app:
+    async with vmsdb_app_factory([Shop], **kafka(vmsdb_kafka_broker, vmsdb_kafka_topic_prefix)) as app:
         shop = app.service(Shop)
         with pytest.raises(RuntimeError, match="the shop failed"):
             await shop.place("k", 1, fail=True)
         await shop.place("k", 2)
         await until(lambda: published(app), "the relay to publish")
-        placed = await read_topic(kafka_broker.bootstrap, f"{kafka_topic_prefix}Placed", 1)
+        placed = await read_topic(vmsdb_kafka_broker.bootstrap, f"{vmsdb_kafka_topic_prefix}Placed", 1)
         await asyncio.sleep(0.3)  # anything else would have been published with, or before, it
-        placed = await read_topic(kafka_broker.bootstrap, f"{kafka_topic_prefix}Placed", 1)
+        placed = await read_topic(vmsdb_kafka_broker.bootstrap, f"{vmsdb_kafka_topic_prefix}Placed", 1)
     assert [Placed.model_validate_json(m.value).seq for m in placed] == [2]
 
 
 async def test_late_commit_is_published_first_and_nothing_skipped(
-    app_factory, kafka_broker: KafkaBroker, kafka_topic_prefix: str
+    vmsdb_app_factory, vmsdb_kafka_broker: KafkaBroker, vmsdb_kafka_topic_prefix: str
 ) -> None:
-    async with app_factory([Shop], **kafka(kafka_broker, kafka_topic_prefix)) as app:
+    async with vmsdb_app_factory([Shop], **kafka(vmsdb_kafka_broker, vmsdb_kafka_topic_prefix)) as app:
         shop = app.service(Shop)
         # The long transaction takes its id first and commits last; later ones commit meanwhile.
         long = asyncio.create_task(shop.place("shared", 0, hold=0.6))
@@ -108,30 +106,33 @@ async def test_late_commit_is_published_first_and_nothing_skipped(
         # While it is open, the relay publishes nothing after it (the horizon holds).
         assert await backlog(app) == 15
         await long
-        placed = await read_topic(kafka_broker.bootstrap, f"{kafka_topic_prefix}Placed", 16)
+        placed = await read_topic(vmsdb_kafka_broker.bootstrap, f"{vmsdb_kafka_topic_prefix}Placed", 16)
     events = [Placed.model_validate_json(m.value) for m in placed]
     assert len(events) == 16
     assert [e.seq for e in events if e.key == "shared"] == [0, 1, 2, 3, 4, 5]
 
 
 async def test_paused_broker_stalls_the_relay_and_loses_nothing(
-    app_factory, kafka_broker: KafkaBroker, kafka_topic_prefix: str, caplog: pytest.LogCaptureFixture
+    vmsdb_app_factory,
+    vmsdb_kafka_broker: KafkaBroker,
+    vmsdb_kafka_topic_prefix: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO, logger="vmsdb.kafka")
-    options = kafka(kafka_broker, kafka_topic_prefix, kafka_stall_warning=0.5)
-    async with app_factory([Shop], **options) as app:
+    options = kafka(vmsdb_kafka_broker, vmsdb_kafka_topic_prefix, kafka_stall_warning=0.5)
+    async with vmsdb_app_factory([Shop], **options) as app:
         shop = app.service(Shop)
         for seq in range(5):
             await shop.place("k", seq)
-        await read_topic(kafka_broker.bootstrap, f"{kafka_topic_prefix}Placed", 5)
-        with kafka_broker.paused():
+        await read_topic(vmsdb_kafka_broker.bootstrap, f"{vmsdb_kafka_topic_prefix}Placed", 5)
+        with vmsdb_kafka_broker.paused():
             for seq in range(5, 45):
                 await shop.place(f"k{seq % 3}", seq)
             await asyncio.sleep(1.5)
             # Sent, never acknowledged: the cursor has not moved past any of them.
             assert await backlog(app) == 40
         await until(lambda: published(app), "the relay to catch up after the broker resumed")
-        placed = await read_topic(kafka_broker.bootstrap, f"{kafka_topic_prefix}Placed", 45)
+        placed = await read_topic(vmsdb_kafka_broker.bootstrap, f"{vmsdb_kafka_topic_prefix}Placed", 45)
     seqs: dict[str, list[int]] = {}
     for m in placed:
         ev = Placed.model_validate_json(m.value)
@@ -147,9 +148,9 @@ async def test_paused_broker_stalls_the_relay_and_loses_nothing(
 
 
 async def test_ingested_events_are_not_relayed_back(
-    app_factory, kafka_broker: KafkaBroker, kafka_topic_prefix: str
+    vmsdb_app_factory, vmsdb_kafka_broker: KafkaBroker, vmsdb_kafka_topic_prefix: str
 ) -> None:
-    async with app_factory([Shop], **kafka(kafka_broker, kafka_topic_prefix)) as app:
+    async with vmsdb_app_factory([Shop], **kafka(vmsdb_kafka_broker, vmsdb_kafka_topic_prefix)) as app:
         async with app.core.admin() as conn:
             from dbcore.eventlog import EventRecord, append
 
@@ -164,9 +165,9 @@ async def test_ingested_events_are_not_relayed_back(
             await append(conn, [foreign], deduplicate=True)
         await app.service(Shop).place("x", 1)
         await until(lambda: published(app), "the relay to publish")
-        placed = await read_topic(kafka_broker.bootstrap, f"{kafka_topic_prefix}Placed", 1)
+        placed = await read_topic(vmsdb_kafka_broker.bootstrap, f"{vmsdb_kafka_topic_prefix}Placed", 1)
         await asyncio.sleep(0.2)
-        placed = await read_topic(kafka_broker.bootstrap, f"{kafka_topic_prefix}Placed", 1)
+        placed = await read_topic(vmsdb_kafka_broker.bootstrap, f"{vmsdb_kafka_topic_prefix}Placed", 1)
         cursor = await rows(app, "SELECT position FROM vms.relay_cursors WHERE name = 'kafka'")
         last = await rows(app, "SELECT max(position) AS p FROM vms.events")
     assert [Placed.model_validate_json(m.value).seq for m in placed] == [1]

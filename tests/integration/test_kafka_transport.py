@@ -12,12 +12,10 @@ from pathlib import Path
 import pytest
 
 from framework import App
-from framework.kafka import KafkaSetupError, sanitize_topic
-from framework.testing_kafka import KafkaBroker
+from framework._internal.kafka import KafkaSetupError, sanitize_topic
+from framework.testing.kafka import KafkaBroker
 
 from .kafka_services import Signup, Tally
-
-pytest_plugins = ["framework.testing_kafka"]
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -58,21 +56,23 @@ async def test_without_bootstrap_the_app_runs_on_the_database_alone(vmsdb_databa
 
 
 async def test_remote_service_not_in_the_app_fails_at_start(
-    app_factory, kafka_broker: KafkaBroker, kafka_topic_prefix: str
+    vmsdb_app_factory, vmsdb_kafka_broker: KafkaBroker, vmsdb_kafka_topic_prefix: str
 ) -> None:
     with pytest.raises(KafkaSetupError, match=r"kafka_remote names cart, which this App does not run"):
-        async with app_factory([Tally], kafka_bootstrap=kafka_broker.bootstrap, kafka_remote=["cart"]):
+        async with vmsdb_app_factory(
+            [Tally], kafka_bootstrap=vmsdb_kafka_broker.bootstrap, kafka_remote=["cart"]
+        ):
             pass
 
 
 async def test_ingress_topic_for_an_unhandled_event_fails_at_start(
-    app_factory, kafka_broker: KafkaBroker
+    vmsdb_app_factory, vmsdb_kafka_broker: KafkaBroker
 ) -> None:
     from .services import Bank
 
     with pytest.raises(KafkaSetupError, match=r"topic 'signups' to Signup, but no @Inbound handler"):
-        async with app_factory(
-            [Bank], kafka_bootstrap=kafka_broker.bootstrap, kafka_ingress={"signups": Signup}
+        async with vmsdb_app_factory(
+            [Bank], kafka_bootstrap=vmsdb_kafka_broker.bootstrap, kafka_ingress={"signups": Signup}
         ):
             pass
 
@@ -86,7 +86,7 @@ def test_topic_names_are_sanitized() -> None:
 
 
 def test_app_options_reach_the_transport() -> None:
-    from framework.kafka import KafkaOptions
+    from framework._internal.kafka import KafkaOptions
 
     app = App(
         [Tally],
@@ -103,8 +103,8 @@ def test_a_precedence_cycle_over_kafka_is_refused_at_start() -> None:
     """The ingress holds a B until the A's before it are in: with A's also held for B's, both
     would wait for ever. In-database delivery orders such a cycle by commit and accepts it."""
     from framework import Event, Inbound, Service
-    from framework.kafka import KafkaOptions
-    from framework.kafka.routing import Routing
+    from framework._internal.kafka import KafkaOptions
+    from framework._internal.kafka.routing import Routing
 
     class Serve(Event, key="rally"):
         rally: str

@@ -116,118 +116,118 @@ async def active_held(app: App, sku: str) -> int:
         )
 
 
-async def test_200_concurrent_callers_never_get_more_than_50_units(app: App) -> None:
-    await app.service(Warehouse).stock(1, "hot", 50)
-    basket = app.service(Basket)
+async def test_200_concurrent_callers_never_get_more_than_50_units(vmsdb_app: App) -> None:
+    await vmsdb_app.service(Warehouse).stock(1, "hot", 50)
+    basket = vmsdb_app.service(Basket)
     grants = await asyncio.gather(*(basket.reserve("hot", 1) for _ in range(200)))
     granted = [g for g in grants if g is not None]
     assert len(granted) == 50
-    held = await active_held(app, "hot")
-    on_hand = await app.service(Warehouse).on_hand(1, "hot")
+    held = await active_held(vmsdb_app, "hot")
+    on_hand = await vmsdb_app.service(Warehouse).on_hand(1, "hot")
     # Units granted plus units left equal the starting quantity.
     assert held == 50 and on_hand - held == 0
-    assert app.metrics.value("lease_grants") == 50 and app.metrics.value("lease_refusals") == 150
+    assert vmsdb_app.metrics.value("lease_grants") == 50 and vmsdb_app.metrics.value("lease_refusals") == 150
 
 
-async def test_mixed_quantities_race_conserves_stock(app: App) -> None:
-    await app.service(Warehouse).stock(1, "mix", 37)
-    basket = app.service(Basket)
+async def test_mixed_quantities_race_conserves_stock(vmsdb_app: App) -> None:
+    await vmsdb_app.service(Warehouse).stock(1, "mix", 37)
+    basket = vmsdb_app.service(Basket)
     grants = await asyncio.gather(*(basket.reserve("mix", 1 + i % 4) for i in range(120)))
     granted = sum(int(g.quantity) for g in grants if g is not None)
     assert granted <= 37
-    assert granted + (37 - await active_held(app, "mix")) == 37
+    assert granted + (37 - await active_held(vmsdb_app, "mix")) == 37
     # Nothing that fits is left unsold: any remaining amount is smaller than every refused ask.
     assert 37 - granted < 1 + min(i % 4 for i, g in enumerate(grants) if g is None)
 
 
-async def test_grant_carries_the_rows_values(app: App) -> None:
-    await app.service(Warehouse).stock(1, "v", 5, price=42)
-    grant = await app.service(Basket).reserve("v", 2)
+async def test_grant_carries_the_rows_values(vmsdb_app: App) -> None:
+    await vmsdb_app.service(Warehouse).stock(1, "v", 5, price=42)
+    grant = await vmsdb_app.service(Basket).reserve("v", 2)
     assert grant is not None
     assert grant.values == {"seller": 1, "sku": "v", "on_hand": 5, "price": 42}
     assert grant.key == {"seller": 1, "sku": "v"} and grant.available == 3 and grant.quantity == 2
 
 
-async def test_expiry_gives_the_quantity_back_with_no_process(app: App) -> None:
-    await app.service(Warehouse).stock(1, "e", 3)
-    basket = app.service(Basket)
+async def test_expiry_gives_the_quantity_back_with_no_process(vmsdb_app: App) -> None:
+    await vmsdb_app.service(Warehouse).stock(1, "e", 3)
+    basket = vmsdb_app.service(Basket)
     first = await basket.reserve("e", 3)
     assert first is not None
     assert await basket.reserve("e", 1) is None
-    await advance_clock(app, timedelta(minutes=11))
+    await advance_clock(vmsdb_app, timedelta(minutes=11))
     second = await basket.reserve("e", 3)
     assert second is not None
-    async with app.core.admin() as conn:
+    async with vmsdb_app.core.admin() as conn:
         status = (
             await conn.execute(text("SELECT status FROM vms.leases WHERE id = :i"), {"i": first.id})
         ).scalar_one()
     assert status == "expired"
 
 
-async def test_consume_after_expiry_fails_and_changes_nothing(app: App) -> None:
-    await app.service(Warehouse).stock(1, "x", 4)
-    basket = app.service(Basket)
+async def test_consume_after_expiry_fails_and_changes_nothing(vmsdb_app: App) -> None:
+    await vmsdb_app.service(Warehouse).stock(1, "x", 4)
+    basket = vmsdb_app.service(Basket)
     grant = await basket.reserve("x", 2)
     assert grant is not None
-    await advance_clock(app, timedelta(minutes=11))
+    await advance_clock(vmsdb_app, timedelta(minutes=11))
     with pytest.raises(LeaseExpired, match="expired"):
         await basket.checkout(grant)
-    assert await app.service(Warehouse).on_hand(1, "x") == 4
-    async with app.core.admin() as conn:
+    assert await vmsdb_app.service(Warehouse).on_hand(1, "x") == 4
+    async with vmsdb_app.core.admin() as conn:
         sold = (await conn.execute(select(Line).where(Line.sku == "sold"))).all()
     assert sold == []
 
 
-async def test_consume_is_atomic_with_the_caller_and_idempotent(app: App) -> None:
-    await app.service(Warehouse).stock(1, "c", 4)
-    basket = app.service(Basket)
+async def test_consume_is_atomic_with_the_caller_and_idempotent(vmsdb_app: App) -> None:
+    await vmsdb_app.service(Warehouse).stock(1, "c", 4)
+    basket = vmsdb_app.service(Basket)
     grant = await basket.reserve("c", 3)
     assert grant is not None
     await basket.checkout(grant)
-    assert await app.service(Warehouse).on_hand(1, "c") == 1
-    assert await active_held(app, "c") == 0
+    assert await vmsdb_app.service(Warehouse).on_hand(1, "c") == 1
+    assert await active_held(vmsdb_app, "c") == 0
     # Consuming again changes nothing (the caller's own insert collides and rolls back).
-    await app.leases.consume(grant)
-    assert await app.service(Warehouse).on_hand(1, "c") == 1
+    await vmsdb_app.leases.consume(grant)
+    assert await vmsdb_app.service(Warehouse).on_hand(1, "c") == 1
     with pytest.raises(LeaseConsumed):
         await basket.cancel(grant)
 
 
-async def test_release_and_renew(app: App) -> None:
-    await app.service(Warehouse).stock(1, "r", 2)
-    basket = app.service(Basket)
+async def test_release_and_renew(vmsdb_app: App) -> None:
+    await vmsdb_app.service(Warehouse).stock(1, "r", 2)
+    basket = vmsdb_app.service(Basket)
     grant = await basket.reserve("r", 2)
     assert grant is not None
     await basket.extend(grant, timedelta(hours=2))
-    await advance_clock(app, timedelta(minutes=30))  # past the first period, within the renewal
+    await advance_clock(vmsdb_app, timedelta(minutes=30))  # past the first period, within the renewal
     assert await basket.reserve("r", 1) is None
     await basket.cancel(grant)
     await basket.cancel(grant)  # idempotent
-    assert await active_held(app, "r") == 0
+    assert await active_held(vmsdb_app, "r") == 0
     with pytest.raises(LeaseReleased):
         await basket.checkout(grant)
     assert await basket.reserve("r", 2) is not None
 
 
-async def test_rolled_back_caller_leaves_no_lease(app: App) -> None:
-    await app.service(Warehouse).stock(1, "rb", 1)
-    basket = app.service(Basket)
+async def test_rolled_back_caller_leaves_no_lease(vmsdb_app: App) -> None:
+    await vmsdb_app.service(Warehouse).stock(1, "rb", 1)
+    basket = vmsdb_app.service(Basket)
     with pytest.raises(RuntimeError, match="basket failed"):
         await basket.reserve("rb", 1, fail=True)
-    async with app.core.admin() as conn:
+    async with vmsdb_app.core.admin() as conn:
         assert (await conn.execute(text("SELECT count(*) FROM vms.leases"))).scalar_one() == 0
     assert await basket.reserve("rb", 1) is not None
 
 
-async def test_caller_still_cannot_write_the_owners_table(app: App) -> None:
-    await app.service(Warehouse).stock(1, "t", 1)
-    await app.service(Basket).reserve("t", 1)
+async def test_caller_still_cannot_write_the_owners_table(vmsdb_app: App) -> None:
+    await vmsdb_app.service(Warehouse).stock(1, "t", 1)
+    await vmsdb_app.service(Basket).reserve("t", 1)
     with pytest.raises(IsolationError) as caught:
-        await app.service(Basket).tamper()
+        await vmsdb_app.service(Basket).tamper()
     assert (caught.value.service, caught.value.owner) == ("basket", "warehouse")
     # Nor can it write leases in the owner's name.
     with pytest.raises(Exception, match=r"row-level security|permission denied"):
-        async with app.core.transaction("basket") as conn:
+        async with vmsdb_app.core.transaction("basket") as conn:
             await conn.execute(
                 text(
                     "INSERT INTO vms.leases (id, service, function, entity, key, key_text, quantity, "
@@ -237,15 +237,15 @@ async def test_caller_still_cannot_write_the_owners_table(app: App) -> None:
             )
 
 
-async def test_unknown_row_and_bad_quantity(app: App) -> None:
-    assert await app.service(Basket).reserve("missing", 1) is None
-    await app.service(Warehouse).stock(1, "q", 1)
+async def test_unknown_row_and_bad_quantity(vmsdb_app: App) -> None:
+    assert await vmsdb_app.service(Basket).reserve("missing", 1) is None
+    await vmsdb_app.service(Warehouse).stock(1, "q", 1)
     with pytest.raises(Exception, match="quantity must be positive"):
-        await app.service(Basket).reserve("q", 0)
+        await vmsdb_app.service(Basket).reserve("q", 0)
 
 
-async def test_handle_exposes_only_leases_and_queries(app: App) -> None:
-    handle = app.service(Basket).warehouse
+async def test_handle_exposes_only_leases_and_queries(vmsdb_app: App) -> None:
+    handle = vmsdb_app.service(Basket).warehouse
     with pytest.raises(AttributeError, match="may call only the @Lease and @Query"):
         handle.stock  # noqa: B018
 
@@ -260,8 +260,8 @@ class SnapshotBasket(Service, name="snapbasket"):
         return grant
 
 
-async def test_snapshot_callers_racing_for_the_last_units_never_oversell(app_factory) -> None:
-    async with app_factory([Warehouse, SnapshotBasket]) as app:
+async def test_snapshot_callers_racing_for_the_last_units_never_oversell(vmsdb_app_factory) -> None:
+    async with vmsdb_app_factory([Warehouse, SnapshotBasket]) as app:
         await app.service(Warehouse).stock(1, "last", 3)
         basket = app.service(SnapshotBasket)
         grants = await asyncio.gather(*(basket.reserve("last") for _ in range(30)))
@@ -269,9 +269,9 @@ async def test_snapshot_callers_racing_for_the_last_units_never_oversell(app_fac
         assert await active_held(app, "last") == 3
 
 
-async def test_a_refused_settle_leaves_the_callers_transaction_usable(app: App) -> None:
-    await app.service(Warehouse).stock(1, "u", 2)
-    basket = app.service(Basket)
+async def test_a_refused_settle_leaves_the_callers_transaction_usable(vmsdb_app: App) -> None:
+    await vmsdb_app.service(Warehouse).stock(1, "u", 2)
+    basket = vmsdb_app.service(Basket)
     grant = await basket.reserve("u", 1)
     assert grant is not None
     await basket.cancel(grant)
@@ -286,5 +286,5 @@ async def test_a_refused_settle_leaves_the_callers_transaction_usable(app: App) 
 
     outcome = await basket.run_in_transaction(consume_then_carry_on)
     assert outcome == "refused, transaction still usable"
-    async with app.core.admin() as conn:
+    async with vmsdb_app.core.admin() as conn:
         assert (await conn.execute(select(Line).where(Line.sku == "u", Line.qty == 0))).first()

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 import dbcore.core
 from dbcore.core import Core
 from framework import App, Service
-from framework.migrate_cli import migrate_app
+from framework.cli._migrate import migrate_app
 from framework.migrations import (
     CORE_BASELINE,
     MigrationError,
@@ -197,9 +197,9 @@ async def test_an_unversioned_catalog_counts_as_the_baseline_and_is_upgraded(vms
 
 
 async def test_a_database_made_by_create_tables_is_adopted_by_stamping(
-    vmsdb_database: str, app_factory: Any
+    vmsdb_database: str, vmsdb_app_factory: Any
 ) -> None:
-    async with app_factory([Warehouse, Basket], create_tables=True):
+    async with vmsdb_app_factory([Warehouse, Basket], create_tables=True):
         pass
     app = App([Warehouse, Basket], database_url=vmsdb_database)
     problems = await check_at_head(app)
@@ -212,7 +212,9 @@ async def test_a_database_made_by_create_tables_is_adopted_by_stamping(
     assert (await tables(vmsdb_database, "warehouse"))["alembic_version"] == "vms_warehouse"
 
 
-async def test_first_revision_of_a_new_service(vmsdb_database: str, tmp_path: Path, app_factory: Any) -> None:
+async def test_first_revision_of_a_new_service(
+    vmsdb_database: str, tmp_path: Path, vmsdb_app_factory: Any
+) -> None:
     class Ledger(Service, name="mig_ledger"):
         __migrations__ = str(tmp_path / "ledger")
 
@@ -228,7 +230,7 @@ async def test_first_revision_of_a_new_service(vmsdb_database: str, tmp_path: Pa
         __tablename__ = "notes"
         id: Mapped[int] = mapped_column(primary_key=True)
 
-    async with app_factory([Scratch], create_tables=True):
+    async with vmsdb_app_factory([Scratch], create_tables=True):
         pass
     app = App([Ledger, Scratch], database_url=vmsdb_database)
     [problem] = await check_at_head(app)  # the catalog of Core.install() and Scratch's tables pass
@@ -298,9 +300,11 @@ async def test_upgrade_downgrade_and_upgrade_again(vmsdb_database: str) -> None:
     assert await check_at_head(app) == []
 
 
-async def test_isolation_holds_on_tables_added_by_migrations(vmsdb_database: str, app_factory: Any) -> None:
+async def test_isolation_holds_on_tables_added_by_migrations(
+    vmsdb_database: str, vmsdb_app_factory: Any
+) -> None:
     await migrate(App([Warehouse, Basket], database_url=vmsdb_database))
-    async with app_factory([Warehouse, Basket], create_tables=False) as app:
+    async with vmsdb_app_factory([Warehouse, Basket], create_tables=False) as app:
         await app.service(Warehouse).stock("i1", 5)
         # items (exported, created by w0001, altered by w0002): readable, through the framework too.
         assert await app.service(Basket).items() == [("i1", 5)]
@@ -418,7 +422,7 @@ async def test_a_failing_migration_leaves_nothing_and_names_service_and_revision
 
 async def test_two_processes_migrating_at_once_end_in_one_correct_state(vmsdb_database: str) -> None:
     def up() -> subprocess.CompletedProcess[str]:
-        return run("-m", "framework.migrate_cli", APP, url=vmsdb_database, VMSDB_TEST_MIGRATION_DELAY="0.5")
+        return run("-m", "framework.cli._migrate", APP, url=vmsdb_database, VMSDB_TEST_MIGRATION_DELAY="0.5")
 
     first, second = await asyncio.gather(asyncio.to_thread(up), asyncio.to_thread(up))
     for done in (first, second):
@@ -479,11 +483,11 @@ def test_vmsdb_migrate_command(vmsdb_database: str, monkeypatch: pytest.MonkeyPa
 def test_without_the_core_scripts_migrating_says_how_to_install(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    """From a wheel, the source tree's alembic/ is not there (the path would even be the alembic
-    library's own): the error names the fix instead of alembic's missing env.py."""
+    """An installation that lost its vmsdb_alembic package: the error names the fix instead of
+    alembic's missing env.py (the wheel test shows that a real wheel has it)."""
     import framework.migrations as migrations
 
     monkeypatch.setattr(migrations, "ALEMBIC_DIR", tmp_path / "alembic")
     monkeypatch.setattr(migrations, "CORE_VERSIONS", tmp_path / "alembic" / "versions" / "core")
-    with pytest.raises(MigrationError, match=r"ship with the source tree.*pip install -e \."):
+    with pytest.raises(MigrationError, match=r"lacks its package vmsdb_alembic.*pip install -e \."):
         migrations.core_target().config()

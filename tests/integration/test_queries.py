@@ -101,29 +101,29 @@ async def execute(app: App, *statements: str) -> None:
             await conn.execute(text(statement))
 
 
-async def test_papers_query_with_exported_function_and_list_expansion(app: App) -> None:
-    await app.service(Customers).add("c1")
+async def test_papers_query_with_exported_function_and_list_expansion(vmsdb_app: App) -> None:
+    await vmsdb_app.service(Customers).add("c1")
     now = datetime.now(UTC)
-    async with app.core.admin() as conn:
+    async with vmsdb_app.core.admin() as conn:
         for disc, offset in ((1, 1), (2, -1), (3, 1), (4, 1)):
             await conn.execute(
                 text("INSERT INTO customers.cust_discounts VALUES ('c1', :d, :p, :e)"),
                 {"d": disc, "p": disc * 5, "e": now + timedelta(days=offset)},
             )
-    rows = await app.service(Orders).find_discounts([Discount(1), Discount(2), Discount(3)], "c1")
+    rows = await vmsdb_app.service(Orders).find_discounts([Discount(1), Discount(2), Discount(3)], "c1")
     # Discount 2 expired; 4 was not asked for.
     assert rows == [
         DiscountRow(c_id="c1", disc_id=1, percent=5),
         DiscountRow(c_id="c1", disc_id=3, percent=15),
     ]
-    assert await app.service(Orders).find_discounts([], "c1") == []
+    assert await vmsdb_app.service(Orders).find_discounts([], "c1") == []
 
 
-async def test_injection_through_a_parameter_is_harmless(app: App) -> None:
-    await app.service(Customers).add("c1")
+async def test_injection_through_a_parameter_is_harmless(vmsdb_app: App) -> None:
+    await vmsdb_app.service(Customers).add("c1")
     hostile = "c1' OR '1'='1'; DROP TABLE customers.customers; --"
-    assert await app.service(Orders).customer_name(hostile) == []
-    assert await app.service(Orders).customer_name("c1") == [{"name": "name c1"}]
+    assert await vmsdb_app.service(Orders).customer_name(hostile) == []
+    assert await vmsdb_app.service(Orders).customer_name("c1") == [{"name": "name c1"}]
 
 
 async def test_query_naming_an_unexported_table_fails_at_start_up(vmsdb_database: str) -> None:
@@ -136,10 +136,10 @@ async def test_query_naming_an_unexported_table_fails_at_start_up(vmsdb_database
         App([Customers, Snoop], database_url=vmsdb_database)
 
 
-async def test_no_fractured_reads_across_services(app: App) -> None:
+async def test_no_fractured_reads_across_services(vmsdb_app: App) -> None:
     """A writer moves amounts between two services' tables atomically; readers never see a half."""
-    await app.service(Customers).add("c1", balance=1000)
-    await execute(app, "INSERT INTO orders.ledger VALUES ('l1', 0)")
+    await vmsdb_app.service(Customers).add("c1", balance=1000)
+    await execute(vmsdb_app, "INSERT INTO orders.ledger VALUES ('l1', 0)")
     stop = asyncio.Event()
     moves = 0
 
@@ -148,14 +148,14 @@ async def test_no_fractured_reads_across_services(app: App) -> None:
         while not stop.is_set():
             # One transaction touching both services (as the core's own lease functions do).
             await execute(
-                app,
+                vmsdb_app,
                 "UPDATE customers.customers SET balance = balance - 1 WHERE id = 'c1'",
                 "UPDATE orders.ledger SET amount = amount + 1 WHERE id = 'l1'",
             )
             moves += 1
 
     task = asyncio.create_task(writer())
-    orders = app.service(Orders)
+    orders = vmsdb_app.service(Orders)
     totals = set()
     try:
         for _ in range(1500):

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from dbcore.recovery import RecoveryState
 from framework import App, Event, Inbound, Service, Transactional, session
-from framework.integrity_cli import mount
+from framework.cli._integrity import mount
 from framework.references import (
     Ref,
     ServiceRecovering,
@@ -107,8 +107,8 @@ class Note(Audit.Model):
 
 
 @pytest.fixture
-async def app(app_factory, tmp_path: Path):  # type: ignore[no-untyped-def]
-    async with app_factory([Club, Library, Audit], data_dir=tmp_path) as started:
+async def app(vmsdb_app_factory, tmp_path: Path):  # type: ignore[no-untyped-def]
+    async with vmsdb_app_factory([Club, Library, Audit], data_dir=tmp_path) as started:
         await install(started)
         yield started
 
@@ -374,9 +374,9 @@ class Tag(Shelf.Model):
 
 
 async def test_a_partial_copy_cannot_recreate_a_lost_row_and_leaves_it_to_repair(
-    app_factory, tmp_path: Path
+    vmsdb_app_factory, tmp_path: Path
 ) -> None:  # type: ignore[no-untyped-def]
-    async with app_factory([Club, Shelf], data_dir=tmp_path) as app:
+    async with vmsdb_app_factory([Club, Shelf], data_dir=tmp_path) as app:
         await install(app)
         club = app.service(Club)
         await club.put("m1", "member 1")

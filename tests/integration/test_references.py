@@ -98,8 +98,8 @@ class Rogue(Service, name="rogue"):
 
 
 @pytest.fixture
-async def app(app_factory):  # type: ignore[no-untyped-def]
-    async with app_factory([Crm, Shop, Rogue]) as started:
+async def app(vmsdb_app_factory):  # type: ignore[no-untyped-def]
+    async with vmsdb_app_factory([Crm, Shop, Rogue]) as started:
         await install(started)
         yield started
 

@@ -60,15 +60,15 @@ async def diffs(app: App) -> dict[str, replicas.ReplicaDiff]:
         return {d.table: d for d in await replicas.check(conn)}
 
 
-async def test_replica_tables_live_in_the_holders_schema(app: App) -> None:
+async def test_replica_tables_live_in_the_holders_schema(vmsdb_app: App) -> None:
     assert StrongItem.__table__.schema == "basket"
     assert [c.name for c in StrongItem.__table__.columns] == ["sku", "price"]
     assert EventualItem.__table__.name == "replica_items"
-    assert set(await diffs(app)) == {"strong_items", "replica_items"}
+    assert set(await diffs(vmsdb_app)) == {"strong_items", "replica_items"}
 
 
-async def test_strong_replica_equals_its_source_after_every_commit(app: App) -> None:
-    catalog, basket = app.service(Catalog), app.service(Basket)
+async def test_strong_replica_equals_its_source_after_every_commit(vmsdb_app: App) -> None:
+    catalog, basket = vmsdb_app.service(Catalog), vmsdb_app.service(Basket)
     expected: dict[str, int] = {}
     for i in range(40):
         sku = f"s{i % 7}"
@@ -80,27 +80,27 @@ async def test_strong_replica_equals_its_source_after_every_commit(app: App) -> 
             expected[sku] = i
         # No drain, no wait: the replica changed in the source's own transaction.
         assert await basket.strong_prices() == expected
-    assert (await diffs(app))["strong_items"].ok
+    assert (await diffs(vmsdb_app))["strong_items"].ok
 
 
-async def test_eventual_replica_converges(app: App) -> None:
-    catalog = app.service(Catalog)
+async def test_eventual_replica_converges(vmsdb_app: App) -> None:
+    catalog = vmsdb_app.service(Catalog)
     for i in range(30):
         await catalog.put(f"e{i % 6}", price=100 + i, version=i)
     await catalog.remove("e0")
-    await app.drain()
-    diff = (await diffs(app))["replica_items"]
+    await vmsdb_app.drain()
+    diff = (await diffs(vmsdb_app))["replica_items"]
     assert diff.ok and diff.pending == 0
-    assert app.metrics.value("replica_changes", service="basket") == 31
+    assert vmsdb_app.metrics.value("replica_changes", service="basket") == 31
 
 
-async def test_eventual_replica_never_goes_backwards_under_reordered_changes(app: App) -> None:
-    await app.service(Catalog).put("r", price=30, version=3)
-    await app.drain()
+async def test_eventual_replica_never_goes_backwards_under_reordered_changes(vmsdb_app: App) -> None:
+    await vmsdb_app.service(Catalog).put("r", price=30, version=3)
+    await vmsdb_app.drain()
 
     async def change(op: str, version: int, price: int) -> None:
         row = {"sku": "r", "price": price, "version": version, "note": None}
-        async with app.core.admin() as conn:
+        async with vmsdb_app.core.admin() as conn:
             await conn.execute(
                 text(
                     "INSERT INTO vms.events (id, type, key, payload, producer) "
@@ -113,13 +113,13 @@ async def test_eventual_replica_never_goes_backwards_under_reordered_changes(app
     await change("upsert", 1, 10)
     await change("upsert", 2, 20)
     await change("delete", 2, 20)  # a delete of an older version must not remove the newer row
-    await app.drain()
-    async with app.core.admin() as conn:
+    await vmsdb_app.drain()
+    async with vmsdb_app.core.admin() as conn:
         row = (await conn.execute(text("SELECT price, version FROM basket.replica_items"))).one()
     assert tuple(row) == (30, 3)
     await change("upsert", 4, 40)
-    await app.drain()
-    async with app.core.admin() as conn:
+    await vmsdb_app.drain()
+    async with vmsdb_app.core.admin() as conn:
         row = (await conn.execute(text("SELECT price, version FROM basket.replica_items"))).one()
     assert tuple(row) == (40, 4)
 

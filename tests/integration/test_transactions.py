@@ -28,18 +28,18 @@ def vmsdb_services():
     return [Bank, Shop]
 
 
-async def test_concurrent_serializable_conflicts_are_retried_and_all_commit(app: App) -> None:
-    bank = app.service(Bank)
+async def test_concurrent_serializable_conflicts_are_retried_and_all_commit(vmsdb_app: App) -> None:
+    bank = vmsdb_app.service(Bank)
     await bank.open("hot", 0)
     writers = 20
     results = await asyncio.gather(*(bank.add("hot", 1) for _ in range(writers)))
     assert await bank.balance("hot") == writers
     # Every writer saw a distinct balance: the increments were serialized, none lost.
     assert sorted(results) == list(range(1, writers + 1))
-    assert app.metrics.value("transaction_retries", service="bank", function="add") > 0
+    assert vmsdb_app.metrics.value("transaction_retries", service="bank", function="add") > 0
 
 
-async def test_retry_budget_exhausted_is_a_clear_error(app: App) -> None:
+async def test_retry_budget_exhausted_is_a_clear_error(vmsdb_app: App) -> None:
     class Stubborn(Service, name="stubborn"):
         @Transactional(type="RW", isolation="serializable", max_attempts=2)
         async def conflict(self) -> None:
@@ -49,45 +49,45 @@ async def test_retry_budget_exhausted_is_a_clear_error(app: App) -> None:
             )
             await session().execute(raise_conflict)
 
-    async with App([Stubborn], database_url=app.database_url) as other:
+    async with App([Stubborn], database_url=vmsdb_app.database_url) as other:
         with pytest.raises(RetriesExhausted) as caught:
             await other.service(Stubborn).conflict()
     assert caught.value.attempts == 2
     assert "Stubborn.conflict" in str(caught.value)
 
 
-async def test_nested_call_joins_the_outer_transaction(app: App) -> None:
-    bank = app.service(Bank)
+async def test_nested_call_joins_the_outer_transaction(vmsdb_app: App) -> None:
+    bank = vmsdb_app.service(Bank)
     assert await bank.nested("n1") == 6
     with pytest.raises(RuntimeError, match="boom"):
         await bank.open_then_fail("n2")
     # The inner open() joined the outer transaction, so the outer failure rolled it back.
-    async with app.core.admin() as conn:
+    async with vmsdb_app.core.admin() as conn:
         ids = (await conn.execute(text("SELECT id FROM bank.accounts ORDER BY id"))).scalars().all()
     assert ids == ["n1"]
 
 
-async def test_calling_another_service_inside_a_transaction_is_refused(app: App) -> None:
-    shop = app.service(Shop)
+async def test_calling_another_service_inside_a_transaction_is_refused(vmsdb_app: App) -> None:
+    shop = vmsdb_app.service(Shop)
 
     class Meddler(Service, name="meddler"):
         @Transactional
         async def meddle(self) -> None:
             await shop.record("x")
 
-    async with App([Meddler], database_url=app.database_url) as other:
+    async with App([Meddler], database_url=vmsdb_app.database_url) as other:
         with pytest.raises(ServiceCallError, match="belongs to one service"):
             await other.service(Meddler).meddle()
 
 
-async def test_concurrent_tasks_do_not_share_sessions(app: App) -> None:
-    bank = app.service(Bank)
+async def test_concurrent_tasks_do_not_share_sessions(vmsdb_app: App) -> None:
+    bank = vmsdb_app.service(Bank)
     await asyncio.gather(*(bank.open(f"acct-{i}", i) for i in range(30)))
     balances = await asyncio.gather(*(bank.balance(f"acct-{i}") for i in range(30)))
     assert balances == list(range(30))
 
 
-async def test_connection_runs_core_statements_in_the_functions_transaction(app: App) -> None:
+async def test_connection_runs_core_statements_in_the_functions_transaction(vmsdb_app: App) -> None:
     class Teller(Service, name="teller"):
         @Transactional(type="RW")
         async def open_and_count(self, account: str) -> int:
@@ -116,7 +116,7 @@ async def test_connection_runs_core_statements_in_the_functions_transaction(app:
 
     with pytest.raises(NoTransactionError, match=r"connection\(\)"):
         connection()
-    async with App([Teller, Bank], database_url=app.database_url, create_tables=True) as other:
+    async with App([Teller, Bank], database_url=vmsdb_app.database_url, create_tables=True) as other:
         teller = other.service(Teller)
         assert await teller.open_and_count("t1") == 1
         with pytest.raises(RuntimeError, match="boom"):

@@ -29,7 +29,7 @@ from framework import (
     send,
     session,
 )
-from framework.annotations import InboundSpec, ServiceFunction, TransactionalSpec, spec_of
+from framework._internal.annotations import InboundSpec, ServiceFunction, TransactionalSpec, spec_of
 
 
 class Placed(Event, key="order_id"):
@@ -277,7 +277,7 @@ MISUSES = [
     pytest.param(lambda: Inbound("Placed")(Raw.handle), ("Event subclass", "'Placed'"), id="inbound-str"),
     pytest.param(
         lambda: Inbound(Event)(Raw.handle),
-        ("Event subclass", "got <class 'framework.events.Event'>"),
+        ("Event subclass", "got <class 'framework._internal.events.Event'>"),
         id="inbound-Event",
     ),
     pytest.param(lambda: Inbound([])(Raw.handle), ("names no event type",), id="inbound-empty-list"),

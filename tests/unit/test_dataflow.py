@@ -1,4 +1,4 @@
-"""Unit tests for framework.dataflow: flows, rich tables, DOT output and write_graph."""
+"""Unit tests for framework._internal.dataflow: flows, rich tables, DOT output and write_graph."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from dbcore.descriptor import (
     ServiceDescriptor,
     TableDescriptor,
 )
-from framework.dataflow import (
+from framework._internal.dataflow import (
     OUTSIDE,
     Flow,
     dataflow,

@@ -27,8 +27,8 @@ from dbcore.descriptor import (
 )
 from dbcore.errors import LanguageError
 from framework import AnnotationError, Event, Inbound, Lease, Outbound, Query, Service, Transactional
-from framework.annotations import TransactionalSpec
-from framework.descriptors import build_descriptors, build_plans
+from framework._internal.annotations import TransactionalSpec
+from framework._internal.descriptors import build_descriptors, build_plans
 
 
 class AddCartItemRequest(Event, key="customer_id"):

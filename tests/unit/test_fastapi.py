@@ -1,7 +1,7 @@
 """FastAPI glue: the lifespan runs the App, routes get services, framework errors become HTTP answers.
 
 The errors are provoked for real (a write into another service's schema, an expired lease, a
-chain that never answers) on the embedded Postgres of the ``app_factory`` fixture.
+chain that never answers) on the embedded Postgres of the ``vmsdb_app_factory`` fixture.
 """
 
 from __future__ import annotations
@@ -169,8 +169,8 @@ def client() -> Client:
 
 
 @pytest.fixture
-async def api(app_factory: Any) -> AsyncIterator[FastAPI]:
-    async with app_factory(SERVICES) as app:
+async def api(vmsdb_app_factory: Any) -> AsyncIterator[FastAPI]:
+    async with vmsdb_app_factory(SERVICES) as app:
         api = routes(attach(FastAPI(), app))
         async with run_lifespan(api):
             yield api
@@ -197,8 +197,8 @@ async def test_lifespan_starts_the_app_and_runs_the_existing_lifespan_inside(
         app.core  # noqa: B018
 
 
-async def test_lifespan_leaves_an_app_it_did_not_start_running(app_factory: Any) -> None:
-    async with app_factory(SERVICES) as app:
+async def test_lifespan_leaves_an_app_it_did_not_start_running(vmsdb_app_factory: Any) -> None:
+    async with vmsdb_app_factory(SERVICES) as app:
         async with run_lifespan(attach(FastAPI(), app)):
             pass
         await app.service(Depot).put("still", 1)  # the App still runs

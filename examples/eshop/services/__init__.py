@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from examples.eshop.services.cart import Cart
-from examples.eshop.services.customer import Customer
-from examples.eshop.services.order import Order
-from examples.eshop.services.payment import Payment
-from examples.eshop.services.product import Product
-from examples.eshop.services.seller import Seller
-from examples.eshop.services.shipment import Shipment
-from examples.eshop.services.stock import Stock
 from framework import Service
+from vmsdb_eshop.services.cart import Cart
+from vmsdb_eshop.services.customer import Customer
+from vmsdb_eshop.services.order import Order
+from vmsdb_eshop.services.payment import Payment
+from vmsdb_eshop.services.product import Product
+from vmsdb_eshop.services.seller import Seller
+from vmsdb_eshop.services.shipment import Shipment
+from vmsdb_eshop.services.stock import Stock
 
 __all__ = ["SERVICES", "Cart", "Customer", "Order", "Payment", "Product", "Seller", "Shipment", "Stock"]
 

@@ -19,8 +19,9 @@ from sqlalchemy import String, delete, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Mapped, mapped_column
 
-from examples.eshop.config import settings
-from examples.eshop.events import (
+from framework import Inbound, Outbound, Service, Transactional, release_lease, send, session
+from vmsdb_eshop.config import settings
+from vmsdb_eshop.events import (
     CheckoutMark,
     CheckoutRequest,
     PriceUpdated,
@@ -28,8 +29,8 @@ from examples.eshop.events import (
     ProductUpdated,
     ReserveStock,
 )
-from examples.eshop.schemas import CartItem, CartItemFields, MarkStatus
-from examples.eshop.services.common import (
+from vmsdb_eshop.schemas import CartItem, CartItemFields, MarkStatus
+from vmsdb_eshop.services.common import (
     as_row,
     clear,
     money_column,
@@ -38,8 +39,7 @@ from examples.eshop.services.common import (
     settle_quietly,
     timestamp_column,
 )
-from examples.eshop.services.stock import Stock
-from framework import Inbound, Outbound, Service, Transactional, release_lease, send, session
+from vmsdb_eshop.services.stock import Stock
 
 __all__ = ["Cart", "CartHistory", "CartLine", "CartRecord", "ReplicaProduct"]
 

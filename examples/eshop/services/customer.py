@@ -16,10 +16,10 @@ from typing import Any
 from sqlalchemy import DateTime, update
 from sqlalchemy.orm import InstrumentedAttribute, Mapped, mapped_column
 
-from examples.eshop.events import DeliveryNotification, PaymentConfirmed, PaymentFailed
-from examples.eshop.schemas import CustomerRow, DiscountRow
-from examples.eshop.services.common import as_row, upsert
 from framework import Inbound, Service, Transactional, session, sql_function
+from vmsdb_eshop.events import DeliveryNotification, PaymentConfirmed, PaymentFailed
+from vmsdb_eshop.schemas import CustomerRow, DiscountRow
+from vmsdb_eshop.services.common import as_row, upsert
 
 __all__ = ["Customer", "CustomerDiscount", "CustomerRecord"]
 

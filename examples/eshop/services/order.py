@@ -20,33 +20,8 @@ from sqlalchemy import Identity, String, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Mapped, mapped_column
 
-from examples.eshop.events import (
-    InvoiceIssued,
-    PaymentConfirmed,
-    PaymentFailed,
-    ShipmentNotification,
-    StockConfirmed,
-)
-from examples.eshop.schemas import (
-    AFTER_SHIPMENT,
-    CartItem,
-    DiscountRow,
-    OrderItem,
-    OrderStatus,
-    ShipmentStatus,
-)
-from examples.eshop.services.common import (
-    clear,
-    money,
-    money_column,
-    nested,
-    now,
-    timestamp_column,
-)
-from examples.eshop.services.customer import CustomerRecord
-from examples.eshop.services.product import ProductRecord
 from framework import Inbound, Outbound, Query, Service, Transactional, send, session
-from framework.context import current
+from framework._internal.context import current
 from framework.references import (
     EntityDeleted,
     EntityNotFound,
@@ -55,6 +30,31 @@ from framework.references import (
     get_reference,
     ref_column,
 )
+from vmsdb_eshop.events import (
+    InvoiceIssued,
+    PaymentConfirmed,
+    PaymentFailed,
+    ShipmentNotification,
+    StockConfirmed,
+)
+from vmsdb_eshop.schemas import (
+    AFTER_SHIPMENT,
+    CartItem,
+    DiscountRow,
+    OrderItem,
+    OrderStatus,
+    ShipmentStatus,
+)
+from vmsdb_eshop.services.common import (
+    clear,
+    money,
+    money_column,
+    nested,
+    now,
+    timestamp_column,
+)
+from vmsdb_eshop.services.customer import CustomerRecord
+from vmsdb_eshop.services.product import ProductRecord
 
 __all__ = ["Order", "OrderHistory", "OrderLine", "OrderRecord", "invoice_line"]
 

@@ -14,10 +14,10 @@ from typing import Any
 from sqlalchemy import String, select
 from sqlalchemy.orm import Mapped, mapped_column
 
-from examples.eshop.events import CheckoutMark, InvoiceIssued, PaymentConfirmed, PaymentFailed
-from examples.eshop.schemas import MarkStatus, PaymentType, card_expired
-from examples.eshop.services.common import clear, money_column, rows, timestamp_column
 from framework import Inbound, Outbound, Service, Transactional, send, session
+from vmsdb_eshop.events import CheckoutMark, InvoiceIssued, PaymentConfirmed, PaymentFailed
+from vmsdb_eshop.schemas import MarkStatus, PaymentType, card_expired
+from vmsdb_eshop.services.common import clear, money_column, rows, timestamp_column
 
 __all__ = ["OrderPayment", "Payment", "PaymentCard"]
 

@@ -14,10 +14,10 @@ from typing import Any
 from sqlalchemy import String, select, update
 from sqlalchemy.orm import Mapped, mapped_column
 
-from examples.eshop.events import PriceUpdated, ProductUpdated
-from examples.eshop.schemas import ProductData
-from examples.eshop.services.common import as_row, money_column, now, rows, timestamp_column
 from framework import Outbound, Service, Transactional, send, session
+from vmsdb_eshop.events import PriceUpdated, ProductUpdated
+from vmsdb_eshop.schemas import ProductData
+from vmsdb_eshop.services.common import as_row, money_column, now, rows, timestamp_column
 
 __all__ = ["Product", "ProductRecord"]
 

@@ -14,22 +14,22 @@ from typing import Any
 from sqlalchemy import ColumnElement, String, func, select, update
 from sqlalchemy.orm import Mapped, mapped_column
 
-from examples.eshop.events import (
+from framework import Inbound, Service, Transactional, session
+from vmsdb_eshop.events import (
     DeliveryNotification,
     InvoiceIssued,
     PaymentConfirmed,
     PaymentFailed,
     ShipmentNotification,
 )
-from examples.eshop.schemas import (
+from vmsdb_eshop.schemas import (
     AFTER_SHIPMENT,
     OPEN_ORDER_STATUSES,
     OrderStatus,
     SellerRow,
     ShipmentStatus,
 )
-from examples.eshop.services.common import as_row, clear, money_column, rows, timestamp_column, upsert
-from framework import Inbound, Service, Transactional, session
+from vmsdb_eshop.services.common import as_row, clear, money_column, rows, timestamp_column, upsert
 
 __all__ = ["VIEW_TOTALS", "OrderEntry", "Seller", "SellerRecord"]
 

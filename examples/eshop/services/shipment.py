@@ -14,11 +14,11 @@ from sqlalchemy import String, select, update
 from sqlalchemy.dialects.postgresql import distinct_on
 from sqlalchemy.orm import Mapped, mapped_column
 
-from examples.eshop.config import settings
-from examples.eshop.events import CheckoutMark, DeliveryNotification, PaymentConfirmed, ShipmentNotification
-from examples.eshop.schemas import MarkStatus, PackageStatus, ShipmentStatus
-from examples.eshop.services.common import clear, money_column, nested, now, rows, timestamp_column
 from framework import Inbound, Outbound, Service, Transactional, send, session
+from vmsdb_eshop.config import settings
+from vmsdb_eshop.events import CheckoutMark, DeliveryNotification, PaymentConfirmed, ShipmentNotification
+from vmsdb_eshop.schemas import MarkStatus, PackageStatus, ShipmentStatus
+from vmsdb_eshop.services.common import clear, money_column, nested, now, rows, timestamp_column
 
 __all__ = ["Package", "Shipment", "ShipmentRecord"]
 

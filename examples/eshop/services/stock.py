@@ -17,27 +17,6 @@ from uuid import UUID
 from sqlalchemy import CheckConstraint, String, update
 from sqlalchemy.orm import Mapped, mapped_column
 
-from examples.eshop.events import (
-    CheckoutMark,
-    PaymentConfirmed,
-    PaymentFailed,
-    ProductUpdated,
-    ProductUpdateMark,
-    RejectedItem,
-    ReserveStock,
-    StockConfirmed,
-)
-from examples.eshop.schemas import CartItem, ItemStatus, MarkStatus, StockRow
-from examples.eshop.services.common import (
-    as_row,
-    clear,
-    keys_of,
-    now,
-    rows,
-    settle_quietly,
-    timestamp_column,
-    upsert,
-)
 from framework import (
     Inbound,
     Lease,
@@ -49,6 +28,27 @@ from framework import (
     release_lease,
     send,
     session,
+)
+from vmsdb_eshop.events import (
+    CheckoutMark,
+    PaymentConfirmed,
+    PaymentFailed,
+    ProductUpdated,
+    ProductUpdateMark,
+    RejectedItem,
+    ReserveStock,
+    StockConfirmed,
+)
+from vmsdb_eshop.schemas import CartItem, ItemStatus, MarkStatus, StockRow
+from vmsdb_eshop.services.common import (
+    as_row,
+    clear,
+    keys_of,
+    now,
+    rows,
+    settle_quietly,
+    timestamp_column,
+    upsert,
 )
 
 __all__ = ["Reservation", "Stock", "StockItem"]

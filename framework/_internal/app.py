@@ -1,0 +1,378 @@
+"""``App``: the running group of services, connected to one core.
+
+```python
+async with App([Stock, Cart], create_tables=True) as app:   # no URL: embedded Postgres
+    await app.publish(AddCartItemRequest(customer_id="c1", item_id="i1", qty=2))
+    await app.drain()
+```
+
+Start-up scans the service classes into descriptors (every annotation mistake is an
+``AnnotationError`` here, before anything touches the database), connects, installs the catalog,
+registers the descriptors, optionally creates tables, and starts one dispatcher per service that
+has ``@Inbound`` handlers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Iterable
+from contextlib import AbstractAsyncContextManager
+from types import TracebackType
+from typing import Any, TypeVar
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from dbcore import delivery
+from dbcore.core import Core
+from dbcore.descriptor import ServiceDescriptor
+from dbcore.embedded import EmbeddedPostgres
+from dbcore.eventlog import NOTIFY_CHANNEL, append, prune
+from dbcore.leases import reap
+from dbcore.reference_catalog import RECOVERY_CHANNEL
+from framework._internal.config import Settings, sqlalchemy_url
+from framework._internal.context import correlation
+from framework._internal.descriptors import ServicePlan, build_plans, dependencies_of
+from framework._internal.dispatcher import Dispatcher
+from framework._internal.errors import FrameworkError
+from framework._internal.events import Event
+from framework._internal.leases import LeaseExecutor
+from framework._internal.metrics import Metrics
+from framework._internal.outbox import record_of
+from framework._internal.outcomes import OutcomeWatcher
+from framework._internal.runtime import ServiceHandle, ServiceRuntime
+from framework._internal.service import Service
+from framework._internal.workers import HandlerWorkers
+
+__all__ = ["App"]
+
+#: While a service recovers in consistency mode, how often the App reads the state again.
+_RECOVERY_RECHECK = 1.0
+_RECOVERING = text("SELECT service FROM vms.ref_services WHERE recovering = 'consistency'")
+
+log = logging.getLogger("vmsdb.app")
+
+S = TypeVar("S", bound=Service)
+
+
+class App:
+    """A group of services on one core. Use as ``async with App([...]) as app``.
+
+    ``workers``: run the ``@Inbound`` handlers of every service (``True``), of none (``False``),
+    or of the named services only; several processes may run the same handlers.
+
+    Schemas: by default the App refuses to start unless the core and every service schema are
+    at their migration head (``vmsdb migrate``). ``migrate=True`` migrates on start
+    (development); ``create_tables=True`` creates missing tables without migrations (tests).
+    """
+
+    def __init__(
+        self,
+        services: Iterable[type[Service]],
+        *,
+        database_url: str | None = None,
+        create_tables: bool = False,
+        migrate: bool = False,
+        workers: bool | Iterable[str] = True,
+        settings: Settings | None = None,
+        **overrides: Any,
+    ) -> None:
+        self.services: list[type[Service]] = list(services)
+        base = settings or Settings()
+        if database_url is not None:
+            overrides["database_url"] = database_url
+        self.settings = base.model_copy(update=overrides) if overrides else base
+        self.create_tables = create_tables
+        self.migrate = migrate
+        self.workers: bool | frozenset[str] = workers if isinstance(workers, bool) else frozenset(workers)
+        self.metrics = Metrics()
+        self.leases = LeaseExecutor(self)
+        self.plans: list[ServicePlan] = build_plans(self.services)
+        if isinstance(self.workers, frozenset):
+            unknown = self.workers - {p.descriptor.name for p in self.plans}
+            if unknown:
+                raise FrameworkError(f"workers= names services not in this App: {', '.join(sorted(unknown))}")
+        self._embedded: EmbeddedPostgres | None = None
+        self._core: Core | None = None
+        self._runtimes: dict[type[Service], ServiceRuntime] = {}
+        self._dispatchers: dict[str, Dispatcher] = {}
+        self._listener: Any = None
+        self._outcomes = OutcomeWatcher(self._admin)
+        self._background: list[asyncio.Task[None]] = []
+        self._started = False
+        self._kafka: Any = None
+        self._workers: HandlerWorkers | None = None
+        #: Services recovering in consistency mode (G10): they serve nothing until it ends.
+        self.recovering: set[str] = set()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    @property
+    def core(self) -> Core:
+        if self._core is None:
+            raise FrameworkError("the App is not started; use `async with App(...) as app`")
+        return self._core
+
+    @property
+    def kafka(self) -> Any:
+        """The Kafka transport (relay and ingress) when ``kafka_bootstrap`` is set, else ``None``."""
+        return self._kafka
+
+    @property
+    def descriptors(self) -> list[ServiceDescriptor]:
+        return [p.descriptor for p in self.plans]
+
+    @property
+    def database_url(self) -> str:
+        return str(self.core.engine.url.render_as_string(hide_password=False))
+
+    async def start(self) -> App:
+        url = self.settings.database_url
+        if url is None:
+            self._embedded = EmbeddedPostgres(self.settings.data_dir)
+            url = await asyncio.to_thread(self._embedded.start)
+        # Every running handler holds a connection (at most worker_concurrency of them, over all
+        # services), and claims, outcome checks and direct calls need some more: a pool smaller
+        # than that would open and close overflow connections all the time.
+        pool_size = max(self.settings.pool_size, self.settings.worker_concurrency + 4)
+        self._core = Core.connect(sqlalchemy_url(url), pool_size=pool_size)
+        try:
+            await self._core.wait_ready()
+            from framework import migrations  # lazy: keeps alembic out of import time
+
+            if self.migrate:  # development: the core and every service schema to head
+                await migrations.migrate(self)
+            elif self.create_tables:  # development and tests without revisions
+                await self._core.install()
+            else:  # production: refuse to start unless every history is at head
+                await migrations.ensure_at_head(self)
+            await self._core.register(self.descriptors)
+            if self.create_tables:
+                await self._create_tables()
+            await self._install_references()
+            self._attach()
+            await self._start_listener()
+            if self.settings.kafka_bootstrap:
+                from framework._internal.kafka import KafkaTransport  # imported only when Kafka is on
+
+                self._kafka = KafkaTransport(self)
+                await self._kafka.start()
+            if self.workers:
+                # One set of workers runs the handlers of every service: at most
+                # worker_concurrency handlers (and pooled connections) at once.
+                self._workers = HandlerWorkers(self, self.settings.worker_concurrency)
+                self._workers.start()
+                for runtime in self._runtimes.values():
+                    chosen = self.workers is True or runtime.name in self.workers
+                    if chosen and (
+                        runtime.plan.descriptor.inbound
+                        or any(r.consistency == "eventual" for r in runtime.plan.descriptor.replicas)
+                    ):
+                        dispatcher = Dispatcher(self, runtime, self._workers)
+                        self._dispatchers[runtime.name] = dispatcher
+                        dispatcher.start()
+                self._background.append(asyncio.create_task(self._prune_loop()))
+        except BaseException:
+            await self._shutdown()
+            raise
+        self._started = True
+        return self
+
+    async def _create_tables(self) -> None:
+        """Create missing tables, owned by each service's role (development and tests)."""
+        for plan in self.plans:
+            async with self.core.transaction(plan.descriptor.name) as conn:
+                await conn.run_sync(plan.cls.Model.metadata.create_all)
+        await self.core.sync_grants(self.descriptors)
+
+    async def _install_references(self) -> None:
+        """Referenceable tables and reference columns (G9, G10), once the tables exist."""
+        from framework import references  # lazy: only Apps that declare references need it
+
+        declared = [references.describe(plan.cls) for plan in self.plans]
+        if any(d.referenceable or d.columns for d in declared):
+            await references.install(self)
+
+    def _attach(self) -> None:
+        for plan in self.plans:
+            self._runtimes[plan.cls] = ServiceRuntime(self, plan)
+        by_name = {cls.service_name(): rt for cls, rt in self._runtimes.items()}
+        for cls, runtime in self._runtimes.items():
+            for attr, dep in dependencies_of(cls).items():
+                setattr(runtime.instance, attr, ServiceHandle(runtime.name, by_name[dep.service_name()]))
+
+    async def stop(self) -> None:
+        await self._shutdown()
+        self._started = False
+
+    async def _shutdown(self) -> None:
+        if self._kafka is not None:
+            await self._kafka.stop()
+            self._kafka = None
+        for dispatcher in self._dispatchers.values():
+            await dispatcher.stop()
+        if self._workers is not None:
+            await self._workers.stop()
+            self._workers = None
+        self._dispatchers.clear()
+        for task in self._background:
+            task.cancel()
+        for task in self._background:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._background.clear()
+        if self._listener is not None:
+            with contextlib.suppress(Exception):
+                await self._listener.close()
+            self._listener = None
+        await self._outcomes.close()
+        if self._core is not None:
+            await self._core.close()
+            self._core = None
+        if self._embedded is not None:
+            await asyncio.to_thread(self._embedded.stop)
+            self._embedded = None
+
+    async def __aenter__(self) -> App:
+        return await self.start()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    # -- services ----------------------------------------------------------------------------
+
+    def service(self, cls: type[S]) -> S:
+        """The running instance of service class ``cls``; call its functions directly."""
+        runtime = self._runtimes.get(cls)
+        if runtime is None:
+            known = ", ".join(c.__name__ for c in self.services)
+            raise FrameworkError(f"{cls.__name__} is not a started service of this App ({known})")
+        return runtime.instance  # type: ignore[return-value]
+
+    def _admin(self) -> AbstractAsyncContextManager[AsyncConnection]:
+        return self.core.admin()
+
+    def correlation_id(self) -> str | None:
+        return correlation.get()
+
+    # -- events ------------------------------------------------------------------------------
+
+    async def publish(
+        self, event: Event, *, correlation_id: str | None = None, event_id: uuid.UUID | None = None
+    ) -> uuid.UUID:
+        """Put ``event`` on the log from outside any service (an HTTP request, a test).
+
+        Publishing the same ``event_id`` twice delivers it once.
+        """
+        record = record_of(
+            event,
+            producer=None,
+            correlation_id=correlation_id or correlation.get(),
+            causation_id=None,
+            event_id=event_id,
+        )
+        async with self.core.admin() as conn:
+            await append(conn, [record], deduplicate=True)
+        return record.id
+
+    async def drain(self, timeout: float = 30.0) -> None:
+        """Wait until every event pending for this App's services is handled or dead-lettered."""
+        if not self._dispatchers and any(any(s.inbound for s in p.functions.values()) for p in self.plans):
+            raise FrameworkError("drain() needs the App's workers; it was started with workers=False")
+        subscribers = list(self._dispatchers)
+        deadline = time.monotonic() + timeout
+        while True:
+            async with self.core.admin() as conn:
+                pending = await delivery.pending_count(conn, subscribers)
+            if pending == 0:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"drain(): {pending} deliveries still pending after {timeout} s")
+            await asyncio.sleep(0.01)
+
+    async def outcome(self, correlation_id: str, *event_types: type[Event], timeout: float = 30.0) -> Event:
+        """The first event of one of ``event_types`` produced in ``correlation_id``'s chain.
+
+        Raises ``TimeoutError`` naming the correlation when none arrives within ``timeout``.
+        """
+        return await self._outcomes.wait(correlation_id, event_types, timeout)
+
+    async def _start_listener(self) -> None:
+        import asyncpg
+
+        engine = self.core.engine
+        args, kwargs = engine.dialect.create_connect_args(engine.url)
+        self._listener = await asyncpg.connect(*args, **kwargs)
+
+        def on_notify(_conn: object, _pid: int, _channel: str, payload: str) -> None:
+            # "<subscribers>\n<correlations>", both comma-separated (see dbcore.eventlog).
+            subscribers, _, correlations = payload.partition("\n")
+            for name in subscribers.split(",") if subscribers else ():
+                dispatcher = self._dispatchers.get(name)
+                if dispatcher is not None:
+                    dispatcher.wake()
+            self._outcomes.notified(correlations)
+
+        await self._listener.add_listener(NOTIFY_CHANNEL, on_notify)
+
+        def on_recovery(_conn: object, _pid: int, _channel: str, payload: str) -> None:
+            # "<service>\n<mode>", mode empty when the service serves again.
+            service, _, mode = payload.partition("\n")
+            if mode == "consistency":
+                self.recovering.add(service)
+                return
+            self.recovering.discard(service)
+            dispatcher = self._dispatchers.get(service)
+            if dispatcher is not None:
+                dispatcher.wake()
+
+        await self._listener.add_listener(RECOVERY_CHANNEL, on_recovery)
+        # Listening first, then reading: a recovery that starts in between is not missed.
+        self.recovering.update(await self._read_recovering())
+        self._background.append(asyncio.create_task(self._recovery_watch()))
+
+    async def _read_recovering(self) -> set[str]:
+        """Services recovering in consistency mode (through the pool, not the listener)."""
+        async with self.core.autocommit() as conn:
+            return set((await conn.execute(_RECOVERING)).scalars())
+
+    async def _recovery_watch(self) -> None:
+        """While a service is known to recover, read the state again now and then: a notification
+        lost with the listener's connection must not keep it refusing for ever."""
+        while True:
+            await asyncio.sleep(_RECOVERY_RECHECK)
+            if not self.recovering:
+                continue
+            try:
+                now = await self._read_recovering()
+            except Exception:  # the listener's connection is gone: the core refuses writes anyway
+                log.warning("could not read which services are recovering", exc_info=True)
+                continue
+            for service in self.recovering - now:
+                dispatcher = self._dispatchers.get(service)
+                if dispatcher is not None:
+                    dispatcher.wake()
+            self.recovering.intersection_update(now)
+
+    async def _prune_loop(self) -> None:
+        retention = self.settings.retention_seconds
+        interval = min(max(retention / 10, 1.0), 300.0)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                async with self.core.admin() as conn:
+                    removed = await prune(conn, retention)
+                    await reap(conn, retention)
+                if removed:
+                    log.info("pruned %d handled events older than %.0f s", removed, retention)
+            except Exception:
+                log.exception("pruning the event log failed")

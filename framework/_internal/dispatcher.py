@@ -1,0 +1,260 @@
+"""Delivering events to one service's ``@Inbound`` handlers, in this process.
+
+A dispatcher claims deliveries (see ``dbcore.delivery`` for the ordering rules) ahead of need,
+up to four times ``worker_concurrency``, and queues them for the App's handler workers
+(``framework._internal.workers``), which run each handler in the handler's transaction and acknowledge it in
+that same transaction. Claims come back at most one per partition key, so handlers of different
+keys run concurrently and handlers of one key run one after another, in order. Claiming ahead
+keeps the workers busy while the next claim is on its way: one claim round trip serves many
+handlers.
+
+It wakes on the core's NOTIFY, when a handled event had its key's next event behind it, and
+when a retry is due; it polls every 20 ms while events wait behind the snapshot horizon (an
+older transaction still open), and every ``poll_interval`` as a fallback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import traceback
+from typing import TYPE_CHECKING, Any
+
+from pydantic import ValidationError
+
+from dbcore import delivery, replicas
+from dbcore.delivery import Ack, Claimed, ClaimLost
+from dbcore.descriptor import ReplicaDescriptor
+from dbcore.replicas import change_event_type
+from framework._internal.annotations import FunctionSpec
+from framework._internal.events import Event
+from framework._internal.runtime import backoff_delay
+from framework._internal.workers import HandlerWorkers, Job
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncConnection
+
+    from framework._internal.app import App
+    from framework._internal.runtime import ServiceRuntime
+
+__all__ = ["Dispatcher"]
+
+log = logging.getLogger("vmsdb.delivery")
+
+_HELD_BACK_POLL = 0.02
+_REPLICA_ATTEMPTS = 5
+#: A claimed delivery not started within this share of the claim timeout is left to run out.
+_START_WITHIN = 0.8
+
+
+class Dispatcher:
+    """Runs the ``@Inbound`` handlers of one service."""
+
+    def __init__(self, app: App, runtime: ServiceRuntime, workers: HandlerWorkers) -> None:
+        self.app = app
+        self.runtime = runtime
+        self.workers = workers
+        self.service = runtime.name
+        settings = app.settings
+        # Claimed and not yet finished, at most four times what the workers run at once; the
+        # next claim goes out once a round is done, while two more rounds are still queued, so
+        # that the workers do not wait for it, and brings at least a round (one round trip for
+        # many handlers).
+        self.depth = 4 * settings.worker_concurrency
+        self.low_water = 3 * settings.worker_concurrency
+        self.claim_timeout = settings.claim_timeout
+        self.poll_interval = settings.poll_interval
+        self.handlers: dict[str, tuple[FunctionSpec, type[Event]]] = {
+            spec.inbound.event.event_type(): (spec, spec.inbound.event)
+            for spec in runtime.plan.functions.values()
+            if spec.inbound is not None
+        }
+        self.replicas: dict[str, ReplicaDescriptor] = {
+            change_event_type(r.source_service, r.source_table): r
+            for r in runtime.plan.descriptor.replicas
+            if r.consistency == "eventual"
+        }
+        self.has_precedence = any(i.precedence for i in runtime.plan.descriptor.inbound)
+        self._wake = asyncio.Event()
+        self._outstanding = 0  # claimed, not yet finished
+        self._saturated = False  # the last claim took as many as it asked for
+        self._unblocked = False  # since the last claim, a key's head finished with more behind
+        self._stopping = False
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"vmsdb-dispatch-{self.service}")
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def finished(self, item: Claimed) -> None:
+        """``item`` is done with (handled, retried, dead-lettered or given back)."""
+        self._outstanding -= 1
+        # Claim again once below the low water mark, if there may be more to claim: the last
+        # claim took all it asked for, or a finished head had its key's next event behind it
+        # (with precedence declared, any finished event may have been holding one back). New
+        # events wake the dispatcher by notification.
+        self._unblocked = self._unblocked or item.followed or self.has_precedence
+        if self._outstanding <= self.low_water and (self._saturated or self._unblocked):
+            self._wake.set()
+
+    async def stop(self) -> None:
+        """Stop claiming; claimed deliveries are the workers' (``HandlerWorkers.stop``)."""
+        self._stopping = True
+        self._wake.set()
+        if self._task is not None:
+            await self._task
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while not self._stopping:
+            if self._outstanding > self.low_water or self.service in self.app.recovering:
+                # Enough claimed; or recovering in consistency mode (G10), when its events wait
+                # rather than fail (the App wakes the dispatcher when the recovery ends).
+                await self._wait(self.poll_interval)
+                continue
+            limit = self.depth - self._outstanding
+            self._unblocked = False
+            held_back = False
+            try:
+                async with self.app.core.autocommit() as conn:  # the claim is one statement
+                    claimed = await delivery.claim(
+                        conn,
+                        self.service,
+                        limit=limit,
+                        lease_seconds=self.claim_timeout,
+                        precedence=self.has_precedence,
+                    )
+                    start_before = loop.time() + self.claim_timeout * _START_WITHIN
+                    self._saturated = len(claimed) == limit
+                    self._outstanding += len(claimed)
+                    for item in claimed:  # before the held-back check: the workers start at once
+                        self.workers.submit(Job(self, item, start_before))
+                    if self._saturated:
+                        continue  # there may be more; claim again at the low water mark
+                    held_back = await delivery.held_back(conn, self.service)
+            except Exception:  # the database went away: log, try again after poll_interval
+                log.exception("%s: claiming deliveries failed", self.service)
+            # Everything claimable is claimed. What makes more claimable wakes the dispatcher:
+            # a notification for new events, a finished head with its key's next event behind
+            # it, a retry's backoff running out. Only the horizon moving (an older transaction,
+            # one that sent no events, ending) comes without a wake-up: poll for that while
+            # events wait behind it. poll_interval is the fallback for the rest (another
+            # process's claims running out, a notification lost with the listener).
+            await self._wait(_HELD_BACK_POLL if held_back else self.poll_interval)
+
+    async def _wait(self, timeout: float) -> None:
+        """Sleep until woken (see ``_run``) or ``timeout``."""
+        if not self._wake.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
+        self._wake.clear()
+
+    async def handle(self, item: Claimed, conn: AsyncConnection) -> None:
+        """Run ``item``'s handler on a worker's connection (``HandlerWorkers``)."""
+        if self.service in self.app.recovering:
+            # Claimed before a consistency-mode recovery began: give it back untried, so that it
+            # waits for the recovery instead of spending its attempts on refusals.
+            async with self.app.core.admin() as admin:
+                await delivery.release(admin, item)
+            return
+        replica = self.replicas.get(item.event_type)
+        if replica is not None:
+            await self._apply_replica(item, replica, conn)
+            return
+        spec, event_type = self.handlers.get(item.event_type, (None, None))
+        if spec is None or event_type is None:
+            await self._dead_letter(
+                item, f"service {self.service!r} has no handler for {item.event_type}", None
+            )
+            return
+        try:
+            payload: Any = item.payload
+            event = (
+                event_type.model_validate_json(payload)
+                if isinstance(payload, (str, bytes))
+                else event_type.model_validate(payload)
+            )
+        except ValidationError as err:
+            # A payload that does not validate will never validate: no retries (G12).
+            assert spec.inbound is not None
+            await self._dead_letter(
+                item,
+                f"payload is not a valid {event_type.__name__}: {err}",
+                None,
+                blocking=spec.inbound.blocking,
+            )
+            return
+        try:
+            await self.runtime.run(
+                spec,
+                spec.function,
+                (self.runtime.instance, event),
+                {},
+                correlation_id=item.correlation_id,
+                causation_id=str(item.event_id),
+                connection=conn,
+                before_commit=Ack(item),
+            )
+            self.app.metrics.inc("events_handled", service=self.service, event=item.event_type)
+        except ClaimLost as err:
+            log.warning("%s: %s", self.service, err)
+        except Exception as err:
+            assert spec.inbound is not None
+            await self._failed(
+                item, spec.qualname, spec.inbound.max_attempts, err, blocking=spec.inbound.blocking
+            )
+
+    async def _apply_replica(self, item: Claimed, replica: ReplicaDescriptor, conn: AsyncConnection) -> None:
+        """A change of a replicated source row: apply it and mark it handled, in one transaction."""
+        payload = json.loads(item.payload) if isinstance(item.payload, (str, bytes)) else item.payload
+        try:
+            async with self.app.core.transaction(self.service, connection=conn, before_commit=Ack(item)):
+                await replicas.apply_change(conn, self.service, replica, payload)
+            self.app.metrics.inc("replica_changes", service=self.service, table=replica.table)
+        except ClaimLost as err:
+            log.warning("%s: %s", self.service, err)
+        except Exception as err:
+            await self._failed(item, f"replica {replica.table}", _REPLICA_ATTEMPTS, err)
+
+    async def _failed(
+        self, item: Claimed, handler: str, max_attempts: int, err: Exception, *, blocking: bool = False
+    ) -> None:
+        error = f"{type(err).__name__}: {err}"
+        if item.attempts >= max_attempts:
+            await self._dead_letter(item, error, traceback.format_exc(), blocking=blocking)
+            return
+        delay = backoff_delay(item.attempts, base=0.05, cap=30.0)
+        log.warning(
+            "%s: %s failed on event %s (attempt %d of %d), retrying in %.0f ms: %s",
+            self.service,
+            handler,
+            item.event_id,
+            item.attempts,
+            max_attempts,
+            delay * 1000,
+            error,
+        )
+        self.app.metrics.inc("event_retries", service=self.service, event=item.event_type)
+        async with self.app.core.admin() as conn:
+            await delivery.retry_later(conn, item, error, delay)
+        asyncio.get_running_loop().call_later(delay, self.wake)
+
+    async def _dead_letter(
+        self, item: Claimed, error: str, trace: str | None, *, blocking: bool = False
+    ) -> None:
+        log.error(
+            "%s: event %s (%s) goes to the dead letters after %d attempt(s)%s: %s",
+            self.service,
+            item.event_id,
+            item.event_type,
+            item.attempts,
+            " and holds its key until replayed" if blocking else "",
+            error,
+        )
+        self.app.metrics.inc("dead_letters", service=self.service, event=item.event_type)
+        async with self.app.core.admin() as conn:
+            await delivery.dead_letter(conn, item, error, trace, blocking=blocking)

@@ -1,0 +1,253 @@
+"""Executing service functions: transactions, retries, joining, and handles to other services.
+
+One ``ServiceRuntime`` per service of a running App. Every annotated call lands in
+:meth:`ServiceRuntime.call`, which reads the spec prepared at start-up and runs the function in
+its transaction; nothing here inspects signatures or decorators per call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from dbcore.isolation import CommitStatement, is_retryable, sqlstate_of, translate_error
+from dbcore.query_language import QuerySpec, bind_values
+from dbcore.references import ServiceRecovering
+from framework._internal.annotations import FunctionSpec, TransactionalSpec
+from framework._internal.context import TxContext, bind, current, unbind
+from framework._internal.errors import RetriesExhausted, ServiceCallError
+from framework._internal.events import Event
+from framework._internal.outbox import write_outbox
+from framework._internal.results import convert_rows
+from framework._internal.service import Service
+
+if TYPE_CHECKING:
+    from framework._internal.app import App
+    from framework._internal.descriptors import ServicePlan
+
+__all__ = ["ServiceHandle", "ServiceRuntime", "backoff_delay"]
+
+log = logging.getLogger("vmsdb.transactions")
+
+
+def backoff_delay(attempt: int, *, base: float = 0.005, cap: float = 0.5) -> float:
+    """Full-jitter exponential backoff: uniform in [0, min(cap, base * 2**attempt)]."""
+    return random.uniform(0, min(cap, base * (2**attempt)))
+
+
+class ServiceRuntime:
+    """Runs one service's functions against the core."""
+
+    def __init__(self, app: App, plan: ServicePlan) -> None:
+        self.app = app
+        self.plan = plan
+        self.name = plan.descriptor.name
+        self.instance: Service = plan.cls()
+        self.instance._vms_runtime = self  # type: ignore[attr-defined]
+        self._queries: dict[int, QuerySpec] = {
+            id(plan.functions[attr]): q for attr, q in plan.queries.items()
+        }
+
+    def call(
+        self,
+        spec: FunctionSpec,
+        wrapped: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Awaitable[Any]:
+        if spec.query is not None:
+            self.refuse_while_recovering()
+            return self._run_query(spec, args, kwargs)
+        if spec.lease is not None:
+            self.refuse_while_recovering()
+            return self.app.leases.call(self, spec, args, kwargs)
+        return self.run(spec, wrapped, args, kwargs)
+
+    def refuse_while_recovering(self) -> None:
+        """Raise ``ServiceRecovering`` while this service recovers in consistency mode (G10)."""
+        if self.name in self.app.recovering:
+            raise ServiceRecovering(
+                f"service {self.name!r} is recovering in consistency mode: it serves nothing, "
+                "reads included, until every holder of its references has answered (or the "
+                "recovery times out)"
+            )
+
+    async def run(
+        self,
+        spec: FunctionSpec,
+        wrapped: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
+        *,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+        connection: AsyncConnection | None = None,
+        before_commit: CommitStatement | None = None,
+    ) -> Any:
+        """Run ``wrapped`` in its transaction, retrying serialization failures and deadlocks.
+
+        ``connection`` and ``before_commit`` are for the event dispatcher: its worker's
+        connection, and the delivery's acknowledgement, sent with ``COMMIT`` (so it commits with
+        the handler's effects, G4, at no extra round trip).
+        """
+        outer = current()
+        if outer is not None:
+            return await self._join(outer, spec, wrapped, args, kwargs)
+        self.refuse_while_recovering()
+        tx = spec.tx
+        if tx is None:
+            return await wrapped(*args, **kwargs)
+        if correlation_id is None:
+            correlation_id = self.app.correlation_id()
+        attempt = 1
+        while True:
+            try:
+                return await self._attempt(
+                    spec, tx, wrapped, args, kwargs, correlation_id, causation_id, connection, before_commit
+                )
+            except Exception as err:
+                if not is_retryable(err):
+                    translated = translate_error(
+                        err, service=self.name, table_owners=self.app.core.table_owners
+                    )
+                    if translated is None:
+                        raise
+                    raise translated from err
+                self.app.metrics.inc("transaction_conflicts", service=self.name, function=spec.name)
+                if attempt >= tx.max_attempts:
+                    self.app.metrics.inc("transaction_failures", service=self.name, function=spec.name)
+                    raise RetriesExhausted(spec.qualname, attempt, err) from err
+                delay = backoff_delay(attempt)
+                log.info(
+                    "%s: attempt %d of %d conflicted (%s), retrying in %.1f ms",
+                    spec.qualname,
+                    attempt,
+                    tx.max_attempts,
+                    _sqlstate_name(err),
+                    delay * 1000,
+                )
+                self.app.metrics.inc("transaction_retries", service=self.name, function=spec.name)
+                attempt += 1
+                await asyncio.sleep(delay)
+
+    async def _attempt(
+        self,
+        spec: FunctionSpec,
+        tx: TransactionalSpec,
+        wrapped: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
+        correlation_id: str | None,
+        causation_id: str | None,
+        connection: AsyncConnection | None,
+        before_commit: CommitStatement | None,
+    ) -> Any:
+        read_only = tx.type == "RO"
+        async with self.app.core.transaction(
+            self.name,
+            isolation=tx.isolation,
+            read_only=read_only,
+            connection=connection,
+            before_commit=before_commit,
+        ) as conn:
+            ctx = TxContext(
+                service=self.name,
+                function=spec.qualname,
+                connection=conn,
+                read_only=read_only,
+                allowed=spec.allowed_events,
+                correlation_id=correlation_id,
+                causation_id=causation_id,
+            )
+            token = bind(ctx)
+            try:
+                result = await wrapped(*args, **kwargs)
+                if isinstance(result, Event):
+                    ctx.send(result)
+                if ctx.has_session:
+                    await ctx.session.flush()
+                if ctx.outbox:
+                    await write_outbox(conn, ctx)
+            finally:
+                unbind(token)
+                if ctx.has_session:
+                    await ctx.session.close()
+        self.app.metrics.inc("transactions", service=self.name, function=spec.name)
+        return result
+
+    async def _join(
+        self,
+        outer: TxContext,
+        spec: FunctionSpec,
+        wrapped: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
+    ) -> Any:
+        """A nested call of the same service joins the running transaction."""
+        if outer.service != self.name:
+            raise ServiceCallError(
+                f"{spec.qualname} (service {self.name!r}) was called inside a transaction of "
+                f"service {outer.service!r} ({outer.function}); a transaction belongs to one "
+                "service: send an event, or call the other service's @Lease/@Query through a "
+                "handle"
+            )
+        saved = outer.allowed, outer.function
+        outer.allowed, outer.function = spec.allowed_events, spec.qualname
+        try:
+            result = await wrapped(*args, **kwargs)
+            if isinstance(result, Event):
+                outer.send(result)
+            return result
+        finally:
+            outer.allowed, outer.function = saved
+
+    async def _run_query(
+        self, spec: FunctionSpec, args: tuple[Any, ...], kwargs: Mapping[str, Any]
+    ) -> list[Any]:
+        """Run a compiled @Query in the caller's transaction, or in its own snapshot."""
+        compiled = self._queries[id(spec)]
+        bound = spec.signature.bind(self.instance, *args, **kwargs)
+        bound.apply_defaults()
+        values = bind_values(compiled, bound.arguments)
+        statement = text(compiled.sql)
+        ctx = current()
+        if ctx is not None:
+            rows = (await ctx.connection.execute(statement, values)).mappings().all()
+        else:
+            async with self.app.core.transaction(self.name, isolation="snapshot", read_only=True) as conn:
+                rows = (await conn.execute(statement, values)).mappings().all()
+        return convert_rows(spec, list(rows))
+
+
+class ServiceHandle:
+    """What ``stock: Stock`` becomes on a ``Cart``: the other service's API, and nothing else."""
+
+    __slots__ = ("_owner", "_target")
+
+    def __init__(self, owner: str, target: ServiceRuntime) -> None:
+        self._owner = owner
+        self._target = target
+
+    def __getattr__(self, name: str) -> Any:
+        target = self._target
+        spec = target.plan.functions.get(name)
+        if spec is None or (spec.lease is None and spec.query is None):
+            raise AttributeError(
+                f"service {self._owner!r} may call only the @Lease and @Query functions of "
+                f"service {target.name!r}, and {name!r} is not one; send an event to ask for "
+                "anything else"
+            )
+        return getattr(target.instance, name)
+
+    def __repr__(self) -> str:
+        return f"<handle to service {self._target.name} from {self._owner}>"
+
+
+def _sqlstate_name(err: BaseException) -> str:
+    return {"40001": "serialization failure", "40P01": "deadlock"}.get(sqlstate_of(err) or "", "?")

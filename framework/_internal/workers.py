@@ -1,0 +1,134 @@
+"""The App's handler workers: a fixed number of tasks that run claimed deliveries.
+
+Dispatchers (one per service, see ``framework._internal.dispatcher``) claim deliveries ahead of need and
+queue them here; ``worker_concurrency`` workers take them, each service's in order and the
+services in turn, so a service with a backlog never makes another's events wait behind all of
+it. A worker keeps its pooled connection while there is work, so a backlog is handled without a
+pool checkout per event, and gives it back as soon as the queue runs dry, so an idle App holds
+no connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from dbcore import delivery
+from dbcore.delivery import Claimed
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncConnection
+
+    from framework._internal.app import App
+    from framework._internal.dispatcher import Dispatcher
+
+__all__ = ["HandlerWorkers", "Job"]
+
+log = logging.getLogger("vmsdb.delivery")
+
+#: After a failed connection checkout, wait this long before the next (the database is away).
+_RECONNECT_PAUSE = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """A claimed delivery waiting for a worker, and when its claim is too old to start on."""
+
+    dispatcher: Dispatcher
+    item: Claimed
+    start_before: float  # loop time
+
+
+class HandlerWorkers:
+    """``size`` workers sharing the claimed deliveries of every service of an App."""
+
+    def __init__(self, app: App, size: int) -> None:
+        self.app = app
+        self.size = size
+        self._queues: dict[str, deque[Job]] = {}  # per service, in claim order
+        self._turns: deque[str] = deque()  # services with work, in the order they are served
+        self._available: asyncio.Queue[bool] = asyncio.Queue()  # one True per job, False: stop
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._work(), name=f"vmsdb-handler-{i}") for i in range(self.size)]
+
+    def submit(self, job: Job) -> None:
+        service = job.dispatcher.service
+        queue = self._queues.setdefault(service, deque())
+        if not queue:
+            self._turns.append(service)
+        queue.append(job)
+        self._available.put_nowait(True)
+
+    def _take(self) -> Job | None:
+        """The next service's oldest job; that service goes to the back of the line."""
+        if not self._turns:
+            return None  # given back at stop
+        service = self._turns.popleft()
+        queue = self._queues[service]
+        job = queue.popleft()
+        if queue:
+            self._turns.append(service)
+        return job
+
+    async def stop(self) -> None:
+        """Give back the claims nobody started on, then let running handlers finish."""
+        waiting = [job for queue in self._queues.values() for job in queue]
+        self._queues.clear()
+        self._turns.clear()
+        if waiting:
+            with contextlib.suppress(Exception):  # unreleased claims simply run out
+                async with self.app.core.admin() as conn:
+                    for job in waiting:
+                        await delivery.release(conn, job.item)
+        for job in waiting:
+            job.dispatcher.finished(job.item)
+        for _ in self._tasks:
+            self._available.put_nowait(False)
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+
+    async def _work(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not await self._available.get():
+                return
+            job = self._take()
+            if job is None:
+                continue
+            try:
+                async with self.app.core.engine.connect() as conn:
+                    while job is not None:
+                        running, job = job, None
+                        await self._run(running, conn, loop.time())
+                        if conn.invalidated or self._available.empty():
+                            break
+                        if not self._available.get_nowait():
+                            return
+                        job = self._take()
+            except Exception:  # the database went away: claims in hand run out, are claimed again
+                log.exception("a handler worker lost its database connection")
+                if job is not None:  # checked out no connection, so never ran
+                    job.dispatcher.finished(job.item)
+                await asyncio.sleep(_RECONNECT_PAUSE)
+
+    @staticmethod
+    async def _run(job: Job, conn: AsyncConnection, now: float) -> None:
+        try:
+            if now < job.start_before:
+                await job.dispatcher.handle(job.item, conn)
+            else:
+                # Claimed too long ago: another worker may take it over any moment; let it.
+                log.info(
+                    "%s: event %s waited too long for a worker; its claim will run out and it "
+                    "will be claimed again",
+                    job.dispatcher.service,
+                    job.item.event_id,
+                )
+        finally:
+            job.dispatcher.finished(job.item)

@@ -1,0 +1,228 @@
+"""The core commands of ``vmsdb``: run, services, dead letters, leases, replicas."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from sqlalchemy import text
+
+from framework._internal.app import App
+from framework._internal.dataflow import flow_table, services_table, write_graph
+from framework._internal.descriptors import build_descriptors
+from framework._internal.loading import load_app
+
+__all__ = ["mount"]
+
+T = TypeVar("T")
+
+console = Console()
+dead_letters_cli = typer.Typer(help="Inspect and replay events that handlers gave up on.")
+replicas_cli = typer.Typer(help="Check declared replicas against their sources.")
+commands = typer.Typer()
+
+
+def mount(cli: typer.Typer) -> None:
+    """Add these commands to the root ``vmsdb`` group."""
+    cli.registered_commands += commands.registered_commands
+    cli.add_typer(dead_letters_cli, name="dead-letters")
+    cli.add_typer(replicas_cli, name="replicas")
+
+
+AppArg = Annotated[str, typer.Argument(help="the services, as module:attribute (an App or a list)")]
+IdsArg = Annotated[list[int], typer.Argument(help="dead letter ids")]
+
+
+def _offline(target: str) -> App:
+    """The App, to be started for inspection only: no handlers run in a CLI command."""
+    app = load_app(target)
+    app.workers = False
+    return app
+
+
+def _run(coro: Callable[[], Awaitable[T]]) -> T:
+    # Errors of the framework and the core become one line in ``framework.cli.main``.
+    return asyncio.run(coro())  # type: ignore[arg-type]
+
+
+@commands.command()
+def run(
+    app: AppArg,
+    migrate: Annotated[bool, typer.Option(help="migrate the schemas to head before starting")] = False,
+) -> None:
+    """Run the App's event handlers (and Kafka transport, if configured) until interrupted.
+
+    Start it in several processes to share the work: deliveries are claimed, never handled twice.
+    """
+    import signal
+
+    async def serve() -> None:
+        target = load_app(app)
+        target.migrate = migrate
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        async with target:
+            names = ", ".join(d.name for d in target.descriptors)
+            console.print(f"vmsdb: running {names}; Ctrl-C to stop")
+            await stop.wait()
+
+    _run(serve)
+
+
+@commands.command()
+def services(
+    app: AppArg,
+    graph: Annotated[
+        Path, typer.Option(help="write the event dataflow here (.dot, and .svg if Graphviz is installed)")
+    ] = Path("dataflow"),
+    as_json: Annotated[bool, typer.Option("--json", help="print the descriptors as JSON")] = False,
+) -> None:
+    """Show the services' descriptors and the event dataflow between them."""
+    descriptors = build_descriptors(load_app(app).services)
+    if as_json:
+        print(json.dumps([d.to_json() for d in descriptors], indent=2))
+        return
+    console.print(services_table(descriptors))
+    console.print(flow_table(descriptors))
+    written = write_graph(descriptors, graph)
+    console.print("dataflow graph: " + ", ".join(str(p) for p in written))
+
+
+@dead_letters_cli.command("list")
+def dead_letters_list(
+    app: AppArg,
+    service: Annotated[str | None, typer.Option(help="only this subscriber")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="include replayed ones")] = False,
+) -> None:
+    """List dead letters: which event, which subscriber, after how many attempts, and why."""
+
+    async def fetch() -> list[Any]:
+        async with _offline(app) as running, running.core.admin() as conn:
+            return list(
+                (
+                    await conn.execute(
+                        text(
+                            "SELECT id, subscriber, event_type, key, attempts, error, failed_at, "
+                            "replayed_at FROM vms.dead_letters "
+                            "WHERE (CAST(:s AS text) IS NULL OR subscriber = :s) "
+                            "AND (:all OR replayed_at IS NULL) ORDER BY id"
+                        ),
+                        {"s": service, "all": all_},
+                    )
+                ).all()
+            )
+
+    rows = _run(fetch)
+    table = Table("id", "subscriber", "event", "key", "attempts", "error", "failed at", "replayed")
+    for r in rows:
+        table.add_row(
+            str(r.id),
+            r.subscriber,
+            r.event_type,
+            r.key or "",
+            str(r.attempts),
+            (r.error or "")[:120],
+            f"{r.failed_at:%Y-%m-%d %H:%M:%S}",
+            "" if r.replayed_at is None else f"{r.replayed_at:%H:%M:%S}",
+        )
+    console.print(table)
+    console.print(f"{len(rows)} dead letter(s)")
+
+
+@dead_letters_cli.command("replay")
+def dead_letters_replay(app: AppArg, ids: IdsArg) -> None:
+    """Deliver dead-lettered events again (once each), after fixing what made them fail."""
+    from dbcore import delivery
+
+    async def replay() -> list[tuple[int, bool]]:
+        async with _offline(app) as running, running.core.admin() as conn:
+            return [(i, await delivery.replay(conn, i)) for i in ids]
+
+    for dead_letter_id, done in _run(replay):
+        if done:
+            console.print(f"dead letter {dead_letter_id}: delivered again")
+        else:
+            console.print(f"[yellow]dead letter {dead_letter_id}: unknown or already replayed[/yellow]")
+
+
+@dead_letters_cli.command("discard")
+def dead_letters_discard(app: AppArg, ids: IdsArg) -> None:
+    """Give up on blocking dead letters for good, so their keys flow on without them."""
+    from dbcore import delivery
+
+    async def discard() -> list[tuple[int, bool]]:
+        async with _offline(app) as running, running.core.admin() as conn:
+            return [(i, await delivery.discard(conn, i)) for i in ids]
+
+    for dead_letter_id, done in _run(discard):
+        state = "discarded" if done else "[yellow]unknown or already settled[/yellow]"
+        console.print(f"dead letter {dead_letter_id}: {state}")
+
+
+@commands.command()
+def leases(app: AppArg) -> None:
+    """List active leases per service and entity."""
+
+    async def fetch() -> list[Any]:
+        async with _offline(app) as running, running.core.admin() as conn:
+            return list(
+                (
+                    await conn.execute(
+                        text(
+                            "SELECT service, entity, key_text, quantity, holder, expires_at, "
+                            "expires_at <= vms.now() AS expired FROM vms.leases "
+                            "WHERE status = 'active' ORDER BY service, entity, key_text, expires_at"
+                        )
+                    )
+                ).all()
+            )
+
+    rows = _run(fetch)
+    table = Table("service", "entity", "key", "quantity", "holder", "expires at")
+    for r in rows:
+        expiry = f"{r.expires_at:%Y-%m-%d %H:%M:%S}" + (" (expired)" if r.expired else "")
+        table.add_row(r.service, r.entity, r.key_text, str(r.quantity), r.holder or "", expiry)
+    console.print(table)
+    console.print(f"{len(rows)} active lease(s)")
+
+
+
+@replicas_cli.command("check")
+def replicas_check(app: AppArg) -> None:
+    """Compare every replica with its source (one snapshot) and report differences."""
+    from dbcore import replicas
+
+    async def compare() -> list[replicas.ReplicaDiff]:
+        async with _offline(app) as running, running.core.admin() as conn:
+            await conn.execute(text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ"))
+            return await replicas.check(conn)
+
+    diffs = _run(compare)
+    table = Table("holder", "replica", "source", "mode", "missing", "extra", "different", "pending")
+    for d in diffs:
+        style = "" if d.ok else "red"
+        table.add_row(
+            d.holder,
+            d.table,
+            d.source,
+            d.consistency,
+            str(d.missing),
+            str(d.extra),
+            str(d.different),
+            str(d.pending),
+            style=style,
+        )
+    console.print(table)
+    bad = [d for d in diffs if not d.ok]
+    if bad:
+        console.print(f"[red]{len(bad)} replica(s) differ from their source[/red]")
+        raise typer.Exit(1)
+    console.print(f"{len(diffs)} replica(s) equal to their source")
