@@ -1,4 +1,4 @@
-"""Alembic environment of vmsdb; all the work is in :func:`framework.migrations.run_env`.
+"""Alembic environment of vmsdb; all the work is in :func:`framework._internal.alembic_env.run_env`.
 
 Which history runs is decided there: the core catalog (revisions in ``alembic/versions/core``,
 version table ``vms.alembic_version``), or one service when ``-x service=NAME -x app=module:attr``
@@ -6,6 +6,6 @@ is given or ``vmsdb migrate`` passed the target in ``config.attributes`` (revisi
 service's code, version table ``<service>.alembic_version``, run under role ``vms_<service>``).
 """
 
-from framework.migrations import run_env
+from framework._internal.alembic_env import run_env
 
 run_env()

@@ -15,7 +15,6 @@ has ``@Inbound`` handlers.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid
@@ -24,23 +23,22 @@ from contextlib import AbstractAsyncContextManager
 from types import TracebackType
 from typing import Any, TypeVar
 
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from dbcore import delivery
 from dbcore.core import Core
 from dbcore.descriptor import ServiceDescriptor
-from dbcore.embedded import EmbeddedPostgres
-from dbcore.eventlog import NOTIFY_CHANNEL, append, prune
-from dbcore.leases import reap
-from dbcore.reference_catalog import RECOVERY_CHANNEL
-from framework._internal.config import Settings, sqlalchemy_url
+from dbcore.eventlog import append
+from framework._internal.config import Settings
 from framework._internal.context import correlation
 from framework._internal.descriptors import ServicePlan, build_plans, dependencies_of
 from framework._internal.dispatcher import Dispatcher
 from framework._internal.errors import FrameworkError
 from framework._internal.events import Event
+from framework._internal.host import Database, Host
+from framework._internal.housekeeping import Housekeeping, read_recovering
 from framework._internal.leases import LeaseExecutor
+from framework._internal.listener import Listener
 from framework._internal.metrics import Metrics
 from framework._internal.outbox import record_of
 from framework._internal.outcomes import OutcomeWatcher
@@ -49,10 +47,6 @@ from framework._internal.service import Service
 from framework._internal.workers import HandlerWorkers
 
 __all__ = ["App"]
-
-#: While a service recovers in consistency mode, how often the App reads the state again.
-_RECOVERY_RECHECK = 1.0
-_RECOVERING = text("SELECT service FROM vms.ref_services WHERE recovering = 'consistency'")
 
 log = logging.getLogger("vmsdb.app")
 
@@ -96,13 +90,13 @@ class App:
             unknown = self.workers - {p.descriptor.name for p in self.plans}
             if unknown:
                 raise FrameworkError(f"workers= names services not in this App: {', '.join(sorted(unknown))}")
-        self._embedded: EmbeddedPostgres | None = None
-        self._core: Core | None = None
+        self._database = Database(self.settings)
+        self._host: Host | None = None
         self._runtimes: dict[type[Service], ServiceRuntime] = {}
         self._dispatchers: dict[str, Dispatcher] = {}
-        self._listener: Any = None
+        self._listener: Listener | None = None
         self._outcomes = OutcomeWatcher(self._admin)
-        self._background: list[asyncio.Task[None]] = []
+        self._housekeeping: Housekeeping | None = None
         self._started = False
         self._kafka: Any = None
         self._workers: HandlerWorkers | None = None
@@ -112,10 +106,15 @@ class App:
     # -- lifecycle ---------------------------------------------------------------------------
 
     @property
-    def core(self) -> Core:
-        if self._core is None:
+    def host(self) -> Host:
+        """What the App's running parts share (core, settings, plans, metrics, recovery)."""
+        if self._host is None:
             raise FrameworkError("the App is not started; use `async with App(...) as app`")
-        return self._core
+        return self._host
+
+    @property
+    def core(self) -> Core:
+        return self.host.core
 
     @property
     def kafka(self) -> Any:
@@ -131,56 +130,59 @@ class App:
         return str(self.core.engine.url.render_as_string(hide_password=False))
 
     async def start(self) -> App:
-        url = self.settings.database_url
-        if url is None:
-            self._embedded = EmbeddedPostgres(self.settings.data_dir)
-            url = await asyncio.to_thread(self._embedded.start)
         # Every running handler holds a connection (at most worker_concurrency of them, over all
         # services), and claims, outcome checks and direct calls need some more: a pool smaller
         # than that would open and close overflow connections all the time.
         pool_size = max(self.settings.pool_size, self.settings.worker_concurrency + 4)
-        self._core = Core.connect(sqlalchemy_url(url), pool_size=pool_size)
         try:
-            await self._core.wait_ready()
-            from framework import migrations  # lazy: keeps alembic out of import time
+            core = await self._database.open(pool_size=pool_size)
+            self._host = Host(core, self.settings, self.plans, self.metrics, self.recovering)
+            from framework._internal import migrations  # lazy: keeps alembic out of import time
 
             if self.migrate:  # development: the core and every service schema to head
                 await migrations.migrate(self)
             elif self.create_tables:  # development and tests without revisions
-                await self._core.install()
+                await core.install()
             else:  # production: refuse to start unless every history is at head
                 await migrations.ensure_at_head(self)
-            await self._core.register(self.descriptors)
+            await core.register(self.descriptors)
             if self.create_tables:
                 await self._create_tables()
             await self._install_references()
             self._attach()
-            await self._start_listener()
+            await self._listen()
             if self.settings.kafka_bootstrap:
                 from framework._internal.kafka import KafkaTransport  # imported only when Kafka is on
 
-                self._kafka = KafkaTransport(self)
+                self._kafka = KafkaTransport(self.host)
                 await self._kafka.start()
             if self.workers:
-                # One set of workers runs the handlers of every service: at most
-                # worker_concurrency handlers (and pooled connections) at once.
-                self._workers = HandlerWorkers(self, self.settings.worker_concurrency)
-                self._workers.start()
-                for runtime in self._runtimes.values():
-                    chosen = self.workers is True or runtime.name in self.workers
-                    if chosen and (
-                        runtime.plan.descriptor.inbound
-                        or any(r.consistency == "eventual" for r in runtime.plan.descriptor.replicas)
-                    ):
-                        dispatcher = Dispatcher(self, runtime, self._workers)
-                        self._dispatchers[runtime.name] = dispatcher
-                        dispatcher.start()
-                self._background.append(asyncio.create_task(self._prune_loop()))
+                self._start_workers()
+            self._housekeeping = Housekeeping(self.host, self._wake, prune_log=bool(self.workers))
+            self._housekeeping.start()
         except BaseException:
             await self._shutdown()
             raise
         self._started = True
         return self
+
+    def _start_workers(self) -> None:
+        # One set of workers runs the handlers of every service: at most worker_concurrency
+        # handlers (and pooled connections) at once.
+        self._workers = HandlerWorkers(self.core, self.settings.worker_concurrency)
+        self._workers.start()
+        chosen_names = self.workers
+        for runtime in self._runtimes.values():
+            chosen = chosen_names is True or (
+                isinstance(chosen_names, frozenset) and runtime.name in chosen_names
+            )
+            descriptor = runtime.plan.descriptor
+            if chosen and (
+                descriptor.inbound or any(r.consistency == "eventual" for r in descriptor.replicas)
+            ):
+                dispatcher = Dispatcher(self, runtime, self._workers)
+                self._dispatchers[runtime.name] = dispatcher
+                dispatcher.start()
 
     async def _create_tables(self) -> None:
         """Create missing tables, owned by each service's role (development and tests)."""
@@ -219,23 +221,15 @@ class App:
             await self._workers.stop()
             self._workers = None
         self._dispatchers.clear()
-        for task in self._background:
-            task.cancel()
-        for task in self._background:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._background.clear()
+        if self._housekeeping is not None:
+            await self._housekeeping.stop()
+            self._housekeeping = None
         if self._listener is not None:
-            with contextlib.suppress(Exception):
-                await self._listener.close()
+            await self._listener.close()
             self._listener = None
         await self._outcomes.close()
-        if self._core is not None:
-            await self._core.close()
-            self._core = None
-        if self._embedded is not None:
-            await asyncio.to_thread(self._embedded.stop)
-            self._embedded = None
+        await self._database.close()
+        self._host = None
 
     async def __aenter__(self) -> App:
         return await self.start()
@@ -306,73 +300,27 @@ class App:
         """
         return await self._outcomes.wait(correlation_id, event_types, timeout)
 
-    async def _start_listener(self) -> None:
-        import asyncpg
+    # -- notifications -----------------------------------------------------------------------
 
-        engine = self.core.engine
-        args, kwargs = engine.dialect.create_connect_args(engine.url)
-        self._listener = await asyncpg.connect(*args, **kwargs)
-
-        def on_notify(_conn: object, _pid: int, _channel: str, payload: str) -> None:
-            # "<subscribers>\n<correlations>", both comma-separated (see dbcore.eventlog).
-            subscribers, _, correlations = payload.partition("\n")
-            for name in subscribers.split(",") if subscribers else ():
-                dispatcher = self._dispatchers.get(name)
-                if dispatcher is not None:
-                    dispatcher.wake()
-            self._outcomes.notified(correlations)
-
-        await self._listener.add_listener(NOTIFY_CHANNEL, on_notify)
-
-        def on_recovery(_conn: object, _pid: int, _channel: str, payload: str) -> None:
-            # "<service>\n<mode>", mode empty when the service serves again.
-            service, _, mode = payload.partition("\n")
-            if mode == "consistency":
-                self.recovering.add(service)
-                return
-            self.recovering.discard(service)
-            dispatcher = self._dispatchers.get(service)
-            if dispatcher is not None:
-                dispatcher.wake()
-
-        await self._listener.add_listener(RECOVERY_CHANNEL, on_recovery)
+    async def _listen(self) -> None:
+        self._listener = Listener(self.core, self._on_events, self._on_recovery)
+        await self._listener.open()
         # Listening first, then reading: a recovery that starts in between is not missed.
-        self.recovering.update(await self._read_recovering())
-        self._background.append(asyncio.create_task(self._recovery_watch()))
+        self.recovering.update(await read_recovering(self.host))
 
-    async def _read_recovering(self) -> set[str]:
-        """Services recovering in consistency mode (through the pool, not the listener)."""
-        async with self.core.autocommit() as conn:
-            return set((await conn.execute(_RECOVERING)).scalars())
+    def _on_events(self, subscribers: Iterable[str], correlations: str) -> None:
+        for name in subscribers:
+            self._wake(name)
+        self._outcomes.notified(correlations)
 
-    async def _recovery_watch(self) -> None:
-        """While a service is known to recover, read the state again now and then: a notification
-        lost with the listener's connection must not keep it refusing for ever."""
-        while True:
-            await asyncio.sleep(_RECOVERY_RECHECK)
-            if not self.recovering:
-                continue
-            try:
-                now = await self._read_recovering()
-            except Exception:  # the listener's connection is gone: the core refuses writes anyway
-                log.warning("could not read which services are recovering", exc_info=True)
-                continue
-            for service in self.recovering - now:
-                dispatcher = self._dispatchers.get(service)
-                if dispatcher is not None:
-                    dispatcher.wake()
-            self.recovering.intersection_update(now)
+    def _on_recovery(self, service: str, mode: str) -> None:
+        if mode == "consistency":
+            self.recovering.add(service)
+            return
+        self.recovering.discard(service)
+        self._wake(service)
 
-    async def _prune_loop(self) -> None:
-        retention = self.settings.retention_seconds
-        interval = min(max(retention / 10, 1.0), 300.0)
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                async with self.core.admin() as conn:
-                    removed = await prune(conn, retention)
-                    await reap(conn, retention)
-                if removed:
-                    log.info("pruned %d handled events older than %.0f s", removed, retention)
-            except Exception:
-                log.exception("pruning the event log failed")
+    def _wake(self, service: str) -> None:
+        dispatcher = self._dispatchers.get(service)
+        if dispatcher is not None:
+            dispatcher.wake()

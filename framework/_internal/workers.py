@@ -15,18 +15,15 @@ import contextlib
 import logging
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
+
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from dbcore import delivery
+from dbcore.core import Core
 from dbcore.delivery import Claimed
 
-if TYPE_CHECKING:
-    from sqlalchemy.ext.asyncio import AsyncConnection
-
-    from framework._internal.app import App
-    from framework._internal.dispatcher import Dispatcher
-
-__all__ = ["HandlerWorkers", "Job"]
+__all__ = ["Handler", "HandlerWorkers", "Job"]
 
 log = logging.getLogger("vmsdb.delivery")
 
@@ -34,11 +31,22 @@ log = logging.getLogger("vmsdb.delivery")
 _RECONNECT_PAUSE = 0.5
 
 
+class Handler(Protocol):
+    """Who claimed a delivery and runs it: a service's dispatcher."""
+
+    @property
+    def service(self) -> str: ...
+
+    async def handle(self, item: Claimed, conn: AsyncConnection) -> None: ...
+
+    def finished(self, item: Claimed) -> None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class Job:
     """A claimed delivery waiting for a worker, and when its claim is too old to start on."""
 
-    dispatcher: Dispatcher
+    dispatcher: Handler
     item: Claimed
     start_before: float  # loop time
 
@@ -46,8 +54,8 @@ class Job:
 class HandlerWorkers:
     """``size`` workers sharing the claimed deliveries of every service of an App."""
 
-    def __init__(self, app: App, size: int) -> None:
-        self.app = app
+    def __init__(self, core: Core, size: int) -> None:
+        self.core = core
         self.size = size
         self._queues: dict[str, deque[Job]] = {}  # per service, in claim order
         self._turns: deque[str] = deque()  # services with work, in the order they are served
@@ -83,7 +91,7 @@ class HandlerWorkers:
         self._turns.clear()
         if waiting:
             with contextlib.suppress(Exception):  # unreleased claims simply run out
-                async with self.app.core.admin() as conn:
+                async with self.core.admin() as conn:
                     for job in waiting:
                         await delivery.release(conn, job.item)
         for job in waiting:
@@ -102,7 +110,7 @@ class HandlerWorkers:
             if job is None:
                 continue
             try:
-                async with self.app.core.engine.connect() as conn:
+                async with self.core.engine.connect() as conn:
                     while job is not None:
                         running, job = job, None
                         await self._run(running, conn, loop.time())

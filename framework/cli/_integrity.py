@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, TypeVar
 
@@ -29,16 +28,12 @@ from rich.markup import escape
 from rich.table import Table
 
 from dbcore.backup import BackupInfo
-from dbcore.core import Core
-from dbcore.descriptor import ServiceDescriptor
-from dbcore.embedded import EmbeddedPostgres
 from dbcore.errors import CoreError
 from dbcore.integrity import IntegrityReport
 from dbcore.recovery import Mode, RecoveryState
 from framework import references
-from framework._internal.config import Settings, sqlalchemy_url
-from framework._internal.descriptors import ServicePlan
 from framework._internal.errors import FrameworkError
+from framework._internal.host import Host, connected
 from framework._internal.loading import load_app
 
 __all__ = ["amnesia_table", "integrity_app", "mount", "violations_table"]
@@ -58,43 +53,19 @@ ServiceArg = Annotated[str, typer.Argument(help="the service (its name, as in it
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON instead of tables")]
 
 
-@dataclass
-class _Core:
-    """The App's core, connected without starting the App: no registration, no schema checks.
-
-    Starting an App re-registers its services (re-creating a lost schema, empty) and refuses to
-    start while a service's tables are missing, which is exactly the state a restore starts from.
-    """
-
-    core: Core
-    settings: Settings
-    plans: list[ServicePlan]
-
-    @property
-    def descriptors(self) -> list[ServiceDescriptor]:
-        return [p.descriptor for p in self.plans]
-
-
 def _run(target: str | None, work: Callable[[references.Host], Awaitable[T]]) -> T:
     if target is None:
         raise typer.BadParameter("which services? pass --app module:attribute or set VMSDB_APP")
     app = load_app(target)
 
     async def main() -> T:
-        embedded, url = None, app.settings.database_url
-        if url is None:
-            embedded = EmbeddedPostgres(app.settings.data_dir)
-            url = await asyncio.to_thread(embedded.start)
-        core = Core.connect(sqlalchemy_url(url), pool_size=2)
-        try:
-            await core.wait_ready()
-            host = _Core(core, app.settings, app.plans)
+        # The core without the App: starting an App re-registers its services (re-creating a
+        # lost schema, empty) and refuses to start while a service's tables are missing, which
+        # is exactly the state a restore starts from.
+        async with connected(app.settings, pool_size=2) as core:
+            host = Host(core, app.settings, app.plans)
             await references.install(host)
             return await work(host)
-        finally:
-            await core.close()
-            if embedded is not None:
-                await asyncio.to_thread(embedded.stop)
 
     try:
         return asyncio.run(main())

@@ -21,9 +21,9 @@ from typer.testing import CliRunner
 import dbcore.core
 from dbcore.core import Core
 from framework import App, Service
+from framework._internal.migrations import CORE_BASELINE
 from framework.cli._migrate import migrate_app
 from framework.migrations import (
-    CORE_BASELINE,
     MigrationError,
     SchemaNotAtHead,
     check_at_head,
@@ -485,9 +485,9 @@ def test_without_the_core_scripts_migrating_says_how_to_install(
 ) -> None:
     """An installation that lost its vmsdb_alembic package: the error names the fix instead of
     alembic's missing env.py (the wheel test shows that a real wheel has it)."""
-    import framework.migrations as migrations
+    import framework._internal.migrations as internal_migrations
 
-    monkeypatch.setattr(migrations, "ALEMBIC_DIR", tmp_path / "alembic")
-    monkeypatch.setattr(migrations, "CORE_VERSIONS", tmp_path / "alembic" / "versions" / "core")
+    monkeypatch.setattr(internal_migrations, "ALEMBIC_DIR", tmp_path / "alembic")
+    monkeypatch.setattr(internal_migrations, "CORE_VERSIONS", tmp_path / "alembic" / "versions" / "core")
     with pytest.raises(MigrationError, match=r"lacks its package vmsdb_alembic.*pip install -e \."):
-        migrations.core_target().config()
+        internal_migrations.core_target().config()

@@ -391,7 +391,7 @@ def test_migrations_render_reference_columns_as_plain_jsonb() -> None:
     """A generated revision must load as written: it cannot name the framework's column type."""
     from types import SimpleNamespace
 
-    from framework.migrations import render_item
+    from framework._internal.migrations import render_item
     from framework.references import RefType
 
     context = SimpleNamespace(imports=set())

@@ -12,15 +12,12 @@ Service code is the same with or without Kafka: only where the events come from 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
 
+from framework._internal.host import Host
 from framework._internal.kafka.ingress import Ingress
 from framework._internal.kafka.options import KafkaOptions
 from framework._internal.kafka.relay import Relay
 from framework._internal.kafka.routing import Routing
-
-if TYPE_CHECKING:
-    from framework._internal.app import App
 
 __all__ = ["KafkaTransport"]
 
@@ -30,15 +27,15 @@ log = logging.getLogger("vmsdb.kafka")
 class KafkaTransport:
     """The Kafka side of a running App. Raises ``KafkaSetupError`` at start on bad options."""
 
-    def __init__(self, app: App) -> None:
-        self.app = app
-        self.options = KafkaOptions.from_settings(app.settings)
-        self.routing = Routing.build(app.plans, self.options)
+    def __init__(self, host: Host) -> None:
+        self.host = host
+        self.options = KafkaOptions.from_settings(host.settings)
+        self.routing = Routing.build(host.plans, self.options)
         self.relay: Relay | None = None
         self.ingress: Ingress | None = None
 
     async def start(self) -> None:
-        core = self.app.core
+        core = self.host.core
         if self.options.relay:
             self.relay = Relay(core.engine.url, self.options)
             await self.relay.start()
