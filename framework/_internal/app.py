@@ -303,10 +303,19 @@ class App:
     # -- notifications -----------------------------------------------------------------------
 
     async def _listen(self) -> None:
-        self._listener = Listener(self.core, self._on_events, self._on_recovery)
+        self._listener = Listener(self.core, self._on_events, self._on_recovery, self._on_reconnect)
         await self._listener.open()
         # Listening first, then reading: a recovery that starts in between is not missed.
         self.recovering.update(await read_recovering(self.host))
+
+    def _on_reconnect(self) -> None:
+        """Notifications sent while the listener was away are lost: look again at everything
+        that waits on one (claimable deliveries, outcomes, the recovery state)."""
+        for name in self._dispatchers:
+            self._wake(name)
+        self._outcomes.notified("*")
+        if self._housekeeping is not None:
+            self._housekeeping.recheck_recovery()
 
     def _on_events(self, subscribers: Iterable[str], correlations: str) -> None:
         for name in subscribers:

@@ -37,6 +37,11 @@ class Housekeeping:
         self._wake = wake
         self._prune_log = prune_log
         self._tasks: list[asyncio.Task[None]] = []
+        self._recheck = asyncio.Event()
+
+    def recheck_recovery(self) -> None:
+        """Read which services recover now, not at the next tick (a notification may be lost)."""
+        self._recheck.set()
 
     def start(self) -> None:
         self._tasks.append(asyncio.create_task(self._recovery_watch(), name="vmsdb-recovery-watch"))
@@ -54,8 +59,13 @@ class Housekeeping:
     async def _recovery_watch(self) -> None:
         recovering = self._host.recovering
         while True:
-            await asyncio.sleep(RECOVERY_RECHECK)
-            if not recovering:
+            forced = False
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(RECOVERY_RECHECK):
+                    await self._recheck.wait()
+                    forced = True
+            self._recheck.clear()
+            if not recovering and not forced:
                 continue
             try:
                 now = await read_recovering(self._host)
@@ -64,7 +74,10 @@ class Housekeeping:
                 continue
             for service in recovering - now:
                 self._wake(service)
+            # Exactly what the core says: ended recoveries go, and one whose notification was
+            # lost (the listener was away) comes in.
             recovering.intersection_update(now)
+            recovering.update(now)
 
     async def _prune_loop(self) -> None:
         retention = self._host.settings.retention_seconds
