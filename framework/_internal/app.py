@@ -24,7 +24,6 @@ from contextlib import AbstractAsyncContextManager
 from types import TracebackType
 from typing import Any, TypeVar
 
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from dbcore import delivery
@@ -34,6 +33,7 @@ from dbcore.embedded import EmbeddedPostgres
 from dbcore.eventlog import NOTIFY_CHANNEL, append, prune
 from dbcore.leases import reap
 from dbcore.reference_catalog import RECOVERY_CHANNEL
+from dbcore.references import recovering_services
 from framework._internal.config import Settings, sqlalchemy_url
 from framework._internal.context import correlation
 from framework._internal.descriptors import ServicePlan, build_plans, dependencies_of
@@ -52,7 +52,6 @@ __all__ = ["App"]
 
 #: While a service recovers in consistency mode, how often the App reads the state again.
 _RECOVERY_RECHECK = 1.0
-_RECOVERING = text("SELECT service FROM vms.ref_services WHERE recovering = 'consistency'")
 
 log = logging.getLogger("vmsdb.app")
 
@@ -343,7 +342,7 @@ class App:
     async def _read_recovering(self) -> set[str]:
         """Services recovering in consistency mode (through the pool, not the listener)."""
         async with self.core.autocommit() as conn:
-            return set((await conn.execute(_RECOVERING)).scalars())
+            return await recovering_services(conn)
 
     async def _recovery_watch(self) -> None:
         """While a service is known to recover, read the state again now and then: a notification

@@ -6,13 +6,15 @@ import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, TypeVar
 
 import typer
 from rich.console import Console
 from rich.table import Table
-from sqlalchemy import text
 
+from dbcore import delivery, replicas
+from dbcore.leases import ActiveLease
+from dbcore.leases import active as active_leases
 from framework._internal.app import App
 from framework._internal.dataflow import flow_table, services_table, write_graph
 from framework._internal.descriptors import build_descriptors
@@ -104,21 +106,9 @@ def dead_letters_list(
 ) -> None:
     """List dead letters: which event, which subscriber, after how many attempts, and why."""
 
-    async def fetch() -> list[Any]:
+    async def fetch() -> list[delivery.DeadLetter]:
         async with _offline(app) as running, running.core.admin() as conn:
-            return list(
-                (
-                    await conn.execute(
-                        text(
-                            "SELECT id, subscriber, event_type, key, attempts, error, failed_at, "
-                            "replayed_at FROM vms.dead_letters "
-                            "WHERE (CAST(:s AS text) IS NULL OR subscriber = :s) "
-                            "AND (:all OR replayed_at IS NULL) ORDER BY id"
-                        ),
-                        {"s": service, "all": all_},
-                    )
-                ).all()
-            )
+            return await delivery.list_dead_letters(conn, subscriber=service, include_replayed=all_)
 
     rows = _run(fetch)
     table = Table("id", "subscriber", "event", "key", "attempts", "error", "failed at", "replayed")
@@ -140,7 +130,6 @@ def dead_letters_list(
 @dead_letters_cli.command("replay")
 def dead_letters_replay(app: AppArg, ids: IdsArg) -> None:
     """Deliver dead-lettered events again (once each), after fixing what made them fail."""
-    from dbcore import delivery
 
     async def replay() -> list[tuple[int, bool]]:
         async with _offline(app) as running, running.core.admin() as conn:
@@ -156,7 +145,6 @@ def dead_letters_replay(app: AppArg, ids: IdsArg) -> None:
 @dead_letters_cli.command("discard")
 def dead_letters_discard(app: AppArg, ids: IdsArg) -> None:
     """Give up on blocking dead letters for good, so their keys flow on without them."""
-    from dbcore import delivery
 
     async def discard() -> list[tuple[int, bool]]:
         async with _offline(app) as running, running.core.admin() as conn:
@@ -171,19 +159,9 @@ def dead_letters_discard(app: AppArg, ids: IdsArg) -> None:
 def leases(app: AppArg) -> None:
     """List active leases per service and entity."""
 
-    async def fetch() -> list[Any]:
+    async def fetch() -> list[ActiveLease]:
         async with _offline(app) as running, running.core.admin() as conn:
-            return list(
-                (
-                    await conn.execute(
-                        text(
-                            "SELECT service, entity, key_text, quantity, holder, expires_at, "
-                            "expires_at <= vms.now() AS expired FROM vms.leases "
-                            "WHERE status = 'active' ORDER BY service, entity, key_text, expires_at"
-                        )
-                    )
-                ).all()
-            )
+            return await active_leases(conn)
 
     rows = _run(fetch)
     table = Table("service", "entity", "key", "quantity", "holder", "expires at")
@@ -194,15 +172,12 @@ def leases(app: AppArg) -> None:
     console.print(f"{len(rows)} active lease(s)")
 
 
-
 @replicas_cli.command("check")
 def replicas_check(app: AppArg) -> None:
     """Compare every replica with its source (one snapshot) and report differences."""
-    from dbcore import replicas
 
     async def compare() -> list[replicas.ReplicaDiff]:
-        async with _offline(app) as running, running.core.admin() as conn:
-            await conn.execute(text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ"))
+        async with _offline(app) as running, running.core.admin(isolation="snapshot") as conn:
             return await replicas.check(conn)
 
     diffs = _run(compare)
