@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -19,10 +18,9 @@ from framework._internal.app import App
 from framework._internal.dataflow import flow_table, services_table, write_graph
 from framework._internal.descriptors import build_descriptors
 from framework._internal.loading import load_app
+from framework.cli._errors import run_async
 
 __all__ = ["mount"]
-
-T = TypeVar("T")
 
 console = Console()
 dead_letters_cli = typer.Typer(help="Inspect and replay events that handlers gave up on.")
@@ -48,11 +46,6 @@ def _offline(target: str) -> App:
     return app
 
 
-def _run(coro: Callable[[], Awaitable[T]]) -> T:
-    # Errors of the framework and the core become one line in ``framework.cli.main``.
-    return asyncio.run(coro())  # type: ignore[arg-type]
-
-
 @commands.command()
 def run(
     app: AppArg,
@@ -76,7 +69,7 @@ def run(
             console.print(f"vmsdb: running {names}; Ctrl-C to stop")
             await stop.wait()
 
-    _run(serve)
+    run_async(serve)
 
 
 @commands.command()
@@ -110,7 +103,7 @@ def dead_letters_list(
         async with _offline(app) as running, running.core.admin() as conn:
             return await delivery.list_dead_letters(conn, subscriber=service, include_replayed=all_)
 
-    rows = _run(fetch)
+    rows = run_async(fetch)
     table = Table("id", "subscriber", "event", "key", "attempts", "error", "failed at", "replayed")
     for r in rows:
         table.add_row(
@@ -135,7 +128,7 @@ def dead_letters_replay(app: AppArg, ids: IdsArg) -> None:
         async with _offline(app) as running, running.core.admin() as conn:
             return [(i, await delivery.replay(conn, i)) for i in ids]
 
-    for dead_letter_id, done in _run(replay):
+    for dead_letter_id, done in run_async(replay):
         if done:
             console.print(f"dead letter {dead_letter_id}: delivered again")
         else:
@@ -150,7 +143,7 @@ def dead_letters_discard(app: AppArg, ids: IdsArg) -> None:
         async with _offline(app) as running, running.core.admin() as conn:
             return [(i, await delivery.discard(conn, i)) for i in ids]
 
-    for dead_letter_id, done in _run(discard):
+    for dead_letter_id, done in run_async(discard):
         state = "discarded" if done else "[yellow]unknown or already settled[/yellow]"
         console.print(f"dead letter {dead_letter_id}: {state}")
 
@@ -163,7 +156,7 @@ def leases(app: AppArg) -> None:
         async with _offline(app) as running, running.core.admin() as conn:
             return await active_leases(conn)
 
-    rows = _run(fetch)
+    rows = run_async(fetch)
     table = Table("service", "entity", "key", "quantity", "holder", "expires at")
     for r in rows:
         expiry = f"{r.expires_at:%Y-%m-%d %H:%M:%S}" + (" (expired)" if r.expired else "")
@@ -180,7 +173,7 @@ def replicas_check(app: AppArg) -> None:
         async with _offline(app) as running, running.core.admin(isolation="snapshot") as conn:
             return await replicas.check(conn)
 
-    diffs = _run(compare)
+    diffs = run_async(compare)
     table = Table("holder", "replica", "source", "mode", "missing", "extra", "different", "pending")
     for d in diffs:
         style = "" if d.ok else "red"

@@ -32,14 +32,13 @@ from dbcore.backup import BackupInfo
 from dbcore.core import Core
 from dbcore.descriptor import ServiceDescriptor
 from dbcore.embedded import EmbeddedPostgres
-from dbcore.errors import CoreError
 from dbcore.integrity import IntegrityReport
 from dbcore.recovery import Mode, RecoveryState
 from framework import references
 from framework._internal.config import Settings, sqlalchemy_url
 from framework._internal.descriptors import ServicePlan
-from framework._internal.errors import FrameworkError
 from framework._internal.loading import load_app
+from framework.cli._errors import run_async
 
 __all__ = ["amnesia_table", "integrity_app", "mount", "violations_table"]
 
@@ -96,11 +95,7 @@ def _run(target: str | None, work: Callable[[references.Host], Awaitable[T]]) ->
             if embedded is not None:
                 await asyncio.to_thread(embedded.stop)
 
-    try:
-        return asyncio.run(main())
-    except (FrameworkError, CoreError) as err:
-        console.print(f"[red]error:[/red] {err}")
-        raise typer.Exit(1) from err
+    return run_async(main)
 
 
 def _interval(lo: int, hi: int | None) -> str:
