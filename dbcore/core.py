@@ -19,7 +19,7 @@ from dbcore.descriptor import ServiceDescriptor, role_for
 from dbcore.isolation import CommitStatement, autocommit_connection, service_connection
 from dbcore.registry import Registration, ensure_group_role, register, sync_grants
 
-__all__ = ["CATALOG_REVISION", "Core", "lock_install"]
+__all__ = ["CATALOG_INSTALLED", "CATALOG_REVISION", "Core", "lock_install"]
 
 # Installing the catalog and migrating any history (``framework.migrations``) take this lock, so
 # they never interleave and two processes migrating at once run one after the other. Without it
@@ -41,6 +41,9 @@ _VERSION_TABLE = text(
     "CONSTRAINT alembic_version_pkc PRIMARY KEY (version_num))"
 )
 _VERSIONED = text("SELECT to_regclass('vms.alembic_version') IS NOT NULL")
+#: One boolean: is the catalog there (made by :meth:`Core.install` or the core's first revision)?
+#: A statement rather than a function, for sync (alembic) and async connections alike.
+CATALOG_INSTALLED = text("SELECT to_regclass('vms.services') IS NOT NULL")
 
 
 class Core:

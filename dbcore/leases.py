@@ -14,6 +14,9 @@ owner's table, and the caller's changes and the lease commit or roll back togeth
   consumed, unknown) is returned as ``{"error": ...}`` rather than raised, so it does not abort
   the caller's transaction.
 
+Python reaches them through :func:`grant` and :func:`settle` only: they hold the statements,
+decode the JSON answers, and raise a refusal as ``LeaseExpired``, ``LeaseReleased``, ... .
+
 Expired leases need no process to give their quantity back: a grant only counts leases whose
 ``expires_at`` lies ahead, and it marks the expired ones it meets as such. ``reap`` deletes ended
 leases later to keep the table small. Time comes from ``vms.now()``: the database clock plus an

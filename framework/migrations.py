@@ -55,6 +55,7 @@ from sqlalchemy.types import TypeDecorator
 
 from dbcore.catalog import CATALOG_SCHEMA, quote_ident
 from dbcore.catalog import metadata as catalog_metadata
+from dbcore.core import CATALOG_INSTALLED as _CATALOG_INSTALLED
 from dbcore.core import Core, lock_install  # also puts the event log and lease tables on the catalog
 from dbcore.descriptor import ServiceDescriptor
 from dbcore.embedded import EmbeddedPostgres
@@ -118,7 +119,6 @@ _RUFF_HOOKS = {
     "ruff_format": "format --quiet REVISION_SCRIPT_FILENAME",
 }
 _TARGET, _RUN, _DONT_MUTATE = "vmsdb_target", "vmsdb_run", "vmsdb_dont_mutate"
-_CATALOG_INSTALLED = text("SELECT to_regclass('vms.services') IS NOT NULL")
 _VERSIONED = text("SELECT to_regclass(:table) IS NOT NULL")
 _SCHEMA_EXISTS = text("SELECT to_regnamespace(:schema) IS NOT NULL")
 
