@@ -19,9 +19,18 @@ from dbcore.descriptor import ServiceDescriptor, role_for
 from dbcore.isolation import CommitStatement, autocommit_connection, service_connection
 from dbcore.registry import Registration, ensure_group_role, register, sync_grants
 
-__all__ = ["CATALOG_REVISION", "Core"]
+__all__ = ["CATALOG_INSTALLED", "CATALOG_REVISION", "Core", "lock_install"]
 
+# Installing the catalog and migrating any history (``framework.migrations``) take this lock, so
+# they never interleave and two processes migrating at once run one after the other. Without it
+# both would read "at base", both would run the first revision, and the second would fail on what
+# the first created. A transaction lock: it ends with the transaction that took it.
 _INSTALL_LOCK = text("SELECT pg_advisory_xact_lock(hashtext('vms.install'))")
+
+
+async def lock_install(conn: AsyncConnection) -> None:
+    """Wait for, then hold until ``conn``'s transaction ends, the catalog's install lock."""
+    await conn.execute(_INSTALL_LOCK)
 
 #: The core revision (``alembic/versions/core``) whose catalog :meth:`Core.install` creates. A
 #: fresh install is stamped with it, so ``vmsdb migrate`` finds it at head.
@@ -32,6 +41,9 @@ _VERSION_TABLE = text(
     "CONSTRAINT alembic_version_pkc PRIMARY KEY (version_num))"
 )
 _VERSIONED = text("SELECT to_regclass('vms.alembic_version') IS NOT NULL")
+#: One boolean: is the catalog there (made by :meth:`Core.install` or the core's first revision)?
+#: A statement rather than a function, for sync (alembic) and async connections alike.
+CATALOG_INSTALLED = text("SELECT to_regclass('vms.services') IS NOT NULL")
 
 
 class Core:
@@ -59,9 +71,12 @@ class Core:
         await self.engine.dispose()
 
     @asynccontextmanager
-    async def admin(self) -> AsyncIterator[AsyncConnection]:
-        """A transaction as the administrative role (catalog work, registration)."""
-        async with service_connection(self.engine, None) as conn:
+    async def admin(self, *, isolation: str = "read_committed") -> AsyncIterator[AsyncConnection]:
+        """A transaction as the administrative role (catalog work, registration).
+
+        ``isolation``: ``"snapshot"`` to read the catalog and the services as of one moment.
+        """
+        async with service_connection(self.engine, None, isolation=isolation) as conn:
             yield conn
 
     @asynccontextmanager
@@ -98,7 +113,7 @@ class Core:
     async def install(self) -> None:
         """Create the catalog if it is missing. Safe to run concurrently from many processes."""
         async with self.admin() as conn:
-            await conn.execute(_INSTALL_LOCK)
+            await lock_install(conn)
             await conn.execute(text(f"CREATE SCHEMA IF NOT EXISTS {CATALOG_SCHEMA}"))
             await conn.run_sync(metadata.create_all)
             await ensure_group_role(conn)

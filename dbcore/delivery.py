@@ -29,21 +29,24 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import text
+from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from dbcore.catalog import quote_literal
 from dbcore.errors import CoreError
-from dbcore.eventlog import CLAIM_LOST_SQLSTATE
+from dbcore.eventlog import CLAIM_LOST_SQLSTATE, NOTIFY_CHANNEL, dead_letters
+from dbcore.translate import sqlstate_of
 
 __all__ = [
     "Ack",
     "ClaimLost",
     "Claimed",
+    "DeadLetter",
     "claim",
     "dead_letter",
     "discard",
     "held_back",
+    "list_dead_letters",
     "pending_count",
     "release",
     "replay",
@@ -176,7 +179,7 @@ class Ack:
         )
 
     def translate(self, err: BaseException) -> BaseException | None:
-        if getattr(err, "sqlstate", None) != CLAIM_LOST_SQLSTATE:
+        if sqlstate_of(err) != CLAIM_LOST_SQLSTATE:
             return None
         return ClaimLost(
             f"delivery of event {self.item.event_id} to {self.item.subscriber!r} was claimed "
@@ -265,6 +268,53 @@ async def dead_letter(
     return None if row is None else int(row.id)
 
 
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A delivery a handler gave up on: which event, which subscriber, how often tried, and why."""
+
+    id: int
+    subscriber: str
+    event_type: str
+    key: str | None
+    attempts: int
+    error: str
+    failed_at: datetime
+    #: When it was replayed or discarded; ``None`` while it waits for a person.
+    replayed_at: datetime | None
+
+
+_DEAD_LETTER_COLUMNS = (
+    dead_letters.c.id,
+    dead_letters.c.subscriber,
+    dead_letters.c.event_type,
+    dead_letters.c.key,
+    dead_letters.c.attempts,
+    dead_letters.c.error,
+    dead_letters.c.failed_at,
+    dead_letters.c.replayed_at,
+)
+
+
+async def list_dead_letters(
+    conn: AsyncConnection, *, subscriber: str | None = None, include_replayed: bool = False
+) -> list[DeadLetter]:
+    """Dead letters in the order they failed; only ``subscriber``'s, and replayed ones, if asked."""
+    query = select(*_DEAD_LETTER_COLUMNS).order_by(dead_letters.c.id)
+    if subscriber is not None:
+        query = query.where(dead_letters.c.subscriber == subscriber)
+    if not include_replayed:
+        query = query.where(dead_letters.c.replayed_at.is_(None))
+    return [DeadLetter(*row) for row in await conn.execute(query)]
+
+
+# Wakes the subscriber's workers; the payload is "<subscribers>" (see eventlog's fan-out).
+_NOTIFY = text("SELECT pg_notify(:channel, :subscriber)")
+
+
+async def _wake(conn: AsyncConnection, subscriber: str) -> None:
+    await conn.execute(_NOTIFY, {"channel": NOTIFY_CHANNEL, "subscriber": subscriber})
+
+
 _REPLAY = text(
     """
     WITH letter AS (
@@ -287,7 +337,7 @@ async def replay(conn: AsyncConnection, dead_letter_id: int) -> bool:
     """Deliver a dead-lettered event again; ``False`` if unknown, replayed, or its event is gone."""
     row = (await conn.execute(_REPLAY, {"id": dead_letter_id})).first()
     if row is not None:
-        await conn.execute(text("SELECT pg_notify('vms_events', :s)"), {"s": row.subscriber})
+        await _wake(conn, row.subscriber)
     return row is not None
 
 
@@ -309,7 +359,7 @@ async def discard(conn: AsyncConnection, dead_letter_id: int) -> bool:
     """Give up on a blocking dead letter for good: its key flows on without it."""
     row = (await conn.execute(_DISCARD, {"id": dead_letter_id})).first()
     if row is not None:
-        await conn.execute(text("SELECT pg_notify('vms_events', :s)"), {"s": row.subscriber})
+        await _wake(conn, row.subscriber)
     return row is not None
 
 

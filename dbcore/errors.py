@@ -9,6 +9,8 @@ from __future__ import annotations
 
 __all__ = [
     "CoreError",
+    "EntityDeleted",
+    "EntityNotFound",
     "IsolationError",
     "LanguageError",
     "LeaseConsumed",
@@ -16,7 +18,12 @@ __all__ = [
     "LeaseExpired",
     "LeaseNotFound",
     "LeaseReleased",
+    "ReadOnlyViolation",
     "RegistrationError",
+    "ServiceRecovering",
+    "TransactionAborted",
+    "TransactionConflict",
+    "TruncateRefused",
 ]
 
 
@@ -46,6 +53,25 @@ class IsolationError(CoreError, PermissionError):
             "a service writes only its own schema and reads only what other services export "
             "(mark the model with @<Owner>.export to share it read-only, or send an event)"
         )
+
+
+class ReadOnlyViolation(CoreError, PermissionError):
+    """A statement tried to write inside a read-only (``RO``) transaction."""
+
+
+class TransactionConflict(CoreError):
+    """A serialization failure or deadlock; the transaction may succeed if run again.
+
+    ``kind`` says which (``"serialization failure"`` or ``"deadlock"``).
+    """
+
+    def __init__(self, message: str, *, kind: str) -> None:
+        self.kind = kind
+        super().__init__(message)
+
+
+class TransactionAborted(CoreError):
+    """The transaction was already aborted when it came to commit (an error was swallowed)."""
 
 
 class LanguageError(CoreError, ValueError):
@@ -87,3 +113,19 @@ class LeaseConsumed(LeaseError):
 
 class LeaseNotFound(LeaseError, LookupError):
     """No lease with this id exists for this lease function (or it was reaped)."""
+
+
+class EntityNotFound(CoreError, LookupError):
+    """No referenceable entity has this URI (never created, or deleted with no reference left)."""
+
+
+class EntityDeleted(CoreError, LookupError):
+    """The entity is a tombstone: existing references stay valid, a new one cannot be taken."""
+
+
+class ServiceRecovering(CoreError, RuntimeError):
+    """The owner is recovering in consistency mode and serves nothing until the recovery ends."""
+
+
+class TruncateRefused(CoreError, PermissionError):
+    """TRUNCATE of a referenceable table: it would lose which entities are referenced."""

@@ -41,10 +41,12 @@ from dbcore.catalog import SERVICES_GROUP_ROLE, metadata
 __all__ = [
     "NOTIFY_CHANNEL",
     "EventRecord",
+    "Outcome",
     "append",
     "dead_letters",
     "deliveries",
     "events",
+    "find_outcome",
     "install_sql",
     "prune",
     "relay_cursors",
@@ -299,3 +301,24 @@ async def prune(conn: AsyncConnection, older_than_seconds: float) -> int:
     """Delete handled events older than ``older_than_seconds``; return how many."""
     result = await conn.execute(_PRUNE, {"seconds": older_than_seconds})
     return int(result.rowcount)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """An event found for a correlation: its type and its payload as JSON text."""
+
+    type: str
+    payload: str
+
+
+# The first in log order, (xid, position): the one every reader of the log sees first.
+_FIND_OUTCOME = text(
+    "SELECT type, payload::text AS payload FROM vms.events "
+    "WHERE correlation_id = :c AND type = ANY(CAST(:t AS text[])) ORDER BY xid, position LIMIT 1"
+)
+
+
+async def find_outcome(conn: AsyncConnection, correlation_id: str, types: Sequence[str]) -> Outcome | None:
+    """The first event of one of ``types`` in correlation ``correlation_id``, or ``None``."""
+    row = (await conn.execute(_FIND_OUTCOME, {"c": correlation_id, "t": list(types)})).first()
+    return None if row is None else Outcome(row.type, row.payload)

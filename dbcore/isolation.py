@@ -1,4 +1,4 @@
-"""Running a transaction as a service, and reading Postgres's refusals back as ``IsolationError``.
+"""Running a transaction as a service (Postgres's refusals become core errors in ``translate.py``).
 
 Every transaction of a service runs under that service's role, so Postgres itself refuses a write
 into another service's schema or a read of a table the owner did not export. In one process this
@@ -10,19 +10,15 @@ its own ``VMSDB_DATABASE_URL``: then no statement it can send reaches another se
 
 from __future__ import annotations
 
-import re
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from functools import lru_cache
 from typing import Literal, Protocol
 
-import sqlglot
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
-from sqlglot import exp
 
 from dbcore.catalog import quote_ident
-from dbcore.errors import CoreError, IsolationError
+from dbcore.errors import ReadOnlyViolation, TransactionAborted, TransactionConflict
 
 __all__ = [
     "ISOLATION_LEVELS",
@@ -31,10 +27,7 @@ __all__ = [
     "TransactionAborted",
     "TransactionConflict",
     "autocommit_connection",
-    "is_retryable",
     "service_connection",
-    "sqlstate_of",
-    "translate_error",
 ]
 
 Isolation = Literal["serializable", "snapshot", "read_committed"]
@@ -45,94 +38,6 @@ ISOLATION_LEVELS: Mapping[str, str] = {
     "snapshot": "REPEATABLE READ",
     "read_committed": "READ COMMITTED",
 }
-
-_SERIALIZATION_FAILURE = "40001"
-_DEADLOCK_DETECTED = "40P01"
-_INSUFFICIENT_PRIVILEGE = "42501"
-_READ_ONLY_TRANSACTION = "25006"
-
-# Postgres: "permission denied for table stock_items" / "... for schema stock" / "... for view v".
-_DENIED = re.compile(r"permission denied for (table|schema|view|sequence|relation|function) (\S+)")
-_WRITE_WORDS = ("INSERT", "UPDATE", "DELETE", "TRUNCATE", "MERGE", "CREATE", "ALTER", "DROP")
-
-
-class TransactionConflict(CoreError):
-    """A serialization failure or deadlock; the transaction may succeed if run again."""
-
-
-class ReadOnlyViolation(CoreError, PermissionError):
-    """A statement tried to write inside a read-only (``RO``) transaction."""
-
-
-def sqlstate_of(err: BaseException) -> str | None:
-    """The SQLSTATE of a database error, whichever layer (SQLAlchemy, asyncpg) raised it."""
-    orig = err.orig if isinstance(err, DBAPIError) else err
-    code = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
-    return code if isinstance(code, str) else None
-
-
-def is_retryable(err: BaseException) -> bool:
-    return sqlstate_of(err) in (_SERIALIZATION_FAILURE, _DEADLOCK_DETECTED)
-
-
-def translate_error(
-    err: BaseException,
-    *,
-    service: str,
-    table_owners: Mapping[str, str],
-    statement: str | None = None,
-) -> BaseException | None:
-    """Map a database error raised in ``service``'s transaction to a core error, or ``None``.
-
-    ``table_owners`` maps both ``schema.table`` and bare ``table`` names to their owning service,
-    so the error can name the service whose boundary was hit.
-    """
-    state = sqlstate_of(err)
-    if state == _INSUFFICIENT_PRIVILEGE:
-        message = str(err.orig if isinstance(err, DBAPIError) else err)
-        match = _DENIED.search(message)
-        table = match.group(2) if match else "(unknown object)"
-        sql = statement or getattr(err, "statement", None) or ""
-        owner = table_owners.get(table)
-        if owner is not None and match and match.group(1) != "schema":
-            table = f"{owner}.{table}"  # a service's schema is named after it
-        if owner is None and match and match.group(1) in ("table", "view", "relation"):
-            # Postgres names the table without its schema; the statement says which one it was.
-            table, owner = _qualified_in_statement(sql, table, service, table_owners)
-        if owner is None and match and match.group(1) == "schema":
-            owner = table if table in table_owners.values() else None
-        action = "write" if sql.lstrip().upper().startswith(_WRITE_WORDS) else "access"
-        return IsolationError(service, owner, table, action)
-    if state == _READ_ONLY_TRANSACTION:
-        return ReadOnlyViolation(
-            f"service {service!r} tried to write in a read-only (RO) transaction; "
-            'declare the function @Transactional(type="RW") to let it write'
-        )
-    if state in (_SERIALIZATION_FAILURE, _DEADLOCK_DETECTED):
-        return TransactionConflict(f"transaction of service {service!r} conflicted: {err}")
-    from dbcore.references import translate as translate_reference  # references imports this module
-
-    return translate_reference(err)
-
-
-def _qualified_in_statement(
-    sql: str, table: str, service: str, table_owners: Mapping[str, str]
-) -> tuple[str, str | None]:
-    """Find ``schema.table`` for a bare table name among the statement's table references."""
-    try:
-        tables = list(sqlglot.parse_one(sql, read="postgres").find_all(exp.Table))
-    except sqlglot.errors.SqlglotError:
-        return table, None
-    for ref in tables:
-        qualified = f"{ref.db}.{ref.name}"
-        owner = table_owners.get(qualified)
-        if ref.name == table and owner is not None and owner != service:
-            return qualified, owner
-    return table, None
-
-
-class TransactionAborted(CoreError):
-    """The transaction was already aborted when it came to commit (an error was swallowed)."""
 
 
 @lru_cache(maxsize=256)

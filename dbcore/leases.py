@@ -14,6 +14,9 @@ owner's table, and the caller's changes and the lease commit or roll back togeth
   consumed, unknown) is returned as ``{"error": ...}`` rather than raised, so it does not abort
   the caller's transaction.
 
+Python reaches them through :func:`grant` and :func:`settle` only: they hold the statements,
+decode the JSON answers, and raise a refusal as ``LeaseExpired``, ``LeaseReleased``, ... .
+
 Expired leases need no process to give their quantity back: a grant only counts leases whose
 ``expires_at`` lies ahead, and it marks the expired ones it meets as such. ``reap`` deletes ended
 leases later to keep the table small. Time comes from ``vms.now()``: the database clock plus an
@@ -22,7 +25,14 @@ offset kept in ``vms.clock``, which tests move forward instead of sleeping.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from decimal import Decimal
+from functools import lru_cache
+from typing import Any, Literal
+from uuid import UUID
 
 from sqlalchemy import (
     Column,
@@ -32,30 +42,43 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    TextClause,
     text,
 )
-from sqlalchemy.dialects.postgresql import JSONB, UUID
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import UUID as PgUUID
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from dbcore.catalog import SERVICES_GROUP_ROLE, metadata, quote_ident, quote_literal
 from dbcore.descriptor import LeaseDescriptor, ServiceDescriptor, TableDescriptor
-from dbcore.errors import RegistrationError
+from dbcore.errors import (
+    LeaseConsumed,
+    LeaseError,
+    LeaseExpired,
+    LeaseNotFound,
+    LeaseReleased,
+    RegistrationError,
+)
 from dbcore.lease_language import parse_lease
 
 __all__ = [
+    "ActiveLease",
+    "Grant",
+    "SettleAction",
+    "active",
     "advance_clock",
-    "grant_function",
+    "grant",
     "install_lease_functions",
     "install_sql",
     "leases",
     "reap",
-    "settle_function",
+    "settle",
 ]
 
 leases = Table(
     "leases",
     metadata,
-    Column("id", UUID(as_uuid=True), primary_key=True),
+    Column("id", PgUUID(as_uuid=True), primary_key=True),
     Column("service", String(40), nullable=False),
     Column("function", String(200), nullable=False),
     Column("entity", String(63), nullable=False),
@@ -109,11 +132,11 @@ install_sql: Sequence[str] = (
 )
 
 
-def grant_function(service: str, function: str) -> str:
+def _grant_function(service: str, function: str) -> str:
     return f"{quote_ident(service)}.{quote_ident(f'lease__{function}')}"
 
 
-def settle_function(service: str, function: str) -> str:
+def _settle_function(service: str, function: str) -> str:
     return f"{quote_ident(service)}.{quote_ident(f'lease__{function}__settle')}"
 
 
@@ -134,7 +157,7 @@ def _definitions(descriptor: ServiceDescriptor, lease: LeaseDescriptor) -> list[
         f"service = {quote_literal(svc)} AND entity = {quote_literal(table.name)} AND key_text = key_text_"
     )
     grant = f"""
-    CREATE OR REPLACE FUNCTION {grant_function(svc, fn)}(
+    CREATE OR REPLACE FUNCTION {_grant_function(svc, fn)}(
         p_key jsonb, p_qty numeric, p_period interval, p_holder text) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $fn$
     DECLARE
@@ -183,7 +206,7 @@ def _definitions(descriptor: ServiceDescriptor, lease: LeaseDescriptor) -> list[
     END $fn$
     """
     settle = f"""
-    CREATE OR REPLACE FUNCTION {settle_function(svc, fn)}(
+    CREATE OR REPLACE FUNCTION {_settle_function(svc, fn)}(
         p_id uuid, p_action text, p_period interval) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $fn$
     DECLARE
@@ -193,7 +216,7 @@ def _definitions(descriptor: ServiceDescriptor, lease: LeaseDescriptor) -> list[
         SELECT * INTO l FROM vms.leases
          WHERE id = p_id AND service = {quote_literal(svc)} AND function = {quote_literal(fn)} FOR UPDATE;
         -- A refusal is an answer, not an exception: the caller's transaction stays usable and
-        -- the framework raises LeaseExpired, LeaseReleased, ... in Python.
+        -- settle() raises LeaseExpired, LeaseReleased, ... in Python.
         IF NOT FOUND THEN
             RETURN jsonb_build_object('error', 'not_found', 'id', p_id,
                                       'message', format('lease %s of {svc}.{fn} does not exist', p_id));
@@ -236,8 +259,8 @@ def _definitions(descriptor: ServiceDescriptor, lease: LeaseDescriptor) -> list[
     role = quote_ident(descriptor.role)
     grants = []
     for name, signature in (
-        (grant_function(svc, fn), "jsonb, numeric, interval, text"),
-        (settle_function(svc, fn), "uuid, text, interval"),
+        (_grant_function(svc, fn), "jsonb, numeric, interval, text"),
+        (_settle_function(svc, fn), "uuid, text, interval"),
     ):
         grants += [
             f"ALTER FUNCTION {name}({signature}) OWNER TO {role}",
@@ -258,6 +281,145 @@ async def install_lease_functions(conn: AsyncConnection, descriptor: ServiceDesc
     for lease in descriptor.leases:
         for statement in _definitions(descriptor, lease):
             await conn.execute(text(statement))
+
+
+# -- the protocol: granting and settling ------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """What a lease function answered when it granted: the lease and the row it holds.
+
+    ``row`` is the leased row as it was at the grant; ``available`` what was left for others
+    right after it.
+    """
+
+    id: UUID
+    key: dict[str, Any]
+    quantity: int | float
+    expires_at: datetime
+    row: dict[str, Any]
+    available: int | float
+
+
+SettleAction = Literal["consume", "release", "renew"]
+
+
+# One statement text per lease function, built once: the grant is on the request path.
+@lru_cache(maxsize=1024)
+def _grant_statement(service: str, function: str) -> TextClause:
+    return text(f"SELECT {_grant_function(service, function)}(CAST(:key AS jsonb), :qty, :period, :holder)")
+
+
+@lru_cache(maxsize=1024)
+def _settle_statement(service: str, function: str) -> TextClause:
+    return text(f"SELECT {_settle_function(service, function)}(CAST(:id AS uuid), :action, :period)")
+
+
+def _decoded(raw: Any) -> dict[str, Any]:
+    # asyncpg hands jsonb over as text unless a codec is set on the connection.
+    data: dict[str, Any] = json.loads(raw) if isinstance(raw, str) else raw
+    return data
+
+
+async def grant(
+    conn: AsyncConnection,
+    service: str,
+    function: str,
+    key: Mapping[str, Any],
+    quantity: int | float,
+    period: timedelta,
+    holder: str | None,
+) -> Grant | None:
+    """Run ``service``'s lease function ``function`` in ``conn``'s transaction.
+
+    ``key`` names the leased row by its key columns. Returns ``None`` when the row does not
+    exist or fewer than ``quantity`` are available. A non-positive quantity or period is
+    refused by Postgres (``invalid_parameter_value``) and raised as the driver's error.
+    """
+    params = {
+        "key": json.dumps(dict(key), default=str),
+        "qty": quantity,
+        "period": period,
+        "holder": holder,
+    }
+    raw = (await conn.execute(_grant_statement(service, function), params)).scalar_one()
+    if raw is None:
+        return None
+    data = _decoded(raw)
+    return Grant(
+        id=UUID(str(data["id"])),
+        key=data["key"],
+        quantity=data["quantity"],
+        expires_at=datetime.fromisoformat(data["expires_at"]),
+        row=data["row"],
+        available=data["available"],
+    )
+
+
+# The settle function's refusals ({"error": ...}) and the exception each one raises.
+_REFUSALS: Mapping[str, type[LeaseError]] = {
+    "expired": LeaseExpired,
+    "released": LeaseReleased,
+    "consumed": LeaseConsumed,
+    "not_found": LeaseNotFound,
+}
+_WHICH = text("SELECT service, function FROM vms.leases WHERE id = :id")
+
+
+async def settle(
+    conn: AsyncConnection,
+    action: SettleAction,
+    lease_id: UUID,
+    period: timedelta | None = None,
+    *,
+    service: str | None = None,
+    function: str | None = None,
+) -> dict[str, Any]:
+    """``consume``, ``release`` or ``renew`` (for ``period`` from now) a lease in ``conn``'s
+    transaction; return the lease as it is afterwards. Idempotent.
+
+    ``service`` and ``function`` name the lease function that granted it; without them the
+    lease is looked up first. A refusal does not abort the transaction: it raises
+    ``LeaseExpired``, ``LeaseReleased``, ``LeaseConsumed`` or ``LeaseNotFound`` and changes
+    nothing.
+    """
+    if service is None or function is None:
+        row = (await conn.execute(_WHICH, {"id": lease_id})).first()
+        if row is None:
+            raise LeaseNotFound(str(lease_id), f"lease {lease_id} does not exist (or was reaped)")
+        service, function = row.service, row.function
+    params = {"id": lease_id, "action": action, "period": period}
+    data = _decoded((await conn.execute(_settle_statement(service, function), params)).scalar_one())
+    refusal = _REFUSALS.get(data.get("error", ""))
+    if refusal is not None:
+        raise refusal(str(lease_id), data["message"])
+    return data
+
+
+@dataclass(frozen=True, slots=True)
+class ActiveLease:
+    """A lease that holds its quantity (``expired``: its period ran out, no grant has noticed yet)."""
+
+    service: str
+    entity: str
+    key_text: str
+    quantity: Decimal
+    holder: str | None
+    expires_at: datetime
+    expired: bool
+
+
+_ACTIVE = text(
+    "SELECT service, entity, key_text, quantity, holder, expires_at, "
+    "expires_at <= vms.now() AS expired FROM vms.leases "
+    "WHERE status = 'active' ORDER BY service, entity, key_text, expires_at"
+)
+
+
+async def active(conn: AsyncConnection) -> list[ActiveLease]:
+    """Every active lease, by service, entity, key and expiry."""
+    return [ActiveLease(*row) for row in await conn.execute(_ACTIVE)]
 
 
 _REAP = text(

@@ -24,15 +24,9 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from dbcore.catalog import quote_ident, quote_literal
-from dbcore.errors import CoreError
-from dbcore.isolation import sqlstate_of
-from dbcore.reference_catalog import (
-    SQLSTATE_DELETED,
-    SQLSTATE_NOT_FOUND,
-    SQLSTATE_RECOVERING,
-    SQLSTATE_TRUNCATE,
-    clock_sequence,
-)
+from dbcore.errors import CoreError, EntityDeleted, EntityNotFound, ServiceRecovering, TruncateRefused
+from dbcore.reference_catalog import clock_sequence
+from dbcore.translate import translated
 
 __all__ = [
     "EntityDeleted",
@@ -47,8 +41,8 @@ __all__ = [
     "install_service",
     "parse_uri",
     "primary_key",
+    "recovering_services",
     "refresh_reference",
-    "translate",
     "uri_expression",
     "uri_for",
 ]
@@ -267,51 +261,13 @@ class Ref:
         return cls(data["uri"], int(data["t"]), int(data["k"]), copy, bool(data.get("deleted", False)))
 
 
-class EntityNotFound(CoreError, LookupError):
-    """No referenceable entity has this URI (never created, or deleted with no reference left)."""
-
-
-class EntityDeleted(CoreError, LookupError):
-    """The entity is a tombstone: existing references stay valid, a new one cannot be taken."""
-
-
-class ServiceRecovering(CoreError, RuntimeError):
-    """The owner is recovering in consistency mode and serves nothing until the recovery ends."""
-
-
-class TruncateRefused(CoreError, PermissionError):
-    """TRUNCATE of a referenceable table: it would lose which entities are referenced."""
-
-
-_ERRORS: dict[str, type[CoreError]] = {
-    SQLSTATE_NOT_FOUND: EntityNotFound,
-    SQLSTATE_DELETED: EntityDeleted,
-    SQLSTATE_RECOVERING: ServiceRecovering,
-    SQLSTATE_TRUNCATE: TruncateRefused,
-}
-
-
-def translate(err: BaseException) -> CoreError | None:
-    """The core error for a database error raised by a reference function, or ``None``."""
-    kind = _ERRORS.get(sqlstate_of(err) or "")
-    if kind is None:
-        return None
-    message = str(getattr(err, "orig", err)).split(": ", 1)[-1].strip()
-    return kind(message)
-
-
 _GET = text("SELECT vms.get_reference(:uri, :count, :copy, CAST(:columns AS text[]), :holder)")
 _DELETE = text("SELECT vms.delete_reference(:uri, :holder)")
 
 
 async def _call(conn: AsyncConnection, statement: Any, params: dict[str, Any]) -> Any:
-    try:
+    with translated():  # the core's own refusals; a permission error surfaces where the service is known
         return (await conn.execute(statement, params)).scalar_one()
-    except Exception as err:
-        translated = translate(err)
-        if translated is None:
-            raise
-        raise translated from err
 
 
 async def get_reference(
@@ -353,3 +309,11 @@ async def delete_reference(conn: AsyncConnection, uri: str, *, holder: str | Non
     Returns ``False`` when the holder had no counted reference to ``uri`` (nothing changes).
     """
     return bool(await _call(conn, _DELETE, {"uri": uri, "holder": holder}))
+
+
+_RECOVERING = text("SELECT service FROM vms.ref_services WHERE recovering = 'consistency'")
+
+
+async def recovering_services(conn: AsyncConnection) -> set[str]:
+    """The services recovering in consistency mode (G10): they serve nothing until it ends."""
+    return set((await conn.execute(_RECOVERING)).scalars())

@@ -8,10 +8,9 @@ import contextlib
 import logging
 from collections.abc import Callable
 
-from sqlalchemy import text
-
 from dbcore.eventlog import prune
 from dbcore.leases import reap
+from dbcore.references import recovering_services
 from framework._internal.host import Host
 
 __all__ = ["Housekeeping", "read_recovering"]
@@ -20,13 +19,12 @@ log = logging.getLogger("vmsdb.app")
 
 #: While a service recovers in consistency mode, how often the App reads the state again.
 RECOVERY_RECHECK = 1.0
-_RECOVERING = text("SELECT service FROM vms.ref_services WHERE recovering = 'consistency'")
 
 
 async def read_recovering(host: Host) -> set[str]:
     """Services recovering in consistency mode (through the pool, not the listener)."""
     async with host.core.autocommit() as conn:
-        return set((await conn.execute(_RECOVERING)).scalars())
+        return await recovering_services(conn)
 
 
 class Housekeeping:

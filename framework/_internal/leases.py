@@ -13,18 +13,16 @@ transaction, when called outside one): if the caller rolls back, the lease never
 
 from __future__ import annotations
 
-import json
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict
-from sqlalchemy import TextClause, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from dbcore.errors import LeaseConsumed, LeaseError, LeaseExpired, LeaseNotFound, LeaseReleased
-from dbcore.isolation import translate_error
-from dbcore.leases import grant_function, settle_function
+from dbcore import leases
+from dbcore.leases import Grant, SettleAction
+from dbcore.translate import translated
 from framework._internal.annotations import FunctionSpec
 from framework._internal.context import current
 from framework._internal.errors import NoTransactionError
@@ -69,16 +67,6 @@ class LeaseExecutor:
 
     def __init__(self, app: App) -> None:
         self.app = app
-        self._statements: dict[int, TextClause] = {}
-
-    def _statement(self, owner: str, spec: FunctionSpec) -> TextClause:
-        statement = self._statements.get(id(spec))
-        if statement is None:
-            statement = text(
-                f"SELECT {grant_function(owner, spec.name)}(CAST(:key AS jsonb), :qty, :period, :holder)"
-            )
-            self._statements[id(spec)] = statement
-        return statement
 
     async def call(
         self, owner: ServiceRuntime, spec: FunctionSpec, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -88,61 +76,30 @@ class LeaseExecutor:
         bound = spec.signature.bind(owner.instance, *args, **kwargs)
         bound.apply_defaults()
         arguments = bound.arguments
-        params = {
-            "key": json.dumps({column: arguments[p] for column, p in lease.keys}, default=str),
-            "qty": arguments[lease.amount_param],
-            "period": _period(arguments[lease.period_param], spec.qualname),
-        }
-        statement = self._statement(owner.name, spec)
+        key = {column: arguments[p] for column, p in lease.keys}
+        quantity = arguments[lease.amount_param]
+        period = _period(arguments[lease.period_param], spec.qualname)
         ctx = current()
-        if ctx is not None:
-            params["holder"] = ctx.service
-            result = await ctx.connection.execute(statement, params)
-            raw = result.scalar_one()
+        if ctx is not None:  # in the caller's transaction: its errors surface where it ends
+            granted = await leases.grant(
+                ctx.connection, owner.name, spec.name, key, quantity, period, ctx.service
+            )
         else:
-            params["holder"] = None
-            raw = await self._own_transaction(owner.name, statement, params)
-        granted = raw is not None
+            with translated(owner.name, self.app.core.table_owners):
+                async with self.app.core.transaction(owner.name) as conn:
+                    granted = await leases.grant(conn, owner.name, spec.name, key, quantity, period, None)
         self.app.metrics.inc(
             "lease_grants" if granted else "lease_refusals", service=owner.name, function=spec.name
         )
-        if not granted:
-            return None
-        data = json.loads(raw) if isinstance(raw, str) else raw
-        return LeaseGrant(
-            id=data["id"],
-            service=owner.name,
-            function=spec.name,
-            entity=lease.entity,
-            key=data["key"],
-            quantity=data["quantity"],
-            expires_at=data["expires_at"],
-            values=data["row"],
-            available=data["available"],
-        )
-
-    async def _own_transaction(self, service: str, statement: TextClause, params: dict[str, Any]) -> Any:
-        try:
-            async with self.app.core.transaction(service) as conn:
-                return (await conn.execute(statement, params)).scalar_one()
-        except Exception as err:
-            translated = translate_error(err, service=service, table_owners=self.app.core.table_owners)
-            if translated is None:
-                raise
-            raise translated from err
+        return None if granted is None else _lease_grant(granted, owner.name, spec.name, lease.entity)
 
     async def settle(
-        self, action: str, lease: LeaseGrant | UUID | str, period: timedelta | None = None
+        self, action: SettleAction, lease: LeaseGrant | UUID | str, period: timedelta | None = None
     ) -> dict[str, Any]:
         """``consume``, ``release`` or ``renew`` outside any transaction (as the administrator)."""
-        async with self.app.core.admin() as conn:
-            try:
+        with translated("(app)"):
+            async with self.app.core.admin() as conn:
                 return await settle(conn, action, lease, period)
-            except Exception as err:
-                translated = translate_error(err, service="(app)", table_owners={})
-                if translated is None:
-                    raise
-                raise translated from err
 
     async def consume(self, lease: LeaseGrant | UUID | str) -> dict[str, Any]:
         return await self.settle("consume", lease)
@@ -154,42 +111,36 @@ class LeaseExecutor:
         return await self.settle("renew", lease, period)
 
 
-_WHICH = text("SELECT service, function FROM vms.leases WHERE id = :id")
+def _lease_grant(granted: Grant, service: str, function: str, entity: str) -> LeaseGrant:
+    return LeaseGrant(
+        id=granted.id,
+        service=service,
+        function=function,
+        entity=entity,
+        key=granted.key,
+        quantity=granted.quantity,
+        expires_at=granted.expires_at,
+        values=granted.row,
+        available=granted.available,
+    )
 
 
 async def settle(
     conn: AsyncConnection,
-    action: str,
+    action: SettleAction,
     lease: LeaseGrant | UUID | str,
     period: timedelta | None = None,
 ) -> dict[str, Any]:
+    """Settle ``lease`` in ``conn``'s transaction (see ``dbcore.leases.settle``)."""
     if isinstance(lease, LeaseGrant):
-        lease_id, service, function = lease.id, lease.service, lease.function
-    else:
-        lease_id = lease if isinstance(lease, UUID) else UUID(str(lease))
-        row = (await conn.execute(_WHICH, {"id": lease_id})).first()
-        if row is None:
-            raise LeaseNotFound(str(lease_id), f"lease {lease_id} does not exist (or was reaped)")
-        service, function = row.service, row.function
-    statement = text(f"SELECT {settle_function(service, function)}(CAST(:id AS uuid), :action, :period)")
-    raw = (await conn.execute(statement, {"id": lease_id, "action": action, "period": period})).scalar_one()
-    data: dict[str, Any] = json.loads(raw) if isinstance(raw, str) else raw
-    refusal = _REFUSALS.get(data.get("error", ""))
-    if refusal is not None:
-        raise refusal(str(lease_id), data["message"])
-    return data
-
-
-_REFUSALS: dict[str, type[LeaseError]] = {
-    "expired": LeaseExpired,
-    "released": LeaseReleased,
-    "consumed": LeaseConsumed,
-    "not_found": LeaseNotFound,
-}
+        return await leases.settle(
+            conn, action, lease.id, period, service=lease.service, function=lease.function
+        )
+    return await leases.settle(conn, action, lease if isinstance(lease, UUID) else UUID(str(lease)), period)
 
 
 async def _in_transaction(
-    action: str, lease: LeaseGrant | UUID | str, period: timedelta | None
+    action: SettleAction, lease: LeaseGrant | UUID | str, period: timedelta | None
 ) -> dict[str, Any]:
     ctx = current()
     if ctx is None:

@@ -51,7 +51,8 @@ from sqlalchemy.types import TypeDecorator
 
 from dbcore.catalog import CATALOG_SCHEMA, quote_ident
 from dbcore.catalog import metadata as catalog_metadata
-from dbcore.core import Core  # importing the core also puts the event log and lease tables on the catalog
+from dbcore.core import CATALOG_INSTALLED as _CATALOG_INSTALLED
+from dbcore.core import Core, lock_install  # also puts the event log and lease tables on the catalog
 from dbcore.descriptor import ServiceDescriptor
 from dbcore.isolation import service_connection
 from dbcore.registry import register, sync_grants
@@ -125,10 +126,6 @@ CORE_BASELINE = "0001_catalog"
 VERSION_TABLE = "alembic_version"
 FILE_TEMPLATE = "%(year)d%(month).2d%(day).2d_%(rev)s_%(slug)s"
 
-# The key Core.install() locks: installing the catalog and migrating any history never interleave,
-# and two processes migrating at once run one after the other. Without it both would read "at
-# base", both would run the first revision, and the second would fail on what the first created.
-_LOCK = text("SELECT pg_advisory_xact_lock(hashtext('vms.install'))")
 # Tables in vms made by install SQL rather than declared on the catalog's MetaData.
 _CORE_UNMANAGED = frozenset({"clock"})
 # Sort imports and format; an empty revision keeps its (unused) `op` import for the author to use.
@@ -137,7 +134,6 @@ _RUFF_HOOKS = {
     "ruff_format": "format --quiet REVISION_SCRIPT_FILENAME",
 }
 TARGET_ATTR, RUN_ATTR, DONT_MUTATE_ATTR = "vmsdb_target", "vmsdb_run", "vmsdb_dont_mutate"
-_CATALOG_INSTALLED = text("SELECT to_regclass('vms.services') IS NOT NULL")
 _VERSIONED = text("SELECT to_regclass(:table) IS NOT NULL")
 _SCHEMA_EXISTS = text("SELECT to_regnamespace(:schema) IS NOT NULL")
 
@@ -354,7 +350,7 @@ async def locked(
     same transaction, so a new table is never visible to others without its grants.
     """
     async with service_connection(core.engine, None) as conn:
-        await conn.execute(_LOCK)
+        await lock_install(conn)  # the lock Core.install() takes: see there why
         if target.descriptor is None:
             await conn.execute(text(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(target.schema)}"))
             yield conn

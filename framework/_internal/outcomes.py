@@ -14,17 +14,12 @@ from collections.abc import Callable, Iterable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from dbcore.eventlog import find_outcome
 from framework._internal.events import Event
 
 __all__ = ["OutcomeWatcher"]
-
-_FIND = text(
-    "SELECT type, payload::text AS payload FROM vms.events "
-    "WHERE correlation_id = :c AND type = ANY(CAST(:t AS text[])) ORDER BY xid, position LIMIT 1"
-)
 
 
 @dataclass(eq=False)
@@ -84,8 +79,8 @@ class OutcomeWatcher:
 
     async def _find(self, correlation_id: str, waiter: _Waiter) -> Event | None:
         async with self._admin() as conn:
-            row = (await conn.execute(_FIND, {"c": correlation_id, "t": sorted(waiter.types)})).first()
-        return None if row is None else waiter.types[row.type].model_validate_json(row.payload)
+            found = await find_outcome(conn, correlation_id, sorted(waiter.types))
+        return None if found is None else waiter.types[found.type].model_validate_json(found.payload)
 
     async def close(self) -> None:
         for waiters in self._waiters.values():

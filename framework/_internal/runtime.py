@@ -16,9 +16,10 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from dbcore.isolation import CommitStatement, is_retryable, sqlstate_of, translate_error
+from dbcore.errors import ServiceRecovering, TransactionConflict
+from dbcore.isolation import CommitStatement
 from dbcore.query_language import QuerySpec, bind_values
-from dbcore.references import ServiceRecovering
+from dbcore.translate import translated
 from framework._internal.annotations import FunctionSpec, TransactionalSpec
 from framework._internal.context import TxContext, bind, current, unbind
 from framework._internal.errors import RetriesExhausted, ServiceCallError
@@ -108,28 +109,30 @@ class ServiceRuntime:
         attempt = 1
         while True:
             try:
-                return await self._attempt(
-                    spec, tx, wrapped, args, kwargs, correlation_id, causation_id, connection, before_commit
-                )
-            except Exception as err:
-                if not is_retryable(err):
-                    translated = translate_error(
-                        err, service=self.name, table_owners=self.app.core.table_owners
+                with translated(self.name, self.app.core.table_owners):
+                    return await self._attempt(
+                        spec,
+                        tx,
+                        wrapped,
+                        args,
+                        kwargs,
+                        correlation_id,
+                        causation_id,
+                        connection,
+                        before_commit,
                     )
-                    if translated is None:
-                        raise
-                    raise translated from err
+            except TransactionConflict as conflict:
                 self.app.metrics.inc("transaction_conflicts", service=self.name, function=spec.name)
                 if attempt >= tx.max_attempts:
                     self.app.metrics.inc("transaction_failures", service=self.name, function=spec.name)
-                    raise RetriesExhausted(spec.qualname, attempt, err) from err
+                    raise RetriesExhausted(spec.qualname, attempt, conflict) from conflict
                 delay = backoff_delay(attempt)
                 log.info(
                     "%s: attempt %d of %d conflicted (%s), retrying in %.1f ms",
                     spec.qualname,
                     attempt,
                     tx.max_attempts,
-                    _sqlstate_name(err),
+                    conflict.kind,
                     delay * 1000,
                 )
                 self.app.metrics.inc("transaction_retries", service=self.name, function=spec.name)
@@ -247,7 +250,3 @@ class ServiceHandle:
 
     def __repr__(self) -> str:
         return f"<handle to service {self._target.name} from {self._owner}>"
-
-
-def _sqlstate_name(err: BaseException) -> str:
-    return {"40001": "serialization failure", "40P01": "deadlock"}.get(sqlstate_of(err) or "", "?")

@@ -16,11 +16,9 @@ from __future__ import annotations
 import sys
 
 import typer
-from rich.console import Console
 
-from dbcore.errors import CoreError
-from framework._internal.errors import FrameworkError
 from framework.cli._commands import mount as mount_commands
+from framework.cli._errors import REPORTED, report
 from framework.cli._integrity import mount as mount_integrity
 from framework.cli._migrate import migrate_app
 from framework.cli._plugins import PluginGroup
@@ -39,6 +37,6 @@ def main() -> None:
     """The console script: any error of the framework or the core is one line and exit code 1."""
     try:
         cli()
-    except (FrameworkError, CoreError) as err:
-        Console(stderr=True).print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
+    except REPORTED as err:
+        report(err)
         sys.exit(1)

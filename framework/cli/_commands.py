@@ -4,23 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
-from sqlalchemy import text
 
+from dbcore import delivery, replicas
+from dbcore.leases import ActiveLease
+from dbcore.leases import active as active_leases
 from framework._internal.app import App
 from framework._internal.dataflow import flow_table, services_table, write_graph
 from framework._internal.descriptors import build_descriptors
 from framework._internal.loading import load_app
+from framework.cli._errors import run_async
 
 __all__ = ["mount"]
-
-T = TypeVar("T")
 
 console = Console()
 dead_letters_cli = typer.Typer(help="Inspect and replay events that handlers gave up on.")
@@ -46,11 +46,6 @@ def _offline(target: str) -> App:
     return app
 
 
-def _run(coro: Callable[[], Awaitable[T]]) -> T:
-    # Errors of the framework and the core become one line in ``framework.cli.main``.
-    return asyncio.run(coro())  # type: ignore[arg-type]
-
-
 @commands.command()
 def run(
     app: AppArg,
@@ -74,7 +69,7 @@ def run(
             console.print(f"vmsdb: running {names}; Ctrl-C to stop")
             await stop.wait()
 
-    _run(serve)
+    run_async(serve)
 
 
 @commands.command()
@@ -104,23 +99,11 @@ def dead_letters_list(
 ) -> None:
     """List dead letters: which event, which subscriber, after how many attempts, and why."""
 
-    async def fetch() -> list[Any]:
+    async def fetch() -> list[delivery.DeadLetter]:
         async with _offline(app) as running, running.core.admin() as conn:
-            return list(
-                (
-                    await conn.execute(
-                        text(
-                            "SELECT id, subscriber, event_type, key, attempts, error, failed_at, "
-                            "replayed_at FROM vms.dead_letters "
-                            "WHERE (CAST(:s AS text) IS NULL OR subscriber = :s) "
-                            "AND (:all OR replayed_at IS NULL) ORDER BY id"
-                        ),
-                        {"s": service, "all": all_},
-                    )
-                ).all()
-            )
+            return await delivery.list_dead_letters(conn, subscriber=service, include_replayed=all_)
 
-    rows = _run(fetch)
+    rows = run_async(fetch)
     table = Table("id", "subscriber", "event", "key", "attempts", "error", "failed at", "replayed")
     for r in rows:
         table.add_row(
@@ -140,13 +123,12 @@ def dead_letters_list(
 @dead_letters_cli.command("replay")
 def dead_letters_replay(app: AppArg, ids: IdsArg) -> None:
     """Deliver dead-lettered events again (once each), after fixing what made them fail."""
-    from dbcore import delivery
 
     async def replay() -> list[tuple[int, bool]]:
         async with _offline(app) as running, running.core.admin() as conn:
             return [(i, await delivery.replay(conn, i)) for i in ids]
 
-    for dead_letter_id, done in _run(replay):
+    for dead_letter_id, done in run_async(replay):
         if done:
             console.print(f"dead letter {dead_letter_id}: delivered again")
         else:
@@ -156,13 +138,12 @@ def dead_letters_replay(app: AppArg, ids: IdsArg) -> None:
 @dead_letters_cli.command("discard")
 def dead_letters_discard(app: AppArg, ids: IdsArg) -> None:
     """Give up on blocking dead letters for good, so their keys flow on without them."""
-    from dbcore import delivery
 
     async def discard() -> list[tuple[int, bool]]:
         async with _offline(app) as running, running.core.admin() as conn:
             return [(i, await delivery.discard(conn, i)) for i in ids]
 
-    for dead_letter_id, done in _run(discard):
+    for dead_letter_id, done in run_async(discard):
         state = "discarded" if done else "[yellow]unknown or already settled[/yellow]"
         console.print(f"dead letter {dead_letter_id}: {state}")
 
@@ -171,21 +152,11 @@ def dead_letters_discard(app: AppArg, ids: IdsArg) -> None:
 def leases(app: AppArg) -> None:
     """List active leases per service and entity."""
 
-    async def fetch() -> list[Any]:
+    async def fetch() -> list[ActiveLease]:
         async with _offline(app) as running, running.core.admin() as conn:
-            return list(
-                (
-                    await conn.execute(
-                        text(
-                            "SELECT service, entity, key_text, quantity, holder, expires_at, "
-                            "expires_at <= vms.now() AS expired FROM vms.leases "
-                            "WHERE status = 'active' ORDER BY service, entity, key_text, expires_at"
-                        )
-                    )
-                ).all()
-            )
+            return await active_leases(conn)
 
-    rows = _run(fetch)
+    rows = run_async(fetch)
     table = Table("service", "entity", "key", "quantity", "holder", "expires at")
     for r in rows:
         expiry = f"{r.expires_at:%Y-%m-%d %H:%M:%S}" + (" (expired)" if r.expired else "")
@@ -194,18 +165,15 @@ def leases(app: AppArg) -> None:
     console.print(f"{len(rows)} active lease(s)")
 
 
-
 @replicas_cli.command("check")
 def replicas_check(app: AppArg) -> None:
     """Compare every replica with its source (one snapshot) and report differences."""
-    from dbcore import replicas
 
     async def compare() -> list[replicas.ReplicaDiff]:
-        async with _offline(app) as running, running.core.admin() as conn:
-            await conn.execute(text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ"))
+        async with _offline(app) as running, running.core.admin(isolation="snapshot") as conn:
             return await replicas.check(conn)
 
-    diffs = _run(compare)
+    diffs = run_async(compare)
     table = Table("holder", "replica", "source", "mode", "missing", "extra", "different", "pending")
     for d in diffs:
         style = "" if d.ok else "red"

@@ -16,7 +16,6 @@ The services come from ``--app module:attribute`` (or ``$VMSDB_APP``), the datab
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -28,13 +27,12 @@ from rich.markup import escape
 from rich.table import Table
 
 from dbcore.backup import BackupInfo
-from dbcore.errors import CoreError
 from dbcore.integrity import IntegrityReport
 from dbcore.recovery import Mode, RecoveryState
 from framework import references
-from framework._internal.errors import FrameworkError
 from framework._internal.host import Host, connected
 from framework._internal.loading import load_app
+from framework.cli._errors import run_async
 
 __all__ = ["amnesia_table", "integrity_app", "mount", "violations_table"]
 
@@ -67,11 +65,7 @@ def _run(target: str | None, work: Callable[[references.Host], Awaitable[T]]) ->
             await references.install(host)
             return await work(host)
 
-    try:
-        return asyncio.run(main())
-    except (FrameworkError, CoreError) as err:
-        console.print(f"[red]error:[/red] {err}")
-        raise typer.Exit(1) from err
+    return run_async(main)
 
 
 def _interval(lo: int, hi: int | None) -> str:

@@ -18,9 +18,7 @@ the core catalog is concerned. The database is the App's (``VMSDB_DATABASE_URL``
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable, Callable
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -29,13 +27,11 @@ from typer.core import TyperGroup
 
 from framework import migrations
 from framework._internal.app import App
-from framework._internal.errors import FrameworkError
 from framework._internal.loading import load_app
+from framework.cli._errors import run_async
 from framework.migrations import MigrationResult
 
 __all__ = ["migrate_app"]
-
-T = TypeVar("T")
 
 
 class _DefaultToUp(TyperGroup):
@@ -78,17 +74,6 @@ def _load(target: str | None) -> App:
     return app
 
 
-def _run(coro: Callable[[], Awaitable[T]]) -> T:
-    async def main() -> T:
-        return await coro()
-
-    try:
-        return asyncio.run(main())
-    except FrameworkError as err:
-        console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
-        raise typer.Exit(1) from err
-
-
 def _report(results: list[MigrationResult]) -> None:
     for r in results:
         name = "core catalog" if r.target == "core" else f"service {r.target}"
@@ -111,7 +96,7 @@ def up(
 ) -> None:
     """Upgrade the core catalog, then every service (or those named), to head."""
     loaded = _load(app)
-    _report(_run(lambda: migrations.migrate(loaded, services=service or None, core=core)))
+    _report(run_async(lambda: migrations.migrate(loaded, services=service or None, core=core)))
 
 
 migrate_app.command("upgrade", hidden=True)(up)
@@ -132,7 +117,7 @@ def down(
         raise typer.BadParameter("name what to downgrade: --service NAME (repeatable), --core, or --all")
     loaded = _load(app)
     names = None if all_ else (service or [])
-    _report(_run(lambda: migrations.downgrade(loaded, revision, services=names, core=core or all_)))
+    _report(run_async(lambda: migrations.downgrade(loaded, revision, services=names, core=core or all_)))
 
 
 migrate_app.command("downgrade", hidden=True)(down)
@@ -151,7 +136,7 @@ def stamp(
         raise typer.BadParameter("name what to stamp: --service NAME (repeatable), --core, or --all")
     loaded = _load(app)
     names = None if all_ else (service or [])
-    _report(_run(lambda: migrations.stamp(loaded, revision, services=names, core=core or all_)))
+    _report(run_async(lambda: migrations.stamp(loaded, revision, services=names, core=core or all_)))
 
 
 @migrate_app.command("revision")
@@ -177,7 +162,7 @@ def revision(
     if not message:
         raise typer.BadParameter("say what the revision does: -m MESSAGE")
     loaded = _load(app) if service is not None else App([])
-    path = _run(
+    path = run_async(
         lambda: migrations.revision(
             loaded, message, service=service, autogenerate=autogenerate, rev_id=rev_id
         )
@@ -196,7 +181,7 @@ def current(
 ) -> None:
     """Show where the core catalog and each service stand against their heads."""
     loaded = _load(app)
-    statuses = _run(lambda: migrations.current(loaded))
+    statuses = run_async(lambda: migrations.current(loaded))
     table = Table("history", "current", "head", "status")
     for s in statuses:
         state = "[green]at head[/green]" if s.problem is None else "[yellow]behind[/yellow]"

@@ -312,7 +312,46 @@ async def test_replay_delivers_a_dead_letter_again(vmsdb_app: App) -> None:
         assert await delivery.replay(conn, letter_id) is False  # once only
 
 
+async def test_the_core_lists_dead_letters_until_they_are_replayed(vmsdb_app: App) -> None:
+    from dbcore import delivery
+
+    await vmsdb_app.publish(Note(key="l", seq=1, fail=True))
+    await vmsdb_app.drain(timeout=60)
+    async with vmsdb_app.core.admin() as conn:
+        [letter] = await delivery.list_dead_letters(conn)
+        assert (letter.subscriber, letter.event_type, letter.key) == ("reader", "Note", "l")
+        assert letter.attempts == 3
+        assert "ValueError: note l/1 is poisonous" in letter.error and letter.replayed_at is None
+        assert await delivery.list_dead_letters(conn, subscriber="writer") == []
+        assert await delivery.list_dead_letters(conn, subscriber="reader") == [letter]
+        await conn.execute(text("UPDATE vms.events SET payload = payload || '{\"fail\": false}'::jsonb"))
+        assert await delivery.replay(conn, letter.id) is True
+    await vmsdb_app.drain()
+    assert await seen(vmsdb_app) == [("l", 1)]
+    async with vmsdb_app.core.admin() as conn:
+        assert await delivery.list_dead_letters(conn) == []
+        [replayed] = await delivery.list_dead_letters(conn, include_replayed=True)
+    assert replayed.id == letter.id and replayed.replayed_at is not None
+
+
 # -- awaiting an outcome; retention -----------------------------------------------------------
+
+
+async def test_the_core_finds_the_first_outcome_of_a_correlation(vmsdb_app: App) -> None:
+    from dbcore.eventlog import find_outcome
+
+    with correlate("tid-first"):
+        await vmsdb_app.service(Writer).write("f", 1)
+        await vmsdb_app.service(Writer).write("f", 2)
+    await vmsdb_app.drain()
+    async with vmsdb_app.core.admin() as conn:
+        noted = await find_outcome(conn, "tid-first", ["Noted", "Flag"])
+        either = await find_outcome(conn, "tid-first", ["Noted", "Note"])
+        assert await find_outcome(conn, "tid-first", ["Flag"]) is None
+        assert await find_outcome(conn, "tid-other", ["Noted"]) is None
+    assert noted is not None and noted.type == "Noted"
+    assert Noted.model_validate_json(noted.payload) == Noted(key="f", seq=1)
+    assert either is not None and (either.type, Note.model_validate_json(either.payload).seq) == ("Note", 1)
 
 
 async def test_outcome_returns_the_chain_result(vmsdb_app: App) -> None:

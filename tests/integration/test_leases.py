@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
+from uuid import UUID, uuid4
 
 import pytest
 from sqlalchemy import select, text
 from sqlalchemy.orm import Mapped, mapped_column
 
+from dbcore import leases
+from dbcore.errors import LeaseNotFound
 from framework import (
     App,
     IsolationError,
@@ -288,3 +291,32 @@ async def test_a_refused_settle_leaves_the_callers_transaction_usable(vmsdb_app:
     assert outcome == "refused, transaction still usable"
     async with vmsdb_app.core.admin() as conn:
         assert (await conn.execute(select(Line).where(Line.sku == "u", Line.qty == 0))).first()
+
+
+async def test_the_core_grants_lists_and_settles_a_lease_on_its_own(vmsdb_app: App) -> None:
+    """The protocol lives in dbcore: grant, decode, list, settle by id alone, refusals as errors."""
+    await vmsdb_app.service(Warehouse).stock(1, "core", 5, price=7)
+    key, period = {"seller": 1, "sku": "core"}, timedelta(minutes=5)
+    async with vmsdb_app.core.transaction("basket") as conn:
+        grant = await leases.grant(conn, "warehouse", "hold", key, 2, period, "basket")
+        assert await leases.grant(conn, "warehouse", "hold", key, 4, period, "basket") is None  # 3 left
+    assert grant is not None
+    assert isinstance(grant.id, UUID) and isinstance(grant.expires_at, datetime)
+    assert (grant.key, grant.quantity, grant.available) == (key, 2, 3)
+    assert grant.row["price"] == 7
+    async with vmsdb_app.core.admin() as conn:
+        [held] = [a for a in await leases.active(conn) if a.key_text == '{"sku": "core", "seller": 1}']
+        assert (held.service, held.entity, held.holder, held.quantity) == ("warehouse", "bins", "basket", 2)
+        assert not held.expired
+        assert held.expires_at == grant.expires_at
+    await advance_clock(vmsdb_app, timedelta(minutes=10))
+    async with vmsdb_app.core.admin() as conn:
+        assert [a.expired for a in await leases.active(conn) if a.quantity == 2] == [True]
+        with pytest.raises(LeaseExpired, match=f"lease {grant.id} expired"):
+            await leases.settle(conn, "consume", grant.id)  # the lease function is looked up
+        released = await leases.settle(conn, "release", grant.id, service="warehouse", function="hold")
+        assert released["status"] == "expired"
+        assert await leases.active(conn) == []
+        unknown = uuid4()
+        with pytest.raises(LeaseNotFound, match=f"lease {unknown} does not exist"):
+            await leases.settle(conn, "release", unknown)

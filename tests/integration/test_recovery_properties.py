@@ -24,6 +24,7 @@ from dbcore.core import Core
 from dbcore.descriptor import ServiceDescriptor
 from dbcore.errors import CoreError
 from dbcore.references import ReferenceColumnSpec, ServiceReferences
+from dbcore.translate import core_error
 from framework.testing import fresh_database
 from tests.unit.test_weak_consistency_model import HOLDS, OWNERS, SERVICES, Run, histories, uri
 
@@ -209,7 +210,7 @@ async def replay(server: str, history: list[tuple[Any, ...]]) -> None:
                         try:
                             await db.apply(op)
                         except Exception as err:  # refused: the model must refuse it too
-                            if not isinstance(err, CoreError) and references.translate(err) is None:
+                            if not isinstance(err, CoreError) and core_error(err) is None:
                                 raise
                     recoveries = len(model.core.recoveries)
                     model.apply(op)

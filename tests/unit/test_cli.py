@@ -3,9 +3,17 @@ with a message that names what was wrong (no database needed)."""
 
 from __future__ import annotations
 
+import contextlib
+import sys
+from collections.abc import AsyncIterator
+from typing import NoReturn
+
+import pytest
 from typer.testing import CliRunner
 
-from framework.cli import cli
+from dbcore.errors import IsolationError
+from framework import App
+from framework.cli import cli, main
 
 runner = CliRunner()
 
@@ -43,3 +51,55 @@ def test_bench_refuses_nonsense_budgets() -> None:
     result = runner.invoke(cli, ["bench", "leases", "--rounds", "0"])
     assert result.exit_code == 2
     assert "--rounds must be at least 1" in text_of(result.output)
+
+
+REFUSAL = IsolationError("cart", "stock", "stock.stock_items", "write")
+
+
+def refuse(*args: object, **kwargs: object) -> NoReturn:
+    raise REFUSAL
+
+
+async def refuse_later(*args: object, **kwargs: object) -> NoReturn:
+    raise REFUSAL
+
+
+@contextlib.asynccontextmanager
+async def refusing_connection(*args: object, **kwargs: object) -> AsyncIterator[NoReturn]:
+    """Stands in for ``framework._internal.host.connected``: connecting is refused by the core."""
+    raise REFUSAL
+    yield  # an async generator, as the real one is
+
+
+@pytest.mark.parametrize(
+    ("argv", "patch"),
+    [
+        # a core error inside the command's async work, in each module of subcommands
+        (["leases", "shop:app"], ("framework.cli._commands.load_app", refuse)),
+        (["migrate", "up"], ("framework.migrations.migrate", refuse_later)),
+        (
+            ["integrity", "check", "--app", "shop:app"],
+            ("framework.cli._integrity.connected", refusing_connection),
+        ),
+        # and one raised before any async work starts
+        (["services", "shop:app"], ("framework.cli._commands.load_app", refuse)),
+    ],
+)
+def test_a_core_error_inside_a_command_is_one_line_and_exit_code_1(
+    argv: list[str],
+    patch: tuple[str, object],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setattr(*patch)
+    monkeypatch.setattr(
+        "framework.cli._integrity.load_app", lambda target: App([], database_url="postgresql://x/y")
+    )
+    monkeypatch.delenv("VMSDB_APP", raising=False)
+    monkeypatch.setattr(sys, "argv", ["vmsdb", *argv])
+    with pytest.raises(SystemExit) as exited:
+        main()
+    assert exited.value.code == 1
+    out, err = capsys.readouterr()
+    assert err.splitlines() == [f"error: {REFUSAL}"]  # one line, however long, and no traceback
+    assert out == ""
