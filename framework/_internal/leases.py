@@ -25,12 +25,12 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from dbcore.errors import LeaseConsumed, LeaseError, LeaseExpired, LeaseNotFound, LeaseReleased
 from dbcore.isolation import translate_error
 from dbcore.leases import grant_function, settle_function
-from framework._internal.annotations import FunctionSpec
 from framework._internal.context import current
 from framework._internal.errors import NoTransactionError
 
 if TYPE_CHECKING:
     from framework._internal.app import App
+    from framework._internal.descriptors import CallPlan
     from framework._internal.runtime import ServiceRuntime
 
 __all__ = ["LeaseExecutor", "LeaseGrant", "consume_lease", "release_lease", "renew_lease"]
@@ -69,20 +69,21 @@ class LeaseExecutor:
 
     def __init__(self, app: App) -> None:
         self.app = app
-        self._statements: dict[int, TextClause] = {}
+        self._statements: dict[tuple[str, str], TextClause] = {}
 
-    def _statement(self, owner: str, spec: FunctionSpec) -> TextClause:
-        statement = self._statements.get(id(spec))
+    def _statement(self, owner: str, function: str) -> TextClause:
+        statement = self._statements.get((owner, function))
         if statement is None:
             statement = text(
-                f"SELECT {grant_function(owner, spec.name)}(CAST(:key AS jsonb), :qty, :period, :holder)"
+                f"SELECT {grant_function(owner, function)}(CAST(:key AS jsonb), :qty, :period, :holder)"
             )
-            self._statements[id(spec)] = statement
+            self._statements[(owner, function)] = statement
         return statement
 
     async def call(
-        self, owner: ServiceRuntime, spec: FunctionSpec, args: tuple[Any, ...], kwargs: dict[str, Any]
+        self, owner: ServiceRuntime, call: CallPlan, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> LeaseGrant | None:
+        spec = call.spec
         lease = spec.lease
         assert lease is not None
         bound = spec.signature.bind(owner.instance, *args, **kwargs)
@@ -93,7 +94,7 @@ class LeaseExecutor:
             "qty": arguments[lease.amount_param],
             "period": _period(arguments[lease.period_param], spec.qualname),
         }
-        statement = self._statement(owner.name, spec)
+        statement = self._statement(owner.name, spec.name)
         ctx = current()
         if ctx is not None:
             params["holder"] = ctx.service

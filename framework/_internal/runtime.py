@@ -17,7 +17,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from dbcore.isolation import CommitStatement, is_retryable, sqlstate_of, translate_error
-from dbcore.query_language import QuerySpec, bind_values
+from dbcore.query_language import bind_values
 from dbcore.references import ServiceRecovering
 from framework._internal.annotations import FunctionSpec, TransactionalSpec
 from framework._internal.context import TxContext, bind, current, unbind
@@ -29,7 +29,7 @@ from framework._internal.service import Service
 
 if TYPE_CHECKING:
     from framework._internal.app import App
-    from framework._internal.descriptors import ServicePlan
+    from framework._internal.descriptors import CallPlan, ServicePlan
 
 __all__ = ["ServiceHandle", "ServiceRuntime", "backoff_delay"]
 
@@ -50,9 +50,7 @@ class ServiceRuntime:
         self.name = plan.descriptor.name
         self.instance: Service = plan.cls()
         self.instance._vms_runtime = self  # type: ignore[attr-defined]
-        self._queries: dict[int, QuerySpec] = {
-            id(plan.functions[attr]): q for attr, q in plan.queries.items()
-        }
+        self._calls: dict[FunctionSpec, CallPlan] = {c.spec: c for c in plan.calls.values()}
 
     def call(
         self,
@@ -61,13 +59,19 @@ class ServiceRuntime:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> Awaitable[Any]:
-        if spec.query is not None:
+        call = self._calls.get(spec)
+        if call is None:
+            raise ServiceCallError(
+                f"{spec.qualname} is not an annotated function of service {self.name!r} as this "
+                "App knows it (overridden in a subclass?); call it through the service's own attribute"
+            )
+        if call.query is not None:
             self.refuse_while_recovering()
-            return self._run_query(spec, args, kwargs)
+            return self._run_query(call, args, kwargs)
         if spec.lease is not None:
             self.refuse_while_recovering()
-            return self.app.leases.call(self, spec, args, kwargs)
-        return self.run(spec, wrapped, args, kwargs)
+            return self.app.leases.call(self, call, args, kwargs)
+        return self.run(call, wrapped, args, kwargs)
 
     def refuse_while_recovering(self) -> None:
         """Raise ``ServiceRecovering`` while this service recovers in consistency mode (G10)."""
@@ -80,7 +84,7 @@ class ServiceRuntime:
 
     async def run(
         self,
-        spec: FunctionSpec,
+        call: CallPlan,
         wrapped: Callable[..., Any],
         args: tuple[Any, ...],
         kwargs: Mapping[str, Any],
@@ -96,11 +100,12 @@ class ServiceRuntime:
         connection, and the delivery's acknowledgement, sent with ``COMMIT`` (so it commits with
         the handler's effects, G4, at no extra round trip).
         """
+        spec = call.spec
         outer = current()
         if outer is not None:
-            return await self._join(outer, spec, wrapped, args, kwargs)
+            return await self._join(outer, call, wrapped, args, kwargs)
         self.refuse_while_recovering()
-        tx = spec.tx
+        tx = call.tx
         if tx is None:
             return await wrapped(*args, **kwargs)
         if correlation_id is None:
@@ -109,7 +114,7 @@ class ServiceRuntime:
         while True:
             try:
                 return await self._attempt(
-                    spec, tx, wrapped, args, kwargs, correlation_id, causation_id, connection, before_commit
+                    call, tx, wrapped, args, kwargs, correlation_id, causation_id, connection, before_commit
                 )
             except Exception as err:
                 if not is_retryable(err):
@@ -138,7 +143,7 @@ class ServiceRuntime:
 
     async def _attempt(
         self,
-        spec: FunctionSpec,
+        call: CallPlan,
         tx: TransactionalSpec,
         wrapped: Callable[..., Any],
         args: tuple[Any, ...],
@@ -148,6 +153,7 @@ class ServiceRuntime:
         connection: AsyncConnection | None,
         before_commit: CommitStatement | None,
     ) -> Any:
+        spec = call.spec
         read_only = tx.type == "RO"
         async with self.app.core.transaction(
             self.name,
@@ -161,7 +167,7 @@ class ServiceRuntime:
                 function=spec.qualname,
                 connection=conn,
                 read_only=read_only,
-                allowed=spec.allowed_events,
+                allowed=call.allowed_events,
                 correlation_id=correlation_id,
                 causation_id=causation_id,
             )
@@ -184,12 +190,13 @@ class ServiceRuntime:
     async def _join(
         self,
         outer: TxContext,
-        spec: FunctionSpec,
+        call: CallPlan,
         wrapped: Callable[..., Any],
         args: tuple[Any, ...],
         kwargs: Mapping[str, Any],
     ) -> Any:
         """A nested call of the same service joins the running transaction."""
+        spec = call.spec
         if outer.service != self.name:
             raise ServiceCallError(
                 f"{spec.qualname} (service {self.name!r}) was called inside a transaction of "
@@ -198,7 +205,7 @@ class ServiceRuntime:
                 "handle"
             )
         saved = outer.allowed, outer.function
-        outer.allowed, outer.function = spec.allowed_events, spec.qualname
+        outer.allowed, outer.function = call.allowed_events, spec.qualname
         try:
             result = await wrapped(*args, **kwargs)
             if isinstance(result, Event):
@@ -207,12 +214,11 @@ class ServiceRuntime:
         finally:
             outer.allowed, outer.function = saved
 
-    async def _run_query(
-        self, spec: FunctionSpec, args: tuple[Any, ...], kwargs: Mapping[str, Any]
-    ) -> list[Any]:
+    async def _run_query(self, call: CallPlan, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> list[Any]:
         """Run a compiled @Query in the caller's transaction, or in its own snapshot."""
-        compiled = self._queries[id(spec)]
-        bound = spec.signature.bind(self.instance, *args, **kwargs)
+        compiled = call.query
+        assert compiled is not None
+        bound = call.spec.signature.bind(self.instance, *args, **kwargs)
         bound.apply_defaults()
         values = bind_values(compiled, bound.arguments)
         statement = text(compiled.sql)
@@ -222,7 +228,7 @@ class ServiceRuntime:
         else:
             async with self.app.core.transaction(self.name, isolation="snapshot", read_only=True) as conn:
                 rows = (await conn.execute(statement, values)).mappings().all()
-        return convert_rows(spec, list(rows))
+        return convert_rows(call.row_type, list(rows))
 
 
 class ServiceHandle:
@@ -236,8 +242,8 @@ class ServiceHandle:
 
     def __getattr__(self, name: str) -> Any:
         target = self._target
-        spec = target.plan.functions.get(name)
-        if spec is None or (spec.lease is None and spec.query is None):
+        call = target.plan.calls.get(name)
+        if call is None or (call.spec.lease is None and call.spec.query is None):
             raise AttributeError(
                 f"service {self._owner!r} may call only the @Lease and @Query functions of "
                 f"service {target.name!r}, and {name!r} is not one; send an event to ask for "
