@@ -1,9 +1,10 @@
 """The annotations: ``@Inbound``, ``@Outbound``, ``@Transactional``, ``@Lease`` and ``@Query``.
 
 An annotation only records metadata, at import time. Stacked annotations share one wrapper (a
-``wrapt.FunctionWrapper``): the first one applied creates it, the others add to its spec, so a
-call goes through exactly one wrapper however many annotations a function carries. The App reads
-the specs once at start-up to build descriptors and call plans; a call does no inspection.
+``wrapt.FunctionWrapper``): the first one applied creates it, the others replace its (immutable)
+spec with an extended copy, so a call goes through exactly one wrapper however many annotations a
+function carries. Each App reads the specs once at start-up into descriptors and call plans of
+its own, writing nothing back; a call does no inspection.
 
 Introspection survives: ``inspect.iscoroutinefunction``, ``inspect.signature`` and ``__name__``
 see the user's function, also when a FastAPI route decorator is stacked on top.

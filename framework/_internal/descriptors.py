@@ -1,9 +1,12 @@
-"""Scan annotated ``Service`` classes into ``ServiceDescriptor``s, checking them as a whole.
+"""Scan annotated ``Service`` classes into ``ServiceDescriptor``s and call plans, checking them
+as a whole.
 
 This is the start-up half of the annotations: everything that can only be checked once all the
 services of an App are known (a query naming another service's entity, a lease on a column, a
 precedence on an event the service does not handle) is checked here, and a mistake is an
-``AnnotationError`` naming the function and the offending token.
+``AnnotationError`` naming the function and the offending token. What a call needs at run time
+(its transaction, the events it may send, its compiled query) goes into a :class:`CallPlan` per
+function and App; the annotations' specs are read, never written.
 """
 
 from __future__ import annotations

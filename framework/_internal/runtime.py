@@ -1,7 +1,7 @@
 """Executing service functions: transactions, retries, joining, and handles to other services.
 
 One ``ServiceRuntime`` per service of a running App. Every annotated call lands in
-:meth:`ServiceRuntime.call`, which reads the spec prepared at start-up and runs the function in
+:meth:`ServiceRuntime.call`, which reads the call plan built at start-up and runs the function in
 its transaction; nothing here inspects signatures or decorators per call.
 """
 
