@@ -62,8 +62,9 @@ class ServiceRuntime:
         call = self._calls.get(spec)
         if call is None:
             raise ServiceCallError(
-                f"{spec.qualname} is not an annotated function of service {self.name!r} as this "
-                "App knows it (overridden in a subclass?); call it through the service's own attribute"
+                f"{spec.qualname} is not one of the annotated functions the App found on service "
+                f"{self.name!r} at start-up (it is overridden in a subclass, or defined on a class "
+                "that is not a Service); annotate the function the service class itself exposes"
             )
         if call.query is not None:
             self.refuse_while_recovering()

@@ -39,11 +39,13 @@ from framework import (
     Query,
     Ref,
     Service,
+    ServiceCallError,
     Transactional,
     ref_column,
 )
 from framework._internal.annotations import FunctionSpec, TransactionalSpec, spec_of
 from framework._internal.descriptors import build_descriptors, build_plans, function_specs
+from framework._internal.runtime import ServiceRuntime
 
 
 class AddCartItemRequest(Event, key="customer_id"):
@@ -521,3 +523,22 @@ def test_two_apps_of_one_service_class_share_no_per_function_state() -> None:
     # Building the plans wrote nothing onto the annotations' specs.
     assert {key: spec_state(spec) for key, spec in specs.items()} == before
     assert all(not hasattr(spec, "allowed_events") for spec in specs.values())
+
+
+def test_a_call_without_a_plan_is_refused_not_run_without_its_transaction() -> None:
+    """An annotated function the App did not plan (here: on a mixin that is not a Service) must
+    not run as if it had no annotation."""
+
+    class Audited:
+        @Transactional
+        async def audit(self) -> None: ...
+
+    class Ledger(Audited, Service, name="ledger"):
+        pass
+
+    app = App([Ledger])
+    (plan,) = app.plans
+    assert "audit" not in plan.calls
+    runtime = ServiceRuntime(app, plan)
+    with pytest.raises(ServiceCallError, match=r"Audited\.audit is not one of the annotated functions"):
+        runtime.instance.audit()
