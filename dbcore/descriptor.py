@@ -23,13 +23,14 @@ __all__ = [
     "LeaseDescriptor",
     "OutboundDescriptor",
     "QueryDescriptor",
+    "ReferenceColumnDescriptor",
+    "ReferenceableDescriptor",
     "ReplicaDescriptor",
     "ServiceDescriptor",
     "TableDescriptor",
     "TransactionalDescriptor",
     "role_for",
     "service_name_problem",
-    "valid_service_name",
 ]
 
 TxType = Literal["RW", "RO"]
@@ -49,10 +50,6 @@ def service_name_problem(name: str) -> str | None:
     if name in _RESERVED or name.startswith("pg_"):
         return f"{name!r} is reserved for Postgres or the core (vms, public, pg_*, information_schema)"
     return None
-
-
-def valid_service_name(name: str) -> bool:
-    return service_name_problem(name) is None
 
 
 def role_for(service: str) -> str:
@@ -140,6 +137,23 @@ class ReplicaDescriptor(_Frozen):
     consistency: Literal["strong", "eventual"] = "eventual"
 
 
+class ReferenceableDescriptor(_Frozen):
+    """A table whose rows are entities other services may reference (``vms://svc/table/key``)."""
+
+    table: str
+    entity: str
+    key: tuple[str, ...] = Field(description="the primary key columns: the URI's key parts, in order")
+
+
+class ReferenceColumnDescriptor(_Frozen):
+    """A column of ``table`` holding references to entities of another service's table."""
+
+    table: str
+    column: str
+    target_service: str
+    target_table: str
+
+
 class ServiceDescriptor(_Frozen):
     """Everything the core needs to know about one virtual microservice."""
 
@@ -153,6 +167,8 @@ class ServiceDescriptor(_Frozen):
     leases: tuple[LeaseDescriptor, ...] = ()
     queries: tuple[QueryDescriptor, ...] = ()
     replicas: tuple[ReplicaDescriptor, ...] = ()
+    referenceable: tuple[ReferenceableDescriptor, ...] = ()
+    reference_columns: tuple[ReferenceColumnDescriptor, ...] = ()
     dependencies: tuple[str, ...] = ()
 
     @field_validator("name")
@@ -180,6 +196,11 @@ class ServiceDescriptor(_Frozen):
 
     def entity(self, entity: str) -> TableDescriptor | None:
         return next((t for t in self.tables if t.entity == entity), None)
+
+    @property
+    def declares_references(self) -> bool:
+        """Whether the service takes part in references (G9): it gives or holds some."""
+        return bool(self.referenceable or self.reference_columns)
 
     @property
     def emitted_events(self) -> tuple[str, ...]:

@@ -34,13 +34,7 @@ import asyncio
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
-
-from sqlalchemy import Table
-from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.engine import Dialect
-from sqlalchemy.orm import mapped_column
-from sqlalchemy.types import TypeDecorator
+from typing import TYPE_CHECKING, Any, Protocol
 
 from dbcore import backup as backups
 from dbcore import integrity, recovery, reference_events, references
@@ -59,14 +53,13 @@ from dbcore.references import (
     uri_for,
 )
 from framework._internal.context import current
-from framework._internal.errors import AnnotationError, NoTransactionError
-from framework._internal.service import Service
+from framework._internal.errors import NoTransactionError
+from framework._internal.reference_model import RefType, owner_of, ref_column, referenceable
 
 if TYPE_CHECKING:
     from dbcore.core import Core
     from dbcore.descriptor import ServiceDescriptor
     from framework._internal.config import Settings
-    from framework._internal.descriptors import ServicePlan
 
 __all__ = [
     "EntityDeleted",
@@ -81,7 +74,6 @@ __all__ = [
     "check",
     "crash",
     "delete_reference",
-    "describe",
     "get_reference",
     "install",
     "ref_column",
@@ -92,8 +84,6 @@ __all__ = [
     "restore",
     "uri_of",
 ]
-
-M = TypeVar("M", bound=type)
 
 
 class Host(Protocol):
@@ -107,89 +97,34 @@ class Host(Protocol):
     def settings(self) -> Settings: ...
 
     @property
-    def plans(self) -> list[ServicePlan]: ...
-
-    @property
     def descriptors(self) -> list[ServiceDescriptor]: ...
 
 
-def _owner(model: type, where: str) -> tuple[str, str]:
-    """``(service, table)`` of a model class of some service."""
-    owner = getattr(model, "__vms_service__", None)
-    table = getattr(model, "__table__", None)
-    if owner is None or not isinstance(table, Table):
-        raise AnnotationError(where, f"{model!r} is not a model of a service (class X(<Service>.Model))")
-    return owner.service_name(), table.name
-
-
-def referenceable(model: M) -> M:
-    """Make ``model``'s rows entities other services can reference (``vms://svc/table/key``)."""
-    _owner(model, f"@referenceable {getattr(model, '__name__', model)!r}")
-    model.__vms_referenceable__ = True  # type: ignore[attr-defined]
-    return model
-
-
-class RefType(TypeDecorator[Ref]):
-    """A reference stored as JSONB ``{uri, t, k[, copy]}``.
-
-    A reference requested from another core reads as ``None`` until the owner granted it.
-    """
-
-    impl = JSONB
-    cache_ok = True
-
-    def __init__(self, target: type | None = None) -> None:
-        super().__init__()
-        self.target = target
-
-    def process_bind_param(self, value: Ref | None, dialect: Dialect) -> Any:
-        return None if value is None else value.to_json()
-
-    def process_result_value(self, value: Any, dialect: Dialect) -> Ref | None:
-        if not isinstance(value, dict) or "t" not in value or "pending" in value:
-            return None
-        return Ref.from_json(value)
-
-
-def ref_column(target: type, *, nullable: bool = True, **kwargs: Any) -> Any:
-    """A column holding a reference to an entity of ``target`` (a ``@referenceable`` model)."""
-    return mapped_column(RefType(target), nullable=nullable, **kwargs)
-
-
-def describe(cls: type[Service]) -> ServiceReferences:
-    """``cls``'s referenceable tables and reference columns, for the core."""
-    tables, columns = [], []
-    for mapper in sorted(cls.Model.registry.mappers, key=lambda m: m.class_.__name__):
-        table = mapper.local_table
-        if not isinstance(table, Table):
-            continue
-        if getattr(mapper.class_, "__vms_referenceable__", False):
-            tables.append(table.name)
-        for column in table.columns:
-            if isinstance(column.type, RefType) and column.type.target is not None:
-                where = f"{mapper.class_.__qualname__}.{column.name}"
-                service, target = _owner(column.type.target, where)
-                if not getattr(column.type.target, "__vms_referenceable__", False):
-                    raise AnnotationError(where, f"{column.type.target.__name__} is not @referenceable")
-                columns.append(
-                    ReferenceColumnSpec(
-                        table=table.name, column=column.name, target_service=service, target_entity=target
-                    )
-                )
-    return ServiceReferences(referenceable=tuple(tables), columns=tuple(columns))
+def _declared(descriptor: ServiceDescriptor) -> ServiceReferences:
+    """What ``descriptor`` declares about references, in the terms of ``install_service``."""
+    return ServiceReferences(
+        referenceable=tuple(r.table for r in descriptor.referenceable),
+        columns=tuple(
+            ReferenceColumnSpec(
+                table=c.table, column=c.column, target_service=c.target_service, target_entity=c.target_table
+            )
+            for c in descriptor.reference_columns
+        ),
+    )
 
 
 async def install(app: Host) -> None:
-    """Install every service's referenceable tables and reference columns (at start, once the
-    tables exist). The catalog itself is the core's (``Core.install()``, core revision 0003)."""
+    """Install every service's referenceable tables and reference columns, as its descriptor
+    declares them (at start, once the tables exist). The catalog itself is the core's
+    (``Core.install()``, core revision 0003)."""
     async with app.core.admin() as conn:
-        for plan in app.plans:
-            await references.install_service(conn, plan.descriptor.name, describe(plan.cls))
+        for descriptor in app.descriptors:
+            await references.install_service(conn, descriptor.name, _declared(descriptor))
 
 
 def uri_of(model: type, *key: object) -> str:
     """The URI of the entity of ``model`` with primary key ``key``."""
-    service, table = _owner(model, f"uri_of({getattr(model, '__name__', model)})")
+    service, table = owner_of(model, f"uri_of({getattr(model, '__name__', model)})")
     return uri_for(service, table, *key)
 
 
@@ -250,7 +185,7 @@ async def request_reference(
         raise NoTransactionError("request_reference() runs in the caller's transaction")
     if ctx.has_session:
         await ctx.session.flush()  # the row must exist before the request marks it
-    service, table = _owner(holder, f"request_reference({getattr(holder, '__name__', holder)})")
+    service, table = owner_of(holder, f"request_reference({getattr(holder, '__name__', holder)})")
     uri = target if isinstance(target, str) else uri_of(target, *key)
     return await reference_events.request_reference(
         ctx.connection,
@@ -325,7 +260,7 @@ async def restore(
     await app.core.sync_grants(app.descriptors)
     if answers:
         for holder in state.waiting_for:
-            if holder in {p.descriptor.name for p in app.plans}:
+            if holder in {d.name for d in app.descriptors}:
                 await answer(app, state.id, holder)
     deadline = time.monotonic() + timeout
     async with app.core.admin() as conn:

@@ -1,9 +1,10 @@
 """The annotations: ``@Inbound``, ``@Outbound``, ``@Transactional``, ``@Lease`` and ``@Query``.
 
 An annotation only records metadata, at import time. Stacked annotations share one wrapper (a
-``wrapt.FunctionWrapper``): the first one applied creates it, the others add to its spec, so a
-call goes through exactly one wrapper however many annotations a function carries. The App reads
-the specs once at start-up to build descriptors and call plans; a call does no inspection.
+``wrapt.FunctionWrapper``): the first one applied creates it, the others replace its (immutable)
+spec with an extended copy, so a call goes through exactly one wrapper however many annotations a
+function carries. Each App reads the specs once at start-up into descriptors and call plans of
+its own, writing nothing back; a call does no inspection.
 
 Introspection survives: ``inspect.iscoroutinefunction``, ``inspect.signature`` and ``__name__``
 see the user's function, also when a FastAPI route decorator is stacked on top.
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from typing import Any, Literal, TypeVar, cast, overload
 
 import wrapt
@@ -63,9 +64,14 @@ class InboundSpec:
     blocking: bool = False
 
 
-@dataclass
+@dataclass(frozen=True, eq=False)
 class FunctionSpec:
-    """Everything the annotations say about one service function."""
+    """Everything the annotations say about one service function.
+
+    Immutable: each annotation applied replaces its wrapper's spec, and the App reads it into
+    call plans of its own (``framework._internal.descriptors.CallPlan``) instead of writing onto it.
+    Compared and hashed by identity, so a call finds its plan with one dict lookup.
+    """
 
     function: Callable[..., Any]
     qualname: str
@@ -75,11 +81,6 @@ class FunctionSpec:
     transactional: TransactionalSpec | None = None
     lease: LeaseSpec | None = None
     query: str | None = None
-    #: Filled at start-up, so a call reads them instead of working them out:
-    #: the outbound types as a frozenset for send()'s check, and the transaction a call runs in.
-    allowed_events: frozenset[type[Event]] = field(default_factory=frozenset)
-    tx: TransactionalSpec | None = None
-    row_type: type | None = None
 
     @property
     def name(self) -> str:
@@ -111,6 +112,8 @@ class ServiceFunction(wrapt.FunctionWrapper[..., Any]):
             args: tuple[Any, ...],
             kwargs: dict[str, Any],
         ) -> Any:
+            # The spec as the last annotation left it (each one replaces it).
+            spec = self.vms_spec
             runtime = getattr(instance, "_vms_runtime", None)
             if runtime is None:
                 return _unattached(spec)
@@ -125,6 +128,10 @@ class ServiceFunction(wrapt.FunctionWrapper[..., Any]):
     def vms_spec(self) -> FunctionSpec:
         spec: FunctionSpec = self._self_spec
         return spec
+
+    def vms_revise(self, **changes: Any) -> None:
+        """Replace the spec with a copy carrying ``changes`` (an annotation being applied)."""
+        self._self_spec = replace(self.vms_spec, **changes)
 
 
 async def _unattached(spec: FunctionSpec) -> Any:
@@ -231,8 +238,10 @@ def Inbound(
                 spec.qualname,
                 f"an @Inbound handler takes the event as a parameter ({event_type.__name__})",
             )
-        spec.inbound = InboundSpec(
-            event_type, before, _check_attempts(max_attempts, spec.qualname, "max_attempts"), blocking
+        wrapper.vms_revise(
+            inbound=InboundSpec(
+                event_type, before, _check_attempts(max_attempts, spec.qualname, "max_attempts"), blocking
+            )
         )
         return cast(F, wrapper)
 
@@ -248,7 +257,7 @@ def Outbound(events: type[Event] | Iterable[type[Event]]) -> Callable[[F], F]:
         spec = wrapper.vms_spec
         _not_pushed_down(spec, "Outbound")
         declared = _event_types(events, spec.qualname, "@Outbound's events")
-        spec.outbound = tuple(dict.fromkeys(spec.outbound + declared))
+        wrapper.vms_revise(outbound=tuple(dict.fromkeys(spec.outbound + declared)))
         return cast(F, wrapper)
 
     return apply
@@ -295,10 +304,12 @@ def Transactional(
                 f"@Transactional isolation must be one of {ISOLATIONS}, got {isolation!r}",
             )
         _not_pushed_down(spec, "Transactional")
-        spec.transactional = TransactionalSpec(
-            type,
-            isolation,  # type: ignore[arg-type]  # checked against ISOLATIONS just above
-            _check_attempts(max_attempts, spec.qualname, "max_attempts"),
+        wrapper.vms_revise(
+            transactional=TransactionalSpec(
+                type,
+                isolation,  # type: ignore[arg-type]  # checked against ISOLATIONS just above
+                _check_attempts(max_attempts, spec.qualname, "max_attempts"),
+            )
         )
         return cast(F, wrapper)
 
@@ -334,9 +345,10 @@ def Lease(text: str) -> Callable[[F], F]:
         wrapper = _pushed_down(fn, "Lease", text)
         spec = wrapper.vms_spec
         try:
-            spec.lease = parse_lease(text)
+            lease = parse_lease(text)
         except LanguageError as err:
             raise AnnotationError(spec.qualname, f"@Lease text does not parse: {err}") from err
+        wrapper.vms_revise(lease=lease)
         return cast(F, wrapper)
 
     return apply
@@ -352,7 +364,7 @@ def Query(text: str) -> Callable[[F], F]:
 
     def apply(fn: F) -> F:
         wrapper = _pushed_down(fn, "Query", text)
-        wrapper.vms_spec.query = text
+        wrapper.vms_revise(query=text)
         return cast(F, wrapper)
 
     return apply

@@ -193,10 +193,9 @@ class App:
 
     async def _install_references(self) -> None:
         """Referenceable tables and reference columns (G9, G10), once the tables exist."""
-        from framework import references  # lazy: only Apps that declare references need it
+        if any(d.declares_references for d in self.descriptors):
+            from framework import references  # lazy: only Apps that declare references need it
 
-        declared = [references.describe(plan.cls) for plan in self.plans]
-        if any(d.referenceable or d.columns for d in declared):
             await references.install(self)
 
     def _attach(self) -> None:

@@ -67,11 +67,19 @@ def _after(precedence: tuple[str, ...]) -> str:
     return f" (after {', '.join(precedence)})" if precedence else ""
 
 
+def _references(d: ServiceDescriptor) -> list[str]:
+    """What ``d`` gives (referenceable tables, by key) and holds (reference columns) in G9."""
+    gives = [f"{r.table} ({', '.join(r.key)}) referenceable" for r in d.referenceable]
+    holds = [f"{c.table}.{c.column} → {c.target_service}.{c.target_table}" for c in d.reference_columns]
+    return gives + holds
+
+
 def services_table(descriptors: Sequence[ServiceDescriptor]) -> Table:
-    """One row per service: schema and role, tables, events, leases, queries, dependencies."""
+    """One row per service: schema and role, tables, events, leases, queries, references,
+    dependencies."""
     table = Table(title="Services", show_lines=True)
     columns = ("service", "schema / role", "tables", "inbound", "outbound", "leases", "queries")
-    for column in (*columns, "dependencies"):
+    for column in (*columns, "references", "dependencies"):
         table.add_column(column)
     for d in descriptors:
         table.add_row(
@@ -82,6 +90,7 @@ def services_table(descriptors: Sequence[ServiceDescriptor]) -> Table:
             _lines(f"{o.function}: {', '.join(o.events)}" for o in d.outbound),
             _lines(f"{q.function}({', '.join(q.params)})" for q in d.leases),
             _lines(f"{q.function}({', '.join(q.params)})" for q in d.queries),
+            _lines(_references(d)),
             _lines(d.dependencies),
         )
     return table

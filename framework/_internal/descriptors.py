@@ -1,16 +1,20 @@
-"""Scan annotated ``Service`` classes into ``ServiceDescriptor``s, checking them as a whole.
+"""Scan annotated ``Service`` classes into ``ServiceDescriptor``s and call plans, checking them
+as a whole.
 
 This is the start-up half of the annotations: everything that can only be checked once all the
 services of an App are known (a query naming another service's entity, a lease on a column, a
 precedence on an event the service does not handle) is checked here, and a mistake is an
-``AnnotationError`` naming the function and the offending token.
+``AnnotationError`` naming the function and the offending token. What a call needs at run time
+(its transaction, the events it may send, its compiled query) goes into a :class:`CallPlan` per
+function and App; the annotations' specs are read, never written.
 """
 
 from __future__ import annotations
 
 import typing
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import sqlglot
 from sqlalchemy import Table
@@ -33,25 +37,61 @@ from dbcore.descriptor import (
 from dbcore.errors import LanguageError
 from dbcore.lease_language import check_lease
 from dbcore.query_language import QuerySpec, compile_query
-from framework._internal.annotations import FunctionSpec, spec_of
+from framework._internal.annotations import FunctionSpec, TransactionalSpec, spec_of
 from framework._internal.errors import AnnotationError
 from framework._internal.events import Event
+from framework._internal.reference_model import describe_references
 from framework._internal.results import row_type
 from framework._internal.service import Service, SqlFunction
 
-__all__ = ["ServicePlan", "build_descriptors", "build_plans", "dependencies_of", "function_specs"]
+__all__ = [
+    "CallPlan",
+    "ServicePlan",
+    "build_descriptors",
+    "build_plans",
+    "dependencies_of",
+    "function_specs",
+]
 
 _DIALECT = postgresql.dialect()  # type: ignore[no-untyped-call]
 
 
+@dataclass(frozen=True, eq=False)
+class CallPlan:
+    """How a call of one annotated function runs in one App, worked out once at start-up.
+
+    A new object per App: two Apps built from the same service class share the class's
+    ``FunctionSpec`` (immutable) and nothing else.
+    """
+
+    spec: FunctionSpec
+    #: The ``@Outbound`` event types, for ``send()``'s check.
+    allowed_events: frozenset[type[Event]]
+    #: The transaction a call runs in: declared, implied by ``@Inbound``/``@Outbound``, or none.
+    tx: TransactionalSpec | None
+    #: A ``@Query``: its compiled statement, and the type its rows become (``None``: dicts).
+    query: QuerySpec | None = None
+    row_type: type | None = None
+
+
 @dataclass(frozen=True)
 class ServicePlan:
-    """What start-up learned about one service class: its descriptor and its functions."""
+    """What start-up learned about one service class: its descriptor and its functions' plans."""
 
     cls: type[Service]
     descriptor: ServiceDescriptor
-    functions: dict[str, FunctionSpec]
-    queries: dict[str, QuerySpec]
+    #: By attribute name (inherited functions included).
+    calls: Mapping[str, CallPlan]
+
+    @property
+    def functions(self) -> dict[str, FunctionSpec]:
+        """The annotated functions, by attribute name."""
+        return {attr: call.spec for attr, call in self.calls.items()}
+
+    @property
+    def queries(self) -> dict[str, QuerySpec]:
+        """The compiled ``@Query`` statements, by attribute name."""
+        return {attr: call.query for attr, call in self.calls.items() if call.query is not None}
 
 
 def function_specs(cls: type[Service]) -> dict[str, FunctionSpec]:
@@ -192,11 +232,14 @@ def _describe(cls: type[Service], functions: dict[str, FunctionSpec]) -> Service
             leases.append(LeaseDescriptor(function=attr, text=spec.lease.text, params=spec.params))
         if spec.query is not None:
             queries.append(QueryDescriptor(function=attr, text=spec.query, params=spec.params))
+    referenceable, reference_columns = describe_references(cls)
     return ServiceDescriptor(
         name=cls.service_name(),
         tables=_tables(cls),
         functions=_functions(cls),
         replicas=_replicas(cls),
+        referenceable=referenceable,
+        reference_columns=reference_columns,
         events=tuple(_event_descriptor(events[k]) for k in sorted(events)),
         inbound=tuple(inbound),
         outbound=tuple(outbound),
@@ -277,22 +320,28 @@ def build_plans(classes: Iterable[type[Service]]) -> list[ServicePlan]:
                     f"service {cls.__qualname__}",
                     f"depends on service {dep!r}, which is not part of this App",
                 )
-        queries: dict[str, QuerySpec] = {}
-        for attr, spec in functions[cls].items():
-            spec.allowed_events = frozenset(spec.outbound)
-            spec.tx = spec.effective_transaction()
-            spec.row_type = row_type(spec) if spec.query is not None else None
-            try:
-                if spec.lease is not None:
-                    check_lease(spec.lease, tables=desc.tables, params=spec.params)
-                if spec.query is not None:
-                    queries[attr] = compile_query(
-                        spec.query, catalog=catalog, caller=desc.name, params=spec.params
-                    )
-            except LanguageError as err:
-                raise AnnotationError(spec.qualname, str(err)) from err
-        plans.append(ServicePlan(cls, desc, functions[cls], queries))
+        calls = {attr: _call_plan(spec, desc, catalog) for attr, spec in functions[cls].items()}
+        plans.append(ServicePlan(cls, desc, MappingProxyType(calls)))
     return plans
+
+
+def _call_plan(spec: FunctionSpec, desc: ServiceDescriptor, catalog: Sequence[ServiceDescriptor]) -> CallPlan:
+    """Check ``spec``'s @Lease or @Query against the catalog and work out how a call runs."""
+    query = None
+    try:
+        if spec.lease is not None:
+            check_lease(spec.lease, tables=desc.tables, params=spec.params)
+        if spec.query is not None:
+            query = compile_query(spec.query, catalog=catalog, caller=desc.name, params=spec.params)
+    except LanguageError as err:
+        raise AnnotationError(spec.qualname, str(err)) from err
+    return CallPlan(
+        spec=spec,
+        allowed_events=frozenset(spec.outbound),
+        tx=spec.effective_transaction(),
+        query=query,
+        row_type=row_type(spec) if query is not None else None,
+    )
 
 
 def build_descriptors(classes: Iterable[type[Service]]) -> list[ServiceDescriptor]:

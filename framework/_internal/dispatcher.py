@@ -28,7 +28,6 @@ from dbcore import delivery, replicas
 from dbcore.delivery import Ack, Claimed, ClaimLost
 from dbcore.descriptor import ReplicaDescriptor
 from dbcore.replicas import change_event_type
-from framework._internal.annotations import FunctionSpec
 from framework._internal.events import Event
 from framework._internal.runtime import backoff_delay
 from framework._internal.workers import HandlerWorkers, Job
@@ -37,6 +36,7 @@ if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncConnection
 
     from framework._internal.app import App
+    from framework._internal.descriptors import CallPlan
     from framework._internal.runtime import ServiceRuntime
 
 __all__ = ["Dispatcher"]
@@ -66,10 +66,10 @@ class Dispatcher:
         self.low_water = 3 * settings.worker_concurrency
         self.claim_timeout = settings.claim_timeout
         self.poll_interval = settings.poll_interval
-        self.handlers: dict[str, tuple[FunctionSpec, type[Event]]] = {
-            spec.inbound.event.event_type(): (spec, spec.inbound.event)
-            for spec in runtime.plan.functions.values()
-            if spec.inbound is not None
+        self.handlers: dict[str, tuple[CallPlan, type[Event]]] = {
+            call.spec.inbound.event.event_type(): (call, call.spec.inbound.event)
+            for call in runtime.plan.calls.values()
+            if call.spec.inbound is not None
         }
         self.replicas: dict[str, ReplicaDescriptor] = {
             change_event_type(r.source_service, r.source_table): r
@@ -165,12 +165,13 @@ class Dispatcher:
         if replica is not None:
             await self._apply_replica(item, replica, conn)
             return
-        spec, event_type = self.handlers.get(item.event_type, (None, None))
-        if spec is None or event_type is None:
+        call, event_type = self.handlers.get(item.event_type, (None, None))
+        if call is None or event_type is None:
             await self._dead_letter(
                 item, f"service {self.service!r} has no handler for {item.event_type}", None
             )
             return
+        spec = call.spec
         try:
             payload: Any = item.payload
             event = (
@@ -190,7 +191,7 @@ class Dispatcher:
             return
         try:
             await self.runtime.run(
-                spec,
+                call,
                 spec.function,
                 (self.runtime.instance, event),
                 {},

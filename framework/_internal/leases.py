@@ -23,12 +23,12 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from dbcore import leases
 from dbcore.leases import Grant, SettleAction
 from dbcore.translate import translated
-from framework._internal.annotations import FunctionSpec
 from framework._internal.context import current
 from framework._internal.errors import NoTransactionError
 
 if TYPE_CHECKING:
     from framework._internal.app import App
+    from framework._internal.descriptors import CallPlan
     from framework._internal.runtime import ServiceRuntime
 
 __all__ = ["LeaseExecutor", "LeaseGrant", "consume_lease", "release_lease", "renew_lease"]
@@ -69,8 +69,9 @@ class LeaseExecutor:
         self.app = app
 
     async def call(
-        self, owner: ServiceRuntime, spec: FunctionSpec, args: tuple[Any, ...], kwargs: dict[str, Any]
+        self, owner: ServiceRuntime, call: CallPlan, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> LeaseGrant | None:
+        spec = call.spec
         lease = spec.lease
         assert lease is not None
         bound = spec.signature.bind(owner.instance, *args, **kwargs)

@@ -32,8 +32,8 @@ def row_type(spec: FunctionSpec) -> type | None:
     return None
 
 
-def convert_rows(spec: FunctionSpec, rows: Sequence[Mapping[Any, Any]]) -> list[Any]:
-    target = spec.row_type
+def convert_rows(target: type | None, rows: Sequence[Mapping[Any, Any]]) -> list[Any]:
+    """``rows`` as ``target`` objects (its :func:`row_type`, worked out at start-up), or dicts."""
     if target is None:
         return [dict(r) for r in rows]
     if issubclass(target, BaseModel):

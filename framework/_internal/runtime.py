@@ -1,7 +1,7 @@
 """Executing service functions: transactions, retries, joining, and handles to other services.
 
 One ``ServiceRuntime`` per service of a running App. Every annotated call lands in
-:meth:`ServiceRuntime.call`, which reads the spec prepared at start-up and runs the function in
+:meth:`ServiceRuntime.call`, which reads the call plan built at start-up and runs the function in
 its transaction; nothing here inspects signatures or decorators per call.
 """
 
@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from dbcore.errors import ServiceRecovering, TransactionConflict
 from dbcore.isolation import CommitStatement
-from dbcore.query_language import QuerySpec, bind_values
+from dbcore.query_language import bind_values
 from dbcore.translate import translated
 from framework._internal.annotations import FunctionSpec, TransactionalSpec
 from framework._internal.context import TxContext, bind, current, unbind
@@ -30,7 +30,7 @@ from framework._internal.service import Service
 
 if TYPE_CHECKING:
     from framework._internal.app import App
-    from framework._internal.descriptors import ServicePlan
+    from framework._internal.descriptors import CallPlan, ServicePlan
 
 __all__ = ["ServiceHandle", "ServiceRuntime", "backoff_delay"]
 
@@ -51,9 +51,7 @@ class ServiceRuntime:
         self.name = plan.descriptor.name
         self.instance: Service = plan.cls()
         self.instance._vms_runtime = self  # type: ignore[attr-defined]
-        self._queries: dict[int, QuerySpec] = {
-            id(plan.functions[attr]): q for attr, q in plan.queries.items()
-        }
+        self._calls: dict[FunctionSpec, CallPlan] = {c.spec: c for c in plan.calls.values()}
 
     def call(
         self,
@@ -62,13 +60,20 @@ class ServiceRuntime:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> Awaitable[Any]:
-        if spec.query is not None:
+        call = self._calls.get(spec)
+        if call is None:
+            raise ServiceCallError(
+                f"{spec.qualname} is not one of the annotated functions the App found on service "
+                f"{self.name!r} at start-up (it is overridden in a subclass, or defined on a class "
+                "that is not a Service); annotate the function the service class itself exposes"
+            )
+        if call.query is not None:
             self.refuse_while_recovering()
-            return self._run_query(spec, args, kwargs)
+            return self._run_query(call, args, kwargs)
         if spec.lease is not None:
             self.refuse_while_recovering()
-            return self.app.leases.call(self, spec, args, kwargs)
-        return self.run(spec, wrapped, args, kwargs)
+            return self.app.leases.call(self, call, args, kwargs)
+        return self.run(call, wrapped, args, kwargs)
 
     def refuse_while_recovering(self) -> None:
         """Raise ``ServiceRecovering`` while this service recovers in consistency mode (G10)."""
@@ -81,7 +86,7 @@ class ServiceRuntime:
 
     async def run(
         self,
-        spec: FunctionSpec,
+        call: CallPlan,
         wrapped: Callable[..., Any],
         args: tuple[Any, ...],
         kwargs: Mapping[str, Any],
@@ -97,11 +102,12 @@ class ServiceRuntime:
         connection, and the delivery's acknowledgement, sent with ``COMMIT`` (so it commits with
         the handler's effects, G4, at no extra round trip).
         """
+        spec = call.spec
         outer = current()
         if outer is not None:
-            return await self._join(outer, spec, wrapped, args, kwargs)
+            return await self._join(outer, call, wrapped, args, kwargs)
         self.refuse_while_recovering()
-        tx = spec.tx
+        tx = call.tx
         if tx is None:
             return await wrapped(*args, **kwargs)
         if correlation_id is None:
@@ -111,7 +117,7 @@ class ServiceRuntime:
             try:
                 with translated(self.name, self.app.core.table_owners):
                     return await self._attempt(
-                        spec,
+                        call,
                         tx,
                         wrapped,
                         args,
@@ -141,7 +147,7 @@ class ServiceRuntime:
 
     async def _attempt(
         self,
-        spec: FunctionSpec,
+        call: CallPlan,
         tx: TransactionalSpec,
         wrapped: Callable[..., Any],
         args: tuple[Any, ...],
@@ -151,6 +157,7 @@ class ServiceRuntime:
         connection: AsyncConnection | None,
         before_commit: CommitStatement | None,
     ) -> Any:
+        spec = call.spec
         read_only = tx.type == "RO"
         async with self.app.core.transaction(
             self.name,
@@ -164,7 +171,7 @@ class ServiceRuntime:
                 function=spec.qualname,
                 connection=conn,
                 read_only=read_only,
-                allowed=spec.allowed_events,
+                allowed=call.allowed_events,
                 correlation_id=correlation_id,
                 causation_id=causation_id,
             )
@@ -187,12 +194,13 @@ class ServiceRuntime:
     async def _join(
         self,
         outer: TxContext,
-        spec: FunctionSpec,
+        call: CallPlan,
         wrapped: Callable[..., Any],
         args: tuple[Any, ...],
         kwargs: Mapping[str, Any],
     ) -> Any:
         """A nested call of the same service joins the running transaction."""
+        spec = call.spec
         if outer.service != self.name:
             raise ServiceCallError(
                 f"{spec.qualname} (service {self.name!r}) was called inside a transaction of "
@@ -201,7 +209,7 @@ class ServiceRuntime:
                 "handle"
             )
         saved = outer.allowed, outer.function
-        outer.allowed, outer.function = spec.allowed_events, spec.qualname
+        outer.allowed, outer.function = call.allowed_events, spec.qualname
         try:
             result = await wrapped(*args, **kwargs)
             if isinstance(result, Event):
@@ -210,12 +218,11 @@ class ServiceRuntime:
         finally:
             outer.allowed, outer.function = saved
 
-    async def _run_query(
-        self, spec: FunctionSpec, args: tuple[Any, ...], kwargs: Mapping[str, Any]
-    ) -> list[Any]:
+    async def _run_query(self, call: CallPlan, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> list[Any]:
         """Run a compiled @Query in the caller's transaction, or in its own snapshot."""
-        compiled = self._queries[id(spec)]
-        bound = spec.signature.bind(self.instance, *args, **kwargs)
+        compiled = call.query
+        assert compiled is not None
+        bound = call.spec.signature.bind(self.instance, *args, **kwargs)
         bound.apply_defaults()
         values = bind_values(compiled, bound.arguments)
         statement = text(compiled.sql)
@@ -225,7 +232,7 @@ class ServiceRuntime:
         else:
             async with self.app.core.transaction(self.name, isolation="snapshot", read_only=True) as conn:
                 rows = (await conn.execute(statement, values)).mappings().all()
-        return convert_rows(spec, list(rows))
+        return convert_rows(call.row_type, list(rows))
 
 
 class ServiceHandle:
@@ -239,8 +246,8 @@ class ServiceHandle:
 
     def __getattr__(self, name: str) -> Any:
         target = self._target
-        spec = target.plan.functions.get(name)
-        if spec is None or (spec.lease is None and spec.query is None):
+        call = target.plan.calls.get(name)
+        if call is None or (call.spec.lease is None and call.spec.query is None):
             raise AttributeError(
                 f"service {self._owner!r} may call only the @Lease and @Query functions of "
                 f"service {target.name!r}, and {name!r} is not one; send an event to ask for "

@@ -118,6 +118,31 @@ async def meta(app: App, uri: str) -> dict[str, object] | None:
     return None if row is None else dict(row)
 
 
+async def test_the_catalog_knows_references_from_the_registered_descriptors(app: App) -> None:
+    """The core learns what a service gives and holds from its descriptor (vms.services), and
+    installs exactly that: the referenceable table by its key, the reference column by its target."""
+    async with app.core.admin() as conn:
+        stored = dict((await conn.execute(text("SELECT name, descriptor FROM vms.services"))).all())
+        referenceables = (
+            await conn.execute(text("SELECT service, entity, key_columns FROM vms.referenceables"))
+        ).all()
+        columns = (
+            await conn.execute(
+                text(
+                    "SELECT holder, holder_table, column_name, target_service, target_entity "
+                    "FROM vms.reference_columns"
+                )
+            )
+        ).all()
+    crm, shop = (json.loads(d) if isinstance(d, str) else d for d in (stored["crm"], stored["shop"]))
+    assert crm["referenceable"] == [{"table": "clients", "entity": "Client", "key": ["id"]}]
+    assert shop["reference_columns"] == [
+        {"table": "purchases", "column": "client", "target_service": "crm", "target_table": "clients"}
+    ]
+    assert [tuple(r) for r in referenceables] == [("crm", "clients", ["id"])]
+    assert [tuple(r) for r in columns] == [("shop", "purchases", "client", "crm", "clients")]
+
+
 async def test_a_reference_carries_uri_version_epoch_and_copy(app: App) -> None:
     await app.service(Crm).put("c1", "Ada")
     ref = await app.service(Shop).order("o1", "c1")

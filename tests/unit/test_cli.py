@@ -4,8 +4,10 @@ with a message that names what was wrong (no database needed)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import NoReturn
 
 import pytest
@@ -103,3 +105,35 @@ def test_a_core_error_inside_a_command_is_one_line_and_exit_code_1(
     out, err = capsys.readouterr()
     assert err.splitlines() == [f"error: {REFUSAL}"]  # one line, however long, and no traceback
     assert out == ""
+def test_services_json_shows_each_services_references() -> None:
+    result = runner.invoke(cli, ["services", "vmsdb_eshop.services:SERVICES", "--json"])
+    assert result.exit_code == 0, result.output
+    by_name = {d["name"]: d for d in json.loads(result.output)}
+    assert by_name["product"]["referenceable"] == [
+        {"table": "products", "entity": "ProductRecord", "key": ["seller_id", "product_id"]}
+    ]
+    assert by_name["customer"]["referenceable"] == [
+        {"table": "customers", "entity": "CustomerRecord", "key": ["id"]}
+    ]
+    holds = {
+        (c["table"], c["column"]): (c["target_service"], c["target_table"])
+        for c in by_name["order"]["reference_columns"]
+    }
+    assert holds == {
+        ("orders", "customer"): ("customer", "customers"),
+        ("order_items", "product"): ("product", "products"),
+    }
+    assert by_name["cart"]["referenceable"] == by_name["cart"]["reference_columns"] == []
+
+
+def test_services_table_shows_each_services_references(tmp_path: Path) -> None:
+    result = runner.invoke(
+        cli,
+        ["services", "vmsdb_eshop.services:SERVICES", "--graph", str(tmp_path / "flow")],
+        env={"COLUMNS": "400"},
+    )
+    assert result.exit_code == 0, result.output
+    shown = text_of(result.output)
+    assert "references" in shown
+    assert "products (seller_id, product_id) referenceable" in shown
+    assert "orders.customer → customer.customers" in shown

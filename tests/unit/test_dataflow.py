@@ -17,6 +17,8 @@ from dbcore.descriptor import (
     LeaseDescriptor,
     OutboundDescriptor,
     QueryDescriptor,
+    ReferenceableDescriptor,
+    ReferenceColumnDescriptor,
     ServiceDescriptor,
     TableDescriptor,
 )
@@ -230,3 +232,24 @@ def test_write_graph_with_graphviz_writes_svg(tmp_path: Path) -> None:
     svg = weird[1].read_text(encoding="utf-8")
     assert "Say &quot;hi&quot; now" in svg
     assert "back\\slash" in svg
+
+
+def test_services_table_shows_what_each_service_gives_and_holds_in_references() -> None:
+    key = (ColumnDescriptor(name="id", type="integer", primary_key=True),)
+    crm = ServiceDescriptor(
+        name="crm",
+        tables=(TableDescriptor(name="customers", entity="Customer", columns=key),),
+        referenceable=(ReferenceableDescriptor(table="customers", entity="Customer", key=("region", "id")),),
+    )
+    shop = ServiceDescriptor(
+        name="shop",
+        reference_columns=(
+            ReferenceColumnDescriptor(
+                table="orders", column="customer", target_service="crm", target_table="customers"
+            ),
+        ),
+    )
+    text = _render(services_table([crm, shop]))
+    assert "references" in text
+    assert "customers (region, id) referenceable" in text
+    assert "orders.customer → crm.customers" in text

@@ -4,6 +4,7 @@ No ``from __future__ import annotations``: the services are defined inside funct
 dependency such as ``stock: Stock`` must be the class itself for ``typing.get_type_hints``.
 """
 
+import dataclasses
 import json
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
@@ -21,14 +22,30 @@ from dbcore.descriptor import (
     LeaseDescriptor,
     OutboundDescriptor,
     QueryDescriptor,
+    ReferenceableDescriptor,
+    ReferenceColumnDescriptor,
     ServiceDescriptor,
     TableDescriptor,
     TransactionalDescriptor,
 )
 from dbcore.errors import LanguageError
-from framework import AnnotationError, Event, Inbound, Lease, Outbound, Query, Service, Transactional
-from framework._internal.annotations import TransactionalSpec
-from framework._internal.descriptors import build_descriptors, build_plans
+from framework import (
+    AnnotationError,
+    App,
+    Event,
+    Inbound,
+    Lease,
+    Outbound,
+    Query,
+    Ref,
+    Service,
+    ServiceCallError,
+    Transactional,
+    ref_column,
+)
+from framework._internal.annotations import FunctionSpec, TransactionalSpec, spec_of
+from framework._internal.descriptors import build_descriptors, build_plans, function_specs
+from framework._internal.runtime import ServiceRuntime
 
 
 class AddCartItemRequest(Event, key="customer_id"):
@@ -202,11 +219,13 @@ def test_event_descriptor_carries_key_and_json_schema(descriptors: list[ServiceD
 def test_plans_hold_functions_and_compiled_queries() -> None:
     stock, cart, report = build_plans(eshop())
     assert set(cart.functions) == {"handle_add_cart_item", "checkout", "cart_total"}
-    implied = cart.functions["checkout"]
-    assert implied.transactional is None
+    assert set(cart.calls) == set(cart.functions)
+    implied = cart.calls["checkout"]
+    assert implied.spec.transactional is None
     assert implied.tx == TransactionalSpec("RW", "read_committed", 10, explicit=False)
-    assert cart.functions["handle_add_cart_item"].allowed_events == frozenset({AddCartItemAttempt})
-    assert stock.functions["get_stock_item_info"].tx is None
+    assert cart.calls["handle_add_cart_item"].allowed_events == frozenset({AddCartItemAttempt})
+    assert stock.calls["get_stock_item_info"].tx is None
+    assert report.calls["low_stock"].query is report.queries["low_stock"]
     assert (
         report.queries["low_stock"].sql == 'SELECT s.* FROM "stock"."stock_items" AS s WHERE s.qty < :limit'
     )
@@ -398,3 +417,128 @@ def test_migrations_render_reference_columns_as_plain_jsonb() -> None:
     assert render_item("type", RefType(), context) == "postgresql.JSONB(astext_type=sa.Text())"
     assert context.imports == {"from sqlalchemy.dialects import postgresql"}
     assert render_item("type", Integer(), context) is False
+
+
+# -- references (G9) are part of the descriptor ---------------------------------------------------
+
+
+def referencing(*, referenceable: bool = True) -> list[type[Service]]:
+    """Crm gives references to its customers (a two-column key); Shop's orders hold them."""
+
+    class Crm(Service, name="crm"):
+        pass
+
+    class Customer(Crm.Model):
+        __tablename__ = "customers"
+        region: Mapped[str] = mapped_column(primary_key=True)
+        id: Mapped[int] = mapped_column(primary_key=True)
+        name: Mapped[str]
+
+    if referenceable:
+        Crm.referenceable(Customer)
+
+    class Shop(Service, name="shop"):
+        pass
+
+    class Order(Shop.Model):
+        __tablename__ = "orders"
+        id: Mapped[str] = mapped_column(primary_key=True)
+        customer: Mapped[Ref | None] = ref_column(Customer)
+        buyer: Mapped[Ref | None] = ref_column(Customer)
+
+    return [owning(Crm, Customer), owning(Shop, Order)]
+
+
+def test_references_are_part_of_the_descriptor() -> None:
+    crm, shop = build_descriptors(referencing())
+    assert crm.referenceable == (
+        ReferenceableDescriptor(table="customers", entity="Customer", key=("region", "id")),
+    )
+    assert crm.reference_columns == ()
+    assert shop.referenceable == ()
+    to_customers = {"target_service": "crm", "target_table": "customers"}
+    assert shop.reference_columns == (
+        ReferenceColumnDescriptor(table="orders", column="customer", **to_customers),
+        ReferenceColumnDescriptor(table="orders", column="buyer", **to_customers),
+    )
+    assert crm.declares_references and shop.declares_references
+    assert not any(d.declares_references for d in build_descriptors(eshop()))
+
+
+def test_references_survive_the_json_round_trip() -> None:
+    crm, shop = (json.loads(json.dumps(d.to_json())) for d in build_descriptors(referencing()))
+    assert [ServiceDescriptor.from_json(d) for d in (crm, shop)] == build_descriptors(referencing())
+    assert crm["referenceable"] == [{"table": "customers", "entity": "Customer", "key": ["region", "id"]}]
+    assert shop["reference_columns"][0] == {
+        "table": "orders",
+        "column": "customer",
+        "target_service": "crm",
+        "target_table": "customers",
+    }
+
+
+def test_making_a_model_referenceable_is_a_new_descriptor_version() -> None:
+    (plain,) = build_descriptors(referencing(referenceable=False)[:1])
+    (marked,) = build_descriptors(referencing()[:1])
+    assert plain.tables == marked.tables
+    assert plain.fingerprint() != marked.fingerprint()
+
+
+def test_a_reference_to_a_model_that_is_not_referenceable() -> None:
+    err = plan_error(referencing(referenceable=False), "Customer is not @referenceable")
+    assert err.function.endswith("Order.customer")
+
+
+# -- call plans: built per App, nothing written onto the annotations ------------------------------
+
+
+def spec_state(spec: FunctionSpec) -> dict[str, Any]:
+    return {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)}
+
+
+def test_function_specs_are_immutable() -> None:
+    _, cart, _ = eshop()
+    spec = spec_of(cart.checkout)
+    assert spec is not None
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.outbound = (AddCartItemAttempt,)  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.tx = None  # type: ignore[attr-defined]
+
+
+def test_two_apps_of_one_service_class_share_no_per_function_state() -> None:
+    classes = eshop()
+    specs = {(cls, attr): spec for cls in classes for attr, spec in function_specs(cls).items()}
+    before = {key: spec_state(spec) for key, spec in specs.items()}
+    first = App(classes, worker_concurrency=2)
+    second = App(classes[:2], worker_concurrency=16, pool_size=3)
+    assert first.settings.worker_concurrency != second.settings.worker_concurrency
+    for one, other in zip(first.plans, second.plans, strict=False):
+        assert one.cls is other.cls
+        for attr, call in one.calls.items():
+            twin = other.calls[attr]
+            assert call is not twin  # each App has its own plan
+            assert call.spec is twin.spec is specs[(one.cls, attr)]  # of the one annotation
+            assert (call.tx, call.allowed_events) == (twin.tx, twin.allowed_events)
+    # Building the plans wrote nothing onto the annotations' specs.
+    assert {key: spec_state(spec) for key, spec in specs.items()} == before
+    assert all(not hasattr(spec, "allowed_events") for spec in specs.values())
+
+
+def test_a_call_without_a_plan_is_refused_not_run_without_its_transaction() -> None:
+    """An annotated function the App did not plan (here: on a mixin that is not a Service) must
+    not run as if it had no annotation."""
+
+    class Audited:
+        @Transactional
+        async def audit(self) -> None: ...
+
+    class Ledger(Audited, Service, name="ledger"):
+        pass
+
+    app = App([Ledger])
+    (plan,) = app.plans
+    assert "audit" not in plan.calls
+    runtime = ServiceRuntime(app, plan)
+    with pytest.raises(ServiceCallError, match=r"Audited\.audit is not one of the annotated functions"):
+        runtime.instance.audit()

@@ -102,7 +102,11 @@ class Routing:
         }
         # The protocol's events, when this App has references to give or to hold; consumed by
         # every core (each acts only on what concerns its own services).
-        protocol = frozenset(PROTOCOL_EVENTS) if _uses_references(plans) else frozenset()
+        protocol = (
+            frozenset(PROTOCOL_EVENTS)
+            if any(p.descriptor.declares_references for p in plans)
+            else frozenset()
+        )
         protocol_topics = {options.topic_for(name) for name in protocol}
         services = (
             set(options.remote)
@@ -117,13 +121,6 @@ class Routing:
             services=tuple(sorted(services)),
             protocol=protocol,
         )
-
-
-def _uses_references(plans: Sequence[ServicePlan]) -> bool:
-    from framework.references import describe  # lazy: references pull in backup and recovery
-
-    declared = (describe(p.cls) for p in plans)
-    return any(refs.referenceable or refs.columns for refs in declared)
 
 
 def _refuse_cycles(before: Mapping[str, set[str]]) -> None:
