@@ -84,7 +84,7 @@ class App:
         self.migrate = migrate
         self.workers: bool | frozenset[str] = workers if isinstance(workers, bool) else frozenset(workers)
         self.metrics = Metrics()
-        self.leases = LeaseExecutor(self)
+        self._leases: LeaseExecutor | None = None
         self.plans: list[ServicePlan] = build_plans(self.services)
         if isinstance(self.workers, frozenset):
             unknown = self.workers - {p.descriptor.name for p in self.plans}
@@ -117,6 +117,13 @@ class App:
         return self.host.core
 
     @property
+    def leases(self) -> LeaseExecutor:
+        """Settle leases outside any transaction: ``await app.leases.consume(grant)``."""
+        if self._leases is None:
+            raise FrameworkError("the App is not started; use `async with App(...) as app`")
+        return self._leases
+
+    @property
     def kafka(self) -> Any:
         """The Kafka transport (relay and ingress) when ``kafka_bootstrap`` is set, else ``None``."""
         return self._kafka
@@ -137,6 +144,7 @@ class App:
         try:
             core = await self._database.open(pool_size=pool_size)
             self._host = Host(core, self.settings, self.plans, self.metrics, self.recovering)
+            self._leases = LeaseExecutor(self._host)
             from framework._internal import migrations  # lazy: keeps alembic out of import time
 
             if self.migrate:  # development: the core and every service schema to head
@@ -180,7 +188,7 @@ class App:
             if chosen and (
                 descriptor.inbound or any(r.consistency == "eventual" for r in descriptor.replicas)
             ):
-                dispatcher = Dispatcher(self, runtime, self._workers)
+                dispatcher = Dispatcher(self.host, runtime, self._workers)
                 self._dispatchers[runtime.name] = dispatcher
                 dispatcher.start()
 
@@ -200,7 +208,7 @@ class App:
 
     def _attach(self) -> None:
         for plan in self.plans:
-            self._runtimes[plan.cls] = ServiceRuntime(self, plan)
+            self._runtimes[plan.cls] = ServiceRuntime(self.host, plan, self.leases)
         by_name = {cls.service_name(): rt for cls, rt in self._runtimes.items()}
         for cls, runtime in self._runtimes.items():
             for attr, dep in dependencies_of(cls).items():
@@ -229,6 +237,7 @@ class App:
         await self._outcomes.close()
         await self._database.close()
         self._host = None
+        self._leases = None
 
     async def __aenter__(self) -> App:
         return await self.start()

@@ -35,8 +35,8 @@ from framework._internal.workers import HandlerWorkers, Job
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncConnection
 
-    from framework._internal.app import App
     from framework._internal.descriptors import CallPlan
+    from framework._internal.host import Host
     from framework._internal.runtime import ServiceRuntime
 
 __all__ = ["Dispatcher"]
@@ -52,12 +52,12 @@ _START_WITHIN = 0.8
 class Dispatcher:
     """Runs the ``@Inbound`` handlers of one service."""
 
-    def __init__(self, app: App, runtime: ServiceRuntime, workers: HandlerWorkers) -> None:
-        self.app = app
+    def __init__(self, host: Host, runtime: ServiceRuntime, workers: HandlerWorkers) -> None:
+        self.host = host
         self.runtime = runtime
         self.workers = workers
         self.service = runtime.name
-        settings = app.settings
+        settings = host.settings
         # Claimed and not yet finished, at most four times what the workers run at once; the
         # next claim goes out once a round is done, while two more rounds are still queued, so
         # that the workers do not wait for it, and brings at least a round (one round trip for
@@ -111,7 +111,7 @@ class Dispatcher:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while not self._stopping:
-            if self._outstanding > self.low_water or self.service in self.app.recovering:
+            if self._outstanding > self.low_water or self.service in self.host.recovering:
                 # Enough claimed; or recovering in consistency mode (G10), when its events wait
                 # rather than fail (the App wakes the dispatcher when the recovery ends).
                 await self._wait(self.poll_interval)
@@ -120,7 +120,7 @@ class Dispatcher:
             self._unblocked = False
             held_back = False
             try:
-                async with self.app.core.autocommit() as conn:  # the claim is one statement
+                async with self.host.core.autocommit() as conn:  # the claim is one statement
                     claimed = await delivery.claim(
                         conn,
                         self.service,
@@ -155,10 +155,10 @@ class Dispatcher:
 
     async def handle(self, item: Claimed, conn: AsyncConnection) -> None:
         """Run ``item``'s handler on a worker's connection (``HandlerWorkers``)."""
-        if self.service in self.app.recovering:
+        if self.service in self.host.recovering:
             # Claimed before a consistency-mode recovery began: give it back untried, so that it
             # waits for the recovery instead of spending its attempts on refusals.
-            async with self.app.core.admin() as admin:
+            async with self.host.core.admin() as admin:
                 await delivery.release(admin, item)
             return
         replica = self.replicas.get(item.event_type)
@@ -200,7 +200,7 @@ class Dispatcher:
                 connection=conn,
                 before_commit=Ack(item),
             )
-            self.app.metrics.inc("events_handled", service=self.service, event=item.event_type)
+            self.host.metrics.inc("events_handled", service=self.service, event=item.event_type)
         except ClaimLost as err:
             log.warning("%s: %s", self.service, err)
         except Exception as err:
@@ -213,9 +213,9 @@ class Dispatcher:
         """A change of a replicated source row: apply it and mark it handled, in one transaction."""
         payload = json.loads(item.payload) if isinstance(item.payload, (str, bytes)) else item.payload
         try:
-            async with self.app.core.transaction(self.service, connection=conn, before_commit=Ack(item)):
+            async with self.host.core.transaction(self.service, connection=conn, before_commit=Ack(item)):
                 await replicas.apply_change(conn, self.service, replica, payload)
-            self.app.metrics.inc("replica_changes", service=self.service, table=replica.table)
+            self.host.metrics.inc("replica_changes", service=self.service, table=replica.table)
         except ClaimLost as err:
             log.warning("%s: %s", self.service, err)
         except Exception as err:
@@ -239,8 +239,8 @@ class Dispatcher:
             delay * 1000,
             error,
         )
-        self.app.metrics.inc("event_retries", service=self.service, event=item.event_type)
-        async with self.app.core.admin() as conn:
+        self.host.metrics.inc("event_retries", service=self.service, event=item.event_type)
+        async with self.host.core.admin() as conn:
             await delivery.retry_later(conn, item, error, delay)
         asyncio.get_running_loop().call_later(delay, self.wake)
 
@@ -256,6 +256,6 @@ class Dispatcher:
             " and holds its key until replayed" if blocking else "",
             error,
         )
-        self.app.metrics.inc("dead_letters", service=self.service, event=item.event_type)
-        async with self.app.core.admin() as conn:
+        self.host.metrics.inc("dead_letters", service=self.service, event=item.event_type)
+        async with self.host.core.admin() as conn:
             await delivery.dead_letter(conn, item, error, trace, blocking=blocking)

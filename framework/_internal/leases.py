@@ -27,9 +27,9 @@ from framework._internal.context import current
 from framework._internal.errors import NoTransactionError
 
 if TYPE_CHECKING:
-    from framework._internal.app import App
     from framework._internal.descriptors import CallPlan
-    from framework._internal.runtime import ServiceRuntime
+    from framework._internal.host import Host
+    from framework._internal.service import Service
 
 __all__ = ["LeaseExecutor", "LeaseGrant", "consume_lease", "release_lease", "renew_lease"]
 
@@ -65,16 +65,18 @@ def _period(value: Any, function: str) -> timedelta:
 class LeaseExecutor:
     """Runs lease functions for an App; one per App."""
 
-    def __init__(self, app: App) -> None:
-        self.app = app
+    def __init__(self, host: Host) -> None:
+        self.host = host
 
     async def call(
-        self, owner: ServiceRuntime, call: CallPlan, args: tuple[Any, ...], kwargs: dict[str, Any]
+        self, owner: str, instance: Service, call: CallPlan, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> LeaseGrant | None:
+        """Grant a lease of ``owner``'s ``@Lease`` function for this call (``instance`` is the
+        owner's running service, bound as ``self``), in the caller's transaction if there is one."""
         spec = call.spec
         lease = spec.lease
         assert lease is not None
-        bound = spec.signature.bind(owner.instance, *args, **kwargs)
+        bound = spec.signature.bind(instance, *args, **kwargs)
         bound.apply_defaults()
         arguments = bound.arguments
         key = {column: arguments[p] for column, p in lease.keys}
@@ -82,24 +84,22 @@ class LeaseExecutor:
         period = _period(arguments[lease.period_param], spec.qualname)
         ctx = current()
         if ctx is not None:  # in the caller's transaction: its errors surface where it ends
-            granted = await leases.grant(
-                ctx.connection, owner.name, spec.name, key, quantity, period, ctx.service
-            )
+            granted = await leases.grant(ctx.connection, owner, spec.name, key, quantity, period, ctx.service)
         else:
-            with translated(owner.name, self.app.core.table_owners):
-                async with self.app.core.transaction(owner.name) as conn:
-                    granted = await leases.grant(conn, owner.name, spec.name, key, quantity, period, None)
-        self.app.metrics.inc(
-            "lease_grants" if granted else "lease_refusals", service=owner.name, function=spec.name
+            with translated(owner, self.host.core.table_owners):
+                async with self.host.core.transaction(owner) as conn:
+                    granted = await leases.grant(conn, owner, spec.name, key, quantity, period, None)
+        self.host.metrics.inc(
+            "lease_grants" if granted else "lease_refusals", service=owner, function=spec.name
         )
-        return None if granted is None else _lease_grant(granted, owner.name, spec.name, lease.entity)
+        return None if granted is None else _lease_grant(granted, owner, spec.name, lease.entity)
 
     async def settle(
         self, action: SettleAction, lease: LeaseGrant | UUID | str, period: timedelta | None = None
     ) -> dict[str, Any]:
         """``consume``, ``release`` or ``renew`` outside any transaction (as the administrator)."""
         with translated("(app)"):
-            async with self.app.core.admin() as conn:
+            async with self.host.core.admin() as conn:
                 return await settle(conn, action, lease, period)
 
     async def consume(self, lease: LeaseGrant | UUID | str) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from dbcore.isolation import CommitStatement
 from dbcore.query_language import bind_values
 from dbcore.translate import translated
 from framework._internal.annotations import FunctionSpec, TransactionalSpec
-from framework._internal.context import TxContext, bind, current, unbind
+from framework._internal.context import TxContext, bind, correlation, current, unbind
 from framework._internal.errors import RetriesExhausted, ServiceCallError
 from framework._internal.events import Event
 from framework._internal.outbox import write_outbox
@@ -29,8 +29,9 @@ from framework._internal.results import convert_rows
 from framework._internal.service import Service
 
 if TYPE_CHECKING:
-    from framework._internal.app import App
     from framework._internal.descriptors import CallPlan, ServicePlan
+    from framework._internal.host import Host
+    from framework._internal.leases import LeaseExecutor
 
 __all__ = ["ServiceHandle", "ServiceRuntime", "backoff_delay"]
 
@@ -45,8 +46,9 @@ def backoff_delay(attempt: int, *, base: float = 0.005, cap: float = 0.5) -> flo
 class ServiceRuntime:
     """Runs one service's functions against the core."""
 
-    def __init__(self, app: App, plan: ServicePlan) -> None:
-        self.app = app
+    def __init__(self, host: Host, plan: ServicePlan, leases: LeaseExecutor) -> None:
+        self.host = host
+        self.leases = leases
         self.plan = plan
         self.name = plan.descriptor.name
         self.instance: Service = plan.cls()
@@ -72,12 +74,12 @@ class ServiceRuntime:
             return self._run_query(call, args, kwargs)
         if spec.lease is not None:
             self.refuse_while_recovering()
-            return self.app.leases.call(self, call, args, kwargs)
+            return self.leases.call(self.name, self.instance, call, args, kwargs)
         return self.run(call, wrapped, args, kwargs)
 
     def refuse_while_recovering(self) -> None:
         """Raise ``ServiceRecovering`` while this service recovers in consistency mode (G10)."""
-        if self.name in self.app.recovering:
+        if self.name in self.host.recovering:
             raise ServiceRecovering(
                 f"service {self.name!r} is recovering in consistency mode: it serves nothing, "
                 "reads included, until every holder of its references has answered (or the "
@@ -111,11 +113,11 @@ class ServiceRuntime:
         if tx is None:
             return await wrapped(*args, **kwargs)
         if correlation_id is None:
-            correlation_id = self.app.correlation_id()
+            correlation_id = correlation.get()
         attempt = 1
         while True:
             try:
-                with translated(self.name, self.app.core.table_owners):
+                with translated(self.name, self.host.core.table_owners):
                     return await self._attempt(
                         call,
                         tx,
@@ -128,9 +130,9 @@ class ServiceRuntime:
                         before_commit,
                     )
             except TransactionConflict as conflict:
-                self.app.metrics.inc("transaction_conflicts", service=self.name, function=spec.name)
+                self.host.metrics.inc("transaction_conflicts", service=self.name, function=spec.name)
                 if attempt >= tx.max_attempts:
-                    self.app.metrics.inc("transaction_failures", service=self.name, function=spec.name)
+                    self.host.metrics.inc("transaction_failures", service=self.name, function=spec.name)
                     raise RetriesExhausted(spec.qualname, attempt, conflict) from conflict
                 delay = backoff_delay(attempt)
                 log.info(
@@ -141,7 +143,7 @@ class ServiceRuntime:
                     conflict.kind,
                     delay * 1000,
                 )
-                self.app.metrics.inc("transaction_retries", service=self.name, function=spec.name)
+                self.host.metrics.inc("transaction_retries", service=self.name, function=spec.name)
                 attempt += 1
                 await asyncio.sleep(delay)
 
@@ -159,7 +161,7 @@ class ServiceRuntime:
     ) -> Any:
         spec = call.spec
         read_only = tx.type == "RO"
-        async with self.app.core.transaction(
+        async with self.host.core.transaction(
             self.name,
             isolation=tx.isolation,
             read_only=read_only,
@@ -188,7 +190,7 @@ class ServiceRuntime:
                 unbind(token)
                 if ctx.has_session:
                     await ctx.session.close()
-        self.app.metrics.inc("transactions", service=self.name, function=spec.name)
+        self.host.metrics.inc("transactions", service=self.name, function=spec.name)
         return result
 
     async def _join(
@@ -230,7 +232,7 @@ class ServiceRuntime:
         if ctx is not None:
             rows = (await ctx.connection.execute(statement, values)).mappings().all()
         else:
-            async with self.app.core.transaction(self.name, isolation="snapshot", read_only=True) as conn:
+            async with self.host.core.transaction(self.name, isolation="snapshot", read_only=True) as conn:
                 rows = (await conn.execute(statement, values)).mappings().all()
         return convert_rows(call.row_type, list(rows))
 

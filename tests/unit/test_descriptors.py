@@ -13,8 +13,10 @@ from typing import Any
 
 import pytest
 from sqlalchemy import Integer, Numeric, String
+from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.orm import Mapped, mapped_column
 
+from dbcore.core import Core
 from dbcore.descriptor import (
     ColumnDescriptor,
     EventTypeDescriptor,
@@ -45,6 +47,8 @@ from framework import (
 )
 from framework._internal.annotations import FunctionSpec, TransactionalSpec, spec_of
 from framework._internal.descriptors import build_descriptors, build_plans, function_specs
+from framework._internal.host import Host
+from framework._internal.leases import LeaseExecutor
 from framework._internal.runtime import ServiceRuntime
 
 
@@ -539,6 +543,8 @@ def test_a_call_without_a_plan_is_refused_not_run_without_its_transaction() -> N
     app = App([Ledger])
     (plan,) = app.plans
     assert "audit" not in plan.calls
-    runtime = ServiceRuntime(app, plan)
+    # A core that is never connected: the call is refused before anything reaches it.
+    host = Host(Core(create_async_engine("postgresql+asyncpg://nobody@/nowhere")), app.settings, app.plans)
+    runtime = ServiceRuntime(host, plan, LeaseExecutor(host))
     with pytest.raises(ServiceCallError, match=r"Audited\.audit is not one of the annotated functions"):
         runtime.instance.audit()
