@@ -523,14 +523,15 @@ async def test_a_retry_runs_when_its_backoff_ends_not_at_the_next_poll(vmsdb_app
 async def test_events_behind_the_horizon_are_taken_soon_after_it_moves(vmsdb_app_factory) -> None:
     """An older transaction that sends no events ends without a notification: the dispatcher
     polls while events wait behind it, not only every poll_interval."""
-    async with vmsdb_app_factory([Writer, Reader], poll_interval=5.0) as app:
+    # The fallback poll is far longer than the drain may take: only the held-back poll can win.
+    async with vmsdb_app_factory([Writer, Reader], poll_interval=60.0) as app:
         async with app.core.admin() as horizon:
             await horizon.execute(text("SELECT pg_current_xact_id()"))  # takes an xid first
             for seq in range(3):
                 await app.service(Writer).write("late", seq)
             await asyncio.sleep(0.3)
             assert await seen(app) == []  # all held back by the open transaction
-        await app.drain(timeout=2.0)
+        await app.drain(timeout=15.0)
         assert await seen(app) == [("late", 0), ("late", 1), ("late", 2)]
 
 
