@@ -9,8 +9,14 @@ imports ``framework``; the descriptor is the only thing that crosses between the
 from dbcore.core import Core
 from dbcore.descriptor import ServiceDescriptor, role_for
 from dbcore.embedded import EmbeddedPostgres, EmbeddedPostgresError
-from dbcore.errors import CoreError, IsolationError, LanguageError, RegistrationError
-from dbcore.isolation import ReadOnlyViolation, TransactionConflict
+from dbcore.errors import (
+    CoreError,
+    IsolationError,
+    LanguageError,
+    ReadOnlyViolation,
+    RegistrationError,
+    TransactionConflict,
+)
 
 __all__ = [
     "Core",

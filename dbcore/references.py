@@ -19,11 +19,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from dbcore.catalog import quote_ident, quote_literal
+from dbcore.descriptor import ServiceDescriptor
 from dbcore.errors import CoreError, EntityDeleted, EntityNotFound, ServiceRecovering, TruncateRefused
 from dbcore.reference_catalog import clock_sequence
 from dbcore.translate import translated
@@ -32,9 +32,7 @@ __all__ = [
     "EntityDeleted",
     "EntityNotFound",
     "Ref",
-    "ReferenceColumnSpec",
     "ServiceRecovering",
-    "ServiceReferences",
     "TruncateRefused",
     "delete_reference",
     "get_reference",
@@ -49,24 +47,6 @@ __all__ = [
 
 
 # -- declaring what is referenceable and where references are kept ----------------------------
-
-
-class ReferenceColumnSpec(BaseModel):
-    """A JSONB column of ``table`` holding references to ``target_service``'s ``target_entity``."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-    table: str
-    column: str
-    target_service: str
-    target_entity: str
-
-
-class ServiceReferences(BaseModel):
-    """What one service contributes to G9: its referenceable tables and its reference columns."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-    referenceable: tuple[str, ...] = ()
-    columns: tuple[ReferenceColumnSpec, ...] = ()
 
 
 def _trigger_function(service: str, table: str) -> str:
@@ -120,25 +100,27 @@ _REFERENCE_COLUMN = text(
 )
 
 
-async def install_service(conn: AsyncConnection, service: str, spec: ServiceReferences) -> None:
-    """Make ``spec``'s tables referenceable and record its reference columns (administrator).
+async def install_service(conn: AsyncConnection, descriptor: ServiceDescriptor) -> None:
+    """Make the tables ``descriptor`` declares referenceable so, and record its reference columns
+    (administrator).
 
     Run once the tables exist (as ``sync_grants`` is); a table that does not exist yet (or any
     more: a crashed service) keeps what the catalog knew of it. Rows already in a table become
     entities at the current clock. Idempotent.
     """
+    service = descriptor.name
     await conn.execute(text(f"CREATE SEQUENCE IF NOT EXISTS {clock_sequence(service)}"))
     await conn.execute(
         text("INSERT INTO vms.ref_services (service) VALUES (:s) ON CONFLICT DO NOTHING"), {"s": service}
     )
     declared = {
         "s": service,
-        "tables": list(spec.referenceable),
-        "columns": [f"{c.table}.{c.column}" for c in spec.columns],
+        "tables": [r.table for r in descriptor.referenceable],
+        "columns": [f"{c.table}.{c.column}" for c in descriptor.reference_columns],
     }
     for statement in _FORGET_UNDECLARED:
         await conn.execute(text(statement), declared)
-    for table in spec.referenceable:
+    for table in (r.table for r in descriptor.referenceable):
         if not (await conn.execute(_EXISTS, {"t": f"{quote_ident(service)}.{quote_ident(table)}"})).scalar():
             continue
         keys = await primary_key(conn, service, table)
@@ -146,12 +128,12 @@ async def install_service(conn: AsyncConnection, service: str, spec: ServiceRefe
             raise CoreError(f"{service}.{table} is referenceable, so it needs a primary key: it has none")
         await conn.execute(_REFERENCEABLE, {"s": service, "t": table, "k": keys})
         await _install_trigger(conn, service, table, keys)
-    for col in spec.columns:
+    for col in descriptor.reference_columns:
         keys = await primary_key(conn, service, col.table)
         if keys:
             params = {"h": service, "t": col.table, "c": col.column, "k": keys}
             await conn.execute(
-                _REFERENCE_COLUMN, {**params, "ts": col.target_service, "te": col.target_entity}
+                _REFERENCE_COLUMN, {**params, "ts": col.target_service, "te": col.target_table}
             )
 
 

@@ -13,8 +13,8 @@ from dbcore.errors import (
     LeaseExpired,
     LeaseNotFound,
     LeaseReleased,
+    ReadOnlyViolation,
 )
-from dbcore.isolation import ReadOnlyViolation
 from framework._internal.annotations import Inbound, Lease, Outbound, Query, Transactional
 from framework._internal.app import App
 from framework._internal.config import Settings

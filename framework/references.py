@@ -46,9 +46,7 @@ from dbcore.references import (
     EntityDeleted,
     EntityNotFound,
     Ref,
-    ReferenceColumnSpec,
     ServiceRecovering,
-    ServiceReferences,
     TruncateRefused,
     uri_for,
 )
@@ -100,26 +98,13 @@ class Host(Protocol):
     def descriptors(self) -> list[ServiceDescriptor]: ...
 
 
-def _declared(descriptor: ServiceDescriptor) -> ServiceReferences:
-    """What ``descriptor`` declares about references, in the terms of ``install_service``."""
-    return ServiceReferences(
-        referenceable=tuple(r.table for r in descriptor.referenceable),
-        columns=tuple(
-            ReferenceColumnSpec(
-                table=c.table, column=c.column, target_service=c.target_service, target_entity=c.target_table
-            )
-            for c in descriptor.reference_columns
-        ),
-    )
-
-
 async def install(app: Host) -> None:
     """Install every service's referenceable tables and reference columns, as its descriptor
     declares them (at start, once the tables exist). The catalog itself is the core's
     (``Core.install()``, core revision 0003)."""
     async with app.core.admin() as conn:
         for descriptor in app.descriptors:
-            await references.install_service(conn, descriptor.name, _declared(descriptor))
+            await references.install_service(conn, descriptor)
 
 
 def uri_of(model: type, *key: object) -> str:

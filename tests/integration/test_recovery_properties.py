@@ -21,9 +21,8 @@ from sqlalchemy import text
 from dbcore import backup as backups
 from dbcore import integrity, recovery, reference_catalog, references
 from dbcore.core import Core
-from dbcore.descriptor import ServiceDescriptor
+from dbcore.descriptor import ReferenceableDescriptor, ReferenceColumnDescriptor, ServiceDescriptor
 from dbcore.errors import CoreError
-from dbcore.references import ReferenceColumnSpec, ServiceReferences
 from dbcore.translate import core_error
 from framework.testing import fresh_database
 from tests.unit.test_weak_consistency_model import HOLDS, OWNERS, SERVICES, Run, histories, uri
@@ -41,11 +40,16 @@ TABLES = {
 }
 
 
-def spec(service: str) -> ServiceReferences:
-    return ServiceReferences(
-        referenceable=("items",) if service in OWNERS else (),
-        columns=tuple(
-            ReferenceColumnSpec(table=f"links_{t}", column="ref", target_service=t, target_entity="items")
+def spec(service: str) -> ServiceDescriptor:
+    return ServiceDescriptor(
+        name=service,
+        referenceable=(ReferenceableDescriptor(table="items", entity="Item", key=("id",)),)
+        if service in OWNERS
+        else (),
+        reference_columns=tuple(
+            ReferenceColumnDescriptor(
+                table=f"links_{t}", column="ref", target_service=t, target_table="items"
+            )
             for t in HOLDS.get(service, ())
         ),
     )
@@ -70,7 +74,7 @@ class OnPostgres:
         async with self.core.admin() as conn:
             await reference_catalog.install(conn)
             for s in SERVICES:
-                await references.install_service(conn, s, spec(s))
+                await references.install_service(conn, spec(s))
 
     async def in_transaction(self, service: str, *statements: tuple[str, dict[str, Any]]) -> None:
         async with self.core.transaction(service) as conn:
