@@ -1,6 +1,7 @@
-"""The wheel, as a user gets it: built from the checkout, installed into a fresh virtual environment
-outside it, and run from elsewhere (``vmsdb migrate`` and a short ``vmsdb eshop demo`` on an
-embedded Postgres). Dependencies come from the package index, through pip's cache.
+"""The wheel, as a user gets it: built from the checkout (``python -m build``), installed into a
+fresh virtual environment outside it, and run from elsewhere (``vmsdb migrate`` and a short
+``vmsdb eshop demo`` on an embedded Postgres). Dependencies come from the package index, through
+pip's cache.
 """
 
 from __future__ import annotations
@@ -87,7 +88,8 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
     source, dist, venv, cwd = base / "source", base / "dist", base / "venv", base / "work"
     shutil.copytree(ROOT, source, ignore=_NOT_SOURCE)
     cwd.mkdir()
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", dist, source], cwd=base)
+    # As a release is built: the sdist, then the wheel from the sdist (so the sdist is complete too).
+    _run([sys.executable, "-m", "build", "--outdir", dist, source], cwd=base)
     (wheel,) = dist.glob("vmsdb-*.whl")
     _run([sys.executable, "-m", "venv", venv], cwd=base)
     _run([venv / "bin" / "python", "-m", "pip", "install", "--quiet", wheel], cwd=base, timeout=600)
