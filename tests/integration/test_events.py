@@ -519,8 +519,8 @@ async def test_a_backlog_of_one_service_does_not_queue_anothers_events_behind_it
             await producer.publish(Noted(key=f"k{seq}", seq=seq))
     async with vmsdb_app_factory([Writer, Slow, Quick]) as app:
         await asyncio.wait_for(busy.wait(), 20)  # the backlog is being worked on, 64 claimed ahead
-        before = len(started)
         await app.service(Writer).flag("f", 1)
+        before = len(started)  # the flag is committed: from here on, what runs ahead of it overtook it
         await asyncio.wait_for(flagged.wait(), 20)
         overtaken = started.index(("quick", 1)) - before
         # Served in turn, the flag waits for the handlers already running (16) at most, not for
