@@ -19,7 +19,7 @@ from dbcore.descriptor import ServiceDescriptor, role_for
 from dbcore.isolation import CommitStatement, autocommit_connection, service_connection
 from dbcore.registry import Registration, ensure_group_role, register, sync_grants
 
-__all__ = ["CATALOG_INSTALLED", "CATALOG_REVISION", "Core", "lock_install"]
+__all__ = ["CATALOG_INSTALLED", "CATALOG_REVISION", "UNSTAMPED_REVISION", "Core", "lock_install"]
 
 # Installing the catalog and migrating any history (``framework.migrations``) take this lock, so
 # they never interleave and two processes migrating at once run one after the other. Without it
@@ -28,13 +28,19 @@ __all__ = ["CATALOG_INSTALLED", "CATALOG_REVISION", "Core", "lock_install"]
 _INSTALL_LOCK = text("SELECT pg_advisory_xact_lock(hashtext('vms.install'))")
 
 
+
 async def lock_install(conn: AsyncConnection) -> None:
     """Wait for, then hold until ``conn``'s transaction ends, the catalog's install lock."""
     await conn.execute(_INSTALL_LOCK)
 
-#: The core revision (``alembic/versions/core``) whose catalog :meth:`Core.install` creates. A
-#: fresh install is stamped with it, so ``vmsdb migrate`` finds it at head.
+
+#: The core revision (``alembic/versions/core``) whose catalog :meth:`Core.install` creates: the
+#: head. A fresh install is stamped with it, so ``vmsdb migrate`` finds it at head.
 CATALOG_REVISION = "0003_references"
+#: The core revision a catalog without a version table is at: :meth:`Core.install` made such
+#: catalogs before it stamped itself, and then it created what ``0001_catalog`` creates.
+#: ``vmsdb migrate`` stamps such a catalog with it, and the later revisions follow.
+UNSTAMPED_REVISION = "0001_catalog"
 # alembic's own version table, as alembic creates it (schema vms, see framework.migrations).
 _VERSION_TABLE = text(
     "CREATE TABLE vms.alembic_version (version_num VARCHAR(32) NOT NULL, "

@@ -39,7 +39,6 @@ __all__ = [
     "cursor",
     "dead_letter_input",
     "read_batch",
-    "release_lock",
     "try_lock",
 ]
 
@@ -84,7 +83,6 @@ class LogRow:
 # for as long as its connection lives; Postgres frees it when that connection closes, including
 # when the process is killed, and a standby's next try takes it.
 _TRY_LOCK = text("SELECT pg_try_advisory_lock(hashtext('vms.relay'), hashtext(:name))")
-_UNLOCK = text("SELECT pg_advisory_unlock(hashtext('vms.relay'), hashtext(:name))")
 
 _CURSOR = text("SELECT xid::text AS xid, position FROM vms.relay_cursors WHERE name = :name")
 
@@ -132,10 +130,6 @@ _BACKLOG = text(
 async def try_lock(conn: AsyncConnection, name: str) -> bool:
     """Take relay ``name``'s lock for ``conn``'s session if it is free; never waits."""
     return bool((await conn.execute(_TRY_LOCK, {"name": name})).scalar_one())
-
-
-async def release_lock(conn: AsyncConnection, name: str) -> None:
-    await conn.execute(_UNLOCK, {"name": name})
 
 
 async def cursor(conn: AsyncConnection, name: str) -> Cursor:

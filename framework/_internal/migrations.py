@@ -1,9 +1,10 @@
 """Schema migrations with alembic: the core catalog and every service's schema, each its own history.
 
 - **The core catalog** (schema ``vms``): revisions in ``alembic/versions/core``, version table
-  ``vms.alembic_version``, run as the administrator. Revision ``0001_catalog`` creates exactly what
-  ``Core.install()`` creates; a catalog that ``Core.install()`` made without a version table is
-  taken to be at that revision (and stamped so when it is next migrated).
+  ``vms.alembic_version``, run as the administrator. ``Core.install()`` creates exactly what the
+  head creates and stamps it (``dbcore.core.CATALOG_REVISION``); a catalog that ``Core.install()``
+  made before it stamped itself has no version table and is taken to be at ``0001_catalog``
+  (:data:`CORE_BASELINE`, stamped so when it is next migrated).
 - **A service**: revisions in ``<directory of the module defining the class>/migrations/<service>/``
   (or the directory its class names in ``__migrations__``, relative to that module), version table
   ``<service>.alembic_version``. They run under the service's role (``SET LOCAL ROLE vms_<service>``),
@@ -52,7 +53,11 @@ from sqlalchemy.types import TypeDecorator
 from dbcore.catalog import CATALOG_SCHEMA, quote_ident
 from dbcore.catalog import metadata as catalog_metadata
 from dbcore.core import CATALOG_INSTALLED as _CATALOG_INSTALLED
-from dbcore.core import Core, lock_install  # also puts the event log and lease tables on the catalog
+from dbcore.core import (  # importing the core also puts the event log and lease tables on the catalog
+    UNSTAMPED_REVISION,
+    Core,
+    lock_install,
+)
 from dbcore.descriptor import ServiceDescriptor
 from dbcore.isolation import service_connection
 from dbcore.registry import register, sync_grants
@@ -121,8 +126,10 @@ def _alembic_dir() -> Path:
 #: alembic's script location: ``env.py``, the revision template and the core's revisions.
 ALEMBIC_DIR = _alembic_dir()
 CORE_VERSIONS = ALEMBIC_DIR / "versions" / "core"
-#: The core revision whose catalog ``Core.install()`` creates.
-CORE_BASELINE = "0001_catalog"
+#: The core revision a catalog without a version table is at (one that ``Core.install()`` made
+#: before it stamped itself): :data:`dbcore.core.UNSTAMPED_REVISION`. A fresh ``Core.install()``
+#: creates and stamps the head, :data:`dbcore.core.CATALOG_REVISION`.
+CORE_BASELINE = UNSTAMPED_REVISION
 VERSION_TABLE = "alembic_version"
 FILE_TEMPLATE = "%(year)d%(month).2d%(day).2d_%(rev)s_%(slug)s"
 

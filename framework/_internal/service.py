@@ -24,21 +24,13 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeAlias, TypeVar
 from sqlalchemy import Column, MetaData, Table
 from sqlalchemy.orm import DeclarativeBase
 
+from dbcore.catalog import NAMING_CONVENTION
 from dbcore.descriptor import ReplicaDescriptor, service_name_problem
 from framework._internal.errors import AnnotationError
 
 __all__ = ["Service", "SqlFunction", "sql_function"]
 
 M = TypeVar("M", bound=type)
-
-NAMING_CONVENTION = {
-    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
-    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
-    "ck": "ck_%(table_name)s_%(constraint_name)s",
-    "fk": "fk_%(table_name)s_%(column_0_N_name)s_%(referred_table_name)s",
-    "pk": "pk_%(table_name)s",
-}
-
 
 class SqlFunction:
     """An SQL function on a model's row, offered to queries as ``alias.<name>()``.

@@ -17,7 +17,6 @@ backups, crashes with restores in either mode, answers arriving late):
 from __future__ import annotations
 
 import copy
-import itertools
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +39,18 @@ def uri(service: str, key: str) -> str:
 
 def holders_of(service: str) -> list[str]:
     return sorted(h for h, targets in HOLDS.items() if service in targets and h != service)
+
+
+class Ids:
+    """Ids 1, 2, 3, ... (``next(ids)``), copied along by ``copy.deepcopy`` with the model's state:
+    ``itertools.count`` would be too, but copying it is deprecated since Python 3.12 and gone in 3.14."""
+
+    def __init__(self) -> None:
+        self.last = 0
+
+    def __next__(self) -> int:
+        self.last += 1
+        return self.last
 
 
 class Refused(Exception):
@@ -104,7 +115,7 @@ class Core:
         }
         self.backups: dict[str, list[dict[str, Any]]] = {s: [] for s in SERVICES}
         self.recoveries: dict[str, Rec] = {}
-        self._ids = itertools.count(1)
+        self._ids = Ids()
 
     def tick(self, s: str) -> int:
         self.clock[s] += 1
@@ -425,7 +436,7 @@ class Paper:
         self.stamp: dict[int, tuple[str, int]] = {}  # a version -> (uri, t): labels for reports
         self.by_stamp: dict[tuple[str, int], int] = {}
         self.backups: dict[str, list[Any]] = {s: [] for s in SERVICES}
-        self._ids = itertools.count(1)
+        self._ids = Ids()
 
     def version(self, u: str, t: int, k: int, value: int, base: set[int]) -> int:
         v = next(self._ids)
