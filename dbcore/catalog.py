@@ -28,6 +28,8 @@ __all__ = [
     "CATALOG_SCHEMA",
     "NAMING_CONVENTION",
     "SERVICES_GROUP_ROLE",
+    "SERVICE_ROLE_FUNCTION",
+    "SERVICE_ROLE_PREFIX",
     "event_types",
     "metadata",
     "owned_tables",
@@ -42,6 +44,9 @@ CATALOG_SCHEMA = "vms"
 
 #: Every service role is a member of this group; exported tables are granted to it read-only.
 SERVICES_GROUP_ROLE = "vms_services"
+#: A service's role is this prefix and its name (``role_for``); the row-level security policies
+#: ask ``vms.service_role(service)``, defined from the same constant, never a literal of their own.
+SERVICE_ROLE_PREFIX = "vms_"
 
 
 def quote_ident(name: str) -> str:
@@ -128,3 +133,13 @@ owned_tables = Table(
     PrimaryKeyConstraint("schema_name", "table_name"),
     ForeignKeyConstraint(["service"], ["vms.services.name"], ondelete="CASCADE"),
 )
+
+
+#: ``vms.service_role(service)``: the naming rule in SQL, for the row-level security policies.
+#: IMMUTABLE and without a ``search_path`` of its own, so the planner inlines it into each policy.
+SERVICE_ROLE_FUNCTION = f"""
+    CREATE OR REPLACE FUNCTION vms.service_role(p_service text) RETURNS text
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    AS $$ SELECT {quote_literal(SERVICE_ROLE_PREFIX)} || p_service $$
+"""
+

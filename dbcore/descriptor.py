@@ -15,6 +15,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from dbcore.catalog import SERVICE_ROLE_PREFIX
+
 __all__ = [
     "ColumnDescriptor",
     "EventTypeDescriptor",
@@ -54,7 +56,7 @@ def service_name_problem(name: str) -> str | None:
 
 def role_for(service: str) -> str:
     """The Postgres role every transaction of ``service`` runs under."""
-    return f"vms_{service}"
+    return SERVICE_ROLE_PREFIX + service
 
 
 class _Frozen(BaseModel):

@@ -36,7 +36,7 @@ from sqlalchemy.dialects.postgresql import JSONB, UUID
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.types import UserDefinedType
 
-from dbcore.catalog import SERVICES_GROUP_ROLE, metadata
+from dbcore.catalog import SERVICE_ROLE_FUNCTION, SERVICES_GROUP_ROLE, metadata
 
 __all__ = [
     "NOTIFY_CHANNEL",
@@ -171,6 +171,8 @@ ACK_FUNCTION = f"""
 
 #: DDL that SQLAlchemy's create_all does not express: fan-out trigger, row-level security.
 install_sql: Sequence[str] = (
+    SERVICE_ROLE_FUNCTION,
+    f"GRANT EXECUTE ON FUNCTION vms.service_role(text) TO {_GROUP}",
     # Fan-out: one delivery per subscriber of each new event, then one NOTIFY per statement
     # naming the subscribers. SECURITY DEFINER so a service role, which may only insert into
     # vms.events, can still create the deliveries its events cause.
@@ -215,14 +217,14 @@ install_sql: Sequence[str] = (
     "DROP POLICY IF EXISTS own_events ON vms.events",
     """
     CREATE POLICY own_events ON vms.events FOR INSERT
-    WITH CHECK (producer IS NOT NULL AND 'vms_' || producer = current_user)
+    WITH CHECK (producer IS NOT NULL AND vms.service_role(producer) = current_user)
     """,
     f"GRANT SELECT, DELETE ON vms.deliveries TO {_GROUP}",
     "ALTER TABLE vms.deliveries ENABLE ROW LEVEL SECURITY",
     "DROP POLICY IF EXISTS own_deliveries ON vms.deliveries",
     """
     CREATE POLICY own_deliveries ON vms.deliveries FOR ALL
-    USING ('vms_' || subscriber = current_user)
+    USING (vms.service_role(subscriber) = current_user)
     """,
     ACK_FUNCTION,
 )

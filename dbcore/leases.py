@@ -120,15 +120,17 @@ install_sql: Sequence[str] = (
     f"GRANT SELECT, INSERT, UPDATE ON vms.lease_keys TO {_GROUP}",
     "ALTER TABLE vms.lease_keys ENABLE ROW LEVEL SECURITY",
     "DROP POLICY IF EXISTS lease_keys_owner ON vms.lease_keys",
-    "CREATE POLICY lease_keys_owner ON vms.lease_keys FOR ALL USING ('vms_' || service = current_user)",
+    "CREATE POLICY lease_keys_owner ON vms.lease_keys "
+    "FOR ALL USING (vms.service_role(service) = current_user)",
     f"GRANT SELECT, INSERT, UPDATE ON vms.leases TO {_GROUP}",
     "ALTER TABLE vms.leases ENABLE ROW LEVEL SECURITY",
     "DROP POLICY IF EXISTS leases_read ON vms.leases",
     "CREATE POLICY leases_read ON vms.leases FOR SELECT USING (true)",
     "DROP POLICY IF EXISTS leases_insert ON vms.leases",
-    "CREATE POLICY leases_insert ON vms.leases FOR INSERT WITH CHECK ('vms_' || service = current_user)",
+    "CREATE POLICY leases_insert ON vms.leases "
+    "FOR INSERT WITH CHECK (vms.service_role(service) = current_user)",
     "DROP POLICY IF EXISTS leases_update ON vms.leases",
-    "CREATE POLICY leases_update ON vms.leases FOR UPDATE USING ('vms_' || service = current_user)",
+    "CREATE POLICY leases_update ON vms.leases FOR UPDATE USING (vms.service_role(service) = current_user)",
 )
 
 
