@@ -6,14 +6,21 @@ pip's cache.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import time
+import urllib.request
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -82,8 +89,15 @@ class Installed:
 
 
 @pytest.fixture(scope="module")
-def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
-    base = tmp_path_factory.mktemp("wheel")
+def installed() -> Iterator[Installed]:
+    # Not under pytest's temporary directory: pytest keeps that private (mode 0700, and a pytest
+    # session starting elsewhere on the machine resets it so), while the embedded Postgres runs
+    # as its own OS user, which must reach its data directory.
+    with tempfile.TemporaryDirectory(prefix="vmsdb-wheel-") as tmp:
+        yield _install(Path(tmp))
+
+
+def _install(base: Path) -> Installed:
     assert not base.is_relative_to(ROOT), f"the temporary directory {base} is inside the checkout"
     source, dist, venv, cwd = base / "source", base / "dist", base / "venv", base / "work"
     shutil.copytree(ROOT, source, ignore=_NOT_SOURCE)
@@ -132,3 +146,49 @@ def test_migrate_and_a_short_demo_run_outside_the_checkout(installed: Installed)
         "--sellers", "2", "--data-dir", str(installed.cwd / "demo"),
     )  # fmt: skip
     assert "All consistency checks hold" in out, out
+
+
+def test_the_http_api_serves_from_the_installed_wheel(installed: Installed) -> None:
+    installed.run("vmsdb", "migrate", "vmsdb_eshop.app:services")  # serve refuses a database behind
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [installed.bin / "vmsdb", "eshop", "serve", "--port", str(port)],
+        cwd=installed.cwd,
+        env=installed.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        spec = _openapi_when_up(port, server, deadline=time.monotonic() + 120)
+        assert "/cart/{customer_id}/checkout" in spec["paths"], sorted(spec["paths"])
+    finally:
+        server.send_signal(signal.SIGINT)
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(10)
+        if server.stdout is not None:
+            server.stdout.close()
+
+
+def _openapi_when_up(port: int, server: subprocess.Popen[str], deadline: float) -> dict[str, Any]:
+    while True:
+        if server.poll() is not None:
+            out = server.stdout.read() if server.stdout else ""
+            raise AssertionError(f"vmsdb eshop serve exited with {server.returncode}:\n{out}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/openapi.json", timeout=5) as answer:
+                body: dict[str, Any] = json.load(answer)
+                return body
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def test_bench_is_plugged_in(installed: Installed) -> None:
+    assert "handler" in installed.run("vmsdb", "bench", "--help")

@@ -5,7 +5,7 @@ The framework's own commands live in this package. Other packages add theirs thr
 adds ``vmsdb eshop``, the benchmarks add ``vmsdb bench``, and a user's package can add its own::
 
     [project.entry-points."vmsdb.commands"]
-    shop = "shop.cli:app"          # a typer.Typer or a click command
+    shop = "shop.cli:app"          # a typer.Typer
 
 A plugin is imported only when its command runs (or ``vmsdb --help`` lists it), so
 ``import framework.cli`` loads no sample and no benchmark.
