@@ -40,6 +40,7 @@ from dbcore.references import EntityDeleted, EntityNotFound, ServiceRecovering
 from framework._internal.app import App
 from framework._internal.errors import AnnotationError, FrameworkError, RetriesExhausted
 from framework._internal.events import Event
+from framework._internal.scrape import metrics_route
 from framework._internal.service import Service
 
 __all__ = [
@@ -112,7 +113,8 @@ def _started(app: App) -> bool:
 
 
 def attach(api: FastAPI, app: App) -> FastAPI:
-    """Run ``app`` inside ``api``: lifespan start/stop, ``api.state``, error answers.
+    """Run ``app`` inside ``api``: lifespan start/stop, ``api.state``, error answers, and the
+    App's Prometheus metrics on ``GET /metrics``.
 
     An existing lifespan keeps running, inside the App's (so it can use the started App). An
     App that is already started when the lifespan begins is left running at its end: whoever
@@ -134,6 +136,7 @@ def attach(api: FastAPI, app: App) -> FastAPI:
                 await app.stop()
 
     api.router.lifespan_context = lifespan
+    metrics_route(api, app)
     for kind, _status in _STATUS:
         api.add_exception_handler(kind, _answer)
     return api

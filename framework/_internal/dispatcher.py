@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 import traceback
 from typing import TYPE_CHECKING, Any
 
@@ -130,6 +131,8 @@ class Dispatcher:
                     )
                     start_before = loop.time() + self.claim_timeout * _START_WITHIN
                     self._saturated = len(claimed) == limit
+                    if claimed:
+                        self.app.metrics.observe("claim_batch_size", len(claimed), service=self.service)
                     self._outstanding += len(claimed)
                     for item in claimed:  # before the held-back check: the workers start at once
                         self.workers.submit(Job(self, item, start_before))
@@ -188,6 +191,7 @@ class Dispatcher:
                 blocking=spec.inbound.blocking,
             )
             return
+        started = time.perf_counter()
         try:
             await self.runtime.run(
                 spec,
@@ -200,6 +204,10 @@ class Dispatcher:
                 before_commit=Ack(item),
             )
             self.app.metrics.inc("events_handled", service=self.service, event=item.event_type)
+            self.app.metrics.observe(
+                "handler_duration_seconds", time.perf_counter() - started,
+                service=self.service, event=item.event_type,
+            )
         except ClaimLost as err:
             log.warning("%s: %s", self.service, err)
         except Exception as err:
@@ -224,6 +232,7 @@ class Dispatcher:
         self, item: Claimed, handler: str, max_attempts: int, err: Exception, *, blocking: bool = False
     ) -> None:
         error = f"{type(err).__name__}: {err}"
+        self.app.metrics.inc("events_failed", service=self.service, event=item.event_type)
         if item.attempts >= max_attempts:
             await self._dead_letter(item, error, traceback.format_exc(), blocking=blocking)
             return

@@ -132,7 +132,9 @@ class ServiceRuntime:
                     _sqlstate_name(err),
                     delay * 1000,
                 )
-                self.app.metrics.inc("transaction_retries", service=self.name, function=spec.name)
+                self.app.metrics.inc(
+                    "transaction_retries", service=self.name, function=spec.name, cause=_sqlstate_name(err)
+                )
                 attempt += 1
                 await asyncio.sleep(delay)
 

@@ -93,6 +93,8 @@ class Ingress:
         self.group_id = options.group_id or routing.group_id
         self.ingested = 0
         self.dead_letters = 0
+        #: Per partition, the next offset to read as last committed (served as a metric).
+        self.committed: dict[TopicPartition, int] = {}
         self.assigned = asyncio.Event()
         self._consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
@@ -369,6 +371,7 @@ class Ingress:
             # Read again later and inserted as a no-op: only progress is lost, not correctness.
             self._kafka.failed(err)
             return
+        self.committed.update(offsets)
         self._kafka.ok()
 
     async def _pause_held(self, consumer: AIOKafkaConsumer) -> None:
