@@ -23,11 +23,13 @@ __all__ = [
     "LeaseCount",
     "SubscriberBacklog",
     "active_leases",
+    "amnesia_intervals",
     "backlog",
     "correlation_chain",
     "dead_letter_counts",
     "dead_letters",
     "lease_counts",
+    "recoveries",
     "recovery_modes",
     "relay_lag",
     "traffic",
@@ -285,3 +287,28 @@ _ACTIVE_LEASES = text(
 async def active_leases(conn: AsyncConnection, limit: int = 500) -> list[dict[str, Any]]:
     """Active leases per service and entity (as rows of plain values)."""
     return [dict(r._mapping) for r in (await conn.execute(_ACTIVE_LEASES, {"limit": limit})).all()]
+
+
+_RECOVERIES = text(
+    """
+    SELECT id, service, mode, epoch, backup_epoch, status, expected, answered, started_at, completed_at
+      FROM vms.recoveries ORDER BY started_at DESC LIMIT :limit
+    """
+)
+_AMNESIA = text(
+    """
+    SELECT service, uri, recovery_id, from_epoch, to_epoch, lo, hi, recovered_from
+      FROM vms.amnesia ORDER BY id DESC LIMIT :limit
+    """
+)
+
+
+async def recoveries(conn: AsyncConnection, limit: int = 20) -> list[dict[str, Any]]:
+    """The latest recoveries (restores into a new epoch), newest first."""
+    return [dict(r._mapping) for r in (await conn.execute(_RECOVERIES, {"limit": limit})).all()]
+
+
+async def amnesia_intervals(conn: AsyncConnection, limit: int = 200) -> list[dict[str, Any]]:
+    """Recorded amnesia intervals ``]lo, hi]`` (``uri`` ``None``: entities the backup did not
+    know; ``hi`` ``None``: open until the entity's first access), newest first."""
+    return [dict(r._mapping) for r in (await conn.execute(_AMNESIA, {"limit": limit})).all()]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import TYPE_CHECKING, Any
@@ -12,7 +13,7 @@ import uvicorn
 if TYPE_CHECKING:
     from framework._internal.app import App
 
-__all__ = ["serving", "serving_metrics"]
+__all__ = ["interrupted", "serving", "serving_metrics"]
 
 
 class _Server(uvicorn.Server):
@@ -51,3 +52,12 @@ async def serving_metrics(app: App, port: int | None, host: str = "127.0.0.1") -
 
     async with serving(metrics_api(app), host, port):
         yield
+
+
+def interrupted() -> asyncio.Event:
+    """An event set by SIGINT or SIGTERM (for commands that serve until stopped)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    return stop

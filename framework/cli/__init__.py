@@ -21,6 +21,7 @@ from rich.console import Console
 from dbcore.errors import CoreError
 from framework._internal.errors import FrameworkError
 from framework.cli._commands import mount as mount_commands
+from framework.cli._dashboard import mount as mount_dashboard
 from framework.cli._integrity import mount as mount_integrity
 from framework.cli._migrate import migrate_app
 from framework.cli._plugins import PluginGroup
@@ -33,6 +34,7 @@ cli = typer.Typer(
 cli.add_typer(migrate_app, name="migrate")
 mount_commands(cli)
 mount_integrity(cli)
+mount_dashboard(cli)
 
 
 def main() -> None:
