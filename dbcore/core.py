@@ -25,7 +25,7 @@ _INSTALL_LOCK = text("SELECT pg_advisory_xact_lock(hashtext('vms.install'))")
 
 #: The core revision (``alembic/versions/core``) whose catalog :meth:`Core.install` creates. A
 #: fresh install is stamped with it, so ``vmsdb migrate`` finds it at head.
-CATALOG_REVISION = "0003_references"
+CATALOG_REVISION = "0004_trace_context"
 # alembic's own version table, as alembic creates it (schema vms, see framework.migrations).
 _VERSION_TABLE = text(
     "CREATE TABLE vms.alembic_version (version_num VARCHAR(32) NOT NULL, "

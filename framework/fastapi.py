@@ -37,6 +37,7 @@ from starlette.types import ASGIApp
 
 from dbcore.errors import CoreError, IsolationError, LanguageError, LeaseError
 from dbcore.references import EntityDeleted, EntityNotFound, ServiceRecovering
+from framework._internal import telemetry
 from framework._internal.app import App
 from framework._internal.errors import AnnotationError, FrameworkError, RetriesExhausted
 from framework._internal.events import Event
@@ -137,6 +138,7 @@ def attach(api: FastAPI, app: App) -> FastAPI:
 
     api.router.lifespan_context = lifespan
     metrics_route(api, app)
+    telemetry.instrument_fastapi(api)
     for kind, _status in _STATUS:
         api.add_exception_handler(kind, _answer)
     return api

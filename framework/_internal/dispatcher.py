@@ -29,6 +29,7 @@ from dbcore import delivery, replicas
 from dbcore.delivery import Ack, Claimed, ClaimLost
 from dbcore.descriptor import ReplicaDescriptor
 from dbcore.replicas import change_event_type
+from framework._internal import telemetry
 from framework._internal.annotations import FunctionSpec
 from framework._internal.events import Event
 from framework._internal.runtime import backoff_delay
@@ -169,7 +170,7 @@ class Dispatcher:
             await self._apply_replica(item, replica, conn)
             return
         spec, event_type = self.handlers.get(item.event_type, (None, None))
-        if spec is None or event_type is None:
+        if spec is None or event_type is None or spec.inbound is None:
             await self._dead_letter(
                 item, f"service {self.service!r} has no handler for {item.event_type}", None
             )
@@ -193,7 +194,7 @@ class Dispatcher:
             return
         started = time.perf_counter()
         try:
-            await self.runtime.run(
+            run = self.runtime.run(
                 spec,
                 spec.function,
                 (self.runtime.instance, event),
@@ -203,6 +204,7 @@ class Dispatcher:
                 connection=conn,
                 before_commit=Ack(item),
             )
+            await telemetry.handling(item, self.service, spec.inbound.max_attempts, run)
             self.app.metrics.inc("events_handled", service=self.service, event=item.event_type)
             self.app.metrics.observe(
                 "handler_duration_seconds", time.perf_counter() - started,

@@ -25,6 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from dbcore.errors import LeaseConsumed, LeaseError, LeaseExpired, LeaseNotFound, LeaseReleased
 from dbcore.isolation import translate_error
 from dbcore.leases import grant_function, settle_function
+from framework._internal import telemetry
 from framework._internal.annotations import FunctionSpec
 from framework._internal.context import current
 from framework._internal.errors import NoTransactionError
@@ -137,7 +138,7 @@ class LeaseExecutor:
         """``consume``, ``release`` or ``renew`` outside any transaction (as the administrator)."""
         async with self.app.core.admin() as conn:
             try:
-                return await settle(conn, action, lease, period)
+                return await telemetry.traced(settle(conn, action, lease, period), f"lease {action}", {})
             except Exception as err:
                 translated = translate_error(err, service="(app)", table_owners={})
                 if translated is None:
@@ -197,7 +198,7 @@ async def _in_transaction(
             f"{action}_lease() runs in the caller's transaction: call it inside a @Transactional "
             f"function, or use app.leases.{action}(...) outside one"
         )
-    return await settle(ctx.connection, action, lease, period)
+    return await telemetry.traced(settle(ctx.connection, action, lease, period), f"lease {action}", {})
 
 
 async def consume_lease(lease: LeaseGrant | UUID | str) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from dbcore.isolation import CommitStatement, is_retryable, sqlstate_of, translate_error
 from dbcore.query_language import QuerySpec, bind_values
 from dbcore.references import ServiceRecovering
+from framework._internal import telemetry
 from framework._internal.annotations import FunctionSpec, TransactionalSpec
 from framework._internal.context import TxContext, bind, current, unbind
 from framework._internal.errors import RetriesExhausted, ServiceCallError
@@ -55,6 +56,16 @@ class ServiceRuntime:
         }
 
     def call(
+        self,
+        spec: FunctionSpec,
+        wrapped: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Awaitable[Any]:
+        called = self._call(spec, wrapped, args, kwargs)
+        return called if telemetry.tracer is None else telemetry.traced_call(called, self.name, spec)
+
+    def _call(
         self,
         spec: FunctionSpec,
         wrapped: Callable[..., Any],

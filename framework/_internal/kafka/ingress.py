@@ -52,6 +52,7 @@ from dbcore.errors import CoreError
 from dbcore.eventlog import append
 from dbcore.reference_events import handle_event
 from dbcore.relay import DeadInput, dead_letter_input
+from framework._internal import telemetry
 from framework._internal.kafka.codec import PROTOCOL_SUBSCRIBER, Incoming, decode, source_of
 from framework._internal.kafka.health import Outage
 from framework._internal.kafka.options import KafkaOptions
@@ -310,7 +311,8 @@ class Ingress:
             async with self.core.admin() as conn:
                 if records:
                     # In pick order: an A picked before the B it precedes gets a smaller position.
-                    inserted = set(await append(conn, records, deduplicate=True))
+                    with telemetry.batch_span("vmsdb ingress insert", records, {"vmsdb.count": len(records)}):
+                        inserted = set(await append(conn, records, deduplicate=True))
                     if self.routing.protocol:
                         letters += await self._apply_protocol(conn, picks, inserted)
                 await dead_letter_input(conn, letters)
