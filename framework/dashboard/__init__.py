@@ -5,8 +5,11 @@ events, dead letters (replay, discard), leases, recovery and integrity, in one w
 into an application of your own (behind your own authentication)::
 
     api.mount("/vmsdb", create_dashboard(app))
+
+and :func:`serving_dashboard` serves it next to a running App for a while (``vmsdb eshop demo
+--dashboard``).
 """
 
-from framework.dashboard._app import create_dashboard
+from framework.dashboard._app import create_dashboard, serving_dashboard
 
-__all__ = ["create_dashboard"]
+__all__ = ["create_dashboard", "serving_dashboard"]

@@ -10,6 +10,8 @@ operator needs for ``vmsdb dead-letters``; ``actions=False`` turns them off.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -22,7 +24,7 @@ from framework.dashboard import _data
 if TYPE_CHECKING:
     from framework._internal.app import App
 
-__all__ = ["create_dashboard"]
+__all__ = ["create_dashboard", "serving_dashboard"]
 
 STATIC = Path(__file__).parent / "static"
 
@@ -101,3 +103,18 @@ def create_dashboard(app: App, *, actions: bool = True) -> FastAPI:
         return await verdict.get(again=True)
 
     return api
+
+
+@asynccontextmanager
+async def serving_dashboard(
+    app: App, port: int | None, host: str = "127.0.0.1", *, actions: bool = True
+) -> AsyncIterator[str | None]:
+    """Serve ``app``'s dashboard on ``host:port`` for the length of the block; yields its URL
+    (``port=None``: serves nothing, yields ``None``)."""
+    if port is None:
+        yield None
+        return
+    from framework._internal.serving import serving
+
+    async with serving(create_dashboard(app, actions=actions), host, port):
+        yield f"http://{host}:{port}/"
