@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import httpx
 from fastapi import FastAPI
 
 from framework.dashboard import create_dashboard
 from framework.testing.plugin import AppFactory
-from tests.integration.test_metrics import Receiver, Sender
+from tests.integration.observed_services import Receiver, Sender
 
 
 def client(api: FastAPI) -> httpx.AsyncClient:
@@ -67,3 +76,72 @@ async def test_correlation_lists_the_chain_with_outcomes(vmsdb_app_factory: AppF
     assert event["deliveries"] == [
         {"subscriber": "receiver", "state": "handled", "attempts": None, "error": None}
     ]
+
+
+ROOT = Path(__file__).resolve().parents[2]
+TARGET = "tests.integration.observed_services:app"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+async def answered(url: str, process: subprocess.Popen[str], timeout: float = 60.0) -> httpx.Response:
+    """The first answer of ``url`` once the command serves it."""
+    deadline = time.monotonic() + timeout
+    async with httpx.AsyncClient() as http:
+        while True:
+            assert process.poll() is None, process.communicate()
+            try:
+                return await http.get(url)
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, f"{url} never answered"
+                await asyncio.sleep(0.2)
+
+
+def command(*args: str, database: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-c", "from framework.cli import main; main()", *args],
+        cwd=ROOT,
+        env={**os.environ, "VMSDB_DATABASE_URL": database},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def stopped(process: subprocess.Popen[str]) -> tuple[int, str]:
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=30)
+    return process.returncode, out + err
+
+
+async def test_vmsdb_dashboard_serves_the_page_on_127_0_0_1(vmsdb_database: str) -> None:
+    port = free_port()
+    process = command("dashboard", TARGET, "--port", str(port), database=vmsdb_database)
+    try:
+        overview = await answered(f"http://127.0.0.1:{port}/api/overview", process)
+        assert overview.json() == {"services": ["sender", "receiver"], "actions": True}
+        async with httpx.AsyncClient() as http:
+            page = await http.get(f"http://127.0.0.1:{port}/")
+            script = await http.get(f"http://127.0.0.1:{port}/static/vendor/cytoscape.min.js")
+        assert page.status_code == 200 and "<title>vmsdb dashboard</title>" in page.text
+        assert script.status_code == 200 and "cytoscape" in script.text[:2000].lower()
+    finally:
+        code, output = stopped(process)
+    assert code == 0, output
+    assert f"vmsdb dashboard: http://127.0.0.1:{port}/" in output
+
+
+async def test_vmsdb_run_serves_metrics_on_its_port(vmsdb_database: str) -> None:
+    port = free_port()
+    process = command("run", TARGET, "--metrics-port", str(port), database=vmsdb_database)
+    try:
+        response = await answered(f"http://127.0.0.1:{port}/metrics", process)
+    finally:
+        code, output = stopped(process)
+    assert response.status_code == 200
+    assert 'vmsdb_deliveries_pending{event="Parcel",subscriber="receiver"} 0.0' in response.text
+    assert code == 0, output

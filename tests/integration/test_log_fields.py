@@ -14,7 +14,7 @@ from sqlalchemy import text
 from framework import correlate
 from framework._internal import telemetry
 from framework.testing.plugin import AppFactory
-from tests.integration.test_metrics import Receiver, Sender
+from tests.integration.observed_services import Receiver, Sender
 
 
 @pytest.mark.parametrize("tracing", [False, True], ids=["tracing-off", "tracing-on"])

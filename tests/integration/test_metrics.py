@@ -10,53 +10,11 @@ from datetime import timedelta
 import httpx
 from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
-from sqlalchemy.orm import Mapped, mapped_column
 
-from framework import Event, Inbound, Lease, LeaseGrant, Outbound, Service, Transactional, send, session
 from framework.fastapi import attach, run_lifespan
 from framework.testing import advance_clock
 from framework.testing.plugin import AppFactory
-
-
-class Parcel(Event, key="box"):
-    box: str
-    poison: bool = False
-
-
-class Sender(Service, name="sender"):
-    @Outbound(Parcel)
-    @Transactional(type="RW")
-    async def send_parcel(self, box: str, poison: bool = False) -> None:
-        send(Parcel(box=box, poison=poison))
-
-    @Lease("FROM Shelf s WHERE s.id = :shelf FOR UPDATE DECREMENT s.qty BY :qty WITH PERIOD :period")
-    async def reserve(self, shelf: str, qty: int, period: timedelta) -> LeaseGrant | None: ...
-
-    @Transactional(type="RW")
-    async def fill(self, shelf: str, qty: int) -> None:
-        session().add(Shelf(id=shelf, qty=qty))
-
-
-class Shelf(Sender.Model):
-    __tablename__ = "shelves"
-    id: Mapped[str] = mapped_column(primary_key=True)
-    qty: Mapped[int]
-
-
-class Receiver(Service, name="receiver"):
-    @Inbound(Parcel, max_attempts=2)
-    @Transactional(type="RW")
-    async def on_parcel(self, parcel: Parcel) -> None:
-        if parcel.poison:
-            raise ValueError(f"parcel {parcel.box} is poisonous")
-        session().add(Received(box=parcel.box))
-
-
-class Received(Receiver.Model):
-    __tablename__ = "received"
-    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
-    box: Mapped[str]
-
+from tests.integration.observed_services import Receiver, Sender
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
