@@ -127,7 +127,9 @@ class Metrics:
         return child
 
     def inc(self, name: str, amount: int = 1, **labels: str) -> None:
-        key = (name, tuple(sorted(labels.items())))
+        # Keyed in the caller's label order (one call site, one order): no sort on the hot path;
+        # value() and snapshot() do not depend on the order.
+        key = (name, tuple(labels.items()))
         self._counts[key] += amount
         try:
             self._child(key, labels, "counter").inc(amount)
@@ -137,7 +139,7 @@ class Metrics:
 
     def observe(self, name: str, value: float, **labels: str) -> None:
         """One sample of a histogram of :data:`HISTOGRAMS`."""
-        self._child((name, tuple(sorted(labels.items()))), labels, "histogram").observe(value)
+        self._child((name, tuple(labels.items())), labels, "histogram").observe(value)
 
     def value(self, name: str, **labels: str) -> int:
         """Sum of counter ``name`` over every label set that includes ``labels``."""
@@ -145,9 +147,12 @@ class Metrics:
         return sum(v for (n, ls), v in self._counts.items() if n == name and wanted <= set(ls))
 
     def snapshot(self) -> list[dict[str, object]]:
+        merged: Counter[_Key] = Counter()
+        for (name, labels), value in self._counts.items():
+            merged[(name, tuple(sorted(labels)))] += value
         return [
             {"name": name, "labels": dict(labels), "value": value}
-            for (name, labels), value in sorted(self._counts.items())
+            for (name, labels), value in sorted(merged.items())
         ]
 
     def exposition(self) -> bytes:
