@@ -6,6 +6,7 @@ from __future__ import annotations
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
+from framework._internal.scrape import exposition
 from framework.testing import fresh_database
 from framework.testing.kafka import KafkaBroker
 
@@ -31,6 +32,19 @@ async def test_the_consumer_cores_handler_is_a_child_of_the_producer_cores_span(
         await until(lambda: _handled(core_b), "core B to handle the Placed")
         (message,) = await read_topic(vmsdb_kafka_broker.bootstrap, f"{vmsdb_kafka_topic_prefix}Placed", 1)
         await core_b.drain()
+        # The hop in the metrics: published by A's relay, inserted and committed by B's ingress.
+        await until(lambda: _committed(core_b), "core B's ingress to commit its offset")
+        relayed = (await exposition(core_a)).decode()
+        ingested = (await exposition(core_b)).decode()
+    assert "vmsdb_relay_published_total 1.0" in relayed
+    assert 'vmsdb_relay_lag_seconds{relay="kafka"} 0.0' in relayed
+    assert "vmsdb_ingress_events_total 1.0" in ingested
+    placed = f'topic="{vmsdb_kafka_topic_prefix}Placed"'
+    assert any(
+        placed in line and line.endswith(" 1.0")
+        for line in ingested.splitlines()
+        if line.startswith("vmsdb_ingress_committed_offset")
+    ), ingested
 
     spans = list(vmsdb_spans.get_finished_spans())
     (place,) = [s for s in spans if s.name == "kshop.place"]
@@ -48,6 +62,10 @@ async def test_the_consumer_cores_handler_is_a_child_of_the_producer_cores_span(
     for name in ("vmsdb relay publish", "vmsdb ingress insert"):
         batch = next(s for s in spans if s.name == name)
         assert any(link.context.span_id == place.context.span_id for link in batch.links), name
+
+
+async def _committed(core_b) -> bool:
+    return bool(core_b.kafka.ingress.committed)
 
 
 async def _handled(core_b) -> bool:
