@@ -149,6 +149,7 @@ async def test_dashboard_in_a_real_browser(eshop: Eshop, page: Page, tmp_path: P
     await page.click("[data-testid=confirm-ok]")
     await expect(page.locator("#dead-letters tbody tr")).to_have_count(0, timeout=10_000)
     await expect(page.locator("#dead-letters-empty")).to_be_visible()
+    await expect(page.locator("#totals-dead")).to_have_text("0 dead letters")
     await eshop.app.drain()
     async with eshop.app.core.admin() as conn:
         letter = (await conn.execute(text("SELECT replayed_at FROM vms.dead_letters"))).one()

@@ -224,7 +224,7 @@ function closeModal() {
 async function settle(letter, action) {
   await api(`api/dead-letters/${letter.id}/${action}`, { method: "POST", headers: { "X-Vmsdb-Action": "1" } });
   toast(`dead letter ${letter.id}: ${action === "replay" ? "delivered again" : "discarded"}`);
-  await refreshDeadLetters();
+  await poll(); // the list, the counts in the header and the graph's nodes, all at once
 }
 
 function shortError(error) {
@@ -258,10 +258,6 @@ function renderDeadLetters(letters) {
       el("td", {}, ...buttons));
   });
   fill("dead-letters", rows, "dead-letters-empty");
-}
-
-async function refreshDeadLetters() {
-  renderDeadLetters(await api("api/dead-letters"));
 }
 
 // -- leases, recovery, integrity ----------------------------------------------------------------
