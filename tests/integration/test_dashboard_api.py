@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import httpx
@@ -145,3 +146,24 @@ async def test_vmsdb_run_serves_metrics_on_its_port(vmsdb_database: str) -> None
     assert response.status_code == 200
     assert 'vmsdb_deliveries_pending{event="Parcel",subscriber="receiver"} 0.0' in response.text
     assert code == 0, output
+
+
+async def test_recovery_leases_and_integrity_read_back(vmsdb_app_factory: AppFactory) -> None:
+    async with vmsdb_app_factory([Sender, Receiver]) as app:
+        sender = app.service(Sender)
+        await sender.fill("s9", 5)
+        assert await sender.reserve("s9", 2, timedelta(hours=1)) is not None
+        async with client(create_dashboard(app)) as http:
+            (lease,) = (await http.get("/api/leases")).json()
+            recovery = (await http.get("/api/recovery")).json()
+            again = (await http.post("/api/integrity")).json()
+    assert (lease["service"], lease["entity"], lease["expired"]) == ("sender", "shelves", False)
+    assert "s9" in lease["key_text"] and float(lease["quantity"]) == 2
+    assert recovery["services"] == [
+        {"service": "sender", "mode": None},
+        {"service": "receiver", "mode": None},
+    ]
+    assert recovery["recoveries"] == [] and recovery["amnesia"] == []
+    assert recovery["integrity"]["verdict"] == "globally consistent"
+    assert again["verdict"] == "globally consistent"
+    assert again["checked_at"] >= recovery["integrity"]["checked_at"]
