@@ -15,6 +15,10 @@ LOCKED`` and keeps the same ordering rules the framework keeps (only events belo
 horizon, one event per partition key at a time); it skips what a hand-written loop usually
 skips: claim deadlines, attempt counts and dead letters, retries, roles.
 
+A fourth framework side runs the ``driver`` body with OpenTelemetry tracing on (the SDK, spans
+handed to a batch processor whose exporter drops them): its ratio to the same side with tracing
+off is what tracing costs; with tracing off the hooks are a single check each.
+
 The second comparison is a direct call: ``await app.service(Ledger).bump(...)`` from 8
 concurrent callers against the same read-modify-write-and-send transaction on asyncpg (the
 ``driver`` and ``orm`` bodies).
@@ -22,11 +26,12 @@ concurrent callers against the same read-modify-write-and-send transaction on as
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import random
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 
 import asyncpg
 from sqlalchemy import select, update
@@ -45,6 +50,7 @@ from framework import (
     send,
     session,
 )
+from framework._internal import telemetry
 from vmsdb_bench.harness import (
     BASELINE,
     FRAMEWORK,
@@ -123,6 +129,25 @@ BODIES: dict[str, Callable[[str, int], Awaitable[int]]] = {
 }
 #: Each style's side name in the results.
 STYLES = {"driver": FRAMEWORK, "core": f"{FRAMEWORK} Core", "orm": f"{FRAMEWORK} ORM"}
+#: The ``driver`` style with tracing on.
+TRACED = f"{FRAMEWORK} traced"
+
+
+@contextlib.contextmanager
+def tracing_on() -> Iterator[None]:
+    """OpenTelemetry's SDK on for the block, exporting nowhere: the cost of making spans."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+
+    class Drop(SpanExporter):
+        def export(self, spans: object) -> SpanExportResult:
+            return SpanExportResult.SUCCESS
+
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(Drop()))
+    with telemetry.tracing_with(provider):
+        yield
+    provider.shutdown()
 
 
 class Ledger(Service, name="ledger"):
@@ -204,7 +229,7 @@ class _Inbound:
         self.backlog = 0
         self.style = "driver"
         #: Per side: effects applied minus events handled (0 when each took effect once).
-        self.mismatch: dict[str, int] = {side: 0 for side in (*STYLES.values(), BASELINE)}
+        self.mismatch: dict[str, int] = {side: 0 for side in (*STYLES.values(), TRACED, BASELINE)}
 
     async def enqueue(self, count: int) -> None:
         events = [Bump(account=f"a{i % ACCOUNTS}", amount=1, style=self.style) for i in range(count)]
@@ -232,6 +257,12 @@ class _Inbound:
         self.style = style
         async with App([Ledger], database_url=self.url):
             return await self._drain(STYLES[style], round_)
+
+    async def traced(self, round_: int) -> float:
+        self.style = "driver"
+        with tracing_on():
+            async with App([Ledger], database_url=self.url):
+                return await self._drain(TRACED, round_)
 
     async def baseline(self, round_: int) -> float:
         async with (
@@ -319,7 +350,7 @@ DIRECT_STYLES = ("driver", "orm")
 
 
 async def run(bench: Bench) -> BenchmarkResult:
-    phase = bench.phase_seconds(phases=len(STYLES) + len(DIRECT_STYLES) + 2)
+    phase = bench.phase_seconds(phases=len(STYLES) + len(DIRECT_STYLES) + 3)
     async with bench.database() as url, admin_connection(url) as observer:
         await _prepare(url)
         inbound = _Inbound(bench, url, observer)
@@ -328,6 +359,7 @@ async def run(bench: Bench) -> BenchmarkResult:
             bench.rounds,
             {
                 **{side: functools.partial(inbound.framework, style=style) for style, side in STYLES.items()},
+                TRACED: inbound.traced,
                 BASELINE: inbound.baseline,
             },
         )
@@ -364,13 +396,20 @@ async def run(bench: Bench) -> BenchmarkResult:
         compare(inbound_what, "events/s", handled, "driver", Target("min_ratio", 0.7)),
         compare(inbound_what, "events/s", handled, "core"),
         compare(inbound_what, "events/s", handled, "orm"),
+        Comparison(
+            f"{inbound_what}, tracing on vs off (same SQL on the driver)",
+            "events/s",
+            max(handled[TRACED]),
+            max(handled[FRAMEWORK]),
+            rounds={TRACED: handled[TRACED], FRAMEWORK: handled[FRAMEWORK]},
+        ),
         *(
             compare(f"direct call, {DIRECT_CONCURRENCY} callers", "calls/s", called, style)
             for style in DIRECT_STYLES
         ),
     ]
     mismatch = inbound.mismatch
-    framework_mismatch = sum(mismatch[side] for side in STYLES.values())
+    framework_mismatch = sum(mismatch[side] for side in (*STYLES.values(), TRACED))
     result.checks = [
         Check(
             "effect mismatches (all styles)",

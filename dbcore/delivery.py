@@ -68,6 +68,8 @@ class Claimed:
     created_at: datetime
     #: Another delivery of the same key waits behind this one (claimable once this one is done).
     followed: bool = False
+    #: The sender's W3C traceparent, when it was traced.
+    trace_context: str | None = None
 
 
 # Why each condition is there: see the module docstring. The precedence clause is left out for
@@ -115,7 +117,8 @@ _CLAIM = """
            ev.payload::text AS payload, ev.correlation_id, c.attempts, c.claim, ev.created_at,
            EXISTS (SELECT 1 FROM vms.deliveries n
                     WHERE n.subscriber = c.subscriber AND n.key = c.key
-                      AND (n.xid, n.position) > (c.xid, c.position)) AS followed
+                      AND (n.xid, n.position) > (c.xid, c.position)) AS followed,
+           ev.trace_context
       FROM claimed c JOIN vms.events ev ON ev.position = c.position
      ORDER BY c.xid, c.position
 """

@@ -80,6 +80,8 @@ events = Table(
     # Where an event came from when it did not start in this core (e.g. "kafka:<topic>"):
     # the relay publishes only events that started here, so nothing loops back.
     Column("origin", Text),
+    # The sender's W3C traceparent when tracing was on: a handler's span is a child of it.
+    Column("trace_context", Text),
     Index("ix_events_xid_position", "xid", "position"),
     Index(
         "ix_events_correlation_id",
@@ -173,6 +175,8 @@ ACK_FUNCTION = f"""
 install_sql: Sequence[str] = (
     SERVICE_ROLE_FUNCTION,
     f"GRANT EXECUTE ON FUNCTION vms.service_role(text) TO {_GROUP}",
+    # A log created before the column existed (create_all adds no column to a table it finds).
+    "ALTER TABLE vms.events ADD COLUMN IF NOT EXISTS trace_context text",
     # Fan-out: one delivery per subscriber of each new event, then one NOTIFY per statement
     # naming the subscribers. SECURITY DEFINER so a service role, which may only insert into
     # vms.events, can still create the deliveries its events cause.
@@ -242,16 +246,18 @@ class EventRecord:
     correlation_id: str | None = None
     causation_id: uuid.UUID | None = None
     origin: str | None = None
+    trace_context: str | None = None
 
 
 # One statement for a whole outbox, so the fan-out trigger fires once per transaction. Sent on
 # the asyncpg connection itself (prepared once per connection): it is on every producer's path.
 _INSERT = """
-    INSERT INTO vms.events (id, type, key, payload, producer, correlation_id, causation_id, origin)
-    SELECT id, type, key, payload::jsonb, producer, correlation_id, causation_id, origin
+    INSERT INTO vms.events (id, type, key, payload, producer, correlation_id, causation_id, origin,
+                            trace_context)
+    SELECT id, type, key, payload::jsonb, producer, correlation_id, causation_id, origin, trace_context
       FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-                  $7::uuid[], $8::text[])
-           AS t(id, type, key, payload, producer, correlation_id, causation_id, origin)
+                  $7::uuid[], $8::text[], $9::text[])
+           AS t(id, type, key, payload, producer, correlation_id, causation_id, origin, trace_context)
 """
 # Events from outside (publish, Kafka ingress) may arrive twice: the id makes the second a no-op.
 # Only the administrator uses it: ON CONFLICT needs to read the table, which service roles cannot.
@@ -277,6 +283,7 @@ async def append(
         [r.correlation_id for r in records],
         [r.causation_id for r in records],
         [r.origin for r in records],
+        [r.trace_context for r in records],
     )
     if deduplicate:
         return [row[0] for row in await raw.fetch(_INSERT_ONCE, *columns)]

@@ -73,6 +73,7 @@ class LogRow:
     producer: str | None
     correlation_id: str | None
     causation_id: uuid.UUID | None
+    trace_context: str | None = None
 
     @property
     def cursor(self) -> Cursor:
@@ -109,7 +110,7 @@ _READ = text(
     WITH horizon AS (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin)
     SELECT e.xid::text AS xid, e.position, e.origin IS NULL AS relay, e.id, e.type, e.key,
            CASE WHEN e.origin IS NULL THEN e.payload::text END AS payload,
-           e.producer, e.correlation_id, e.causation_id
+           e.producer, e.correlation_id, e.causation_id, e.trace_context
       FROM vms.events e, horizon h
      WHERE e.xid < h.xmin
        AND (e.xid, e.position) > (CAST(:xid AS xid8), :position)
@@ -162,6 +163,7 @@ async def read_batch(conn: AsyncConnection, after: Cursor, limit: int) -> list[L
             producer=r.producer,
             correlation_id=r.correlation_id,
             causation_id=r.causation_id,
+            trace_context=r.trace_context,
         )
         for r in rows
     ]

@@ -37,9 +37,11 @@ from starlette.types import ASGIApp
 
 from dbcore.errors import CoreError, IsolationError, LanguageError, LeaseError
 from dbcore.references import EntityDeleted, EntityNotFound, ServiceRecovering
+from framework._internal import telemetry
 from framework._internal.app import App
 from framework._internal.errors import AnnotationError, FrameworkError, RetriesExhausted
 from framework._internal.events import Event
+from framework._internal.scrape import metrics_route
 from framework._internal.service import Service
 
 __all__ = [
@@ -112,7 +114,8 @@ def _started(app: App) -> bool:
 
 
 def attach(api: FastAPI, app: App) -> FastAPI:
-    """Run ``app`` inside ``api``: lifespan start/stop, ``api.state``, error answers.
+    """Run ``app`` inside ``api``: lifespan start/stop, ``api.state``, error answers, and the
+    App's Prometheus metrics on ``GET /metrics``.
 
     An existing lifespan keeps running, inside the App's (so it can use the started App). An
     App that is already started when the lifespan begins is left running at its end: whoever
@@ -134,6 +137,8 @@ def attach(api: FastAPI, app: App) -> FastAPI:
                 await app.stop()
 
     api.router.lifespan_context = lifespan
+    metrics_route(api, app)
+    telemetry.instrument_fastapi(api)
     for kind, _status in _STATUS:
         api.add_exception_handler(kind, _answer)
     return api

@@ -40,6 +40,8 @@ def demo(
     sellers: Annotated[int, typer.Option(help="sellers to seed")] = DEMO_SCALE.sellers,
     stock: Annotated[int, typer.Option(help="units in stock per product")] = DEMO_SCALE.qty_per_product,
     data_dir: Annotated[Path | None, typer.Option(help="keep the database here (default: temporary)")] = None,
+    dashboard: Annotated[bool, typer.Option(help="serve the dashboard while the mix runs")] = False,
+    dashboard_port: Annotated[int, typer.Option(help="the dashboard's port on 127.0.0.1")] = 8600,
 ) -> None:
     """Embedded Postgres, 8 services, a seeded marketplace, the benchmark's mix, the check."""
     scale = Scale(
@@ -48,7 +50,13 @@ def demo(
         customers=customers,
         qty_per_product=stock,
     )
-    options = DemoOptions(duration=duration, concurrency=concurrency, scale=scale, data_dir=data_dir)
+    options = DemoOptions(
+        duration=duration,
+        concurrency=concurrency,
+        scale=scale,
+        data_dir=data_dir,
+        dashboard_port=dashboard_port if dashboard else None,
+    )
     verdict = asyncio.run(run_demo(options, console))
     raise typer.Exit(0 if verdict.ok else 1)
 

@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from framework import App
+from framework.dashboard import serving_dashboard
 from framework.fastapi import run_lifespan
 from vmsdb_eshop.app import create_api, create_app
 from vmsdb_eshop.check import Verdict, check
@@ -28,6 +29,13 @@ from vmsdb_eshop.report import outcome_line, verdict_table, workload_table
 from vmsdb_eshop.workload import Workload, WorkloadConfig, WorkloadResult
 
 __all__ = ["DemoOptions", "drive_mix", "run_demo"]
+
+_WATCH = "[bold]Watch it:[/] {} (dataflow with live rates; correlations: enter an instanceId)"
+_WATCH_HOW = (
+    "Watch it live: [bold]vmsdb eshop demo --dashboard[/]. A served eShop (vmsdb eshop serve) has its "
+    "Prometheus metrics on /metrics; with VMSDB_DATABASE_URL set, [bold]vmsdb dashboard "
+    "vmsdb_eshop.app:services[/] shows its core"
+)
 
 #: Quantities low enough that popular items sell out: out-of-stock checkouts show up too.
 DEMO_SCALE = Scale(sellers=20, products_per_seller=10, customers=400, qty_per_product=30)
@@ -42,6 +50,8 @@ class DemoOptions:
     data_dir: Path | None = None
     #: A server to use instead (a fresh database must be given: the demo seeds it).
     database_url: str | None = None
+    #: Serve the dashboard on this port of 127.0.0.1 while the mix runs.
+    dashboard_port: int | None = None
 
 
 async def _run_mix(app: App, options: DemoOptions, console: Console) -> WorkloadResult:
@@ -107,7 +117,9 @@ async def run_demo(options: DemoOptions = DemoOptions(), console: Console | None
             f"[green]Started[/] {len(app.services)} services on one core in {time.monotonic() - began:.1f} s"
         )
         try:
-            result = await _run_mix(app, options, console)
+            async with serving_dashboard(app, options.dashboard_port) as url:
+                console.print(_WATCH.format(url) if url else _WATCH_HOW)
+                result = await _run_mix(app, options, console)
             with console.status("Waiting for every event chain to finish..."):
                 await app.drain(timeout=120)
             console.print(workload_table(result))

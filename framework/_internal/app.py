@@ -29,6 +29,7 @@ from dbcore import delivery
 from dbcore.core import Core
 from dbcore.descriptor import ServiceDescriptor
 from dbcore.eventlog import append
+from framework._internal import telemetry
 from framework._internal.config import Settings
 from framework._internal.context import correlation
 from framework._internal.descriptors import ServicePlan, build_plans, dependencies_of
@@ -141,6 +142,8 @@ class App:
         # services), and claims, outcome checks and direct calls need some more: a pool smaller
         # than that would open and close overflow connections all the time.
         pool_size = max(self.settings.pool_size, self.settings.worker_concurrency + 4)
+        telemetry.configure()
+        telemetry.install_log_fields()
         try:
             core = await self._database.open(pool_size=pool_size)
             self._host = Host(core, self.settings, self.plans, self.metrics, self.recovering)

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 import traceback
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +29,7 @@ from dbcore import delivery, replicas
 from dbcore.delivery import Ack, Claimed, ClaimLost
 from dbcore.descriptor import ReplicaDescriptor
 from dbcore.replicas import change_event_type
+from framework._internal import telemetry
 from framework._internal.events import Event
 from framework._internal.runtime import backoff_delay
 from framework._internal.workers import HandlerWorkers, Job
@@ -133,6 +135,8 @@ class Dispatcher:
                     self._outstanding += len(claimed)
                     for item in claimed:  # before the held-back check: the workers start at once
                         self.workers.submit(Job(self, item, start_before))
+                    if claimed:
+                        self.host.metrics.observe("claim_batch_size", len(claimed), service=self.service)
                     if self._saturated:
                         continue  # there may be more; claim again at the low water mark
                     held_back = await delivery.held_back(conn, self.service)
@@ -189,8 +193,10 @@ class Dispatcher:
                 blocking=spec.inbound.blocking,
             )
             return
+        assert spec.inbound is not None
+        started = time.perf_counter()
         try:
-            await self.runtime.run(
+            run = self.runtime.run(
                 call,
                 spec.function,
                 (self.runtime.instance, event),
@@ -200,11 +206,15 @@ class Dispatcher:
                 connection=conn,
                 before_commit=Ack(item),
             )
+            await telemetry.handling(item, self.service, spec.inbound.max_attempts, run)
             self.host.metrics.inc("events_handled", service=self.service, event=item.event_type)
+            self.host.metrics.observe(
+                "handler_duration_seconds", time.perf_counter() - started,
+                service=self.service, event=item.event_type,
+            )  # fmt: skip
         except ClaimLost as err:
             log.warning("%s: %s", self.service, err)
         except Exception as err:
-            assert spec.inbound is not None
             await self._failed(
                 item, spec.qualname, spec.inbound.max_attempts, err, blocking=spec.inbound.blocking
             )
@@ -225,6 +235,7 @@ class Dispatcher:
         self, item: Claimed, handler: str, max_attempts: int, err: Exception, *, blocking: bool = False
     ) -> None:
         error = f"{type(err).__name__}: {err}"
+        self.host.metrics.inc("events_failed", service=self.service, event=item.event_type)
         if item.attempts >= max_attempts:
             await self._dead_letter(item, error, traceback.format_exc(), blocking=blocking)
             return

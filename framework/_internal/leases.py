@@ -23,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from dbcore import leases
 from dbcore.leases import Grant, SettleAction
 from dbcore.translate import translated
+from framework._internal import telemetry
 from framework._internal.context import current
 from framework._internal.errors import NoTransactionError
 
@@ -100,7 +101,7 @@ class LeaseExecutor:
         """``consume``, ``release`` or ``renew`` outside any transaction (as the administrator)."""
         with translated("(app)"):
             async with self.host.core.admin() as conn:
-                return await settle(conn, action, lease, period)
+                return await telemetry.traced(settle(conn, action, lease, period), f"lease {action}", {})
 
     async def consume(self, lease: LeaseGrant | UUID | str) -> dict[str, Any]:
         return await self.settle("consume", lease)
@@ -149,7 +150,7 @@ async def _in_transaction(
             f"{action}_lease() runs in the caller's transaction: call it inside a @Transactional "
             f"function, or use app.leases.{action}(...) outside one"
         )
-    return await settle(ctx.connection, action, lease, period)
+    return await telemetry.traced(settle(ctx.connection, action, lease, period), f"lease {action}", {})
 
 
 async def consume_lease(lease: LeaseGrant | UUID | str) -> dict[str, Any]:

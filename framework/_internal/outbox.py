@@ -11,6 +11,7 @@ import uuid
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from dbcore.eventlog import EventRecord, append
+from framework._internal import telemetry
 from framework._internal.context import TxContext
 from framework._internal.events import Event
 
@@ -34,6 +35,7 @@ def record_of(
         producer=producer,
         correlation_id=correlation_id,
         causation_id=causation,
+        trace_context=telemetry.traceparent(),
     )
 
 

@@ -20,6 +20,7 @@ from dbcore.errors import ServiceRecovering, TransactionConflict
 from dbcore.isolation import CommitStatement
 from dbcore.query_language import bind_values
 from dbcore.translate import translated
+from framework._internal import telemetry
 from framework._internal.annotations import FunctionSpec, TransactionalSpec
 from framework._internal.context import TxContext, bind, correlation, current, unbind
 from framework._internal.errors import RetriesExhausted, ServiceCallError
@@ -69,10 +70,16 @@ class ServiceRuntime:
                 f"{self.name!r} at start-up (it is overridden in a subclass, or defined on a class "
                 "that is not a Service); annotate the function the service class itself exposes"
             )
+        called = self._call(call, wrapped, args, kwargs)
+        return called if telemetry.tracer is None else telemetry.traced_call(called, self.name, call)
+
+    def _call(
+        self, call: CallPlan, wrapped: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Awaitable[Any]:
         if call.query is not None:
             self.refuse_while_recovering()
             return self._run_query(call, args, kwargs)
-        if spec.lease is not None:
+        if call.spec.lease is not None:
             self.refuse_while_recovering()
             return self.leases.call(self.name, self.instance, call, args, kwargs)
         return self.run(call, wrapped, args, kwargs)
@@ -143,7 +150,9 @@ class ServiceRuntime:
                     conflict.kind,
                     delay * 1000,
                 )
-                self.host.metrics.inc("transaction_retries", service=self.name, function=spec.name)
+                self.host.metrics.inc(
+                    "transaction_retries", service=self.name, function=spec.name, cause=conflict.kind
+                )
                 attempt += 1
                 await asyncio.sleep(delay)
 

@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from dbcore import delivery
 from dbcore.core import Core
 from dbcore.delivery import Claimed
+from framework._internal import telemetry
 
 __all__ = ["Handler", "HandlerWorkers", "Job"]
 
@@ -129,7 +130,8 @@ class HandlerWorkers:
     async def _run(job: Job, conn: AsyncConnection, now: float) -> None:
         try:
             if now < job.start_before:
-                await job.dispatcher.handle(job.item, conn)
+                with telemetry.delivery_context(job.item):
+                    await job.dispatcher.handle(job.item, conn)
             else:
                 # Claimed too long ago: another worker may take it over any moment; let it.
                 log.info(

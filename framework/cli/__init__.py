@@ -18,6 +18,7 @@ import sys
 import typer
 
 from framework.cli._commands import mount as mount_commands
+from framework.cli._dashboard import mount as mount_dashboard
 from framework.cli._errors import REPORTED, report
 from framework.cli._integrity import mount as mount_integrity
 from framework.cli._migrate import migrate_app
@@ -31,6 +32,7 @@ cli = typer.Typer(
 cli.add_typer(migrate_app, name="migrate")
 mount_commands(cli)
 mount_integrity(cli)
+mount_dashboard(cli)
 
 
 def main() -> None:

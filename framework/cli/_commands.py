@@ -18,6 +18,7 @@ from framework._internal.app import App
 from framework._internal.dataflow import flow_table, services_table, write_graph
 from framework._internal.descriptors import build_descriptors
 from framework._internal.loading import load_app
+from framework._internal.serving import serving_metrics
 from framework.cli._errors import run_async
 
 __all__ = ["mount"]
@@ -50,6 +51,9 @@ def _offline(target: str) -> App:
 def run(
     app: AppArg,
     migrate: Annotated[bool, typer.Option(help="migrate the schemas to head before starting")] = False,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="serve Prometheus metrics on this port (/metrics, 127.0.0.1)")
+    ] = None,
 ) -> None:
     """Run the App's event handlers (and Kafka transport, if configured) until interrupted.
 
@@ -64,7 +68,7 @@ def run(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        async with target:
+        async with target, serving_metrics(target, metrics_port):
             names = ", ".join(d.name for d in target.descriptors)
             console.print(f"vmsdb: running {names}; Ctrl-C to stop")
             await stop.wait()

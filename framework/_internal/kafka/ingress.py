@@ -52,6 +52,7 @@ from dbcore.errors import CoreError
 from dbcore.eventlog import append
 from dbcore.reference_events import handle_event
 from dbcore.relay import DeadInput, dead_letter_input
+from framework._internal import telemetry
 from framework._internal.kafka.codec import PROTOCOL_SUBSCRIBER, Incoming, decode, source_of
 from framework._internal.kafka.health import Outage
 from framework._internal.kafka.options import KafkaOptions
@@ -93,6 +94,8 @@ class Ingress:
         self.group_id = options.group_id or routing.group_id
         self.ingested = 0
         self.dead_letters = 0
+        #: Per partition, the next offset to read as last committed (served as a metric).
+        self.committed: dict[TopicPartition, int] = {}
         self.assigned = asyncio.Event()
         self._consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
@@ -308,7 +311,8 @@ class Ingress:
             async with self.core.admin() as conn:
                 if records:
                     # In pick order: an A picked before the B it precedes gets a smaller position.
-                    inserted = set(await append(conn, records, deduplicate=True))
+                    with telemetry.batch_span("vmsdb ingress insert", records, {"vmsdb.count": len(records)}):
+                        inserted = set(await append(conn, records, deduplicate=True))
                     if self.routing.protocol:
                         letters += await self._apply_protocol(conn, picks, inserted)
                 await dead_letter_input(conn, letters)
@@ -369,6 +373,7 @@ class Ingress:
             # Read again later and inserted as a no-op: only progress is lost, not correctness.
             self._kafka.failed(err)
             return
+        self.committed.update(offsets)
         self._kafka.ok()
 
     async def _pause_held(self, consumer: AIOKafkaConsumer) -> None:

@@ -23,6 +23,7 @@ __all__ = [
     "HEADER_EVENT_TYPE",
     "HEADER_POSITION",
     "HEADER_PRODUCER",
+    "HEADER_TRACEPARENT",
     "HEADER_XID",
     "KafkaOptions",
     "KafkaSetupError",
@@ -38,6 +39,8 @@ HEADER_PRODUCER = "vmsdb-producer"
 # The event's place in its producing core's log, (xid, position): for tracing and diagnosis.
 HEADER_XID = "vmsdb-xid"
 HEADER_POSITION = "vmsdb-position"
+# The sender's W3C trace context (when traced), under the header name W3C gives it.
+HEADER_TRACEPARENT = "traceparent"
 
 _ILLEGAL = re.compile(r"[^A-Za-z0-9._-]")
 _MAX_TOPIC = 249

@@ -42,6 +42,7 @@ from sqlalchemy.pool import NullPool
 from dbcore import relay as relay_log
 from dbcore.eventlog import NOTIFY_CHANNEL
 from dbcore.relay import Cursor, LogRow
+from framework._internal import telemetry
 from framework._internal.kafka.codec import encode
 from framework._internal.kafka.health import Outage
 from framework._internal.kafka.options import KafkaOptions
@@ -220,6 +221,10 @@ class Relay:
         return True
 
     async def _send(self, producer: AIOKafkaProducer, rows: list[LogRow]) -> None:
+        with telemetry.batch_span("vmsdb relay publish", rows, {"messaging.batch.message_count": len(rows)}):
+            await self._send_runs(producer, rows)
+
+    async def _send_runs(self, producer: AIOKafkaProducer, rows: list[LogRow]) -> None:
         # One run per event type, each acknowledged before the next goes out (module docstring).
         for _, run in itertools.groupby(rows, key=lambda r: r.type):
             messages = [encode(r, self.options.topic_for(r.type)) for r in run]
