@@ -1,4 +1,4 @@
-"""``python -m benchmarks NAME [--seconds N] [--rounds R] [--json PATH]``.
+"""``python -m vmsdb_bench NAME [--seconds N] [--rounds R] [--json PATH]``.
 
 NAME: handler, delivery, leases, relay, eshop or all.
 """
@@ -50,7 +50,7 @@ BENCHMARKS = {
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks",
+        prog="python -m vmsdb_bench",
         description="vmsdb against hand-written asyncpg baselines, measured in the same run.",
     )
     parser.add_argument("name", choices=[*BENCHMARKS, "all"])

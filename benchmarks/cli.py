@@ -31,7 +31,7 @@ def bench(
     ] = None,
 ) -> None:
     """Measure the framework against hand-written asyncpg baselines in the same run
-    (``python -m vmsdb_bench``; what each compares: benchmarks/README.md)."""
+    (what each compares: benchmarks/README.md)."""
     if name not in BENCHMARK_NAMES:
         raise typer.BadParameter(f"{name!r} is not a benchmark; choose one of {', '.join(BENCHMARK_NAMES)}")
     if rounds < 1 or (seconds is not None and seconds <= 0):
