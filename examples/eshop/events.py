@@ -39,6 +39,7 @@ __all__ = [
     "ProductUpdated",
     "RejectedItem",
     "ReserveStock",
+    "ReserveStockFailed",
     "ShipmentNotification",
     "StockConfirmed",
     "TransactionMark",
@@ -65,6 +66,14 @@ class ReserveStock(Event, key="customer_id"):
 
 class RejectedItem(CartItem):
     status: ItemStatus
+
+
+class ReserveStockFailed(Event, key="customer_id"):
+    """No item of a checkout could be reserved; ``items`` says why for each one."""
+
+    customer_id: int
+    tid: str
+    items: list[RejectedItem]
 
 
 class StockConfirmed(Event, key="customer_id"):
