@@ -386,7 +386,8 @@ def check_entries(db: Db, evidence: Evidence) -> CheckResult:
             f"order {i['customer_id']}/{i['order_id']} item {i['seller_id']}/{i['product_id']}: "
             f"entries {[e['order_status'] for e in found]}, order {want}",
         )
-    result.expect(len(db["entries"]) == len(db["order_items"]), "entries without an order item")
+    if db["entries"] or db["order_items"]:
+        result.expect(len(db["entries"]) == len(db["order_items"]), "entries without an order item")
     return result
 
 
