@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from decimal import Decimal
+from typing import Any
 
 __all__ = ["Checkout", "Ledger", "ProductState"]
 
@@ -31,6 +32,13 @@ class Checkout:
     tid: str
     sent: float
     status: str  # SUCCESS, NOT_ACCEPTED, or the HTTP error
+    #: The (seller, product) keys the session put in the cart.
+    keys: tuple[tuple[int, int], ...] = ()
+
+    def shares_a_seller(self) -> bool:
+        """Two items of one seller: the only carts that can show a causal anomaly."""
+        sellers = [seller for seller, _ in self.keys]
+        return len(set(sellers)) < len(sellers)
 
 
 @dataclass
@@ -40,6 +48,8 @@ class Ledger:
 
     products: dict[tuple[int, int], list[ProductState]] = field(default_factory=dict)
     checkouts: list[Checkout] = field(default_factory=list)
+    #: What ``GET /cart/{customerId}/history/{tid}`` answered, per (customer, tid).
+    histories: dict[tuple[int, str], list[dict[str, Any]]] = field(default_factory=dict)
     #: Live dashboard answers checked, and those whose totals did not add up.
     dashboards: int = 0
     dashboard_anomalies: list[str] = field(default_factory=list)

@@ -211,8 +211,10 @@ class Workload:
             await control()
         else:
             await asyncio.gather(*(worker(w) for w in range(1, self.config.concurrency + 1)))
+        duration = time.monotonic() - start
+        await self.collect_histories()
         return WorkloadResult(
-            time.monotonic() - start,
+            duration,
             self.stats,
             self.outcomes,
             self.anomalies,
@@ -220,6 +222,17 @@ class Workload:
             self.aborts,
             self.ledger,
         )
+
+    async def collect_histories(self) -> None:
+        """Ask the cart what each successful checkout with two items of one seller took out
+        (``GET /cart/{customerId}/history/{tid}``), for the causal anomaly check."""
+        wanted = [c for c in self.ledger.checkouts if c.status == "SUCCESS" and c.shares_a_seller()]
+        for checkout in wanted:
+            response = await self.client.get(f"/cart/{checkout.customer_id}/history/{checkout.tid}")
+            if response.is_success:
+                self.ledger.histories[(checkout.customer_id, checkout.tid)] = response.json()
+            else:
+                self._error(f"history of {checkout.tid}: HTTP {response.status_code}")
 
     # -- draws -----------------------------------------------------------------------------------
 
@@ -278,7 +291,8 @@ class Workload:
         customer = await self.idle.get()
         try:
             count = self.rng.randint(1, min(self.config.max_items, len(self.keys)))
-            for seller_id, product_id in self._keys(count):
+            keys = self._keys(count)
+            for seller_id, product_id in keys:
                 known = self.products[(seller_id, product_id)]
                 voucher = (
                     money(known.price / 10) if self.rng.random() < self.config.voucher_probability else 0
@@ -306,7 +320,7 @@ class Workload:
                 self.outcomes[
                     body["status"] if response.status_code == 200 else f"{body['status']}/{body['source']}"
                 ] += 1
-            self.ledger.checkouts.append(Checkout(customer, tid, sent, status))
+            self.ledger.checkouts.append(Checkout(customer, tid, sent, status, tuple(keys)))
         finally:
             self.idle.put_nowait(customer)
 

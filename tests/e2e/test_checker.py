@@ -7,13 +7,18 @@ applied in a savepoint, judged, and rolled back, so every case starts from the s
 
 from __future__ import annotations
 
+import asyncio
+import os
+import sys
+import time
 from typing import Any
 
 from sqlalchemy import text
 
 from framework import App
 from tests.e2e.conftest import Eshop, assert_holds
-from vmsdb_eshop.check import Evidence, check, evidence_of, judge, read_tables
+from vmsdb_eshop.check import CheckResult, Evidence, check, check_causal, evidence_of, judge, read_tables
+from vmsdb_eshop.ledger import Checkout, Ledger
 from vmsdb_eshop.services import SERVICES
 from vmsdb_eshop.workload import MIXES, Workload, WorkloadConfig
 
@@ -122,3 +127,61 @@ async def test_each_check_finds_its_property_broken_behind_the_services_backs(es
             assert named in found.summary(), f"{case}: {found.summary()}"
         # Unbroken, the same judgement holds again (each mutation was rolled back).
         assert judge(await read_tables(conn), evidence).ok
+
+
+async def test_eshop_check_exits_non_zero_on_a_fresh_empty_database(vmsdb_database: str) -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "vmsdb_eshop.cli",
+        "check",
+        env={**os.environ, "VMSDB_DATABASE_URL": vmsdb_database, "COLUMNS": "200"},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    output, _ = await asyncio.wait_for(process.communicate(), timeout=120)
+    assert process.returncode == 1, output.decode()
+    assert "nothing to check" in output.decode()
+
+
+async def _acknowledged_price_update(eshop: Eshop, ledger: Ledger, key: tuple[int, int], tid: str) -> None:
+    price = ledger.products[key][-1].price + 1
+    body = {"sellerId": key[0], "productId": key[1], "price": str(price), "version": "0", "instanceId": tid}
+    sent = time.monotonic()
+    response = await eshop.http.patch("/product", json=body)
+    assert response.status_code == 200, response.text
+    ledger.acknowledged(key, "price", "0", price, sent, time.monotonic())
+
+
+async def test_the_causal_check_finds_a_cart_that_saw_y_but_not_an_earlier_x(eshop: Eshop) -> None:
+    """x's price update is acknowledged before y's is sent; a cart then holds both. Written
+    back to x's old price behind the cart's back, the history shows the benchmark's anomaly."""
+    ledger = Ledger()
+    x, y = (1, 1), (1, 2)
+    for key in (x, y):
+        ledger.seed(key, "0", eshop.price(*key))
+    await _acknowledged_price_update(eshop, ledger, x, "px")
+    await _acknowledged_price_update(eshop, ledger, y, "py")
+    for key in (x, y):
+        await eshop.add(7, *key, 1, price=ledger.products[key][-1].price)
+    sent = time.monotonic()
+    assert (await eshop.checkout(7, "c7")).status_code == 200
+    ledger.checkouts.append(Checkout(7, "c7", sent, "SUCCESS", (x, y)))
+    evidence = Evidence(ledger=ledger)
+
+    async def judged() -> CheckResult:
+        ledger.histories[(7, "c7")] = await eshop.get("/cart/7/history/c7")
+        return check_causal({}, evidence)
+
+    assert (await judged()).ok
+    async with eshop.app.core.admin() as conn:
+        await conn.execute(
+            text(
+                "UPDATE cart.cart_history SET unit_price = :old "
+                "WHERE customer_id = 7 AND tid = 'c7' AND seller_id = 1 AND product_id = 1"
+            ),
+            {"old": ledger.products[x][0].price},
+        )
+    broken = await judged()
+    assert not broken.ok
+    assert "cart 7/c7: saw 1/2" in broken.summary(), broken.summary()
