@@ -20,17 +20,21 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
+import asyncpg
+
 from framework import App, correlate
 from vmsdb_eshop.events import InvoiceIssued
 from vmsdb_eshop.provider import PaymentProvider, PaymentRequest, SimulatedProvider
 from vmsdb_eshop.services import Payment
+from vmsdb_eshop.services.payment import REQUESTS_CHANNEL
 
 __all__ = ["payment_processor", "process_payments", "settle_all"]
 
 log = logging.getLogger("vmsdb.eshop.payments")
 
-#: How long an idle processor waits before it looks for pending requests again.
-IDLE_POLL = 0.005
+#: How long an idle processor waits for a notification before it looks for requests anyway
+#: (requests of a processor that crashed, notifications missed while it was reconnecting).
+IDLE_POLL = 0.2
 
 
 def request_of(invoice: InvoiceIssued) -> PaymentRequest:
@@ -51,17 +55,41 @@ async def _charge(payment: Payment, provider: PaymentProvider, invoice: InvoiceI
         await payment.settle(invoice, answer.approved, answer.reason)
 
 
+async def _listen(app: App, wake: asyncio.Event) -> asyncpg.Connection:
+    """A connection that sets ``wake`` whenever a payment request commits."""
+    engine = app.core.engine
+    args, kwargs = engine.dialect.create_connect_args(engine.url)
+    conn: asyncpg.Connection = await asyncpg.connect(*args, **kwargs)
+    await conn.add_listener(REQUESTS_CHANNEL, lambda *_: wake.set())
+    return conn
+
+
 async def process_payments(app: App, provider: PaymentProvider, *, idle: float = IDLE_POLL) -> None:
-    """Claim pending requests, charge them, record the answers; runs until cancelled."""
+    """Claim pending requests, charge them, record the answers; runs until cancelled.
+
+    Woken by the notification each committed request sends; without one it looks every
+    ``idle`` seconds.
+    """
     payment = app.service(Payment)
+    wake = asyncio.Event()
+    listener = await _listen(app, wake)
+    try:
+        await _serve(payment, provider, wake, idle)
+    finally:
+        await listener.close()
+
+
+async def _serve(payment: Payment, provider: PaymentProvider, wake: asyncio.Event, idle: float) -> None:
     while True:
+        wake.clear()  # before the claim: a request committed after it wakes the wait below
         try:
             claimed = await payment.claim()
         except Exception:  # a failed claim (database restart, ...) is retried, not fatal
             log.exception("claiming payment requests failed")
             claimed = []
         if not claimed:
-            await asyncio.sleep(idle)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), idle)
             continue
         results = await asyncio.gather(
             *(_charge(payment, provider, invoice) for invoice in claimed), return_exceptions=True

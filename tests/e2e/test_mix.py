@@ -32,8 +32,11 @@ async def test_mix_holds_the_full_verdict(eshop: Eshop, mix: str, mode: str) -> 
     result = await Workload(eshop.http, eshop.market, config).run()
 
     assert result.errors == []
-    expected = {t for t, share in MIXES[mix].weights().items() if share > 0}
-    assert {t for t in TransactionType if result.stats[t].count} == expected, result.stats
+    shares = MIXES[mix].weights()
+    ran = {t for t in TransactionType if result.stats[t].count}
+    # Only the mix's types ran, and at least those of 5 % or more (the 2-3 % ones may not come
+    # up in a few seconds).
+    assert {t for t, share in shares.items() if share >= 5} <= ran <= {t for t, s in shares.items() if s > 0}
     assert result.outcomes["SUCCESS"] > 0
     assert result.outcomes["NOT_ACCEPTED/payment"] > 0, result.outcomes  # the failure path ran
     assert eshop.provider.calls > 0

@@ -20,7 +20,7 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import String, func, select, update
+from sqlalchemy import String, func, select, text, update
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -29,11 +29,13 @@ from vmsdb_eshop.events import CheckoutMark, InvoiceIssued, PaymentConfirmed, Pa
 from vmsdb_eshop.schemas import MarkStatus, PaymentType
 from vmsdb_eshop.services.common import clear, money_column, now, rows, timestamp_column
 
-__all__ = ["OrderPayment", "Payment", "PaymentCard", "PaymentRequestRecord"]
+__all__ = ["REQUESTS_CHANNEL", "OrderPayment", "Payment", "PaymentCard", "PaymentRequestRecord"]
 
 _CARDS = (PaymentType.CREDIT_CARD, PaymentType.DEBIT_CARD)
 #: How long a claimed request is left to its processor before another one may take it.
 CLAIM_PERIOD = timedelta(seconds=5)
+#: Notified when a request commits (a NOTIFY is delivered at commit, never before).
+REQUESTS_CHANNEL = "eshop_payment_requests"
 
 
 class Payment(Service, name="payment"):
@@ -50,6 +52,7 @@ class Payment(Service, name="payment"):
                 status="pending",
             )
         )
+        await session().execute(text(f"NOTIFY {REQUESTS_CHANNEL}"))
 
     @Transactional
     async def claim(self, limit: int = 16) -> list[InvoiceIssued]:
