@@ -20,6 +20,8 @@ def workload_table(result: WorkloadResult) -> Table:
     for column in ("transaction", "count", "share", "aborts", "p50 ms", "p90 ms", "p99 ms"):
         table.add_column(column, justify="left" if column == "transaction" else "right")
     for kind, stats in result.stats.items():
+        if not stats.count:
+            continue  # not in the mix (vmodb has no delivery)
         table.add_row(
             kind.value,
             str(stats.count),

@@ -109,10 +109,15 @@ def scale() -> Scale:
 
 
 @pytest.fixture
-async def eshop(vmsdb_app_factory: Any, scale: Scale) -> AsyncIterator[Eshop]:
+def provider() -> SimulatedProvider:
+    """The payment provider the eShop's processor charges (override in a test module)."""
+    return SimulatedProvider(latency=0.002)
+
+
+@pytest.fixture
+async def eshop(vmsdb_app_factory: Any, scale: Scale, provider: SimulatedProvider) -> AsyncIterator[Eshop]:
     # The eShop's schemas come from its migrations, as in the demo and in production.
     async with vmsdb_app_factory(SERVICES, create_tables=False, migrate=True) as app:
-        provider = SimulatedProvider(latency=0.002)
         api = create_api(app, provider=provider)
         transport = httpx.ASGITransport(app=api)
         async with (

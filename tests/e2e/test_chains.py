@@ -128,6 +128,17 @@ async def test_price_updates_racing_checkouts(eshop: Eshop) -> None:
     assert_holds(await eshop.verdict())
 
 
+async def test_item_of_a_deleted_product_is_dropped_by_the_cart(eshop: Eshop) -> None:
+    product = {**eshop.market.products[2].model_dump(mode="json"), "version": "gone", "status": "deleted"}
+    assert (await eshop.http.put("/product", json=product)).status_code == 200
+    await eshop.add(6, 1, 3, 1, version="gone")
+    response = await eshop.checkout(6, "t-deleted")
+    assert response.status_code == 409
+    assert (response.json()["source"], response.json()["reason"]) == ("cart", "1/3 DELETED")
+    assert (await eshop.get("/cart/6"))["status"] == "CHECKOUT_SENT"
+    assert_holds(await eshop.verdict())
+
+
 async def test_failed_payment_gives_the_stock_back(eshop: Eshop) -> None:
     await eshop.add(3, 2, 1, 4)
     response = await eshop.checkout(3, "t-card", expired_card=True)
