@@ -57,15 +57,18 @@ class CheckoutRequest(Event, key="customer_id"):
     checkout: CustomerCheckout
 
 
+class RejectedItem(CartItem):
+    status: ItemStatus
+
+
 class ReserveStock(Event, key="customer_id"):
+    """The items to reserve; ``dropped`` are those the cart left out, and why."""
+
     customer_id: int
     tid: str
     customer: CustomerCheckout
     items: list[CartItem]
-
-
-class RejectedItem(CartItem):
-    status: ItemStatus
+    dropped: list[RejectedItem] = []
 
 
 class ReserveStockFailed(Event, key="customer_id"):

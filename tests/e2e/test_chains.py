@@ -136,6 +136,12 @@ async def test_item_of_a_deleted_product_is_dropped_by_the_cart(eshop: Eshop) ->
     assert response.status_code == 409
     assert (response.json()["source"], response.json()["reason"]) == ("cart", "1/3 DELETED")
     assert (await eshop.get("/cart/6"))["status"] == "CHECKOUT_SENT"
+    # With an item the stock refuses too, the stock's answer names both, the cart's first.
+    await eshop.add(7, 1, 3, 1, version="gone")
+    assert (await eshop.add(7, 1, 2, 200))["reserved"] is False  # more than there is
+    both = await eshop.checkout(7, "t-deleted-2")
+    assert both.status_code == 409
+    assert (both.json()["source"], both.json()["reason"]) == ("stock", "1/3 DELETED, 1/2 OUT_OF_STOCK")
     assert_holds(await eshop.verdict())
 
 

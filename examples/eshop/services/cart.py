@@ -8,8 +8,8 @@ change committed before it.
 
 Checkout follows the benchmark: the cart becomes CHECKOUT_SENT; an item whose replica shows the
 same version at a different price is dropped (PRICE_DIVERGENCE), one whose product was deleted
-too (DELETED); the others go to the stock at the price the cart holds (a price update of the
-item's version has already rewritten it).
+(DELETED) or replaced (UNAVAILABLE) too; the others go to the stock at the price the cart holds
+(a price update of the item's version has already rewritten it).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from vmsdb_eshop.events import (
     PriceUpdated,
     PriceUpdateMark,
     ProductUpdated,
+    RejectedItem,
     ReserveStock,
 )
 from vmsdb_eshop.schemas import CartItem, CartItemFields, CartStatus, ItemStatus, MarkStatus
@@ -127,13 +128,13 @@ class Cart(Service, name="cart"):
             return
         replicas = await self._replicas(lines)
         items: list[CartItem] = []
-        dropped: list[str] = []
+        dropped: list[RejectedItem] = []
         for line in lines:
             status = _status(line, replicas.get((line.seller_id, line.product_id)))
             if status is ItemStatus.IN_STOCK:
                 items.append(CartItem(**_fields(line)))
                 continue
-            dropped.append(f"{line.seller_id}/{line.product_id} {status}")
+            dropped.append(RejectedItem(**_fields(line), status=status))
             if line.lease_id is not None:
                 await settle_quietly(release_lease, line.lease_id)
         for item in items:
@@ -145,10 +146,18 @@ class Cart(Service, name="cart"):
             .values(status=CartStatus.CHECKOUT_SENT, updated_at=now())
         )
         if not items:
-            why = ", ".join(dropped)
+            why = ", ".join(f"{d.seller_id}/{d.product_id} {d.status}" for d in dropped)
             send(CheckoutMark.of(event.tid, event.customer_id, MarkStatus.NOT_ACCEPTED, "cart", why))
             return
-        send(ReserveStock(customer_id=event.customer_id, tid=event.tid, customer=event.checkout, items=items))
+        send(
+            ReserveStock(
+                customer_id=event.customer_id,
+                tid=event.tid,
+                customer=event.checkout,
+                items=items,
+                dropped=dropped,
+            )
+        )
 
     async def _replicas(self, lines: Sequence[CartLine]) -> dict[tuple[int, int], ReplicaProduct]:
         """The replica of each line's product, by (seller, product)."""
@@ -224,14 +233,22 @@ class Cart(Service, name="cart"):
 def _status(line: CartLine, replica: ReplicaProduct | None) -> ItemStatus:
     """Whether checkout sends ``line`` to the stock (IN_STOCK) or drops it, and why.
 
-    A replica at another version says nothing of the line's price: the stock decides (an old
-    version is UNAVAILABLE there). An unknown product is left to the stock as well.
+    The replica is never behind what a client learnt: a replacement or price update is
+    acknowledged only after the cart applied it, and its handlers take precedence over checkout.
+    So a line at another version than the replica's is of a replaced version (UNAVAILABLE, as
+    the stock would answer), and one at the replica's version but another price was added with a
+    stale price (PRICE_DIVERGENCE). Dropping the first here, not only at the stock, keeps a stale
+    line out of the checkout's history: without it a cart could hold x at a price older than an
+    update acknowledged before y's, the benchmark's causal anomaly. An unknown product is left to
+    the stock.
     """
     if replica is None:
         return ItemStatus.IN_STOCK
     if not replica.active:
         return ItemStatus.DELETED
-    if replica.version == line.version and replica.price != line.unit_price:
+    if replica.version != line.version:
+        return ItemStatus.UNAVAILABLE
+    if replica.price != line.unit_price:
         return ItemStatus.PRICE_DIVERGENCE
     return ItemStatus.IN_STOCK
 

@@ -110,7 +110,7 @@ class Stock(Service, name="stock"):
         """Reserve each item: its version must be current and its quantity still there."""
         locked = await self._lock(keys_of(event.items))
         reserved: list[CartItem] = []
-        rejected: list[RejectedItem] = []
+        rejected: list[RejectedItem] = list(event.dropped)  # what the cart left out, first
         for item in sorted(event.items, key=lambda i: (i.seller_id, i.product_id)):
             current = locked.get((item.seller_id, item.product_id))
             # An unknown item or a replaced version cannot be sold (referential integrity).
