@@ -58,6 +58,6 @@ def bench(
     try:
         args = parse_args(argv)
     except SystemExit as err:
-        raise typer.BadParameter("see the options above") from err
+        raise typer.BadParameter("see the error above") from err
     if not asyncio.run(run_benchmarks(args)):
         raise typer.Exit(1)  # the eShop's consistency verdict failed
