@@ -70,7 +70,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="where to write results (default benchmarks/results/<name>.json; with 'all', one file "
         "holding every benchmark)",
     )
+    eshop_options = parser.add_argument_group("eshop", "the driver's options (eshop only)")
+    eshop_options.add_argument("--mix", choices=sorted(eshop.MIXES), default="paper")
+    eshop_options.add_argument("--distribution", choices=["uniform", "zipfian"], default="uniform")
+    eshop_options.add_argument("--mode", choices=["continuous", "closed"], default="continuous")
+    eshop_options.add_argument("--items", type=int, default=10, help="at most this many items per cart")
     args = parser.parse_args(argv)
+    if not 1 <= args.items <= 10:
+        parser.error("--items must be within 1..10")
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
     if args.seconds is not None and args.seconds <= 0:
@@ -78,11 +85,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-async def main(args: argparse.Namespace) -> None:
+async def main(args: argparse.Namespace) -> bool:
+    """Run the selected benchmarks; ``False`` if the eShop's consistency verdict failed."""
     console = Console()
     logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[RichHandler(console=console)])
     selected = list(BENCHMARKS.values()) if args.name == "all" else [BENCHMARKS[args.name]]
     documents: dict[str, Any] = {}
+    held = True
     with make_progress(console) as progress:
         where = "VMSDB_DATABASE_URL" if "VMSDB_DATABASE_URL" in os.environ else "an embedded Postgres"
         task = progress.add_task(f"starting {where}", total=None)
@@ -97,7 +106,12 @@ async def main(args: argparse.Namespace) -> None:
                     progress=progress,
                 )
                 started_at, clock = now_utc(), time.perf_counter()
-                result = await benchmark.run(bench)
+                if benchmark.name == eshop.NAME:
+                    options = eshop.Options(args.mix, args.distribution, args.mode, args.items)
+                    result = await eshop.run(bench, options)
+                    held = held and all(c.ok for c in result.checks)
+                else:
+                    result = await benchmark.run(bench)
                 at_end = {**machine, "load_average_at_end": os.getloadavg()}
                 document = result.to_json(at_end, started_at, time.perf_counter() - clock)
                 documents[benchmark.name] = document
@@ -109,7 +123,8 @@ async def main(args: argparse.Namespace) -> None:
     if args.name == "all" and args.json is not None:
         write_json(args.json, {"benchmarks": documents})
         console.print(f"[dim]results written to {args.json}[/]")
+    return held
 
 
 if __name__ == "__main__":
-    asyncio.run(main(parse_args()))
+    raise SystemExit(0 if asyncio.run(main(parse_args())) else 1)
