@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator
 
 import asyncpg
 
-from framework import App, correlate
+from framework import App, continue_trace, correlate
 from vmsdb_eshop.events import InvoiceIssued
 from vmsdb_eshop.provider import PaymentProvider, PaymentRequest, SimulatedProvider
 from vmsdb_eshop.services import Payment
@@ -49,9 +49,12 @@ def request_of(invoice: InvoiceIssued) -> PaymentRequest:
     )
 
 
-async def _charge(payment: Payment, provider: PaymentProvider, invoice: InvoiceIssued) -> None:
-    answer = await provider.authorize(request_of(invoice))  # outside any transaction
-    with correlate(invoice.tid):  # the chain's later events and marks carry the checkout's tid
+async def _charge(
+    payment: Payment, provider: PaymentProvider, invoice: InvoiceIssued, trace: str | None
+) -> None:
+    # The chain's later events and marks carry the checkout's tid, and stay in its trace.
+    with continue_trace(trace), correlate(invoice.tid):
+        answer = await provider.authorize(request_of(invoice))  # outside any transaction
         await payment.settle(invoice, answer.approved, answer.reason)
 
 
@@ -92,9 +95,10 @@ async def _serve(payment: Payment, provider: PaymentProvider, wake: asyncio.Even
                 await asyncio.wait_for(wake.wait(), idle)
             continue
         results = await asyncio.gather(
-            *(_charge(payment, provider, invoice) for invoice in claimed), return_exceptions=True
+            *(_charge(payment, provider, invoice, trace) for invoice, trace in claimed),
+            return_exceptions=True,
         )
-        for invoice, result in zip(claimed, results, strict=True):
+        for (invoice, _), result in zip(claimed, results, strict=True):
             if isinstance(result, BaseException):  # left pending: claimed again when the claim lapses
                 log.warning(
                     "payment of order %s/%s failed: %r", invoice.customer_id, invoice.order_id, result

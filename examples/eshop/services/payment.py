@@ -24,7 +24,7 @@ from sqlalchemy import String, func, select, text, update
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
 
-from framework import Inbound, Outbound, Service, Transactional, send, session
+from framework import Inbound, Outbound, Service, Transactional, send, session, trace_context
 from vmsdb_eshop.events import CheckoutMark, InvoiceIssued, PaymentConfirmed, PaymentFailed
 from vmsdb_eshop.schemas import MarkStatus, PaymentType
 from vmsdb_eshop.services.common import clear, money_column, now, rows, timestamp_column
@@ -50,13 +50,16 @@ class Payment(Service, name="payment"):
                 tid=event.tid,
                 invoice=event.model_dump(mode="json"),
                 status="pending",
+                # The processor charges outside this transaction: it continues this trace.
+                trace_context=trace_context(),
             )
         )
         await session().execute(text(f"NOTIFY {REQUESTS_CHANNEL}"))
 
     @Transactional
-    async def claim(self, limit: int = 16) -> list[InvoiceIssued]:
-        """Take up to ``limit`` pending requests nobody works on, for ``CLAIM_PERIOD``."""
+    async def claim(self, limit: int = 16) -> list[tuple[InvoiceIssued, str | None]]:
+        """Take up to ``limit`` pending requests nobody works on, for ``CLAIM_PERIOD``: each
+        invoice with the trace context of the handler that recorded it."""
         table = PaymentRequestRecord.__table__
         free = (
             select(table.c.customer_id, table.c.order_id)
@@ -70,9 +73,9 @@ class Payment(Service, name="payment"):
             update(table)
             .where(table.c.customer_id == free.c.customer_id, table.c.order_id == free.c.order_id)
             .values(claimed_until=func.now() + CLAIM_PERIOD)
-            .returning(table.c.invoice)
+            .returning(table.c.invoice, table.c.trace_context)
         )
-        return [InvoiceIssued.model_validate(r["invoice"]) for r in taken]
+        return [(InvoiceIssued.model_validate(r["invoice"]), r["trace_context"]) for r in taken]
 
     @Transactional(type="RO")
     async def pending(self) -> int:
@@ -210,3 +213,5 @@ class PaymentRequestRecord(Payment.Model):
     claimed_until: Mapped[datetime] = timestamp_column()
     created_at: Mapped[datetime] = timestamp_column()
     settled_at: Mapped[datetime | None] = timestamp_column(nullable=True)
+    #: The W3C traceparent of the recording handler, when tracing is on.
+    trace_context: Mapped[str | None] = mapped_column(String(55), nullable=True)

@@ -32,6 +32,7 @@ def upgrade() -> None:
         ),
         sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.text("now()"), nullable=False),
         sa.Column("settled_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("trace_context", sa.String(length=55), nullable=True),
         sa.PrimaryKeyConstraint("customer_id", "order_id", name=op.f("pk_payment_requests")),
         schema="payment",
     )
