@@ -41,8 +41,8 @@ from .migrations_app.faulty import Faulty
 
 ROOT = Path(__file__).resolve().parents[2]
 APP = "tests.integration.migrations_app:services"
-CORE_REVISIONS = ["0001_catalog", "0002_delivery_ack", "0003_references"]
-HEADS = {"core": ("0003_references",), "warehouse": ("w0002_audit",), "basket": ("b0001_lines",)}
+CORE_REVISIONS = ["0001_catalog", "0002_delivery_ack", "0003_references", "0005_reads_begin_epochs"]
+HEADS = {"core": ("0005_reads_begin_epochs",), "warehouse": ("w0002_audit",), "basket": ("b0001_lines",)}
 AT_HEAD = {"vms": HEADS["core"], "warehouse": HEADS["warehouse"], "basket": HEADS["basket"]}
 
 
@@ -432,7 +432,8 @@ async def test_two_processes_migrating_at_once_end_in_one_correct_state(vmsdb_da
     output = first.stdout + second.stdout
     assert output.count("service warehouse: base -> w0002_audit (2 revisions)") == 1, output
     assert output.count("service warehouse: at w0002_audit, nothing to do") == 1, output
-    assert output.count(f"core catalog: base -> {HEADS['core'][0]} (3 revisions)") == 1, output
+    upgraded = f"core catalog: base -> {HEADS['core'][0]} ({len(CORE_REVISIONS)} revisions)"
+    assert output.count(upgraded) == 1, output
 
 
 # -- command lines -----------------------------------------------------------------------------
