@@ -418,16 +418,21 @@ install_sql: Sequence[str] = (
     # access closes the amnesia and stamps a new version in the new epoch, exactly as
     # get_reference does; and it is no longer "restored": a later merge must not overwrite a
     # value someone has seen (recovery.merge reports the copy as a conflict instead). The row
-    # lock orders the read against a concurrent merge of the same entity. Returns whether any
-    # entity of the service is still restored and unread, so callers can stop asking.
+    # lock orders the read against a concurrent merge of the same entity. p_uris NULL: every
+    # restored entity of table p_entity (a read that cannot say which rows it saw, such as a
+    # cross-service query: conservative, a later copy of them becomes a conflict, not a loss).
+    # Returns whether any entity of the service is still restored and unread, so callers can
+    # stop asking.
     """
-    CREATE OR REPLACE FUNCTION vms.ref_read(p_service text, p_uris text[]) RETURNS boolean
-    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $$
+    CREATE OR REPLACE FUNCTION vms.ref_read(p_service text, p_entity text, p_uris text[])
+    RETURNS boolean LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $$
     DECLARE e vms.entities; s vms.ref_services;
     BEGIN
         s := vms.ref_service(p_service, true);
-        FOR e IN SELECT * FROM vms.entities WHERE uri = ANY(p_uris) AND service = p_service
-                    AND restored_by IS NOT NULL ORDER BY uri FOR UPDATE LOOP
+        FOR e IN SELECT * FROM vms.entities
+                  WHERE service = p_service AND restored_by IS NOT NULL
+                    AND (uri = ANY(p_uris) OR (p_uris IS NULL AND entity = p_entity))
+                  ORDER BY uri FOR UPDATE LOOP
             IF e.pending THEN
                 e := vms.ref_access(e);
                 UPDATE vms.entities SET t = vms.ref_tick(p_service), k = s.epoch, pending = false,
@@ -472,7 +477,7 @@ install_sql: Sequence[str] = (
             "ref_deleted(text, text, jsonb)",
             "ref_copy(vms.entities, text[])",
             "get_reference(text, boolean, boolean, text[], text)",
-            "ref_read(text, text[])",
+            "ref_read(text, text, text[])",
             "delete_reference(text, text)",
         )
     ),
@@ -481,7 +486,7 @@ install_sql: Sequence[str] = (
     f"GRANT SELECT ON vms.referenceables, vms.reference_columns TO {_GROUP}",
     f"GRANT EXECUTE ON FUNCTION vms.get_reference(text, boolean, boolean, text[], text) TO {_GROUP}",
     f"GRANT EXECUTE ON FUNCTION vms.delete_reference(text, text) TO {_GROUP}",
-    f"GRANT EXECUTE ON FUNCTION vms.ref_read(text, text[]) TO {_GROUP}",
+    f"GRANT EXECUTE ON FUNCTION vms.ref_read(text, text, text[]) TO {_GROUP}",
 )
 
 _INSTALL_LOCK = text("SELECT pg_advisory_xact_lock(hashtext('vms.references'))")

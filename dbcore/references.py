@@ -295,11 +295,15 @@ async def delete_reference(conn: AsyncConnection, uri: str, *, holder: str | Non
     return bool(await _call(conn, _DELETE, {"uri": uri, "holder": holder}))
 
 
-_READ = text("SELECT vms.ref_read(:s, CAST(:uris AS text[]))")
+_READ = text("SELECT vms.ref_read(:s, :e, CAST(:uris AS text[]))")
 
 
-async def read_entities(conn: AsyncConnection, service: str, uris: Sequence[str]) -> bool:
-    """Record, in ``conn``'s transaction, that these entities of ``service`` were read.
+async def read_entities(
+    conn: AsyncConnection, service: str, uris: Sequence[str] | None = None, *, table: str | None = None
+) -> bool:
+    """Record, in ``conn``'s transaction, that these entities of ``service`` were read: the
+    given ``uris``, or (``uris=None``) every entity of ``table``, for a read that cannot say
+    which rows it saw.
 
     The first read of an entity restored from a backup begins its new epoch (recovery paper,
     Definition 2): its amnesia interval closes at the read, and a merge will no longer overwrite
@@ -308,7 +312,10 @@ async def read_entities(conn: AsyncConnection, service: str, uris: Sequence[str]
     when it does not, reads of it need not call this any more. Raises ``ServiceRecovering`` in
     consistency mode.
     """
-    return bool(await _call(conn, _READ, {"s": service, "uris": list(uris)}))
+    if uris is None and table is None:
+        raise ValueError("read_entities() needs the URIs read, or the table they were read from")
+    values = None if uris is None else list(uris)
+    return bool(await _call(conn, _READ, {"s": service, "e": table, "uris": values}))
 
 
 _IN_AMNESIA = text("SELECT DISTINCT service FROM vms.entities WHERE restored_by IS NOT NULL")

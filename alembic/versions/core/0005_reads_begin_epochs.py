@@ -73,13 +73,15 @@ CREATE INDEX IF NOT EXISTS ix_entities_restored ON vms.entities (service) WHERE 
 
 """,
     r"""
-    CREATE OR REPLACE FUNCTION vms.ref_read(p_service text, p_uris text[]) RETURNS boolean
-    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $$
+    CREATE OR REPLACE FUNCTION vms.ref_read(p_service text, p_entity text, p_uris text[])
+    RETURNS boolean LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $$
     DECLARE e vms.entities; s vms.ref_services;
     BEGIN
         s := vms.ref_service(p_service, true);
-        FOR e IN SELECT * FROM vms.entities WHERE uri = ANY(p_uris) AND service = p_service
-                    AND restored_by IS NOT NULL ORDER BY uri FOR UPDATE LOOP
+        FOR e IN SELECT * FROM vms.entities
+                  WHERE service = p_service AND restored_by IS NOT NULL
+                    AND (uri = ANY(p_uris) OR (p_uris IS NULL AND entity = p_entity))
+                  ORDER BY uri FOR UPDATE LOOP
             IF e.pending THEN
                 e := vms.ref_access(e);
                 UPDATE vms.entities SET t = vms.ref_tick(p_service), k = s.epoch, pending = false,
@@ -93,16 +95,16 @@ CREATE INDEX IF NOT EXISTS ix_entities_restored ON vms.entities (service) WHERE 
 
 """,
     r"""
-REVOKE ALL ON FUNCTION vms.ref_read(text, text[]) FROM PUBLIC
+REVOKE ALL ON FUNCTION vms.ref_read(text, text, text[]) FROM PUBLIC
 """,
     r"""
-GRANT EXECUTE ON FUNCTION vms.ref_read(text, text[]) TO "vms_services"
+GRANT EXECUTE ON FUNCTION vms.ref_read(text, text, text[]) TO "vms_services"
 """,
 )
 
 # vms.get_reference as 0003_references made it (a copy was not yet a read).
 DOWNGRADE = (
-    "DROP FUNCTION IF EXISTS vms.ref_read(text, text[])",
+    "DROP FUNCTION IF EXISTS vms.ref_read(text, text, text[])",
     "DROP TABLE IF EXISTS vms.merge_conflicts",
     "DROP INDEX IF EXISTS vms.ix_entities_restored",
     r"""COMMENT ON COLUMN vms.entities.restored_by IS 'the recovery that restored it, until written'""",
