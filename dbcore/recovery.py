@@ -35,6 +35,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from dbcore.catalog import quote_ident
+from dbcore.event_logs import append_recovered, log_references
 from dbcore.eventlog import EventRecord, append
 from dbcore.integrity import references_in
 from dbcore.reference_catalog import clock_sequence
@@ -169,8 +170,11 @@ _HOLDERS = text(
 
 
 async def local_holders(conn: AsyncConnection, service: str) -> list[str]:
-    """Services of this core that keep references to ``service``'s entities."""
-    return list((await conn.execute(_HOLDERS, {"s": service})).scalars())
+    """Services of this core that keep references to ``service``'s entities (in reference
+    columns, or in their event logs)."""
+    declared = set((await conn.execute(_HOLDERS, {"s": service})).scalars())
+    logged = {r.holder for r in await log_references(conn, service=service) if r.holder != service}
+    return sorted(declared | logged)
 
 
 async def answer(conn: AsyncConnection, recovery_id: str, service: str, holder: str) -> Answer:
@@ -304,6 +308,9 @@ async def _apply(conn: AsyncConnection, rec: Any, holder: str, e: Any, entry: An
     assert entry.copy is not None
     service, entity, _ = parse_uri(entry.uri)
     keys = await _write_copy(conn, entry.uri, entry.copy)
+    if len(keys) == 1:  # an event-sourced entity's log records the version brought back
+        key = entry.copy.get(keys[0])
+        await append_recovered(conn, service, entity, str(key), entry.uri, entry.t, entry.k, entry.copy)
     params: dict[str, Any] = {"uri": entry.uri, "s": service, "r": str(rec.id), "h": holder}
     if e is None:
         await conn.execute(

@@ -30,6 +30,7 @@ from framework._internal.errors import (
 from framework._internal.events import Event
 from framework._internal.leases import LeaseGrant, consume_lease, release_lease, renew_lease
 from framework._internal.service import Service, sql_function
+from framework.event_sourcing import EntityEvent, EventSourced
 from framework.references import (
     EntityDeleted,
     EntityNotFound,
@@ -48,8 +49,10 @@ __all__ = [
     "App",
     "CoreError",
     "EntityDeleted",
+    "EntityEvent",
     "EntityNotFound",
     "Event",
+    "EventSourced",
     "FrameworkError",
     "Inbound",
     "IsolationError",
