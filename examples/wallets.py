@@ -18,7 +18,17 @@ from typing import Any
 from sqlalchemy.orm import Mapped, mapped_column
 
 from framework import App, Service, Transactional, session
-from framework.event_sourcing import EntityEvent, EventSourced, append, delete, load, replay, take_reference
+from framework.event_sourcing import (
+    EntityEvent,
+    EventSourced,
+    append,
+    delete,
+    load,
+    log_of,
+    release_reference,
+    replay,
+    take_reference,
+)
 from framework.references import Ref, get_reference, ref_column, referenceable
 
 
@@ -51,6 +61,15 @@ class Bank(Service, name="bank"):
         await append(Wallet, wallet_id, Paid(merchant=merchant_id, amount=amount))
         _, ref = await take_reference(Wallet, wallet_id, Merchant, merchant_id, copy=True)
         return ref
+
+    @Transactional
+    async def release(self, seq: int) -> bool:
+        """Give back the reference recorded at ``seq`` of the log (a ``vms.unref`` record)."""
+        log = log_of(Bank)
+        record = await session().get(log, seq)
+        if record is None:
+            return False
+        return await release_reference(Wallet, record.key, seq)  # type: ignore[attr-defined]
 
     @Transactional
     async def close(self, wallet_id: str) -> bool:

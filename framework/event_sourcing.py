@@ -283,6 +283,9 @@ async def release_reference(holder: type[EventSourced], key: str, seq: int) -> b
     record = await ctx.session.get(log, seq)
     if record is None or record.type != REF:
         return False
+    given_back = select(log.seq).where(log.type == UNREF, log.payload["of"].as_integer() == seq)  # type: ignore[attr-defined]
+    if (await ctx.session.execute(given_back)).first() is not None:
+        return False
     if not await delete_reference(ctx.connection, record.payload["ref"]["uri"]):
         return False
     await _record(ctx, holder, key, UNREF, {"of": seq})

@@ -19,6 +19,7 @@ from sqlalchemy import text
 from typer.testing import CliRunner
 
 from dbcore import integrity
+from dbcore.event_logs import log_references
 from dbcore.integrity import IntegrityReport
 from dbcore.log_integrity import check_logs
 from examples.wallets import Bank, Shop
@@ -126,6 +127,45 @@ async def test_the_shop_restored_with_references_from_the_bank_log(app: App) -> 
     assert name == "Corner shop & cafe"
     for report in await both(app):
         assert report.globally_consistent, report.to_json()
+
+
+async def test_a_released_reference_leaves_the_log_as_a_record_and_the_count(app: App) -> None:
+    bank, shop = app.service(Bank), app.service(Shop)
+    await shop.add_merchant("m1", "Corner shop")
+    await bank.open("w1", "ada")
+    await bank.pay("w1", "m1", 5)
+    await bank.pay("w1", "m1", 5)
+    async with app.core.admin() as conn:
+        refs = await log_references(conn, holder="bank")
+        assert [r.data["uri"] for r in refs] == ["vms://shop/merchants/m1"] * 2
+        d = "SELECT d FROM vms.entities WHERE uri = 'vms://shop/merchants/m1'"
+        assert (await conn.execute(text(d))).scalar() == 2
+    assert await bank.release(refs[0].seq)
+    assert not await bank.release(refs[0].seq)  # given back already
+    async with app.core.admin() as conn:
+        assert [r.seq for r in await log_references(conn, holder="bank")] == [refs[1].seq]
+        assert (await conn.execute(text(d))).scalar() == 1
+    assert [t for t, _, _ in await log(app)][-1] == "vms.unref"
+    for report in await both(app):
+        assert report.globally_consistent, report.to_json()
+
+
+async def test_only_the_logs_can_tell_a_version_that_never_existed(app: App) -> None:
+    """A reference to a t the owner never stamped for the entity, yet no later than its latest:
+    the core's metadata (one t per entity) takes it for an older version; the log knows better."""
+    bank, shop = app.service(Bank), app.service(Shop)
+    await bank.open("w1", "ada")
+    await bank.open("w2", "bob")  # w2's version is w1's t + 1
+    await bank.deposit("w1", 5)  # w1 now at w2's t + 1: w2's t is no version of w1
+    ref = await shop.place_order("o1", "w1")
+    async with app.core.admin() as conn:
+        forged = {**ref.to_json(), "t": ref.t - 1}
+        sql = text("UPDATE shop.orders SET wallet = CAST(:r AS jsonb) WHERE id = 'o1'")
+        await conn.execute(sql, {"r": json.dumps(forged)})
+    metadata, logs = await both(app)
+    assert metadata.globally_consistent
+    assert [(v.kind, v.covered_by) for v in logs.violations] == [("lost", None)]
+    assert not logs.weakly_consistent
 
 
 cli_app: App | None = None
