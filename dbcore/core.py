@@ -36,7 +36,7 @@ async def lock_install(conn: AsyncConnection) -> None:
 
 #: The core revision (``alembic/versions/core``) whose catalog :meth:`Core.install` creates: the
 #: head. A fresh install is stamped with it, so ``vmsdb migrate`` finds it at head.
-CATALOG_REVISION = "0005_trace_context"
+CATALOG_REVISION = "0006_reads_begin_epochs"
 #: The core revision a catalog without a version table is at: :meth:`Core.install` made such
 #: catalogs before it stamped itself, and then it created what ``0001_catalog`` creates.
 #: ``vmsdb migrate`` stamps such a catalog with it, and the later revisions follow.

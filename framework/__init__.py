@@ -32,6 +32,7 @@ from framework._internal.leases import LeaseGrant, consume_lease, release_lease,
 from framework._internal.service import Service, sql_function
 from framework._internal.telemetry import continue_trace
 from framework._internal.telemetry import traceparent as trace_context
+from framework.event_sourcing import EntityEvent, EventSourced
 from framework.references import (
     EntityDeleted,
     EntityNotFound,
@@ -50,8 +51,10 @@ __all__ = [
     "App",
     "CoreError",
     "EntityDeleted",
+    "EntityEvent",
     "EntityNotFound",
     "Event",
+    "EventSourced",
     "FrameworkError",
     "Inbound",
     "IsolationError",

@@ -29,7 +29,7 @@ from dbcore import delivery
 from dbcore.core import Core
 from dbcore.descriptor import ServiceDescriptor
 from dbcore.eventlog import append
-from framework._internal import telemetry
+from framework._internal import epochs, telemetry
 from framework._internal.config import Settings
 from framework._internal.context import correlation
 from framework._internal.descriptors import ServicePlan, build_plans, dependencies_of
@@ -318,6 +318,7 @@ class App:
         await self._listener.open()
         # Listening first, then reading: a recovery that starts in between is not missed.
         self.recovering.update(await read_recovering(self.host))
+        await epochs.load_amnesia(self.host)
 
     def _on_reconnect(self) -> None:
         """Notifications sent while the listener was away are lost: look again at everything
@@ -334,6 +335,7 @@ class App:
         self._outcomes.notified(correlations)
 
     def _on_recovery(self, service: str, mode: str) -> None:
+        self.host.amnesia.add(service)  # a restore (or a merge) leaves entities to be read
         if mode == "consistency":
             self.recovering.add(service)
             return

@@ -15,7 +15,7 @@ from dbcore import delivery, replicas
 from dbcore.leases import ActiveLease
 from dbcore.leases import active as active_leases
 from framework._internal.app import App
-from framework._internal.dataflow import flow_table, services_table, write_graph
+from framework._internal.dataflow import coordination_table, flow_table, services_table, write_graph
 from framework._internal.descriptors import build_descriptors
 from framework._internal.loading import load_app
 from framework._internal.serving import serving_metrics
@@ -91,6 +91,9 @@ def services(
         return
     console.print(services_table(descriptors))
     console.print(flow_table(descriptors))
+    warnings = coordination_table(descriptors)
+    if warnings is not None:
+        console.print(warnings)
     written = write_graph(descriptors, graph)
     console.print("dataflow graph: " + ", ".join(str(p) for p in written))
 

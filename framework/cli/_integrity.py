@@ -3,6 +3,7 @@
 ```
 vmsdb integrity check [--json]                  Definitions 1 and 3: broken references, each
                                                 with both ends, and what needs manual repair
+                                                (event-sourced services: also from their logs)
 vmsdb integrity crash SERVICE --yes             simulate a disaster (drop the service's schema)
 vmsdb backup SERVICE [--dir D]                  back up one service: schema and metadata
 vmsdb restore SERVICE [--backup ID] [--mode availability|consistency] [--timeout S] [--json]
@@ -150,10 +151,24 @@ def print_report(report: IntegrityReport, as_json: bool) -> None:
 
 @integrity_app.command("check")
 def check_command(app: AppOpt = None, as_json: JsonOpt = False) -> None:
-    """Check Definitions 1 and 3; exit 1 unless weakly consistent."""
-    report = _run(app, references.check)
-    print_report(report, as_json)
-    if not report.weakly_consistent:
+    """Check Definitions 1 and 3; exit 1 unless weakly consistent. Event-sourced services are
+    checked twice: from the core's metadata, and from their logs alone."""
+
+    async def both(host: references.Host) -> tuple[IntegrityReport, IntegrityReport | None]:
+        return await references.check(host), await references.check_logs(host)
+
+    report, from_logs = _run(app, both)
+    if as_json:
+        document = report.to_json()
+        if from_logs is not None:
+            document["from_event_logs"] = from_logs.to_json()
+        print(json.dumps(document, indent=2, default=str))
+    else:
+        print_report(report, as_json=False)
+        if from_logs is not None:
+            console.print("[bold]From the event logs alone[/bold] (event-sourced services):")
+            print_report(from_logs, as_json=False)
+    if not report.weakly_consistent or (from_logs is not None and not from_logs.weakly_consistent):
         raise typer.Exit(1)
 
 
