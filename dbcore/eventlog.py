@@ -40,6 +40,7 @@ from dbcore.catalog import SERVICE_ROLE_FUNCTION, SERVICES_GROUP_ROLE, metadata
 
 __all__ = [
     "NOTIFY_CHANNEL",
+    "OWN_EVENTS_POLICY",
     "EventRecord",
     "Outcome",
     "append",
@@ -171,6 +172,17 @@ ACK_FUNCTION = f"""
     END $$
 """
 
+# A service inserts events only in its own name, and only of the types its descriptor declares
+# with @Outbound (G1): vms.outbound, filled at registration. The administrator and the core role
+# (publish, Kafka ingress) are not bound by it; the core's SECURITY DEFINER functions (replica
+# changes, reference events) run as the administrator.
+OWN_EVENTS_POLICY = """
+    CREATE POLICY own_events ON vms.events FOR INSERT
+    WITH CHECK (producer IS NOT NULL AND vms.service_role(producer) = current_user
+                AND EXISTS (SELECT 1 FROM vms.outbound o
+                             WHERE o.service = producer AND o.event_type = type))
+"""
+
 #: DDL that SQLAlchemy's create_all does not express: fan-out trigger, row-level security.
 install_sql: Sequence[str] = (
     SERVICE_ROLE_FUNCTION,
@@ -219,10 +231,9 @@ install_sql: Sequence[str] = (
     f"GRANT USAGE ON SEQUENCE vms.events_position_seq TO {_GROUP}",
     "ALTER TABLE vms.events ENABLE ROW LEVEL SECURITY",
     "DROP POLICY IF EXISTS own_events ON vms.events",
-    """
-    CREATE POLICY own_events ON vms.events FOR INSERT
-    WITH CHECK (producer IS NOT NULL AND vms.service_role(producer) = current_user)
-    """,
+    OWN_EVENTS_POLICY,
+    # The policy reads the declared types under the service's role: they may see them all.
+    f"GRANT SELECT ON vms.outbound TO {_GROUP}",
     f"GRANT SELECT, DELETE ON vms.deliveries TO {_GROUP}",
     "ALTER TABLE vms.deliveries ENABLE ROW LEVEL SECURITY",
     "DROP POLICY IF EXISTS own_deliveries ON vms.deliveries",
