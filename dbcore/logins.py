@@ -154,6 +154,11 @@ async def core_role_sql(conn: AsyncConnection) -> None:
                  "EXCEPTION WHEN undefined_table THEN NULL; END $$")
         )  # fmt: skip
     await conn.execute(text(f"GRANT USAGE ON ALL SEQUENCES IN SCHEMA vms TO {core}"))
+    # Tables the administrator adds to the schema later (a revision, the references' catalog
+    # installed after registration) are the core's to work on as well.
+    later = "ALTER DEFAULT PRIVILEGES IN SCHEMA vms GRANT"
+    await conn.execute(text(f"{later} SELECT, INSERT, UPDATE, DELETE ON TABLES TO {core}"))
+    await conn.execute(text(f"{later} USAGE ON SEQUENCES TO {core}"))
     await conn.execute(text(f"GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA vms TO {core}"))
     # To name the backend that holds the snapshot horizon back (dbcore.horizon): other roles'
     # sessions in pg_stat_activity. An administrator that may not grant it leaves it out.

@@ -248,3 +248,21 @@ async def test_a_service_inserts_only_the_event_types_it_declared(vmsdb_app: App
         assert list(types) == ["Declared"]
         assert (await conn.execute(text("SELECT count(*) FROM vms.deliveries"))).scalar_one() == 0
     assert await vmsdb_app.service(Bank).balance("k1") == 10  # no Deposit reached the bank
+
+
+async def test_delivery_ignores_an_undeclared_event_of_a_local_service_whoever_inserted_it(
+    vmsdb_app: App,
+) -> None:
+    """Defence in depth: even an insert that row-level security does not bind (the
+    administrator's) in a service's name, of a type the service never declared, reaches no one."""
+    await vmsdb_app.service(Bank).open("k1", 10)
+    forged = (
+        "INSERT INTO vms.events (id, type, key, payload, producer) VALUES "
+        "(gen_random_uuid(), 'Deposit', 'k1', '{\"account\": \"k1\", \"amount\": 5}', :producer)"
+    )
+    async with vmsdb_app.core.admin() as conn:
+        await conn.execute(text(forged), {"producer": "hostile"})
+        assert (await conn.execute(text("SELECT count(*) FROM vms.deliveries"))).scalar_one() == 0
+        await conn.execute(text(forged), {"producer": None})  # from outside any service: delivered
+    await vmsdb_app.drain()
+    assert await vmsdb_app.service(Bank).balance("k1") == 15
