@@ -23,7 +23,7 @@ from dbcore.catalog import CATALOG_SCHEMA, metadata, owned_tables, services
 from dbcore.descriptor import ServiceDescriptor, role_for
 from dbcore.isolation import CommitStatement, autocommit_connection, service_connection
 from dbcore.logins import CORE_ROLE, core_role_sql, grant_login, password_for, read_secret
-from dbcore.registry import Registration, ensure_group_role, register, sync_grants
+from dbcore.registry import REGISTRY_LOCK, Registration, ensure_group_role, register, sync_grants
 
 __all__ = [
     "CATALOG_INSTALLED",
@@ -255,6 +255,9 @@ class Core:
         ``idle_in_transaction_session_timeout`` (``None`` or 0: none).
         """
         async with self.admin() as conn:
+            # Before the secret: the first start ever gives the group role its password, and
+            # two processes doing that at once would collide on the role's catalog row.
+            await conn.execute(REGISTRY_LOCK)
             secret = await read_secret(conn)
             result = [
                 await register(

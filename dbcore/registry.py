@@ -27,6 +27,7 @@ from dbcore.descriptor import ServiceDescriptor
 from dbcore.exports import install_exported_functions
 from dbcore.leases import install_lease_functions
 from dbcore.logins import grant_login
+from dbcore.reference_events import PROTOCOL_EVENTS
 from dbcore.replicas import change_event_type, install_replicas
 
 __all__ = ["Registration", "register", "sync_grants"]
@@ -204,12 +205,15 @@ async def _record_contract(conn: AsyncConnection, descriptor: ServiceDescriptor)
 
 
 async def _record_outbound(conn: AsyncConnection, descriptor: ServiceDescriptor) -> None:
-    """The event types the service may insert (``vms.outbound``): exactly its @Outbound ones.
+    """The event types the service may insert (``vms.outbound``): exactly its @Outbound ones,
+    and the core's reference protocol for a service that takes part in references.
 
     On every registration, not only a changed one: a catalog that gained the table later (a
     migration, ``Core.install`` on an older catalog) is filled on the next start.
     """
     declared = list(descriptor.emitted_events)
+    if descriptor.declares_references:  # the reference and recovery protocol (G9, G10)
+        declared += [e for e in PROTOCOL_EVENTS if e not in declared]
     await conn.execute(
         delete(outbound).where(
             outbound.c.service == descriptor.name, outbound.c.event_type.not_in(declared)

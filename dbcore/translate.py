@@ -76,6 +76,7 @@ _CORE_CODES: Mapping[str, type[CoreError]] = {
 _DENIED = re.compile(r"permission denied for (table|schema|view|sequence|relation|function) (\S+)")
 # "permission denied to set role "vms_stock"" (SET ROLE, set_config('role', ...)).
 _ROLE_DENIED = re.compile(r'permission denied to set role "([^"]+)"')
+_EVENTS_POLICY = 'row-level security policy for table "events"'
 _WRITE_WORDS = ("INSERT", "UPDATE", "DELETE", "TRUNCATE", "MERGE", "CREATE", "ALTER", "DROP")
 
 
@@ -213,6 +214,15 @@ def _isolation_error(
         target = role.group(1)
         owner = target.removeprefix(SERVICE_ROLE_PREFIX) if target.startswith(SERVICE_ROLE_PREFIX) else None
         return IsolationError(service, owner, f"role {target}", "become", refusal=message)
+    if _EVENTS_POLICY in message:  # vms.events' row-level security: an undeclared type
+        return IsolationError(
+            service,
+            None,
+            "vms.events",
+            "send",
+            refusal=f"{message} (a service inserts only the event types it declared with "
+            "@Outbound, in its own name)",
+        )
     match = _DENIED.search(message)
     if match is None:  # ALTER ROLE, COPY ... PROGRAM, a superuser's function: nothing of a table
         return IsolationError(service, None, (statement or "").strip()[:200], "run", refusal=message)

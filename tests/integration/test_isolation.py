@@ -241,7 +241,9 @@ async def test_a_service_inserts_only_the_event_types_it_declared(vmsdb_app: App
     await vmsdb_app.service(Hostile).emit("k1")  # declared: allowed
     with pytest.raises(IsolationError) as caught:
         await vmsdb_app.service(Hostile).forge("Deposit")  # the bank acts on Deposit
-    assert caught.value.service == "hostile" and "'hostile'" in str(caught.value)
+    err = caught.value
+    assert (err.service, err.table, err.action) == ("hostile", "vms.events", "send")
+    assert "'hostile'" in str(err) and "@Outbound" in str(err)
     await vmsdb_app.drain()
     async with vmsdb_app.core.admin() as conn:
         types = (await conn.execute(text("SELECT type FROM vms.events WHERE producer = 'hostile'"))).scalars()
