@@ -105,11 +105,12 @@ async def grant_login(
     creation, no bypass of row-level security. ``idle_timeout_ms``: its sessions' (in this
     database) ``idle_in_transaction_session_timeout`` (0 or ``None``: no limit)."""
     quoted = quote_ident(role)
+    # Only a superuser may even name SUPERUSER, REPLICATION or BYPASSRLS; a role made by a
+    # CREATEROLE administrator has none of them anyway.
+    superuser = (await conn.execute(_IS_SUPERUSER)).scalar_one()
+    attributes = "NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS" if superuser else ""
     await conn.execute(
-        text(
-            f"ALTER ROLE {quoted} WITH LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION "
-            f"NOBYPASSRLS PASSWORD {quote_literal(password)}"
-        )
+        text(f"ALTER ROLE {quoted} WITH LOGIN {attributes} PASSWORD {quote_literal(password)}")
     )
     timeout = quote_literal(f"{int(idle_timeout_ms or 0)}ms")
     database = (await conn.execute(text("SELECT current_database()"))).scalar_one()
