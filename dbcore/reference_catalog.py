@@ -210,6 +210,23 @@ RECOVERY_CHANNEL = "vms_recovery"
 
 _GROUP = quote_ident(SERVICES_GROUP_ROLE)
 
+#: ``vms.ref_caller(holder)``: who holds a reference being taken (see ``dbcore.logins``).
+REF_CALLER_FUNCTION = """
+    CREATE OR REPLACE FUNCTION vms.ref_caller(p_holder text) RETURNS text
+    LANGUAGE plpgsql STABLE SET search_path = pg_catalog AS $$
+    DECLARE r text := current_setting('role');
+    BEGIN
+        IF r = 'none' THEN r := session_user; END IF;
+        IF r LIKE 'vms\\_%' AND r NOT IN ('vms_services', 'vms_core') THEN
+            RETURN substr(r, 5);
+        END IF;
+        IF p_holder IS NULL THEN
+            RAISE EXCEPTION 'a reference needs a holder service' USING ERRCODE = '22023';
+        END IF;
+        RETURN p_holder;
+    END $$
+"""
+
 # The functions every trigger and reference operation shares. Each takes the entity row FOR
 # UPDATE first: that lock orders a delete after every reference taken before it, so "d = 0, so
 # remove" can never race with a new reference (the same reason leases lock the stock row).
@@ -245,19 +262,9 @@ install_sql: Sequence[str] = (
         SELECT nextval(format('vms.%I', 'clock__' || p_service)::regclass)
     $$
     """,
-    # The holder is the calling service (its role); only the administrator may name one.
-    """
-    CREATE OR REPLACE FUNCTION vms.ref_caller(p_holder text) RETURNS text
-    LANGUAGE plpgsql STABLE SET search_path = pg_catalog AS $$
-    DECLARE r text := current_setting('role');
-    BEGIN
-        IF r LIKE 'vms\\_%' AND r <> 'vms_services' THEN RETURN substr(r, 5); END IF;
-        IF p_holder IS NULL THEN
-            RAISE EXCEPTION 'a reference needs a holder service' USING ERRCODE = '22023';
-        END IF;
-        RETURN p_holder;
-    END $$
-    """,
+    # The holder is the calling service (its login role, or the role an administrator's
+    # migration set); only the administrator and the core role may name one.
+    REF_CALLER_FUNCTION,
     # First access after a restore: close the entity's open amnesia at a fresh tick. A caller
     # that stamps a new version does so with a later tick and the current epoch (t and k always
     # change together: (t, k) names one version), so nothing taken after the access falls in

@@ -28,6 +28,7 @@ from pydantic import ValidationError
 from dbcore import delivery, replicas
 from dbcore.delivery import Ack, Claimed, ClaimLost
 from dbcore.descriptor import ReplicaDescriptor
+from dbcore.horizon import HorizonWatch
 from dbcore.replicas import change_event_type
 from framework._internal import telemetry
 from framework._internal.events import Event
@@ -80,6 +81,7 @@ class Dispatcher:
         }
         self.has_precedence = any(i.precedence for i in runtime.plan.descriptor.inbound)
         self._wake = asyncio.Event()
+        self._horizon = HorizonWatch(self.service, settings.horizon_warning)
         self._outstanding = 0  # claimed, not yet finished
         self._saturated = False  # the last claim took as many as it asked for
         self._unblocked = False  # since the last claim, a key's head finished with more behind
@@ -122,7 +124,7 @@ class Dispatcher:
             self._unblocked = False
             held_back = False
             try:
-                async with self.host.core.autocommit() as conn:  # the claim is one statement
+                async with self.host.core.housekeeping_autocommit() as conn:  # one statement
                     claimed = await delivery.claim(
                         conn,
                         self.service,
@@ -140,6 +142,7 @@ class Dispatcher:
                     if self._saturated:
                         continue  # there may be more; claim again at the low water mark
                     held_back = await delivery.held_back(conn, self.service)
+                    await self._horizon.check(conn, held_back)  # warns of a long-open transaction
             except Exception:  # the database went away: log, try again after poll_interval
                 log.exception("%s: claiming deliveries failed", self.service)
             # Everything claimable is claimed. What makes more claimable wakes the dispatcher:
@@ -162,7 +165,7 @@ class Dispatcher:
         if self.service in self.host.recovering:
             # Claimed before a consistency-mode recovery began: give it back untried, so that it
             # waits for the recovery instead of spending its attempts on refusals.
-            async with self.host.core.admin() as admin:
+            async with self.host.core.housekeeping() as admin:
                 await delivery.release(admin, item)
             return
         replica = self.replicas.get(item.event_type)
@@ -251,7 +254,7 @@ class Dispatcher:
             error,
         )
         self.host.metrics.inc("event_retries", service=self.service, event=item.event_type)
-        async with self.host.core.admin() as conn:
+        async with self.host.core.housekeeping() as conn:
             await delivery.retry_later(conn, item, error, delay)
         asyncio.get_running_loop().call_later(delay, self.wake)
 
@@ -268,5 +271,5 @@ class Dispatcher:
             error,
         )
         self.host.metrics.inc("dead_letters", service=self.service, event=item.event_type)
-        async with self.host.core.admin() as conn:
+        async with self.host.core.housekeeping() as conn:
             await delivery.dead_letter(conn, item, error, trace, blocking=blocking)
