@@ -20,7 +20,7 @@ from sqlalchemy.pool import NullPool, Pool
 
 from dbcore import eventlog, leases, reference_catalog
 from dbcore.catalog import CATALOG_SCHEMA, metadata, owned_tables, services
-from dbcore.descriptor import ServiceDescriptor, role_for
+from dbcore.descriptor import LimitsDescriptor, ServiceDescriptor, role_for
 from dbcore.isolation import CommitStatement, autocommit_connection, service_connection
 from dbcore.logins import CORE_ROLE, core_role_sql, grant_login, password_for, read_secret
 from dbcore.registry import REGISTRY_LOCK, Registration, ensure_group_role, register, sync_grants
@@ -97,6 +97,7 @@ class Core:
         #: The administrator's pool: registration, migrations, commands.
         self.engine = engine
         self._table_owners: dict[str, str] = {}
+        self._limits: dict[str, LimitsDescriptor] = {}
         self._secret: str | None = None
         self._service_pool: Callable[[str], PoolSize | None] | None = None
         self._core_engine: AsyncEngine | None = None
@@ -254,6 +255,7 @@ class Core:
         ``dbcore.logins``); ``idle_timeout_ms``: the services' sessions'
         ``idle_in_transaction_session_timeout`` (``None`` or 0: none).
         """
+        descriptors = list(descriptors)
         async with self.admin() as conn:
             # Before the secret: the first start ever gives the group role its password, and
             # two processes doing that at once would collide on the role's catalog row.
@@ -267,6 +269,7 @@ class Core:
             ]
             await core_role_sql(conn)
             await grant_login(conn, CORE_ROLE, password_for(secret, CORE_ROLE))
+        self._limits.update((d.name, d.limits) for d in descriptors)
         await self.refresh_owners()
         return result
 
@@ -298,6 +301,11 @@ class Core:
     @property
     def table_owners(self) -> dict[str, str]:
         return self._table_owners
+
+    @property
+    def limits(self) -> dict[str, LimitsDescriptor]:
+        """The ``ServiceLimits`` of the services this core registered, for naming them in errors."""
+        return self._limits
 
     async def wait_ready(self, attempts: int = 50, delay: float = 0.1) -> None:
         """Wait until the server accepts connections (a freshly started server may not yet)."""

@@ -23,6 +23,7 @@ __all__ = [
     "ExportedFunctionDescriptor",
     "InboundDescriptor",
     "LeaseDescriptor",
+    "LimitsDescriptor",
     "OutboundDescriptor",
     "QueryDescriptor",
     "ReferenceColumnDescriptor",
@@ -156,6 +157,29 @@ class ReferenceColumnDescriptor(_Frozen):
     target_table: str
 
 
+class LimitsDescriptor(_Frozen):
+    """What one service may use of the shared core (``ServiceLimits``); ``None``: no limit.
+
+    ``concurrency``: its handlers and calls running at once in one App; ``connections``: its
+    role's ``CONNECTION LIMIT`` (and its pool's cap); ``statement_timeout_ms``: its role's
+    ``statement_timeout``.
+    """
+
+    concurrency: int | None = Field(default=None, gt=0)
+    connections: int | None = Field(default=None, gt=0)
+    statement_timeout_ms: int | None = Field(default=None, gt=0)
+
+    def describe(self) -> str:
+        """``concurrency=8 connections=10 statement_timeout=2000ms``, or ``-`` without limits."""
+        timeout = self.statement_timeout_ms
+        parts = [
+            f"concurrency={self.concurrency}" if self.concurrency is not None else "",
+            f"connections={self.connections}" if self.connections is not None else "",
+            f"statement_timeout={timeout}ms" if timeout is not None else "",
+        ]
+        return " ".join(p for p in parts if p) or "-"
+
+
 class ServiceDescriptor(_Frozen):
     """Everything the core needs to know about one virtual microservice."""
 
@@ -172,6 +196,7 @@ class ServiceDescriptor(_Frozen):
     referenceable: tuple[ReferenceableDescriptor, ...] = ()
     reference_columns: tuple[ReferenceColumnDescriptor, ...] = ()
     dependencies: tuple[str, ...] = ()
+    limits: LimitsDescriptor = LimitsDescriptor()
 
     @field_validator("name")
     @classmethod

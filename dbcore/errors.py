@@ -8,6 +8,7 @@ right thing.
 from __future__ import annotations
 
 __all__ = [
+    "ConnectionLimitReached",
     "CoreError",
     "CoreUnavailable",
     "EntityDeleted",
@@ -22,6 +23,7 @@ __all__ = [
     "ReadOnlyViolation",
     "RegistrationError",
     "ServiceRecovering",
+    "StatementTimeout",
     "TransactionAborted",
     "TransactionConflict",
     "TruncateRefused",
@@ -151,3 +153,34 @@ class ServiceRecovering(CoreError, RuntimeError):
 
 class TruncateRefused(CoreError, PermissionError):
     """TRUNCATE of a referenceable table: it would lose which entities are referenced."""
+
+
+class StatementTimeout(CoreError, TimeoutError):
+    """Postgres cancelled a statement of ``service`` that ran longer than its
+    ``ServiceLimits(statement_timeout=)`` (the service role's ``statement_timeout``)."""
+
+    def __init__(self, service: str, limit_ms: int | None, detail: str = "") -> None:
+        self.service = service
+        self.limit_ms = limit_ms
+        limit = f"{limit_ms} ms" if limit_ms is not None else "its role's statement_timeout"
+        super().__init__(
+            f"service {service!r}: a statement ran longer than its statement_timeout limit ({limit}) "
+            f"and Postgres cancelled it{f' ({detail})' if detail else ''}; make the statement "
+            "cheaper, or raise ServiceLimits(statement_timeout=)"
+        )
+
+
+class ConnectionLimitReached(CoreError, RuntimeError):
+    """Postgres refused a connection of ``service``: its role already has as many connections
+    as its ``ServiceLimits(connections=)`` allows (the role's ``CONNECTION LIMIT``, counted
+    across every process)."""
+
+    def __init__(self, service: str, limit: int | None) -> None:
+        self.service = service
+        self.limit = limit
+        shown = str(limit) if limit is not None else "its role's CONNECTION LIMIT"
+        super().__init__(
+            f"service {service!r}: Postgres refused a connection: the service already has its "
+            f"connections limit ({shown}) open across all processes; lower the processes' pools "
+            "or concurrency, or raise ServiceLimits(connections=)"
+        )

@@ -19,6 +19,7 @@ from dbcore.catalog import (
     outbound,
     owned_tables,
     quote_ident,
+    quote_literal,
     service_versions,
     services,
     subscriptions,
@@ -68,6 +69,27 @@ async def ensure_group_role(conn: AsyncConnection) -> None:
     await _ensure_role(conn, SERVICES_GROUP_ROLE)
 
 
+async def apply_limits(conn: AsyncConnection, descriptor: ServiceDescriptor) -> None:
+    """Give the service's role its ``ServiceLimits``, enforced by Postgres for every login of it.
+
+    ``CONNECTION LIMIT`` (-1: none) counts the role's connections in every process and
+    database; ``statement_timeout`` (this database's sessions of the role; 0: none) cancels any
+    longer statement. Both are set every time, so removed limits are reset. A new setting
+    applies to sessions opened after it: registration runs before the App opens its pools.
+    """
+    role = quote_ident(descriptor.role)
+    limits = descriptor.limits
+    connections = -1 if limits.connections is None else limits.connections
+    await conn.execute(text(f"ALTER ROLE {role} CONNECTION LIMIT {int(connections)}"))
+    database = quote_ident((await conn.execute(text("SELECT current_database()"))).scalar_one())
+    in_database = f"ALTER ROLE {role} IN DATABASE {database}"
+    if limits.statement_timeout_ms is None:
+        await conn.execute(text(f"{in_database} RESET statement_timeout"))
+    else:
+        timeout = quote_literal(f"{int(limits.statement_timeout_ms)}ms")
+        await conn.execute(text(f"{in_database} SET statement_timeout = {timeout}"))
+
+
 async def register(
     conn: AsyncConnection,
     descriptor: ServiceDescriptor,
@@ -88,6 +110,7 @@ async def register(
     await conn.execute(text(JOIN_GROUP.format(group=group, role=role)))
     if password is not None:
         await grant_login(conn, descriptor.role, password, idle_timeout_ms=idle_timeout_ms)
+    await apply_limits(conn, descriptor)
     await conn.execute(text(f"CREATE SCHEMA IF NOT EXISTS {schema} AUTHORIZATION {role}"))
     await conn.execute(text(f"ALTER SCHEMA {schema} OWNER TO {role}"))
     await conn.execute(text(f"REVOKE ALL ON SCHEMA {schema} FROM PUBLIC"))

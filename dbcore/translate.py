@@ -25,7 +25,9 @@ from sqlalchemy.exc import DBAPIError
 from sqlglot import exp
 
 from dbcore.catalog import SERVICE_ROLE_PREFIX
+from dbcore.descriptor import LimitsDescriptor
 from dbcore.errors import (
+    ConnectionLimitReached,
     CoreError,
     CoreUnavailable,
     EntityDeleted,
@@ -33,6 +35,7 @@ from dbcore.errors import (
     IsolationError,
     ReadOnlyViolation,
     ServiceRecovering,
+    StatementTimeout,
     TransactionConflict,
     TruncateRefused,
 )
@@ -57,6 +60,8 @@ SERIALIZATION_FAILURE = "40001"
 DEADLOCK_DETECTED = "40P01"
 INSUFFICIENT_PRIVILEGE = "42501"
 READ_ONLY_TRANSACTION = "25006"
+QUERY_CANCELED = "57014"  # statement_timeout, or pg_cancel_backend
+TOO_MANY_CONNECTIONS = "53300"  # the server's max_connections, or a role's CONNECTION LIMIT
 
 #: What a retryable SQLSTATE is called in messages and logs.
 _CONFLICTS: Mapping[str, str] = {
@@ -72,6 +77,8 @@ _CORE_CODES: Mapping[str, type[CoreError]] = {
     SQLSTATE_TRUNCATE: TruncateRefused,
 }
 
+# Postgres: "too many connections for role "vms_stock"" (a role's CONNECTION LIMIT).
+_ROLE_FULL = re.compile(r'too many connections for role "([^"]+)"')
 # Postgres: "permission denied for table stock_items" / "... for schema stock" / "... for view v".
 _DENIED = re.compile(r"permission denied for (table|schema|view|sequence|relation|function) (\S+)")
 # "permission denied to set role "vms_stock"" (SET ROLE, set_config('role', ...)).
@@ -163,13 +170,24 @@ def translate_error(
     service: str,
     table_owners: Mapping[str, str],
     statement: str | None = None,
+    limits: Mapping[str, LimitsDescriptor] | None = None,
 ) -> CoreError | None:
     """Map a database error raised in ``service``'s transaction to a core error, or ``None``.
 
     ``table_owners`` maps both ``schema.table`` and bare ``table`` names to their owning service,
-    so the error can name the service whose boundary was hit.
+    so the error can name the service whose boundary was hit; ``limits``, each service's
+    ``ServiceLimits``, so a statement timeout or a refused connection names the limit.
     """
     state = sqlstate_of(err)
+    limit = (limits or {}).get(service)
+    if state == QUERY_CANCELED and "statement timeout" in _message(err):
+        return StatementTimeout(service, limit.statement_timeout_ms if limit else None)
+    if state == TOO_MANY_CONNECTIONS:
+        full = _ROLE_FULL.search(_message(err))
+        if full is not None and full.group(1).startswith(SERVICE_ROLE_PREFIX):
+            whose = full.group(1).removeprefix(SERVICE_ROLE_PREFIX)
+            limit = (limits or {}).get(whose)
+            return ConnectionLimitReached(whose, limit.connections if limit else None)
     if state == INSUFFICIENT_PRIVILEGE:
         return _isolation_error(err, service, table_owners, statement)
     if state == READ_ONLY_TRANSACTION:
@@ -184,7 +202,11 @@ def translate_error(
 
 
 @contextmanager
-def translated(service: str | None = None, table_owners: Mapping[str, str] | None = None) -> Iterator[None]:
+def translated(
+    service: str | None = None,
+    table_owners: Mapping[str, str] | None = None,
+    limits: Mapping[str, LimitsDescriptor] | None = None,
+) -> Iterator[None]:
     """Raise a database error escaping the block as its core error (``from`` the original).
 
     ``service``: whose transaction the block runs; without it only the core's own codes are
@@ -199,7 +221,9 @@ def translated(service: str | None = None, table_owners: Mapping[str, str] | Non
         if service is None:
             translated_error = core_error(err)
         else:
-            translated_error = translate_error(err, service=service, table_owners=table_owners or {})
+            translated_error = translate_error(
+                err, service=service, table_owners=table_owners or {}, limits=limits
+            )
         if translated_error is None:
             raise
         raise translated_error from err

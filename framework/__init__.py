@@ -5,6 +5,7 @@ implementation.
 """
 
 from dbcore.errors import (
+    ConnectionLimitReached,
     CoreError,
     IsolationError,
     LanguageError,
@@ -14,6 +15,7 @@ from dbcore.errors import (
     LeaseNotFound,
     LeaseReleased,
     ReadOnlyViolation,
+    StatementTimeout,
 )
 from framework._internal.annotations import Inbound, Lease, Outbound, Query, Transactional
 from framework._internal.app import App
@@ -29,6 +31,7 @@ from framework._internal.errors import (
 )
 from framework._internal.events import Event
 from framework._internal.leases import LeaseGrant, consume_lease, release_lease, renew_lease
+from framework._internal.limits import ServiceLimits
 from framework._internal.service import Service, sql_function
 from framework._internal.telemetry import continue_trace
 from framework._internal.telemetry import traceparent as trace_context
@@ -49,6 +52,7 @@ from framework.references import (
 __all__ = [
     "AnnotationError",
     "App",
+    "ConnectionLimitReached",
     "CoreError",
     "EntityDeleted",
     "EntityEvent",
@@ -74,8 +78,10 @@ __all__ = [
     "RetriesExhausted",
     "Service",
     "ServiceCallError",
+    "ServiceLimits",
     "ServiceRecovering",
     "Settings",
+    "StatementTimeout",
     "Transactional",
     "TruncateRefused",
     "UndeclaredEventError",

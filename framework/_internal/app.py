@@ -27,7 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from dbcore import delivery
 from dbcore.core import Core, PoolSize
-from dbcore.descriptor import ServiceDescriptor
+from dbcore.descriptor import LimitsDescriptor, ServiceDescriptor
 from dbcore.eventlog import append
 from dbcore.translate import translated
 from framework._internal import epochs, telemetry
@@ -192,16 +192,27 @@ class App:
         """A service's own pool: at most ``worker_concurrency`` of its handlers run at once (all
         services together share that many workers), plus its direct calls. Half of that is
         kept, the rest opened on demand, so that many services do not hold many idle
-        connections each."""
-        # One place to size a service's connections: ServiceLimits(connections=) caps it here.
+        connections each. ``ServiceLimits(connections=)`` caps it (its role's connection limit
+        counts every process's: with several processes, give each a share), and
+        ``concurrency=`` bounds it: no more of its calls run at once."""
         needed = self.settings.worker_concurrency + 4
-        kept = max(2, min(self.settings.pool_size, self.settings.worker_concurrency) // 2)
+        limits = self._limits_of(service)
+        if limits.concurrency is not None:
+            needed = min(needed, limits.concurrency)
+        if limits.connections is not None:
+            needed = min(needed, limits.connections)
+        kept = min(needed, max(2, min(self.settings.pool_size, self.settings.worker_concurrency) // 2))
         return PoolSize(kept, max(needed - kept, 0))
+
+    def _limits_of(self, service: str) -> LimitsDescriptor:
+        found = next((d.limits for d in self.descriptors if d.name == service), None)
+        return found if found is not None else LimitsDescriptor()
 
     def _start_workers(self) -> None:
         # One set of workers runs the handlers of every service: at most worker_concurrency
         # handlers (and pooled connections) at once.
-        self._workers = HandlerWorkers(self.core, self.settings.worker_concurrency)
+        slots = {rt.name: rt.slots for rt in self._runtimes.values() if rt.slots is not None}
+        self._workers = HandlerWorkers(self.core, self.settings.worker_concurrency, slots)
         self._workers.start()
         chosen_names = self.workers
         for runtime in self._runtimes.values():

@@ -86,10 +86,10 @@ def _references(d: ServiceDescriptor) -> list[str]:
 
 def services_table(descriptors: Sequence[ServiceDescriptor]) -> Table:
     """One row per service: schema and role, tables, events, leases, queries, references,
-    dependencies."""
+    dependencies, limits."""
     table = Table(title="Services", show_lines=True)
     columns = ("service", "schema / role", "tables", "inbound", "outbound", "leases", "queries")
-    for column in (*columns, "references", "dependencies"):
+    for column in (*columns, "references", "dependencies", "limits"):
         table.add_column(column)
     for d in descriptors:
         table.add_row(
@@ -102,6 +102,7 @@ def services_table(descriptors: Sequence[ServiceDescriptor]) -> Table:
             _lines(f"{q.function}({', '.join(q.params)})" for q in d.queries),
             _lines(_references(d)),
             _lines(d.dependencies),
+            _lines(d.limits.describe().split(" ")),
         )
     return table
 

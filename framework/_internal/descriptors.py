@@ -251,6 +251,7 @@ def _describe(cls: type[Service], functions: dict[str, FunctionSpec]) -> Service
         leases=tuple(leases),
         queries=tuple(queries),
         dependencies=tuple(sorted({d.service_name() for d in dependencies_of(cls).values()})),
+        limits=cls.__vms_limits__.descriptor(),
     )
 
 

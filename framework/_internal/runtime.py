@@ -8,6 +8,7 @@ its transaction; nothing here inspects signatures or decorators per call.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 from collections.abc import Awaitable, Callable, Mapping
@@ -25,6 +26,7 @@ from framework._internal.annotations import FunctionSpec, TransactionalSpec
 from framework._internal.context import TxContext, bind, correlation, current, unbind
 from framework._internal.errors import RetriesExhausted, ServiceCallError
 from framework._internal.events import Event
+from framework._internal.limits import Slots
 from framework._internal.outbox import write_outbox
 from framework._internal.results import convert_rows
 from framework._internal.service import Service
@@ -37,6 +39,10 @@ if TYPE_CHECKING:
 __all__ = ["ServiceHandle", "ServiceRuntime", "backoff_delay"]
 
 log = logging.getLogger("vmsdb.transactions")
+
+
+#: What a service without ``ServiceLimits(concurrency=)`` waits for: nothing.
+_NO_LIMIT = contextlib.nullcontext()
 
 
 def backoff_delay(attempt: int, *, base: float = 0.005, cap: float = 0.5) -> float:
@@ -55,6 +61,10 @@ class ServiceRuntime:
         self.instance: Service = plan.cls()
         self.instance._vms_runtime = self  # type: ignore[attr-defined]
         self._calls: dict[FunctionSpec, CallPlan] = {c.spec: c for c in plan.calls.values()}
+        # ServiceLimits(concurrency=): shared with the handler workers, which take a slot
+        # before they check out a connection for one of this service's deliveries.
+        concurrency = plan.descriptor.limits.concurrency
+        self.slots: Slots | None = None if concurrency is None else Slots(concurrency)
 
     def call(
         self,
@@ -112,7 +122,6 @@ class ServiceRuntime:
         connection, and the delivery's acknowledgement, sent with ``COMMIT`` (so it commits with
         the handler's effects, G4, at no extra round trip).
         """
-        spec = call.spec
         outer = current()
         if outer is not None:
             return await self._join(outer, call, wrapped, args, kwargs)
@@ -122,40 +131,45 @@ class ServiceRuntime:
             return await wrapped(*args, **kwargs)
         if correlation_id is None:
             correlation_id = correlation.get()
-        attempt = 1
-        while True:
-            try:
-                with translated(self.name, self.host.core.table_owners):
-                    return await self._attempt(
-                        call,
-                        tx,
-                        wrapped,
-                        args,
-                        kwargs,
-                        correlation_id,
-                        causation_id,
-                        connection,
-                        before_commit,
+        spec = call.spec
+        # Wait for a slot (ServiceLimits(concurrency=)) before checking out a connection:
+        # waiting calls hold none. A handler's worker took its slot already.
+        slot = self.slots.held() if self.slots is not None and connection is None else _NO_LIMIT
+        async with slot:
+            attempt = 1
+            while True:
+                try:
+                    with translated(self.name, self.host.core.table_owners, self.host.core.limits):
+                        return await self._attempt(
+                            call,
+                            tx,
+                            wrapped,
+                            args,
+                            kwargs,
+                            correlation_id,
+                            causation_id,
+                            connection,
+                            before_commit,
+                        )
+                except TransactionConflict as conflict:
+                    self.host.metrics.inc("transaction_conflicts", service=self.name, function=spec.name)
+                    if attempt >= tx.max_attempts:
+                        self.host.metrics.inc("transaction_failures", service=self.name, function=spec.name)
+                        raise RetriesExhausted(spec.qualname, attempt, conflict) from conflict
+                    delay = backoff_delay(attempt)
+                    log.info(
+                        "%s: attempt %d of %d conflicted (%s), retrying in %.1f ms",
+                        spec.qualname,
+                        attempt,
+                        tx.max_attempts,
+                        conflict.kind,
+                        delay * 1000,
                     )
-            except TransactionConflict as conflict:
-                self.host.metrics.inc("transaction_conflicts", service=self.name, function=spec.name)
-                if attempt >= tx.max_attempts:
-                    self.host.metrics.inc("transaction_failures", service=self.name, function=spec.name)
-                    raise RetriesExhausted(spec.qualname, attempt, conflict) from conflict
-                delay = backoff_delay(attempt)
-                log.info(
-                    "%s: attempt %d of %d conflicted (%s), retrying in %.1f ms",
-                    spec.qualname,
-                    attempt,
-                    tx.max_attempts,
-                    conflict.kind,
-                    delay * 1000,
-                )
-                self.host.metrics.inc(
-                    "transaction_retries", service=self.name, function=spec.name, cause=conflict.kind
-                )
-                attempt += 1
-                await asyncio.sleep(delay)
+                    self.host.metrics.inc(
+                        "transaction_retries", service=self.name, function=spec.name, cause=conflict.kind
+                    )
+                    attempt += 1
+                    await asyncio.sleep(delay)
 
     async def _attempt(
         self,
@@ -248,11 +262,16 @@ class ServiceRuntime:
             if amnesia:  # the owners' emptied amnesia is settled by the caller's next reads
                 await epochs.record_query_reads(self.host, ctx.connection, compiled)
         else:
-            async with self.host.core.transaction(
-                self.name, isolation="snapshot", read_only=not amnesia
-            ) as conn:
-                rows = (await conn.execute(statement, values)).mappings().all()
-                emptied = await epochs.record_query_reads(self.host, conn, compiled) if amnesia else set()
+            slot = self.slots.held() if self.slots is not None else _NO_LIMIT
+            async with slot:
+                with translated(self.name, self.host.core.table_owners, self.host.core.limits):
+                    async with self.host.core.transaction(
+                        self.name, isolation="snapshot", read_only=not amnesia
+                    ) as conn:
+                        rows = (await conn.execute(statement, values)).mappings().all()
+                        emptied = (
+                            await epochs.record_query_reads(self.host, conn, compiled) if amnesia else set()
+                        )
             self.host.amnesia.difference_update(emptied)
         return convert_rows(call.row_type, list(rows))
 

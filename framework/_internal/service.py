@@ -27,6 +27,7 @@ from sqlalchemy.orm import DeclarativeBase
 from dbcore.catalog import NAMING_CONVENTION
 from dbcore.descriptor import ReplicaDescriptor, service_name_problem
 from framework._internal.errors import AnnotationError
+from framework._internal.limits import ServiceLimits
 
 __all__ = ["Service", "SqlFunction", "sql_function"]
 
@@ -68,8 +69,11 @@ class Service:
     else:
         Model: ClassVar[type[DeclarativeBase]]
     __vms_replicas__: ClassVar[list[type]]
+    __vms_limits__: ClassVar[ServiceLimits] = ServiceLimits()
 
-    def __init_subclass__(cls, *, name: str | None = None, **kwargs: Any) -> None:
+    def __init_subclass__(
+        cls, *, name: str | None = None, limits: ServiceLimits | None = None, **kwargs: Any
+    ) -> None:
         super().__init_subclass__(**kwargs)
         inherited = cls.__dict__.get("__service_name__")
         service_name = name or inherited or cls.__name__.lower()
@@ -77,6 +81,15 @@ class Service:
         if problem is not None:
             raise AnnotationError(f"service {cls.__qualname__}", f"name={problem}")
         cls.__service_name__ = service_name
+        if limits is not None and not isinstance(limits, ServiceLimits):
+            raise AnnotationError(
+                f"service {service_name!r}", f"limits= must be a ServiceLimits(...), got {limits!r}"
+            )
+        if limits is not None:
+            problem = limits.problem()
+            if problem is not None:
+                raise AnnotationError(f"service {service_name!r}", problem)
+            cls.__vms_limits__ = limits
         cls.__vms_replicas__ = []
         metadata = MetaData(schema=service_name, naming_convention=NAMING_CONVENTION)
         model_base = type(

@@ -3,9 +3,12 @@
 Dispatchers (one per service, see ``framework._internal.dispatcher``) claim deliveries ahead of need and
 queue them here; ``worker_concurrency`` workers take them, each service's in order and the
 services in turn, so a service with a backlog never makes another's events wait behind all of
-it. A worker keeps its pooled connection while there is work, so a backlog is handled without a
-pool checkout per event, and gives it back as soon as the queue runs dry, so an idle App holds
-no connections.
+it. A service limited by ``ServiceLimits(concurrency=)`` has at most that many of its handlers
+(and direct calls) running: a worker takes a job only when the job's service has a free slot,
+before it checks out a connection, and otherwise serves the next service in turn (or, when every
+service with work is at its limit, waits for a slot to free). A worker keeps its pooled
+connection while there is work, so a backlog is handled without a pool checkout per event,
+and gives it back as soon as the queue runs dry, so an idle App holds no connections.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -23,6 +27,7 @@ from dbcore import delivery
 from dbcore.core import Core
 from dbcore.delivery import Claimed
 from framework._internal import telemetry
+from framework._internal.limits import Slots
 
 __all__ = ["Handler", "HandlerWorkers", "Job"]
 
@@ -55,9 +60,13 @@ class Job:
 class HandlerWorkers:
     """``size`` workers sharing the claimed deliveries of every service of an App."""
 
-    def __init__(self, core: Core, size: int) -> None:
+    def __init__(self, core: Core, size: int, slots: Mapping[str, Slots] | None = None) -> None:
         self.core = core
         self.size = size
+        self._slots = dict(slots or {})  # services with a concurrency limit
+        for limited in self._slots.values():
+            limited.on_release = self._wake
+        self._changed = asyncio.Event()  # a slot freed or a job came: capped workers look again
         self._queues: dict[str, deque[Job]] = {}  # per service, in claim order
         self._turns: deque[str] = deque()  # services with work, in the order they are served
         self._available: asyncio.Queue[bool] = asyncio.Queue()  # one True per job, False: stop
@@ -77,17 +86,38 @@ class HandlerWorkers:
             (self._turns.appendleft if front else self._turns.append)(service)
         (queue.appendleft if front else queue.append)(job)
         self._available.put_nowait(True)
+        self._wake()
+
+    def _wake(self) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
 
     def _take(self) -> Job | None:
-        """The next service's oldest job; that service goes to the back of the line."""
-        if not self._turns:
-            return None  # given back at stop
-        service = self._turns.popleft()
-        queue = self._queues[service]
-        job = queue.popleft()
-        if queue:
-            self._turns.append(service)
-        return job
+        """The next service's oldest job whose service has a free slot, its slot taken; that
+        service goes to the back of the line. ``None``: no job, or every one's service is at
+        its concurrency limit."""
+        for _ in range(len(self._turns)):
+            service = self._turns.popleft()
+            limited = self._slots.get(service)
+            if limited is not None and not limited.try_acquire():
+                self._turns.append(service)  # at its limit: its jobs wait, without a connection
+                continue
+            queue = self._queues[service]
+            job = queue.popleft()
+            if queue:
+                self._turns.append(service)
+            return job
+        return None
+
+    def _release(self, job: Job) -> None:
+        limited = self._slots.get(job.dispatcher.service)
+        if limited is not None:
+            limited.release()
+
+    def _put_back(self, job: Job) -> None:
+        """A job taken (its slot too) but not started: first in line again, its slot freed."""
+        self._release(job)
+        self._enqueue(job, front=True)
 
     async def stop(self) -> None:
         """Give back the claims nobody started on, then let running handlers finish."""
@@ -113,6 +143,10 @@ class HandlerWorkers:
                 return
             job = self._take()
             if job is None:
+                if self._turns:  # work there is, all of it at its services' limits
+                    changed = self._changed
+                    self._available.put_nowait(True)  # the job is still there for a worker
+                    await changed.wait()
                 continue
             try:
                 # The connection is logged in as the job's service: it runs that service's jobs
@@ -121,23 +155,30 @@ class HandlerWorkers:
                 async with self.core.service_engine(service).connect() as conn:
                     while job is not None:
                         running, job = job, None
-                        await self._run(running, conn, loop.time())
+                        try:
+                            await self._run(running, conn, loop.time())
+                        finally:
+                            self._release(running)
                         if conn.invalidated or self._available.empty():
                             break
                         if not self._available.get_nowait():
                             return
                         job = self._take()
-                        if job is not None and job.dispatcher.service != service:
+                        if job is None:  # the rest is at its limits: leave it to the workers
+                            self._available.put_nowait(True)
+                            break
+                        if job.dispatcher.service != service:
                             break
             except Exception:  # the database went away: claims in hand run out, are claimed again
                 log.exception("a handler worker lost its database connection")
                 if job is not None:  # checked out no connection, so never ran
+                    self._release(job)
                     job.dispatcher.finished(job.item)
                     job = None
                 await asyncio.sleep(_RECONNECT_PAUSE)
                 continue
             if job is not None:  # another service's: run it on a connection of its own
-                self._enqueue(job, front=True)
+                self._put_back(job)
 
     @staticmethod
     async def _run(job: Job, conn: AsyncConnection, now: float) -> None:
