@@ -1,6 +1,6 @@
 """``python -m vmsdb_bench NAME [--seconds N] [--rounds R] [--json PATH]``.
 
-NAME: handler, delivery, leases, relay, eshop or all.
+NAME: handler, delivery, leases, relay, eshop, isolation or all.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 from rich.console import Console
 from rich.logging import RichHandler
 
-from vmsdb_bench import delivery, eshop, handler, leases, relay
+from vmsdb_bench import delivery, eshop, handler, isolation, leases, relay
 from vmsdb_bench.harness import (
     Bench,
     BenchmarkResult,
@@ -44,7 +44,7 @@ class Benchmark:
 
 BENCHMARKS = {
     m.NAME: Benchmark(m.NAME, m.DESCRIPTION, m.DEFAULT_SECONDS, m.run)
-    for m in (handler, delivery, leases, relay, eshop)
+    for m in (handler, delivery, leases, relay, eshop, isolation)
 }
 
 

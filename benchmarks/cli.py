@@ -14,14 +14,14 @@ import typer
 
 __all__ = ["app"]
 
-BENCHMARK_NAMES = ("handler", "delivery", "leases", "relay", "eshop", "all")
+BENCHMARK_NAMES = ("handler", "delivery", "leases", "relay", "eshop", "isolation", "all")
 
 app = typer.Typer(help="Measure vmsdb against hand-written baselines in the same run.")
 
 
 @app.command()
 def bench(
-    name: Annotated[str, typer.Argument(help="handler, delivery, leases, relay, eshop or all")],
+    name: Annotated[str, typer.Argument(help="handler, delivery, leases, relay, eshop, isolation or all")],
     seconds: Annotated[
         float | None, typer.Option(help="measuring time per benchmark (default: its own, 12-30 s)")
     ] = None,
