@@ -195,7 +195,8 @@ async def run(bench: Bench) -> BenchmarkResult:
         ):
             with bench.phase(f"isolation: {label}", seconds) as tick:
                 phases[label] = await _phase(url, neighbour, seconds, noisy=noisy, tick=tick)
-    result = BenchmarkResult(NAME, DESCRIPTION, details={"phases": phases, "limits": repr(LIMITS)})
+    details = {"phases": phases, "limits": LIMITS.descriptor().model_dump()}
+    result = BenchmarkResult(NAME, DESCRIPTION, details=details)
     for kind, what in (("calls", "victim 1-row transaction"), ("events", "victim event, publish to handled")):
         for label in phases:
             summary = phases[label][kind]
@@ -221,7 +222,7 @@ async def run(bench: Bench) -> BenchmarkResult:
     result.notes.append(
         f"neighbour: {SLOW_CALLERS} callers of a {SLOW_SECONDS * 1000:.0f} ms transaction, "
         f"{HEAVY_CALLERS} callers of a count over {HEAVY_ROWS:,} rows, {FLOOD_PER_SECOND} events/s "
-        f"of {FLOOD_HANDLER_SECONDS * 1000:.0f} ms handlers; limited: {LIMITS}"
+        f"of {FLOOD_HANDLER_SECONDS * 1000:.0f} ms handlers; limited: {LIMITS.descriptor().describe()}"
     )
     for label in ("unlimited", "limited"):
         refused = phases[label]["neighbour_errors"]
