@@ -13,6 +13,7 @@ transaction, when called outside one): if the caller rolls back, the lease never
 
 from __future__ import annotations
 
+import contextlib
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
@@ -26,6 +27,7 @@ from dbcore.translate import translated
 from framework._internal import telemetry
 from framework._internal.context import current
 from framework._internal.errors import NoTransactionError
+from framework._internal.limits import Slots
 
 if TYPE_CHECKING:
     from framework._internal.descriptors import CallPlan
@@ -70,10 +72,17 @@ class LeaseExecutor:
         self.host = host
 
     async def call(
-        self, owner: str, instance: Service, call: CallPlan, args: tuple[Any, ...], kwargs: dict[str, Any]
+        self,
+        owner: str,
+        instance: Service,
+        call: CallPlan,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        slots: Slots | None = None,
     ) -> LeaseGrant | None:
         """Grant a lease of ``owner``'s ``@Lease`` function for this call (``instance`` is the
-        owner's running service, bound as ``self``), in the caller's transaction if there is one."""
+        owner's running service, bound as ``self``), in the caller's transaction if there is one.
+        ``slots``: the owner's concurrency limit, held for a transaction of its own."""
         spec = call.spec
         lease = spec.lease
         assert lease is not None
@@ -87,9 +96,10 @@ class LeaseExecutor:
         if ctx is not None:  # in the caller's transaction: its errors surface where it ends
             granted = await leases.grant(ctx.connection, owner, spec.name, key, quantity, period, ctx.service)
         else:
-            with translated(owner, self.host.core.table_owners):
-                async with self.host.core.transaction(owner) as conn:
-                    granted = await leases.grant(conn, owner, spec.name, key, quantity, period, None)
+            async with slots.held() if slots is not None else contextlib.nullcontext():
+                with translated(owner, self.host.core.table_owners, self.host.core.limits):
+                    async with self.host.core.transaction(owner) as conn:
+                        granted = await leases.grant(conn, owner, spec.name, key, quantity, period, None)
         self.host.metrics.inc(
             "lease_grants" if granted else "lease_refusals", service=owner, function=spec.name
         )

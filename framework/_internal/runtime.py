@@ -92,7 +92,7 @@ class ServiceRuntime:
             return self._run_query(call, args, kwargs)
         if call.spec.lease is not None:
             self.refuse_while_recovering()
-            return self.leases.call(self.name, self.instance, call, args, kwargs)
+            return self.leases.call(self.name, self.instance, call, args, kwargs, self.slots)
         return self.run(call, wrapped, args, kwargs)
 
     def refuse_while_recovering(self) -> None:
