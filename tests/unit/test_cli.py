@@ -44,9 +44,8 @@ def test_the_commands_design_names_are_all_there() -> None:
 def test_bench_refuses_an_unknown_benchmark_by_name() -> None:
     result = runner.invoke(cli, ["bench", "nope"])
     assert result.exit_code == 2
-    assert "'nope' is not a benchmark; choose one of handler, delivery, leases, relay, eshop, all" in text_of(
-        result.output
-    )
+    choices = "handler, delivery, leases, relay, eshop, isolation, all"
+    assert f"'nope' is not a benchmark; choose one of {choices}" in text_of(result.output)
 
 
 def test_bench_refuses_nonsense_budgets() -> None:
