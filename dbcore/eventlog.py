@@ -15,7 +15,7 @@ after everything already read; see ``delivery.py`` and the relay.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from sqlalchemy import (
@@ -47,6 +47,7 @@ __all__ = [
     "deliveries",
     "events",
     "find_outcome",
+    "find_outcomes",
     "install_sql",
     "prune",
     "relay_cursors",
@@ -320,14 +321,41 @@ class Outcome:
     payload: str
 
 
-# The first in log order, (xid, position): the one every reader of the log sees first.
-_FIND_OUTCOME = text(
-    "SELECT type, payload::text AS payload FROM vms.events "
-    "WHERE correlation_id = :c AND type = ANY(CAST(:t AS text[])) ORDER BY xid, position LIMIT 1"
-)
+# For each (correlation, type) asked for, the first such event in log order, (xid, position): the
+# one every reader of the log sees first. One statement for every waiting correlation (through
+# ix_events_correlation_id), sent on the driver: no SQLAlchemy compilation per lookup.
+_FIND_OUTCOMES = """
+    SELECT DISTINCT ON (e.correlation_id, e.type)
+           e.correlation_id, e.type, e.payload::text AS payload, e.xid::text::bigint AS xid, e.position
+      FROM unnest($1::text[], $2::text[]) AS w(correlation_id, type)
+      JOIN vms.events e ON e.correlation_id = w.correlation_id AND e.type = w.type
+     ORDER BY e.correlation_id, e.type, e.xid, e.position
+"""
+
+
+async def find_outcomes(
+    conn: AsyncConnection, wanted: Mapping[str, Collection[str]]
+) -> dict[str, list[Outcome]]:
+    """For each correlation of ``wanted``, its events of the types asked for, in one statement.
+
+    ``wanted`` maps a correlation id to the event types that end it. Each correlation found gets
+    the first event of each of its types, all in log order (the first is the outcome every reader
+    sees first); a correlation with none of them in the log is absent. Meant for an autocommit
+    connection: it is one read, and needs no transaction of its own.
+    """
+    pairs = [(c, t) for c, types in wanted.items() for t in types]
+    if not pairs:
+        return {}
+    raw = (await conn.get_raw_connection()).driver_connection
+    assert raw is not None
+    rows = await raw.fetch(_FIND_OUTCOMES, [c for c, _ in pairs], [t for _, t in pairs])
+    found: dict[str, list[Outcome]] = {}
+    for row in sorted(rows, key=lambda r: (r["xid"], r["position"])):
+        found.setdefault(row["correlation_id"], []).append(Outcome(row["type"], row["payload"]))
+    return found
 
 
 async def find_outcome(conn: AsyncConnection, correlation_id: str, types: Sequence[str]) -> Outcome | None:
     """The first event of one of ``types`` in correlation ``correlation_id``, or ``None``."""
-    row = (await conn.execute(_FIND_OUTCOME, {"c": correlation_id, "t": list(types)})).first()
-    return None if row is None else Outcome(row.type, row.payload)
+    found = (await find_outcomes(conn, {correlation_id: types})).get(correlation_id)
+    return found[0] if found else None
