@@ -39,10 +39,12 @@ from dbcore.translate import sqlstate_of
 
 __all__ = [
     "Ack",
+    "Claim",
     "ClaimLost",
     "Claimed",
     "DeadLetter",
     "claim",
+    "claim_batch",
     "dead_letter",
     "discard",
     "held_back",
@@ -112,14 +114,33 @@ _CLAIM = """
                   -- after the claim (WAL is flushed in order): no durable "handled" can rest on
                   -- a lost claim.
                   set_config('synchronous_commit', 'off', true) AS asynchronous_commit
+    ),
+    -- The horizon check in the claim's own snapshot: are deliveries waiting only for an older
+    -- transaction to end? Asked separately, a horizon that moved in between would answer "no"
+    -- for a row this claim could not take, and that row would wait for the fallback poll.
+    -- And are deliveries left behind an earlier one of their key (or of a type that precedes
+    -- them) that is still running? Then a finished delivery is worth another claim. Without
+    -- it, an event that commits while its key's head runs (after the head's claim, so the
+    -- head is not "followed") would wait for the fallback poll.
+    held AS (
+        SELECT EXISTS (
+                SELECT 1 FROM vms.deliveries w, horizon h
+                 WHERE w.subscriber = $1 AND w.xid >= h.xmin AND w.available_at <= now()
+                   AND (w.claim IS NULL OR w.claimed_until < now())) AS held_back,
+               EXISTS (
+                SELECT 1 FROM vms.deliveries w, horizon h
+                 WHERE w.subscriber = $1 AND w.xid < h.xmin AND w.available_at <= now()
+                   AND (w.claim IS NULL OR w.claimed_until < now())
+                   AND w.position <> ALL(ARRAY(SELECT position FROM ready))) AS blocked
     )
+    -- One row even when nothing was claimed (all NULL but held_back and blocked).
     SELECT c.subscriber, c.position, ev.id AS event_id, c.event_type, c.key,
            ev.payload::text AS payload, ev.correlation_id, c.attempts, c.claim, ev.created_at,
            EXISTS (SELECT 1 FROM vms.deliveries n
                     WHERE n.subscriber = c.subscriber AND n.key = c.key
                       AND (n.xid, n.position) > (c.xid, c.position)) AS followed,
-           ev.trace_context
-      FROM claimed c JOIN vms.events ev ON ev.position = c.position
+           ev.trace_context, held.held_back, held.blocked
+      FROM held LEFT JOIN (claimed c JOIN vms.events ev ON ev.position = c.position) ON true
      ORDER BY c.xid, c.position
 """
 _CLAIM_PLAIN = _CLAIM.format(precedence="")
@@ -131,15 +152,29 @@ async def driver(conn: AsyncConnection) -> Any:
     return (await conn.get_raw_connection()).driver_connection
 
 
-async def claim(
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """What one claim statement took, and what it saw of the horizon."""
+
+    items: list[Claimed]
+    #: Deliveries left behind only because an older transaction is still open (the horizon),
+    #: seen in the claim's own snapshot: poll soon, no notification will say when it ends.
+    held_back: bool
+    #: Deliveries left behind an earlier delivery of their key, or of a type that precedes
+    #: them, still running: claim again when one finishes.
+    blocked: bool
+
+
+async def claim_batch(
     conn: AsyncConnection,
     subscriber: str,
     *,
     limit: int,
     lease_seconds: float,
     precedence: bool = True,
-) -> list[Claimed]:
-    """Claim up to ``limit`` deliveries of ``subscriber``, oldest first, at most one per key.
+) -> Claim:
+    """Claim up to ``limit`` deliveries of ``subscriber``, oldest first, at most one per key,
+    and say whether others wait behind the horizon, in one statement.
 
     ``precedence=False`` when the subscriber declares no precedence constraint. Meant for an
     autocommit connection: when rows are claimed, the statement turns ``synchronous_commit``
@@ -152,7 +187,24 @@ async def claim(
         uuid.uuid4(),
         float(lease_seconds),
     )
-    return [Claimed(*r) for r in rows]  # the query's columns are the dataclass's fields, in order
+    # The query's columns are the dataclass's fields, in order, then held_back and blocked.
+    items = [Claimed(*r[:-2]) for r in rows if r["subscriber"] is not None]
+    return Claim(items, bool(rows[0]["held_back"]), bool(rows[0]["blocked"]))
+
+
+async def claim(
+    conn: AsyncConnection,
+    subscriber: str,
+    *,
+    limit: int,
+    lease_seconds: float,
+    precedence: bool = True,
+) -> list[Claimed]:
+    """The deliveries :func:`claim_batch` claims."""
+    batch = await claim_batch(
+        conn, subscriber, limit=limit, lease_seconds=lease_seconds, precedence=precedence
+    )
+    return batch.items
 
 
 class ClaimLost(CoreError):

@@ -79,10 +79,15 @@ class Dispatcher:
             if r.consistency == "eventual"
         }
         self.has_precedence = any(i.precedence for i in runtime.plan.descriptor.inbound)
+        #: The event types others wait for (``precedence=`` on their handler): only a finished
+        #: one of these can make a delivery of another key claimable.
+        self.preceding = frozenset(i.event for i in runtime.plan.descriptor.inbound if i.precedence)
         self._wake = asyncio.Event()
         self._outstanding = 0  # claimed, not yet finished
         self._saturated = False  # the last claim took as many as it asked for
         self._unblocked = False  # since the last claim, a key's head finished with more behind
+        self._blocked = False  # the last claim left deliveries behind running ones
+        self._finishes = 0  # deliveries finished so far
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
 
@@ -95,11 +100,15 @@ class Dispatcher:
     def finished(self, item: Claimed) -> None:
         """``item`` is done with (handled, retried, dead-lettered or given back)."""
         self._outstanding -= 1
+        self._finishes += 1
         # Claim again once below the low water mark, if there may be more to claim: the last
-        # claim took all it asked for, or a finished head had its key's next event behind it
-        # (with precedence declared, any finished event may have been holding one back). New
-        # events wake the dispatcher by notification.
-        self._unblocked = self._unblocked or item.followed or self.has_precedence
+        # claim took all it asked for, or a finished head had its key's next event behind it,
+        # or it was of a type that later deliveries of other types wait for (precedence), or
+        # the last claim saw deliveries waiting behind running ones. New events wake the
+        # dispatcher by notification; a claim after anything else finds nothing.
+        self._unblocked = (
+            self._unblocked or item.followed or self._blocked or item.event_type in self.preceding
+        )
         if self._outstanding <= self.low_water and (self._saturated or self._unblocked):
             self._wake.set()
 
@@ -119,27 +128,35 @@ class Dispatcher:
                 await self._wait(self.poll_interval)
                 continue
             limit = self.depth - self._outstanding
+            finishes = self._finishes
             self._unblocked = False
             held_back = False
             try:
-                async with self.host.core.autocommit() as conn:  # the claim is one statement
-                    claimed = await delivery.claim(
+                # One statement: the claim, and whether others wait behind the horizon.
+                async with self.host.core.autocommit() as conn:
+                    batch = await delivery.claim_batch(
                         conn,
                         self.service,
                         limit=limit,
                         lease_seconds=self.claim_timeout,
                         precedence=self.has_precedence,
                     )
-                    start_before = loop.time() + self.claim_timeout * _START_WITHIN
-                    self._saturated = len(claimed) == limit
-                    self._outstanding += len(claimed)
-                    for item in claimed:  # before the held-back check: the workers start at once
-                        self.workers.submit(Job(self, item, start_before))
-                    if claimed:
-                        self.host.metrics.observe("claim_batch_size", len(claimed), service=self.service)
-                    if self._saturated:
-                        continue  # there may be more; claim again at the low water mark
-                    held_back = await delivery.held_back(conn, self.service)
+                claimed = batch.items
+                self._blocked = batch.blocked
+                if batch.blocked and self._finishes != finishes:
+                    # One finished while the claim was on its way: it may have unblocked what
+                    # the claim saw blocked, and its finished() read the previous claim's view.
+                    self._wake.set()
+                start_before = loop.time() + self.claim_timeout * _START_WITHIN
+                self._saturated = len(claimed) == limit
+                self._outstanding += len(claimed)
+                for item in claimed:
+                    self.workers.submit(Job(self, item, start_before))
+                if claimed:
+                    self.host.metrics.observe("claim_batch_size", len(claimed), service=self.service)
+                if self._saturated:
+                    continue  # there may be more; claim again at the low water mark
+                held_back = batch.held_back
             except Exception:  # the database went away: log, try again after poll_interval
                 log.exception("%s: claiming deliveries failed", self.service)
             # Everything claimable is claimed. What makes more claimable wakes the dispatcher:
