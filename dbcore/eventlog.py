@@ -36,13 +36,14 @@ from sqlalchemy.dialects.postgresql import JSONB, UUID
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.types import UserDefinedType
 
-from dbcore.catalog import SERVICE_ROLE_FUNCTION, SERVICES_GROUP_ROLE, metadata
+from dbcore.catalog import SERVICE_ROLE_FUNCTION, SERVICES_GROUP_ROLE, metadata, quote_literal
 
 __all__ = [
     "NOTIFY_CHANNEL",
     "EventRecord",
     "Outcome",
     "append",
+    "append_sql",
     "dead_letters",
     "deliveries",
     "events",
@@ -290,6 +291,27 @@ async def append(
         return [row[0] for row in await raw.fetch(_INSERT_ONCE, *columns)]
     await raw.execute(_INSERT, *columns)
     return [r.id for r in records]
+
+
+_COLUMNS = "id, type, key, payload, producer, correlation_id, causation_id, origin, trace_context"
+
+
+def _literal(value: str | uuid.UUID | None) -> str:
+    return "NULL" if value is None else quote_literal(str(value))
+
+
+def append_sql(records: Sequence[EventRecord]) -> str:
+    """``append`` as one statement with its values inlined, to travel in the ``COMMIT`` message
+    of the transaction that sends them (the simple-query protocol takes no parameters): the
+    outbox then costs no round trip of its own. Raises ``ValueError`` for a value no SQL
+    literal can hold (a NUL character); :func:`append` takes any."""
+    rows = ",".join(
+        f"({_literal(r.id)}::uuid,{_literal(r.type)},{_literal(r.key)},{_literal(r.payload)}::jsonb,"
+        f"{_literal(r.producer)},{_literal(r.correlation_id)},{_literal(r.causation_id)}::uuid,"
+        f"{_literal(r.origin)},{_literal(r.trace_context)})"
+        for r in records
+    )
+    return f"INSERT INTO vms.events ({_COLUMNS}) VALUES {rows}"
 
 
 # Keep what is still needed: pending deliveries, dead letters that may be replayed, and events a

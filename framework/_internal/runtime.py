@@ -25,7 +25,7 @@ from framework._internal.annotations import FunctionSpec, TransactionalSpec
 from framework._internal.context import TxContext, bind, correlation, current, unbind
 from framework._internal.errors import RetriesExhausted, ServiceCallError
 from framework._internal.events import Event
-from framework._internal.outbox import write_outbox
+from framework._internal.outbox import OutboxCommit
 from framework._internal.results import convert_rows
 from framework._internal.service import Service
 
@@ -170,12 +170,13 @@ class ServiceRuntime:
     ) -> Any:
         spec = call.spec
         read_only = tx.type == "RO"
+        commit = OutboxCommit(before_commit)  # the outbox travels with COMMIT
         async with self.host.core.transaction(
             self.name,
             isolation=tx.isolation,
             read_only=read_only,
             connection=connection,
-            before_commit=before_commit,
+            before_commit=commit,
         ) as conn:
             ctx = TxContext(
                 service=self.name,
@@ -194,7 +195,7 @@ class ServiceRuntime:
                 if ctx.has_session:
                     await ctx.session.flush()
                 if ctx.outbox:
-                    await write_outbox(conn, ctx)
+                    await commit.write(conn, ctx)
             finally:
                 unbind(token)
                 if ctx.has_session:
