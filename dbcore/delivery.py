@@ -4,10 +4,11 @@ A worker *claims* a batch in one statement (its own transaction): it stamps each
 random claim token and a deadline. It then runs each handler in the handler's own transaction
 (under the subscriber's role, at the handler's isolation level), and that transaction deletes the
 delivery row *by claim token* before it commits: the handler's effects and the "handled" mark
-commit together, exactly once (G4). If the worker dies (kill -9), its claims run out and another
-worker claims the rows again; if a slow worker's claim ran out and another took over, the slow
-one's delete finds no row with its token and it rolls back, so a redelivered event still takes
-effect once.
+commit together, exactly once (G4). A live worker renews its claims (a heartbeat, ``renew``),
+so a claim lasts a few seconds unless renewed, and never past the worker's claim timeout: if the
+worker dies (kill -9), its claims run out within those seconds and another worker claims the
+rows again; if a slow worker's claim ran out and another took over, the slow one's delete finds
+no row with its token and it rolls back, so a redelivered event still takes effect once.
 
 Why the claim is not the handler's own ``SELECT ... FOR UPDATE SKIP LOCKED``: handlers may run
 SERIALIZABLE, and scanning the shared deliveries table inside serializable transactions would
@@ -25,6 +26,7 @@ A row is claimable only when (each condition is what keeps a guarantee):
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -51,6 +53,7 @@ __all__ = [
     "list_dead_letters",
     "pending_count",
     "release",
+    "renew",
     "replay",
     "retry_later",
 ]
@@ -205,6 +208,39 @@ async def claim(
         conn, subscriber, limit=limit, lease_seconds=lease_seconds, precedence=precedence
     )
     return batch.items
+
+
+# Renewal skips a row locked right now: its ack, retry or release is committing, and the claim
+# ends with it; waiting for the lock would stall every other renewal behind one handler.
+_RENEW = """
+    WITH wanted AS (
+        SELECT * FROM unnest($2::bigint[], $3::uuid[], $4::float8[]) AS w(position, claim, secs)
+    ),
+    live AS (
+        SELECT d.position, w.secs
+          FROM vms.deliveries d JOIN wanted w ON d.position = w.position AND d.claim = w.claim
+         WHERE d.subscriber = $1
+           FOR UPDATE OF d SKIP LOCKED
+    )
+    UPDATE vms.deliveries d
+       SET claimed_until = now() + make_interval(secs => l.secs)
+      FROM live l
+     WHERE d.subscriber = $1 AND d.position = l.position
+"""
+
+
+async def renew(conn: AsyncConnection, subscriber: str, claims: Sequence[tuple[Claimed, float]]) -> None:
+    """Extend each claim of ``claims`` to ``seconds`` from now, in one statement: the heartbeat
+    of a live worker. A claim already run out and taken over by another is left alone."""
+    if not claims:
+        return
+    await (await driver(conn)).execute(
+        _RENEW,
+        subscriber,
+        [item.position for item, _ in claims],
+        [item.claim for item, _ in claims],
+        [float(seconds) for _, seconds in claims],
+    )
 
 
 class ClaimLost(CoreError):

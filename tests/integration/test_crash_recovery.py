@@ -22,7 +22,7 @@ from sqlalchemy import text
 
 from framework import App
 
-from .crash_worker import CLAIM_TIMEOUT, Ledger, Tick
+from .crash_worker import CLAIM_TIMEOUT, Ledger, Tick, Tock
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -274,6 +274,37 @@ async def test_slow_worker_whose_claim_ran_out_rolls_back(
         assert a.proc.returncode is None and b.proc.returncode is None
         await asyncio.sleep(0.2)  # let the log line reach the file
         assert "was claimed by another worker" in a.stderr() + b.stderr()
+
+
+async def test_claims_of_a_killed_worker_come_back_in_seconds_not_after_the_claim_timeout(
+    vmsdb_app_factory, spawn: Spawn, gate: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 14: A dies holding a Tick, which a Tock waits for (precedence). A live worker's
+    heartbeat renews its claims, so a dead one's run out within seconds: B handles the Tick, then
+    the Tock, long before the 30 s claim timeout, each once and in order."""
+    monkeypatch.setenv("CRASH_WORKER_CLAIM_TIMEOUT", "30")
+    async with vmsdb_app_factory([Ledger], workers=False) as app:
+        (gate / "hold").touch()
+        a = await spawn("A", gate)
+        tick = await app.publish(Tick(key="k1", n=1))
+        assert await held(gate, a) == [str(tick)]
+        tock = await app.publish(Tock(key="k2", n=2))  # another key: it waits by precedence only
+        b = await spawn("B", gate)
+        await asyncio.sleep(3.0)  # longer than a claim lives unrenewed: A's heartbeat keeps it
+        assert await pending(app) == 2 and await seen(app) == []
+        assert inside(gate, a) == [str(tick)] and inside(gate, b) == []
+
+        await a.kill()
+        (gate / "hold").unlink()
+        killed = time.monotonic()
+        await all_handled(app, timeout=WAIT)
+        taken_over_after = time.monotonic() - killed
+
+        rows = await seen(app)
+        assert [(r[0], r[3]) for r in rows] == [(str(tick), "B"), (str(tock), "B")]  # once, in order
+        assert await counters(app) == {"k1": 1}
+        # Generous: the claim lives about 2 s unrenewed; the timeout it no longer waits for is 30 s.
+        assert taken_over_after < 10.0, taken_over_after
 
 
 async def test_two_worker_processes_share_work_without_double_handling(
