@@ -70,7 +70,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="where to write results (default benchmarks/results/<name>.json; with 'all', one file "
         "holding every benchmark)",
     )
+    eshop_options = parser.add_argument_group("eshop")
+    eshop_options.add_argument(
+        "--external",
+        action="store_true",
+        help="serve the eShop in its own process(es) and drive it from another over HTTP, with "
+        "CPU and pg_stat_statements per transaction",
+    )
+    eshop_options.add_argument("--mix", default="paper", help="paper, vmodb or paper,vmodb (--external)")
+    eshop_options.add_argument("--clients", default="1,16", help="client counts, e.g. 1,16 (--external)")
+    eshop_options.add_argument("--workers", type=int, default=1, help="server processes (--external)")
     args = parser.parse_args(argv)
+    args.mixes = [m for m in args.mix.split(",") if m]
+    if any(m not in ("paper", "vmodb") for m in args.mixes):
+        parser.error("--mix takes paper, vmodb or paper,vmodb")
+    try:
+        args.client_counts = [int(c) for c in args.clients.split(",") if c]
+    except ValueError:
+        parser.error("--clients takes client counts, e.g. 1,16")
+    if args.workers < 1:
+        parser.error("--workers must be at least 1")
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
     if args.seconds is not None and args.seconds <= 0:
@@ -95,6 +114,12 @@ async def main(args: argparse.Namespace) -> None:
                     seconds=args.seconds or benchmark.default_seconds,
                     rounds=args.rounds,
                     progress=progress,
+                    options={
+                        "external": getattr(args, "external", False),
+                        "mixes": getattr(args, "mixes", ["paper"]),
+                        "clients": getattr(args, "client_counts", [1, 16]),
+                        "workers": getattr(args, "workers", 1),
+                    },
                 )
                 started_at, clock = now_utc(), time.perf_counter()
                 result = await benchmark.run(bench)

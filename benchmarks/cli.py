@@ -29,6 +29,12 @@ def bench(
     json_path: Annotated[
         Path | None, typer.Option("--json", help="results file (default benchmarks/results/<name>.json)")
     ] = None,
+    external: Annotated[
+        bool, typer.Option(help="eshop: served in its own process(es), driven over HTTP from another")
+    ] = False,
+    mix: Annotated[str, typer.Option(help="eshop --external: paper, vmodb or paper,vmodb")] = "paper",
+    clients: Annotated[str, typer.Option(help="eshop --external: client counts, e.g. 1,16")] = "1,16",
+    workers: Annotated[int, typer.Option(help="eshop --external: server processes")] = 1,
 ) -> None:
     """Measure the framework against hand-written asyncpg baselines in the same run
     (``python -m vmsdb_bench``; what each compares: benchmarks/README.md)."""
@@ -49,4 +55,6 @@ def bench(
     argv = [name, "--rounds", str(rounds)]
     argv += ["--seconds", str(seconds)] if seconds is not None else []
     argv += ["--json", str(json_path)] if json_path is not None else []
+    argv += ["--mix", mix, "--clients", clients, "--workers", str(workers)]
+    argv += ["--external"] if external else []
     asyncio.run(run_benchmarks(parse_args(argv)))
