@@ -36,7 +36,7 @@ from sqlalchemy.dialects.postgresql import JSONB, UUID
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.types import UserDefinedType
 
-from dbcore.catalog import SERVICE_ROLE_FUNCTION, SERVICES_GROUP_ROLE, metadata, quote_literal
+from dbcore.catalog import SERVICE_ROLE_FUNCTION, SERVICES_GROUP_ROLE, metadata
 
 __all__ = [
     "NOTIFY_CHANNEL",
@@ -297,7 +297,15 @@ _COLUMNS = "id, type, key, payload, producer, correlation_id, causation_id, orig
 
 
 def _literal(value: str | uuid.UUID | None) -> str:
-    return "NULL" if value is None else quote_literal(str(value))
+    """An escape-string literal: read the same whatever ``standard_conforming_strings`` says
+    (a payload's JSON holds backslashes, which a plain '...' literal reads as escapes when it
+    is off)."""
+    if value is None:
+        return "NULL"
+    text_ = str(value)
+    if "\x00" in text_:
+        raise ValueError("a SQL literal cannot hold a NUL character")
+    return "E'" + text_.replace("\\", "\\\\").replace("'", "''") + "'"
 
 
 def append_sql(records: Sequence[EventRecord]) -> str:

@@ -46,8 +46,6 @@ class OutcomeWatcher:
         self._waiters: dict[str, list[_Waiter]] = {}
         self._dirty: set[str] = set()
         self._checking: asyncio.Task[None] | None = None
-        #: Lookup statements sent (one per batch), for metrics and tests.
-        self.lookups = 0
 
     async def wait(self, correlation_id: str, event_types: Iterable[type[Event]], timeout: float) -> Event:
         waiter = _Waiter({t.event_type(): t for t in event_types})
@@ -92,7 +90,6 @@ class OutcomeWatcher:
                 continue
             try:
                 async with self._connect() as conn:
-                    self.lookups += 1
                     found = await find_outcomes(conn, wanted)
             except Exception:  # the database went away: the waiters' own timeouts bound this
                 log.exception("looking up the outcomes of %d correlation(s) failed", len(wanted))

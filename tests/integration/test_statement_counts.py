@@ -204,3 +204,14 @@ async def test_one_waiter_costs_at_most_two_lookups(vmsdb_app_factory: Any, reco
         looks = recorder.of("vmsdb-outcomes")
     # The first look, then one per notification naming the correlation (Bumped, then Tallied).
     assert len(looks) <= OUTCOME_WAIT + 1, [s.sql for s in looks]
+
+
+async def test_the_outbox_sent_with_commit_keeps_any_payload_intact(vmsdb_app_factory: Any) -> None:
+    """The outbox's values are inlined in the COMMIT message: quotes, backslashes, semicolons,
+    dollar quotes and non-ASCII text come out of the log as they went in."""
+    key = "it's a \\ \"test\"; $$ -- \n\t é 🚀 E'x'"
+    async with vmsdb_app_factory([Counter, Ledger], poll_interval=POLL) as app:
+        waiter = asyncio.create_task(app.outcome("tid-quoted", Tallied, timeout=10))
+        with correlate("tid-quoted"):
+            assert await app.service(Counter).bump(key) == 1
+        assert await waiter == Tallied(key=key)
