@@ -133,8 +133,11 @@ def _run_workers(app: str, migrate: bool, metrics_port: int | None, workers: int
             for i in range(workers)
         ]
         console.print(f"vmsdb: {workers} worker processes ({', '.join(str(p.pid) for p in procs)})")
+        stopping: list[int] = []
+        # SIGTERM too, not only Ctrl-C: the workers must stop, and the embedded server with them.
+        signal.signal(signal.SIGTERM, lambda signum, _frame: stopping.append(signum))
         try:
-            while all(p.poll() is None for p in procs):
+            while not stopping and all(p.poll() is None for p in procs):
                 time.sleep(0.2)
         except KeyboardInterrupt:
             pass
