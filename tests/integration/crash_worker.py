@@ -91,6 +91,10 @@ class Seen(Ledger.Model):
     worker: Mapped[str]
 
 
+#: For ``vmsdb run tests.integration.crash_worker:SERVICES``.
+SERVICES = [Ledger]
+
+
 async def run(database_url: str) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

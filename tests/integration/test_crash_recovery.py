@@ -155,6 +155,10 @@ async def held(gate_dir: Path, worker: WorkerProcess, count: int = 1) -> list[st
     return inside(gate_dir, worker)
 
 
+def alive(pid: int) -> bool:
+    return Path(f"/proc/{pid}").exists()
+
+
 def assert_fifo_once(rows: list[tuple[str, str, int, str]], expected: dict[str, int]) -> None:
     """Each key's events ran once each, in publication order (n = 1..count)."""
     by_key: dict[str, list[int]] = defaultdict(list)
@@ -305,6 +309,40 @@ async def test_claims_of_a_killed_worker_come_back_in_seconds_not_after_the_clai
         assert await counters(app) == {"k1": 1}
         # Generous: the claim lives about 2 s unrenewed; the timeout it no longer waits for is 30 s.
         assert taken_over_after < 10.0, taken_over_after
+
+
+async def test_vmsdb_run_workers_starts_n_processes_that_share_the_work_and_stop_together(
+    vmsdb_app_factory, vmsdb_database: str, tmp_path: Path
+) -> None:
+    """``vmsdb run APP --workers 2``: two worker processes on one core, every event handled
+    once, and SIGTERM to the command stops both."""
+    async with vmsdb_app_factory([Ledger], workers=False) as app:  # the tables, and a publisher
+        out = tmp_path / "run.out"
+        with out.open("wb") as stdout:
+            command = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", "from framework.cli import main; main()",
+                "run", "tests.integration.crash_worker:SERVICES", "--workers", "2",
+                cwd=ROOT, env={**os.environ, "VMSDB_DATABASE_URL": vmsdb_database},
+                stdout=stdout, stderr=asyncio.subprocess.STDOUT, stdin=asyncio.subprocess.DEVNULL,
+            )  # fmt: skip
+
+        async def started() -> bool:
+            return out.read_text().count("running ledger") == 2
+
+        try:
+            await until(started, WAIT, "both worker processes to start")
+            [line] = [x for x in out.read_text().splitlines() if "worker processes" in x]
+            pids = [int(p) for p in line.split("(")[1].rstrip(")").split(", ")]
+            assert len(pids) == 2 and all(alive(p) for p in pids)
+            for n in range(60):
+                await app.publish(Tick(key=f"k{n % 6}", n=n // 6 + 1))
+            await all_handled(app)
+            assert_fifo_once(await seen(app), {f"k{k}": 10 for k in range(6)})
+        finally:
+            if command.returncode is None:
+                command.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(command.wait(), WAIT) == 0, out.read_text()
+        assert not any(alive(p) for p in pids)
 
 
 async def test_two_worker_processes_share_work_without_double_handling(
