@@ -1,4 +1,4 @@
-"""``python -m benchmarks NAME [--seconds N] [--rounds R] [--json PATH]``.
+"""``python -m vmsdb_bench NAME [--seconds N] [--rounds R] [--json PATH]``.
 
 NAME: handler, delivery, leases, relay, eshop or all.
 """
@@ -50,7 +50,7 @@ BENCHMARKS = {
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks",
+        prog="python -m vmsdb_bench",
         description="vmsdb against hand-written asyncpg baselines, measured in the same run.",
     )
     parser.add_argument("name", choices=[*BENCHMARKS, "all"])
@@ -70,20 +70,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="where to write results (default benchmarks/results/<name>.json; with 'all', one file "
         "holding every benchmark)",
     )
-    eshop_options = parser.add_argument_group("eshop")
+    eshop_options = parser.add_argument_group("eshop", "the driver's options (eshop only)")
+    eshop_options.add_argument("--mix", choices=sorted(eshop.MIXES), default="paper")
+    eshop_options.add_argument("--distribution", choices=["uniform", "zipfian"], default="uniform")
+    eshop_options.add_argument("--mode", choices=["continuous", "closed"], default="continuous")
+    eshop_options.add_argument("--items", type=int, default=10, help="at most this many items per cart")
     eshop_options.add_argument(
         "--external",
         action="store_true",
         help="serve the eShop in its own process(es) and drive it from another over HTTP, with "
         "CPU and pg_stat_statements per transaction",
     )
-    eshop_options.add_argument("--mix", default="paper", help="paper, vmodb or paper,vmodb (--external)")
     eshop_options.add_argument("--clients", default="1,16", help="client counts, e.g. 1,16 (--external)")
     eshop_options.add_argument("--workers", type=int, default=1, help="server processes (--external)")
     args = parser.parse_args(argv)
-    args.mixes = [m for m in args.mix.split(",") if m]
-    if any(m not in ("paper", "vmodb") for m in args.mixes):
-        parser.error("--mix takes paper, vmodb or paper,vmodb")
+    if not 1 <= args.items <= 10:
+        parser.error("--items must be within 1..10")
     try:
         args.client_counts = [int(c) for c in args.clients.split(",") if c]
     except ValueError:
@@ -97,11 +99,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-async def main(args: argparse.Namespace) -> None:
+async def main(args: argparse.Namespace) -> bool:
+    """Run the selected benchmarks; ``False`` if the eShop's consistency verdict failed."""
     console = Console()
     logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[RichHandler(console=console)])
     selected = list(BENCHMARKS.values()) if args.name == "all" else [BENCHMARKS[args.name]]
     documents: dict[str, Any] = {}
+    held = True
     with make_progress(console) as progress:
         where = "VMSDB_DATABASE_URL" if "VMSDB_DATABASE_URL" in os.environ else "an embedded Postgres"
         task = progress.add_task(f"starting {where}", total=None)
@@ -116,13 +120,18 @@ async def main(args: argparse.Namespace) -> None:
                     progress=progress,
                     options={
                         "external": getattr(args, "external", False),
-                        "mixes": getattr(args, "mixes", ["paper"]),
+                        "mixes": [getattr(args, "mix", "paper")],
                         "clients": getattr(args, "client_counts", [1, 16]),
                         "workers": getattr(args, "workers", 1),
                     },
                 )
                 started_at, clock = now_utc(), time.perf_counter()
-                result = await benchmark.run(bench)
+                if benchmark.name == eshop.NAME:
+                    options = eshop.Options(args.mix, args.distribution, args.mode, args.items)
+                    result = await eshop.run(bench, options)
+                    held = held and all(c.ok for c in result.checks)
+                else:
+                    result = await benchmark.run(bench)
                 at_end = {**machine, "load_average_at_end": os.getloadavg()}
                 document = result.to_json(at_end, started_at, time.perf_counter() - clock)
                 documents[benchmark.name] = document
@@ -134,7 +143,8 @@ async def main(args: argparse.Namespace) -> None:
     if args.name == "all" and args.json is not None:
         write_json(args.json, {"benchmarks": documents})
         console.print(f"[dim]results written to {args.json}[/]")
+    return held
 
 
 if __name__ == "__main__":
-    asyncio.run(main(parse_args()))
+    raise SystemExit(0 if asyncio.run(main(parse_args())) else 1)

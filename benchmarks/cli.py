@@ -29,15 +29,18 @@ def bench(
     json_path: Annotated[
         Path | None, typer.Option("--json", help="results file (default benchmarks/results/<name>.json)")
     ] = None,
+    mix: Annotated[str, typer.Option(help="eshop: paper (30/5/3/2/60) or vmodb (70/10/10/10)")] = "paper",
+    distribution: Annotated[str, typer.Option(help="eshop: uniform or zipfian")] = "uniform",
+    mode: Annotated[str, typer.Option(help="eshop: continuous or closed (CONTROL)")] = "continuous",
+    items: Annotated[int, typer.Option(help="eshop: at most this many items per cart")] = 10,
     external: Annotated[
         bool, typer.Option(help="eshop: served in its own process(es), driven over HTTP from another")
     ] = False,
-    mix: Annotated[str, typer.Option(help="eshop --external: paper, vmodb or paper,vmodb")] = "paper",
     clients: Annotated[str, typer.Option(help="eshop --external: client counts, e.g. 1,16")] = "1,16",
     workers: Annotated[int, typer.Option(help="eshop --external: server processes")] = 1,
 ) -> None:
     """Measure the framework against hand-written asyncpg baselines in the same run
-    (``python -m vmsdb_bench``; what each compares: benchmarks/README.md)."""
+    (what each compares: benchmarks/README.md). Exits 1 if the eShop's consistency verdict fails."""
     if name not in BENCHMARK_NAMES:
         raise typer.BadParameter(f"{name!r} is not a benchmark; choose one of {', '.join(BENCHMARK_NAMES)}")
     if rounds < 1 or (seconds is not None and seconds <= 0):
@@ -55,6 +58,12 @@ def bench(
     argv = [name, "--rounds", str(rounds)]
     argv += ["--seconds", str(seconds)] if seconds is not None else []
     argv += ["--json", str(json_path)] if json_path is not None else []
-    argv += ["--mix", mix, "--clients", clients, "--workers", str(workers)]
+    argv += ["--mix", mix, "--distribution", distribution, "--mode", mode, "--items", str(items)]
+    argv += ["--clients", clients, "--workers", str(workers)]
     argv += ["--external"] if external else []
-    asyncio.run(run_benchmarks(parse_args(argv)))
+    try:
+        args = parse_args(argv)
+    except SystemExit as err:
+        raise typer.BadParameter("see the error above") from err
+    if not asyncio.run(run_benchmarks(args)):
+        raise typer.Exit(1)  # the eShop's consistency verdict failed

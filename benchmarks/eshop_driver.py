@@ -20,17 +20,10 @@ import httpx
 
 from vmsdb_eshop.demo import DEMO_SCALE
 from vmsdb_eshop.generator import generate
-from vmsdb_eshop.workload import Mix, Workload, WorkloadConfig, WorkloadResult
+from vmsdb_eshop.workload import MIXES, Workload, WorkloadConfig, WorkloadResult
 
 __all__ = ["MIXES", "drive", "per_type"]
 
-#: The two mixes that matter (issue 16): the paper's default, and the one vMODB evaluated with.
-MIXES = {
-    "paper": Mix(),
-    "vmodb": Mix(
-        customer_session=70, query_dashboard=10, price_update=10, update_product=10, update_delivery=0
-    ),
-}
 
 
 async def drive(url: str, *, clients: int, seconds: float, mix: str) -> dict[str, Any]:

@@ -36,6 +36,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from dbcore.catalog import quote_ident
 from dbcore.errors import CoreError
+from dbcore.event_logs import append_amnesia
 from dbcore.integrity import references_in
 from dbcore.isolation import service_connection
 from dbcore.recovery import AMNESIA, Mode, RecoveryState, complete, emit, local_holders, state
@@ -342,6 +343,11 @@ async def _begin(conn: AsyncConnection, service: str, meta: dict[str, Any], mode
     params["tr"] = (await conn.execute(text(f"SELECT nextval('{seq}')"))).scalar_one()
     for statement in _OPEN_AMNESIA:
         await conn.execute(text(statement), params)
+    # An event-sourced service's log says it too, so that the log alone tells what was lost.
+    await append_amnesia(
+        conn, service, recovery=recovery_id, lo=t_backup, hi=params["tr"], from_epoch=meta["epoch"],
+        to_epoch=params["epoch"],
+    )
     await conn.execute(_MERGING, {"on": "off"})
     holders = {h["holder"] for h in meta["holders"]} - {service}
     expected = sorted(set(await local_holders(conn, service)) | holders)

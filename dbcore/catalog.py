@@ -32,6 +32,7 @@ __all__ = [
     "SERVICE_ROLE_PREFIX",
     "event_types",
     "metadata",
+    "outbound",
     "owned_tables",
     "quote_ident",
     "quote_literal",
@@ -131,6 +132,17 @@ owned_tables = Table(
     Column("entity", String(200), nullable=False),
     Column("exported", Boolean, nullable=False),
     PrimaryKeyConstraint("schema_name", "table_name"),
+    ForeignKeyConstraint(["service"], ["vms.services.name"], ondelete="CASCADE"),
+)
+
+# The event types each service declared with @Outbound: the only ones its role may insert into
+# the event log (row-level security on vms.events, see eventlog.py). Filled at registration.
+outbound = Table(
+    "outbound",
+    metadata,
+    Column("service", String(40), nullable=False),
+    Column("event_type", String(200), nullable=False),
+    PrimaryKeyConstraint("service", "event_type"),
     ForeignKeyConstraint(["service"], ["vms.services.name"], ondelete="CASCADE"),
 )
 

@@ -1,25 +1,38 @@
 """The core: one Postgres database that hosts a group of virtual microservices.
 
-``Core`` owns the process's single connection pool, installs the catalog, registers descriptors
-and hands out transactions that run under a service's role.
+``Core`` owns the process's connection pools, installs the catalog, registers descriptors and
+hands out transactions. Once :meth:`Core.use_logins` ran (a started App), each service's
+transactions run on a pool of connections logged in as that service's role, and the App's
+housekeeping on a pool logged in as the core role (``dbcore.logins``); the administrator's pool
+(the URL's user) is left to registration, migrations and the command line.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
-from sqlalchemy import select, text
+from sqlalchemy import URL, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.pool import NullPool, Pool
 
 from dbcore import eventlog, leases, reference_catalog
 from dbcore.catalog import CATALOG_SCHEMA, metadata, owned_tables, services
 from dbcore.descriptor import ServiceDescriptor, role_for
 from dbcore.isolation import CommitStatement, autocommit_connection, service_connection
-from dbcore.registry import Registration, ensure_group_role, register, sync_grants
+from dbcore.logins import CORE_ROLE, core_role_sql, grant_login, password_for, read_secret
+from dbcore.registry import REGISTRY_LOCK, Registration, ensure_group_role, register, sync_grants
 
-__all__ = ["CATALOG_INSTALLED", "CATALOG_REVISION", "UNSTAMPED_REVISION", "Core", "lock_install"]
+__all__ = [
+    "CATALOG_INSTALLED",
+    "CATALOG_REVISION",
+    "UNSTAMPED_REVISION",
+    "Core",
+    "PoolSize",
+    "lock_install",
+]
 
 # Installing the catalog and migrating any history (``framework.migrations``) take this lock, so
 # they never interleave and two processes migrating at once run one after the other. Without it
@@ -36,7 +49,7 @@ async def lock_install(conn: AsyncConnection) -> None:
 
 #: The core revision (``alembic/versions/core``) whose catalog :meth:`Core.install` creates: the
 #: head. A fresh install is stamped with it, so ``vmsdb migrate`` finds it at head.
-CATALOG_REVISION = "0005_trace_context"
+CATALOG_REVISION = "0007_login_roles"
 #: The core revision a catalog without a version table is at: :meth:`Core.install` made such
 #: catalogs before it stamped itself, and then it created what ``0001_catalog`` creates.
 #: ``vmsdb migrate`` stamps such a catalog with it, and the later revisions follow.
@@ -52,29 +65,113 @@ _VERSIONED = text("SELECT to_regclass('vms.alembic_version') IS NOT NULL")
 CATALOG_INSTALLED = text("SELECT to_regclass('vms.services') IS NOT NULL")
 
 
+@dataclass(frozen=True)
+class PoolSize:
+    """How many connections a login's pool keeps (``size``) and may open beyond (``overflow``)."""
+
+    size: int
+    overflow: int = 0
+
+
+def _engine(
+    url: str | URL, pool: PoolSize | None, application_name: str, *, pre_ping: bool = False
+) -> AsyncEngine:
+    sized: dict[str, object] = (
+        {"poolclass": NullPool}
+        if pool is None
+        else {"pool_size": pool.size, "max_overflow": pool.overflow, "pool_pre_ping": pre_ping}
+    )
+    return create_async_engine(
+        url,
+        # service_connection() sends BEGIN itself: SQLAlchemy must not.
+        isolation_level="AUTOCOMMIT",
+        connect_args={"server_settings": {"application_name": application_name}},
+        **sized,
+    )
+
+
 class Core:
     """A Postgres-backed core. Create with :meth:`connect`; close with :meth:`close`."""
 
     def __init__(self, engine: AsyncEngine) -> None:
+        #: The administrator's pool: registration, migrations, commands.
         self.engine = engine
         self._table_owners: dict[str, str] = {}
+        self._secret: str | None = None
+        self._service_pool: Callable[[str], PoolSize | None] | None = None
+        self._core_engine: AsyncEngine | None = None
+        self._service_engines: dict[str, AsyncEngine] = {}
 
     @classmethod
     def connect(cls, url: str, *, pool_size: int = 10, max_overflow: int = 10) -> Core:
-        engine = create_async_engine(
-            url,
-            pool_size=pool_size,
-            max_overflow=max_overflow,
-            pool_pre_ping=False,
-            # service_connection() sends BEGIN itself (with the role): SQLAlchemy must not.
-            isolation_level="AUTOCOMMIT",
-            # Prepared-statement cache per connection; asyncpg's own cache is per statement text.
-            connect_args={"server_settings": {"application_name": "vmsdb"}},
-        )
-        return cls(engine)
+        # The administrator's pool is used now and then (start-up, commands, dashboards): a
+        # connection may have sat in it across a database restart, so it is checked before use.
+        # The busy pools (services, core) learn of a restart from their first failed statement.
+        return cls(_engine(url, PoolSize(pool_size, max_overflow), "vmsdb", pre_ping=True))
 
     async def close(self) -> None:
+        for engine in (*self._service_engines.values(), self._core_engine):
+            if engine is not None:
+                await engine.dispose()
+        self._service_engines.clear()
+        self._core_engine = None
         await self.engine.dispose()
+
+    # -- logins ------------------------------------------------------------------------------
+
+    async def use_logins(
+        self, *, core_pool: PoolSize | None, service_pool: Callable[[str], PoolSize | None]
+    ) -> None:
+        """From now on run each service's transactions, and the housekeeping, on connections
+        logged in as their own roles (registration set the passwords; see ``dbcore.logins``).
+
+        ``service_pool(service)``: the pool of a service's login, made on its first use
+        (``None``: no pool, a connection per transaction).
+        """
+        async with self.admin() as conn:
+            self._secret = await read_secret(conn)
+        self._service_pool = service_pool
+        self._core_engine = _engine(self.login_url(CORE_ROLE), core_pool, "vmsdb:core")
+
+    def login_url(self, role: str) -> URL:
+        """The URL that logs in as ``role`` (a service's or the core's) on this core."""
+        if self._secret is None:
+            raise RuntimeError("the core's logins are not in use (Core.use_logins)")
+        url = self.engine.url
+        return url.set(username=role, password=password_for(self._secret, role)).difference_update_query(
+            ["user", "password"]
+        )
+
+    @property
+    def core_engine(self) -> AsyncEngine:
+        """The pool of the core role (the administrator's before :meth:`use_logins`)."""
+        return self._core_engine if self._core_engine is not None else self.engine
+
+    def service_engine(self, service: str) -> AsyncEngine:
+        """The pool logged in as ``service``'s role (made on first use)."""
+        engine = self._service_engines.get(service)
+        if engine is None:
+            if self._service_pool is None:
+                raise RuntimeError("the core's logins are not in use (Core.use_logins)")
+            url, pool = self.login_url(role_for(service)), self._service_pool(service)
+            engine = _engine(url, pool, f"vmsdb:{service}")
+            self._service_engines[service] = engine
+        return engine
+
+    @property
+    def logins(self) -> bool:
+        """Whether services and housekeeping run on their own logins (:meth:`use_logins`)."""
+        return self._service_pool is not None
+
+    def pools(self) -> dict[str, Pool]:
+        """Every pool of this process by login: ``admin``, ``core`` and each service in use."""
+        found: dict[str, Pool] = {"admin": self.engine.pool}
+        if self._core_engine is not None:
+            found["core"] = self._core_engine.pool
+        found.update((name, engine.pool) for name, engine in self._service_engines.items())
+        return found
+
+    # -- transactions ------------------------------------------------------------------------
 
     @asynccontextmanager
     async def admin(self, *, isolation: str = "read_committed") -> AsyncIterator[AsyncConnection]:
@@ -92,6 +189,19 @@ class Core:
             yield conn
 
     @asynccontextmanager
+    async def housekeeping(self, *, isolation: str = "read_committed") -> AsyncIterator[AsyncConnection]:
+        """A transaction as the core role: the App's own chores (claims, retries, dead letters,
+        pruning, publish, outcome lookups). The administrator before :meth:`use_logins`."""
+        async with service_connection(self.core_engine, None, isolation=isolation) as conn:
+            yield conn
+
+    @asynccontextmanager
+    async def housekeeping_autocommit(self) -> AsyncIterator[AsyncConnection]:
+        """The core role outside a transaction (a claim is one statement)."""
+        async with autocommit_connection(self.core_engine) as conn:
+            yield conn
+
+    @asynccontextmanager
     async def transaction(
         self,
         service: str,
@@ -101,14 +211,16 @@ class Core:
         connection: AsyncConnection | None = None,
         before_commit: CommitStatement | None = None,
     ) -> AsyncIterator[AsyncConnection]:
-        """A transaction that runs under ``service``'s role.
+        """A transaction of ``service``: on its own login (:meth:`use_logins`), else the
+        administrator's connection with ``SET LOCAL ROLE`` (migrations, commands).
 
         ``connection``: on this (already checked out) connection rather than a pooled one;
         ``before_commit``: a statement sent together with ``COMMIT`` (see ``service_connection``).
         """
+        logged_in = self.logins
         async with service_connection(
-            self.engine,
-            role_for(service),
+            self.service_engine(service) if logged_in else self.engine,
+            None if logged_in else role_for(service),
             isolation=isolation,
             read_only=read_only,
             connection=connection,
@@ -133,10 +245,28 @@ class Core:
                     {"v": CATALOG_REVISION},
                 )
 
-    async def register(self, descriptors: Iterable[ServiceDescriptor]) -> list[Registration]:
-        """Register descriptors in one transaction: all of them, or none."""
+    async def register(
+        self, descriptors: Iterable[ServiceDescriptor], *, idle_timeout_ms: int | None = None
+    ) -> list[Registration]:
+        """Register descriptors in one transaction: all of them, or none.
+
+        Also makes each service's role, and the core role, a login role with its password (see
+        ``dbcore.logins``); ``idle_timeout_ms``: the services' sessions'
+        ``idle_in_transaction_session_timeout`` (``None`` or 0: none).
+        """
         async with self.admin() as conn:
-            result = [await register(conn, d) for d in descriptors]
+            # Before the secret: the first start ever gives the group role its password, and
+            # two processes doing that at once would collide on the role's catalog row.
+            await conn.execute(REGISTRY_LOCK)
+            secret = await read_secret(conn)
+            result = [
+                await register(
+                    conn, d, password=password_for(secret, d.role), idle_timeout_ms=idle_timeout_ms
+                )
+                for d in descriptors
+            ]
+            await core_role_sql(conn)
+            await grant_login(conn, CORE_ROLE, password_for(secret, CORE_ROLE))
         await self.refresh_owners()
         return result
 

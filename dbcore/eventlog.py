@@ -39,7 +39,10 @@ from sqlalchemy.types import UserDefinedType
 from dbcore.catalog import SERVICE_ROLE_FUNCTION, SERVICES_GROUP_ROLE, metadata
 
 __all__ = [
+    "FAN_OUT_FUNCTION",
     "NOTIFY_CHANNEL",
+    "OWN_EVENTS_POLICY",
+    "UNDECLARED_FUNCTION",
     "EventRecord",
     "Outcome",
     "append",
@@ -173,16 +176,35 @@ ACK_FUNCTION = f"""
     END $$
 """
 
-#: DDL that SQLAlchemy's create_all does not express: fan-out trigger, row-level security.
-install_sql: Sequence[str] = (
-    SERVICE_ROLE_FUNCTION,
-    f"GRANT EXECUTE ON FUNCTION vms.service_role(text) TO {_GROUP}",
-    # A log created before the column existed (create_all adds no column to a table it finds).
-    "ALTER TABLE vms.events ADD COLUMN IF NOT EXISTS trace_context text",
-    # Fan-out: one delivery per subscriber of each new event, then one NOTIFY per statement
-    # naming the subscribers. SECURITY DEFINER so a service role, which may only insert into
-    # vms.events, can still create the deliveries its events cause.
-    f"""
+# A service inserts events only in its own name, and only of the types its descriptor declares
+# with @Outbound (G1): vms.outbound, filled at registration. The administrator and the core role
+# (publish, Kafka ingress) are not bound by it; the core's SECURITY DEFINER functions (replica
+# changes, reference events) run as the administrator.
+OWN_EVENTS_POLICY = """
+    CREATE POLICY own_events ON vms.events FOR INSERT
+    WITH CHECK (producer IS NOT NULL AND vms.service_role(producer) = current_user
+                AND EXISTS (SELECT 1 FROM vms.outbound o
+                             WHERE o.service = producer AND o.event_type = type))
+"""
+
+# A local service's event of a type it did not declare: row-level security keeps a service from
+# inserting one, and the fan-out does not deliver one either (defence in depth: an administrator's
+# or the core role's insert in a service's name). The core's own types ("vms." ...) come from its
+# SECURITY DEFINER functions, and events from outside (origin) from other cores: both pass.
+# Without a search_path of its own (every name is qualified) so the planner inlines it.
+UNDECLARED_FUNCTION = """
+    CREATE OR REPLACE FUNCTION vms.undeclared(p_producer text, p_type text, p_origin text)
+    RETURNS boolean LANGUAGE sql STABLE AS $$
+        SELECT p_producer IS NOT NULL AND p_origin IS NULL AND p_type NOT LIKE 'vms.%'
+           AND EXISTS (SELECT 1 FROM vms.services WHERE name = p_producer)
+           AND NOT EXISTS (SELECT 1 FROM vms.outbound WHERE service = p_producer AND event_type = p_type)
+    $$
+"""
+
+# Fan-out: one delivery per subscriber of each new event, then one NOTIFY per statement
+# naming the subscribers. SECURITY DEFINER so a service role, which may only insert into
+# vms.events, can still create the deliveries its events cause.
+FAN_OUT_FUNCTION = f"""
     CREATE OR REPLACE FUNCTION vms.fan_out() RETURNS trigger
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, vms AS $$
     DECLARE
@@ -193,6 +215,7 @@ install_sql: Sequence[str] = (
             INSERT INTO vms.deliveries (subscriber, position, xid, event_type, key)
             SELECT s.service, n.position, n.xid, n.type, n.key
               FROM new_events n JOIN vms.subscriptions s ON s.event_type = n.type
+             WHERE NOT vms.undeclared(n.producer, n.type, n.origin)
             RETURNING subscriber
         )
         SELECT string_agg(DISTINCT subscriber, ',') INTO targets FROM inserted;
@@ -208,7 +231,16 @@ install_sql: Sequence[str] = (
         END IF;
         RETURN NULL;
     END $$
-    """,
+    """
+
+#: DDL that SQLAlchemy's create_all does not express: fan-out trigger, row-level security.
+install_sql: Sequence[str] = (
+    SERVICE_ROLE_FUNCTION,
+    f"GRANT EXECUTE ON FUNCTION vms.service_role(text) TO {_GROUP}",
+    # A log created before the column existed (create_all adds no column to a table it finds).
+    "ALTER TABLE vms.events ADD COLUMN IF NOT EXISTS trace_context text",
+    UNDECLARED_FUNCTION,
+    FAN_OUT_FUNCTION,
     "DROP TRIGGER IF EXISTS events_fan_out ON vms.events",
     """
     CREATE TRIGGER events_fan_out AFTER INSERT ON vms.events
@@ -221,10 +253,9 @@ install_sql: Sequence[str] = (
     f"GRANT USAGE ON SEQUENCE vms.events_position_seq TO {_GROUP}",
     "ALTER TABLE vms.events ENABLE ROW LEVEL SECURITY",
     "DROP POLICY IF EXISTS own_events ON vms.events",
-    """
-    CREATE POLICY own_events ON vms.events FOR INSERT
-    WITH CHECK (producer IS NOT NULL AND vms.service_role(producer) = current_user)
-    """,
+    OWN_EVENTS_POLICY,
+    # The policy reads the declared types under the service's role: they may see them all.
+    f"GRANT SELECT ON vms.outbound TO {_GROUP}",
     f"GRANT SELECT, DELETE ON vms.deliveries TO {_GROUP}",
     "ALTER TABLE vms.deliveries ENABLE ROW LEVEL SECURITY",
     "DROP POLICY IF EXISTS own_deliveries ON vms.deliveries",

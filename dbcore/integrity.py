@@ -24,6 +24,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from dbcore.catalog import quote_ident
+from dbcore.event_logs import LOG_TABLE, log_references
 from dbcore.references import uri_expression
 
 __all__ = [
@@ -314,6 +315,12 @@ async def references_in(
                     data,
                 )
             )
+    # Event-sourced holders keep their references as records of their logs (§3.2).
+    for logged in await log_references(conn, service=service, holder=holder):
+        data = logged.data
+        t, k, cached = int(data["t"]), int(data["k"]), "copy" in data
+        reference = Reference(logged.holder, LOG_TABLE, str(logged.seq), "ref", data["uri"], t, k, cached)
+        found.append((reference, data))
     return found
 
 

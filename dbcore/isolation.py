@@ -1,11 +1,11 @@
 """Running a transaction as a service (Postgres's refusals become core errors in ``translate.py``).
 
 Every transaction of a service runs under that service's role, so Postgres itself refuses a write
-into another service's schema or a read of a table the owner did not export. In one process this
-protects against mistakes: the framework's connection is the administrator, which switches role
-per transaction, and code that issues ``RESET ROLE`` by hand could step out. Against hostile code
-in another process, give each service its own login (``<role>`` with a password and ``LOGIN``) and
-its own ``VMSDB_DATABASE_URL``: then no statement it can send reaches another service's tables.
+into another service's schema or a read of a table the owner did not export. In a started App the
+connection is *logged in* as that role (``Core.use_logins``, ``dbcore.logins``): ``role`` is then
+``None`` and there is no role to switch back to. ``role`` names one only for the administrator's
+own work on a service's behalf (migrations, commands), where ``SET LOCAL ROLE`` ends with the
+transaction.
 """
 
 from __future__ import annotations
@@ -87,7 +87,8 @@ async def service_connection(
     connection: AsyncConnection | None = None,
     before_commit: CommitStatement | None = None,
 ) -> AsyncIterator[AsyncConnection]:
-    """A connection inside a transaction that runs as ``role`` (``None``: the administrator).
+    """A connection inside a transaction that runs as ``role`` (``None``: whoever the engine
+    logs in as: a service's or the core's login role, or the administrator).
 
     The transaction commits when the block exits normally and rolls back on an exception.
 

@@ -11,8 +11,11 @@ The core announces the amnesia (``vms.recovery.amnesia``). Each service holding 
 restored one answers (:func:`answer`) with, per referenced entity, its freshest cached copy, that
 reference's ``(t, k)`` and how many references it holds, or with nothing: not concerned.
 :func:`merge` keeps a copy when it is newer than what the restored entity holds, from the same
-epoch, and the owner has not written the entity since the restore (a post-restore write is more
-recent in real time, whatever the stamps say); the intervals that lost it then start after it,
+epoch, and nobody has read or written the entity since the restore: a post-restore write is more
+recent in real time, whatever the stamps say, and a read (by the owner, by another service's
+``@Query``, or a holder's copy) began the new epoch on the value it saw (Definition 2), which a
+merge must not overwrite; such a copy is kept as a conflict in the recovery's report
+(``RecoveryState.conflicts``) instead. The intervals that lost it then start after it,
 since it descends from every version of its epoch before it. Merging only moves intervals up, so
 answers may arrive in any order. The answers also set each holder's reference count, which makes
 ``d`` exact again. In *consistency* mode the owner refuses writes and new references until every
@@ -32,6 +35,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from dbcore.catalog import quote_ident
+from dbcore.event_logs import append_recovered, log_references
 from dbcore.eventlog import EventRecord, append
 from dbcore.integrity import references_in
 from dbcore.reference_catalog import clock_sequence
@@ -43,6 +47,7 @@ __all__ = [
     "COMPLETED",
     "Answer",
     "AnswerEntry",
+    "MergeConflict",
     "Mode",
     "RecoveryState",
     "answer",
@@ -97,6 +102,18 @@ class Answer:
 
 
 @dataclass(frozen=True)
+class MergeConflict:
+    """A holder's copy of a lost version that came back after the new epoch had begun on
+    another value (read or written since the restore): the merge kept that value."""
+
+    uri: str
+    holder: str
+    t: int
+    k: int
+    copy: dict[str, Any]
+
+
+@dataclass(frozen=True)
 class RecoveryState:
     id: str
     service: str
@@ -108,6 +125,8 @@ class RecoveryState:
     answered: tuple[str, ...]
     status: str
     merged: tuple[str, ...] = field(default=())
+    #: Copies not merged because their entity was read or written in its new epoch.
+    conflicts: tuple[MergeConflict, ...] = field(default=())
 
     @property
     def waiting_for(self) -> tuple[str, ...]:
@@ -115,6 +134,9 @@ class RecoveryState:
 
 
 _STATE = text("SELECT * FROM vms.recoveries WHERE id = :id")
+_CONFLICTS = text(
+    "SELECT uri, holder, t, k, copy FROM vms.merge_conflicts WHERE recovery_id = :id ORDER BY uri, holder"
+)
 _MERGED = text(
     "SELECT uri FROM vms.amnesia WHERE recovery_id = :id AND cardinality(recovered_from) > 0 ORDER BY uri"
 )
@@ -123,6 +145,10 @@ _MERGED = text(
 async def state(conn: AsyncConnection, recovery_id: str | uuid.UUID) -> RecoveryState:
     row = (await conn.execute(_STATE, {"id": str(recovery_id)})).one()
     merged = tuple((await conn.execute(_MERGED, {"id": str(recovery_id)})).scalars())
+    conflicts = tuple(
+        MergeConflict(uri, holder, t, k, copy)
+        for uri, holder, t, k, copy in (await conn.execute(_CONFLICTS, {"id": str(recovery_id)})).all()
+    )
     return RecoveryState(
         str(row.id),
         row.service,
@@ -134,6 +160,7 @@ async def state(conn: AsyncConnection, recovery_id: str | uuid.UUID) -> Recovery
         tuple(row.answered),
         row.status,
         merged,
+        conflicts,
     )
 
 
@@ -143,8 +170,11 @@ _HOLDERS = text(
 
 
 async def local_holders(conn: AsyncConnection, service: str) -> list[str]:
-    """Services of this core that keep references to ``service``'s entities."""
-    return list((await conn.execute(_HOLDERS, {"s": service})).scalars())
+    """Services of this core that keep references to ``service``'s entities (in reference
+    columns, or in their event logs)."""
+    declared = set((await conn.execute(_HOLDERS, {"s": service})).scalars())
+    logged = {r.holder for r in await log_references(conn, service=service) if r.holder != service}
+    return sorted(declared | logged)
 
 
 async def answer(conn: AsyncConnection, recovery_id: str, service: str, holder: str) -> Answer:
@@ -240,7 +270,7 @@ async def _applies(conn: AsyncConnection, rec: Any, e: Any, entry: AnswerEntry) 
         required = set((await conn.execute(_REQUIRED, {"t": table})).scalars())
         return required <= set(entry.copy or {})
     if e.restored_by is None or str(e.restored_by) != str(rec.id):
-        return False  # the owner wrote it since the restore: that write is the more recent one
+        return False  # written or read since the restore: the new epoch began on that value
     own = (await conn.execute(_OWN_INTERVAL, {"uri": entry.uri, "r": str(rec.id)})).one_or_none()
     return (
         own is not None
@@ -253,10 +283,34 @@ async def _applies(conn: AsyncConnection, rec: Any, e: Any, entry: AnswerEntry) 
     )
 
 
+async def _superseded(conn: AsyncConnection, rec: Any, e: Any, entry: AnswerEntry) -> bool:
+    """Whether a copy would have been merged had the entity not been read or written since the
+    restore: it is a version this recovery lost, but the new epoch has begun on another value.
+    """
+    if e is None or e.restored_by is not None:
+        return False
+    own = (await conn.execute(_OWN_INTERVAL, {"uri": entry.uri, "r": str(rec.id)})).one_or_none()
+    return (
+        own is not None
+        and own.hi is not None
+        and own.lo < entry.t <= own.hi
+        and entry.k == own.from_epoch
+    )
+
+
+_CONFLICT = text(
+    "INSERT INTO vms.merge_conflicts (recovery_id, uri, holder, service, t, k, copy) "
+    "VALUES (:r, :uri, :h, :s, :t, :k, CAST(:copy AS jsonb)) ON CONFLICT DO NOTHING"
+)
+
+
 async def _apply(conn: AsyncConnection, rec: Any, holder: str, e: Any, entry: AnswerEntry) -> None:
     assert entry.copy is not None
     service, entity, _ = parse_uri(entry.uri)
     keys = await _write_copy(conn, entry.uri, entry.copy)
+    if len(keys) == 1:  # an event-sourced entity's log records the version brought back
+        key = entry.copy.get(keys[0])
+        await append_recovered(conn, service, entity, str(key), entry.uri, entry.t, entry.k, entry.copy)
     params: dict[str, Any] = {"uri": entry.uri, "s": service, "r": str(rec.id), "h": holder}
     if e is None:
         await conn.execute(
@@ -280,8 +334,8 @@ async def _apply(conn: AsyncConnection, rec: Any, holder: str, e: Any, entry: An
             {**params, "k": entry.k, "epoch": rec.epoch, "t": entry.t},
         )
     else:
-        # Untouched since the restore, the entity takes the copy's stamp; read since (its stamp
-        # moved past hi), the copy becomes a new version on the clock.
+        # Untouched since the restore, the entity takes the copy's stamp; referenced since with
+        # no copy (its stamp moved past hi, its value unseen), the copy becomes a new version.
         stamp = (entry.t, entry.k) if e.pending else (await _tick(conn, service), rec.epoch)
         await conn.execute(
             text("UPDATE vms.entities SET t = :t, k = :k, deleted = false, value = NULL WHERE uri = :uri"),
@@ -337,6 +391,19 @@ async def merge(conn: AsyncConnection, ans: Answer) -> list[str]:
         if entry.copy is not None and await _applies(conn, rec, e, entry):
             await _apply(conn, rec, ans.holder, e, entry)
             merged.append(entry.uri)
+        elif entry.copy is not None and await _superseded(conn, rec, e, entry):
+            await conn.execute(
+                _CONFLICT,
+                {
+                    "r": str(rec.id),
+                    "uri": entry.uri,
+                    "h": ans.holder,
+                    "s": ans.service,
+                    "t": entry.t,
+                    "k": entry.k,
+                    "copy": json.dumps(entry.copy),
+                },
+            )
         await conn.execute(_SET_COUNT, {"uri": entry.uri, "h": ans.holder, "c": entry.count})
     await conn.execute(_MERGING, {"on": "off"})
     mentioned = [x.uri for x in ans.entries]

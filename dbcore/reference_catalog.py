@@ -21,7 +21,8 @@ so a service cannot count references in another's name. Services may read which 
 referenceable and where references are kept; the metadata changes only through the functions.
 
 The tables have a ``MetaData`` of their own; :func:`install` creates them and the functions, and
-``Core.install()`` calls it. Core revision ``0003_references`` creates the same (a test compares).
+``Core.install()`` calls it. Core revisions ``0003_references`` and ``0006_reads_begin_epochs``
+create the same (a test compares).
 When this module changes, add a core revision (see ``alembic/README.md``).
 """
 
@@ -62,6 +63,7 @@ __all__ = [
     "entity_holders",
     "install",
     "install_sql",
+    "merge_conflicts",
     "metadata",
     "recoveries",
     "ref_services",
@@ -113,8 +115,13 @@ entities = Table(
     Column("deleted", Boolean, nullable=False, server_default="false"),
     Column("value", JSONB, comment="a tombstone's last value"),
     Column("pending", Boolean, nullable=False, server_default="false"),
-    Column("restored_by", UUID(as_uuid=True), comment="the recovery that restored it, until written"),
+    Column(
+        "restored_by", UUID(as_uuid=True), comment="the recovery that restored it, until written or read"
+    ),
     Index("ix_entities_service", "service"),
+    # What a read asks on every call while its service may be in amnesia ("is anything of it
+    # still restored and unread?"): a partial index keeps that answer one probe, not a scan.
+    Index("ix_entities_restored", "service", postgresql_where=text("restored_by IS NOT NULL")),
 )
 entity_holders = Table(
     "entity_holders",
@@ -159,6 +166,21 @@ recoveries = Table(
     Column("started_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("completed_at", DateTime(timezone=True)),
 )
+# A holder's cached copy that a merge did not apply because the entity was read (or written)
+# in its new epoch: the value someone saw wins, and the amnesia report lists the copy instead.
+merge_conflicts = Table(
+    "merge_conflicts",
+    metadata,
+    Column("recovery_id", UUID(as_uuid=True), nullable=False),
+    Column("uri", Text, nullable=False),
+    Column("holder", String(40), nullable=False),
+    Column("service", String(40), nullable=False),
+    Column("t", BigInteger, nullable=False),
+    Column("k", Integer, nullable=False),
+    Column("copy", JSONB, nullable=False),
+    Column("at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    PrimaryKeyConstraint("recovery_id", "uri", "holder"),
+)
 backups = Table(
     "backups",
     metadata,
@@ -187,6 +209,23 @@ SQLSTATE_TRUNCATE = "VR405"
 RECOVERY_CHANNEL = "vms_recovery"
 
 _GROUP = quote_ident(SERVICES_GROUP_ROLE)
+
+#: ``vms.ref_caller(holder)``: who holds a reference being taken (see ``dbcore.logins``).
+REF_CALLER_FUNCTION = """
+    CREATE OR REPLACE FUNCTION vms.ref_caller(p_holder text) RETURNS text
+    LANGUAGE plpgsql STABLE SET search_path = pg_catalog AS $$
+    DECLARE r text := current_setting('role');
+    BEGIN
+        IF r = 'none' THEN r := session_user; END IF;
+        IF r LIKE 'vms\\_%' AND r NOT IN ('vms_services', 'vms_core') THEN
+            RETURN substr(r, 5);
+        END IF;
+        IF p_holder IS NULL THEN
+            RAISE EXCEPTION 'a reference needs a holder service' USING ERRCODE = '22023';
+        END IF;
+        RETURN p_holder;
+    END $$
+"""
 
 # The functions every trigger and reference operation shares. Each takes the entity row FOR
 # UPDATE first: that lock orders a delete after every reference taken before it, so "d = 0, so
@@ -223,19 +262,9 @@ install_sql: Sequence[str] = (
         SELECT nextval(format('vms.%I', 'clock__' || p_service)::regclass)
     $$
     """,
-    # The holder is the calling service (its role); only the administrator may name one.
-    """
-    CREATE OR REPLACE FUNCTION vms.ref_caller(p_holder text) RETURNS text
-    LANGUAGE plpgsql STABLE SET search_path = pg_catalog AS $$
-    DECLARE r text := current_setting('role');
-    BEGIN
-        IF r LIKE 'vms\\_%' AND r <> 'vms_services' THEN RETURN substr(r, 5); END IF;
-        IF p_holder IS NULL THEN
-            RAISE EXCEPTION 'a reference needs a holder service' USING ERRCODE = '22023';
-        END IF;
-        RETURN p_holder;
-    END $$
-    """,
+    # The holder is the calling service (its login role, or the role an administrator's
+    # migration set); only the administrator and the core role may name one.
+    REF_CALLER_FUNCTION,
     # First access after a restore: close the entity's open amnesia at a fresh tick. A caller
     # that stamps a new version does so with a later tick and the current epoch (t and k always
     # change together: (t, k) names one version), so nothing taken after the access falls in
@@ -383,9 +412,43 @@ install_sql: Sequence[str] = (
             INSERT INTO vms.entity_holders AS h (uri, holder, count) VALUES (p_uri, holder_, 1)
             ON CONFLICT (uri, holder) DO UPDATE SET count = h.count + 1;
         END IF;
-        UPDATE vms.entities SET t = e.t, k = e.k, d = e.d, pending = e.pending WHERE uri = p_uri;
+        -- A copy is a read of the entity's state: a merge must not overwrite what it saw.
+        UPDATE vms.entities SET t = e.t, k = e.k, d = e.d, pending = e.pending,
+               restored_by = CASE WHEN p_copy THEN NULL ELSE e.restored_by END
+         WHERE uri = p_uri;
         RETURN jsonb_build_object('uri', e.uri, 't', e.t, 'k', e.k, 'deleted', e.deleted,
                                   'copy', CASE WHEN p_copy THEN vms.ref_copy(e, p_columns) END);
+    END $$
+    """,
+    # A read of entities (recovery paper, Definition 2: "a new epoch begins at the first reading
+    # or written access"): for each restored entity not yet read or written since, its first
+    # access closes the amnesia and stamps a new version in the new epoch, exactly as
+    # get_reference does; and it is no longer "restored": a later merge must not overwrite a
+    # value someone has seen (recovery.merge reports the copy as a conflict instead). The row
+    # lock orders the read against a concurrent merge of the same entity. p_uris NULL: every
+    # restored entity of table p_entity (a read that cannot say which rows it saw, such as a
+    # cross-service query: conservative, a later copy of them becomes a conflict, not a loss).
+    # Returns whether any entity of the service is still restored and unread, so callers can
+    # stop asking.
+    """
+    CREATE OR REPLACE FUNCTION vms.ref_read(p_service text, p_entity text, p_uris text[])
+    RETURNS boolean LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $$
+    DECLARE e vms.entities; s vms.ref_services;
+    BEGIN
+        s := vms.ref_service(p_service, true);
+        FOR e IN SELECT * FROM vms.entities
+                  WHERE service = p_service AND restored_by IS NOT NULL
+                    AND (uri = ANY(p_uris) OR (p_uris IS NULL AND entity = p_entity))
+                  ORDER BY uri FOR UPDATE LOOP
+            IF e.pending THEN
+                e := vms.ref_access(e);
+                UPDATE vms.entities SET t = vms.ref_tick(p_service), k = s.epoch, pending = false,
+                       restored_by = NULL WHERE uri = e.uri;
+            ELSE
+                UPDATE vms.entities SET restored_by = NULL WHERE uri = e.uri;
+            END IF;
+        END LOOP;
+        RETURN EXISTS (SELECT 1 FROM vms.entities WHERE service = p_service AND restored_by IS NOT NULL);
     END $$
     """,
     """
@@ -421,6 +484,7 @@ install_sql: Sequence[str] = (
             "ref_deleted(text, text, jsonb)",
             "ref_copy(vms.entities, text[])",
             "get_reference(text, boolean, boolean, text[], text)",
+            "ref_read(text, text, text[])",
             "delete_reference(text, text)",
         )
     ),
@@ -429,6 +493,7 @@ install_sql: Sequence[str] = (
     f"GRANT SELECT ON vms.referenceables, vms.reference_columns TO {_GROUP}",
     f"GRANT EXECUTE ON FUNCTION vms.get_reference(text, boolean, boolean, text[], text) TO {_GROUP}",
     f"GRANT EXECUTE ON FUNCTION vms.delete_reference(text, text) TO {_GROUP}",
+    f"GRANT EXECUTE ON FUNCTION vms.ref_read(text, text, text[]) TO {_GROUP}",
 )
 
 _INSTALL_LOCK = text("SELECT pg_advisory_xact_lock(hashtext('vms.references'))")

@@ -39,8 +39,10 @@ __all__ = [
     "install_service",
     "parse_uri",
     "primary_key",
+    "read_entities",
     "recovering_services",
     "refresh_reference",
+    "services_in_amnesia",
     "uri_expression",
     "uri_for",
 ]
@@ -291,6 +293,37 @@ async def delete_reference(conn: AsyncConnection, uri: str, *, holder: str | Non
     Returns ``False`` when the holder had no counted reference to ``uri`` (nothing changes).
     """
     return bool(await _call(conn, _DELETE, {"uri": uri, "holder": holder}))
+
+
+_READ = text("SELECT vms.ref_read(:s, :e, CAST(:uris AS text[]))")
+
+
+async def read_entities(
+    conn: AsyncConnection, service: str, uris: Sequence[str] | None = None, *, table: str | None = None
+) -> bool:
+    """Record, in ``conn``'s transaction, that these entities of ``service`` were read: the
+    given ``uris``, or (``uris=None``) every entity of ``table``, for a read that cannot say
+    which rows it saw.
+
+    The first read of an entity restored from a backup begins its new epoch (recovery paper,
+    Definition 2): its amnesia interval closes at the read, and a merge will no longer overwrite
+    the value that was read (it reports the holder's copy as a conflict). Needs a read-write
+    transaction. Returns whether ``service`` still has restored entities nobody read or wrote:
+    when it does not, reads of it need not call this any more. Raises ``ServiceRecovering`` in
+    consistency mode.
+    """
+    if uris is None and table is None:
+        raise ValueError("read_entities() needs the URIs read, or the table they were read from")
+    values = None if uris is None else list(uris)
+    return bool(await _call(conn, _READ, {"s": service, "e": table, "uris": values}))
+
+
+_IN_AMNESIA = text("SELECT DISTINCT service FROM vms.entities WHERE restored_by IS NOT NULL")
+
+
+async def services_in_amnesia(conn: AsyncConnection) -> set[str]:
+    """Services with restored entities not yet read or written since their restore."""
+    return set((await conn.execute(_IN_AMNESIA)).scalars())
 
 
 _RECOVERING = text("SELECT service FROM vms.ref_services WHERE recovering = 'consistency'")

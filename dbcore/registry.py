@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from dbcore.catalog import (
     SERVICES_GROUP_ROLE,
     event_types,
+    outbound,
     owned_tables,
     quote_ident,
     service_versions,
@@ -25,6 +26,8 @@ from dbcore.catalog import (
 from dbcore.descriptor import ServiceDescriptor
 from dbcore.exports import install_exported_functions
 from dbcore.leases import install_lease_functions
+from dbcore.logins import grant_login
+from dbcore.reference_events import PROTOCOL_EVENTS
 from dbcore.replicas import change_event_type, install_replicas
 
 __all__ = ["Registration", "register", "sync_grants"]
@@ -40,9 +43,11 @@ DO $$ BEGIN
 EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL;
 END $$
 """
+# SET FALSE: the group's rights are inherited (exported tables), but a service cannot SET ROLE to
+# it, so its sessions are only ever itself (Postgres 16+).
 JOIN_GROUP = """
 DO $$ BEGIN
-    GRANT {group} TO {role};
+    GRANT {group} TO {role} WITH INHERIT TRUE, SET FALSE;
 EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL;
 END $$
 """
@@ -63,14 +68,26 @@ async def ensure_group_role(conn: AsyncConnection) -> None:
     await _ensure_role(conn, SERVICES_GROUP_ROLE)
 
 
-async def register(conn: AsyncConnection, descriptor: ServiceDescriptor) -> Registration:
-    """Create or update everything the core keeps for ``descriptor``; runs in ``conn``'s transaction."""
+async def register(
+    conn: AsyncConnection,
+    descriptor: ServiceDescriptor,
+    *,
+    password: str | None = None,
+    idle_timeout_ms: int | None = None,
+) -> Registration:
+    """Create or update everything the core keeps for ``descriptor``; runs in ``conn``'s transaction.
+
+    ``password``: make the service's role a login role with it (see ``dbcore.logins``), its
+    sessions' ``idle_in_transaction_session_timeout`` ``idle_timeout_ms``.
+    """
     await conn.execute(REGISTRY_LOCK)
     role, schema = quote_ident(descriptor.role), quote_ident(descriptor.schema_name)
     group = quote_ident(SERVICES_GROUP_ROLE)
     await ensure_group_role(conn)
     await _ensure_role(conn, descriptor.role)
     await conn.execute(text(JOIN_GROUP.format(group=group, role=role)))
+    if password is not None:
+        await grant_login(conn, descriptor.role, password, idle_timeout_ms=idle_timeout_ms)
     await conn.execute(text(f"CREATE SCHEMA IF NOT EXISTS {schema} AUTHORIZATION {role}"))
     await conn.execute(text(f"ALTER SCHEMA {schema} OWNER TO {role}"))
     await conn.execute(text(f"REVOKE ALL ON SCHEMA {schema} FROM PUBLIC"))
@@ -125,6 +142,7 @@ async def register(conn: AsyncConnection, descriptor: ServiceDescriptor) -> Regi
             )
         )
         await _record_contract(conn, descriptor)
+    await _record_outbound(conn, descriptor)
     await sync_grants(conn, descriptor)
     await install_lease_functions(conn, descriptor)
     return Registration(service=descriptor.name, version=version, changed=changed)
@@ -184,6 +202,29 @@ async def _record_contract(conn: AsyncConnection, descriptor: ServiceDescriptor)
     ]
     if rows:
         await conn.execute(insert(subscriptions), rows)
+
+
+async def _record_outbound(conn: AsyncConnection, descriptor: ServiceDescriptor) -> None:
+    """The event types the service may insert (``vms.outbound``): exactly its @Outbound ones,
+    and the core's reference protocol for a service that takes part in references.
+
+    On every registration, not only a changed one: a catalog that gained the table later (a
+    migration, ``Core.install`` on an older catalog) is filled on the next start.
+    """
+    declared = list(descriptor.emitted_events)
+    if descriptor.declares_references:  # the reference and recovery protocol (G9, G10)
+        declared += [e for e in PROTOCOL_EVENTS if e not in declared]
+    await conn.execute(
+        delete(outbound).where(
+            outbound.c.service == descriptor.name, outbound.c.event_type.not_in(declared)
+        )
+    )
+    if declared:
+        await conn.execute(
+            insert(outbound)
+            .values([{"service": descriptor.name, "event_type": e} for e in declared])
+            .on_conflict_do_nothing()
+        )
 
 
 _EXISTING_TABLES = text(

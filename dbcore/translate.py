@@ -24,8 +24,10 @@ import sqlglot
 from sqlalchemy.exc import DBAPIError
 from sqlglot import exp
 
+from dbcore.catalog import SERVICE_ROLE_PREFIX
 from dbcore.errors import (
     CoreError,
+    CoreUnavailable,
     EntityDeleted,
     EntityNotFound,
     IsolationError,
@@ -48,6 +50,7 @@ __all__ = [
     "sqlstate_of",
     "translate_error",
     "translated",
+    "unavailable",
 ]
 
 SERIALIZATION_FAILURE = "40001"
@@ -71,6 +74,9 @@ _CORE_CODES: Mapping[str, type[CoreError]] = {
 
 # Postgres: "permission denied for table stock_items" / "... for schema stock" / "... for view v".
 _DENIED = re.compile(r"permission denied for (table|schema|view|sequence|relation|function) (\S+)")
+# "permission denied to set role "vms_stock"" (SET ROLE, set_config('role', ...)).
+_ROLE_DENIED = re.compile(r'permission denied to set role "([^"]+)"')
+_EVENTS_POLICY = 'row-level security policy for table "events"'
 _WRITE_WORDS = ("INSERT", "UPDATE", "DELETE", "TRUNCATE", "MERGE", "CREATE", "ALTER", "DROP")
 
 
@@ -96,8 +102,54 @@ def _message(err: BaseException) -> str:
     return str(err.orig if isinstance(err, DBAPIError) else err)
 
 
+# The database is away: a connection exception (class 08), an administrator's or a crash's
+# shutdown (57P01, 57P02), a server that cannot accept connections now (57P03).
+_UNAVAILABLE_CLASS = "08"
+_UNAVAILABLE_CODES = frozenset({"57P01", "57P02", "57P03"})
+# What the drivers raise without a SQLSTATE when the socket is gone.
+_GONE = ("connection is closed", "connection was closed", "connection was lost")
+
+
+def _from_a_driver(err: BaseException) -> bool:
+    return type(err).__module__.startswith(("asyncpg", "sqlalchemy"))
+
+
+def unavailable(err: BaseException) -> CoreUnavailable | None:
+    """``CoreUnavailable`` when ``err`` says the database cannot be reached now, else ``None``.
+
+    Connection refused or reset, a socket that is gone, an administrator's shutdown, a server
+    starting up or shutting down: whichever layer (OS, asyncpg, SQLAlchemy) reported it.
+    """
+    seen: set[int] = set()
+    cause: BaseException | None = err
+    while cause is not None and id(cause) not in seen:  # SQLAlchemy wraps, asyncpg chains
+        seen.add(id(cause))
+        if isinstance(cause, CoreUnavailable):
+            return cause
+        state = sqlstate_of(cause)
+        text_of = str(cause).lower()
+        if (
+            (state is not None and (state.startswith(_UNAVAILABLE_CLASS) or state in _UNAVAILABLE_CODES))
+            or isinstance(cause, ConnectionError)  # refused, reset, aborted
+            # a Unix socket that is gone (a file the code opened would carry its name)
+            or (isinstance(cause, FileNotFoundError) and cause.filename is None)
+            or type(cause).__name__ in ("ConnectionDoesNotExistError", "CannotConnectNowError")
+            or (_from_a_driver(cause) and any(words in text_of for words in _GONE))
+        ):
+            return CoreUnavailable(
+                f"the database is unavailable ({type(cause).__name__}: {str(cause) or 'no detail'}); "
+                "try again in a moment"
+            )
+        nxt = cause.orig if isinstance(cause, DBAPIError) else None
+        cause = nxt if nxt is not None else (cause.__cause__ or cause.__context__)
+    return None
+
+
 def core_error(err: BaseException) -> CoreError | None:
-    """The core error for a code the core's own SQL raised, or ``None``."""
+    """The core error for a code the core's own SQL raised (or ``CoreUnavailable``), or ``None``."""
+    gone = unavailable(err)
+    if gone is not None:
+        return gone
     kind = _CORE_CODES.get(sqlstate_of(err) or "")
     if kind is None:
         return None
@@ -156,7 +208,24 @@ def translated(service: str | None = None, table_owners: Mapping[str, str] | Non
 def _isolation_error(
     err: BaseException, service: str, table_owners: Mapping[str, str], statement: str | None
 ) -> IsolationError:
-    match = _DENIED.search(_message(err))
+    message = _message(err).split(": ", 1)[-1].strip()
+    role = _ROLE_DENIED.search(message)
+    if role is not None:  # SET ROLE / set_config('role', ...) to another role
+        target = role.group(1)
+        owner = target.removeprefix(SERVICE_ROLE_PREFIX) if target.startswith(SERVICE_ROLE_PREFIX) else None
+        return IsolationError(service, owner, f"role {target}", "become", refusal=message)
+    if _EVENTS_POLICY in message:  # vms.events' row-level security: an undeclared type
+        return IsolationError(
+            service,
+            None,
+            "vms.events",
+            "send",
+            refusal=f"{message} (a service inserts only the event types it declared with "
+            "@Outbound, in its own name)",
+        )
+    match = _DENIED.search(message)
+    if match is None:  # ALTER ROLE, COPY ... PROGRAM, a superuser's function: nothing of a table
+        return IsolationError(service, None, (statement or "").strip()[:200], "run", refusal=message)
     table = match.group(2) if match else "(unknown object)"
     sql = statement or getattr(err, "statement", None) or ""
     owner = table_owners.get(table)

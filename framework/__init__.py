@@ -30,6 +30,9 @@ from framework._internal.errors import (
 from framework._internal.events import Event
 from framework._internal.leases import LeaseGrant, consume_lease, release_lease, renew_lease
 from framework._internal.service import Service, sql_function
+from framework._internal.telemetry import continue_trace
+from framework._internal.telemetry import traceparent as trace_context
+from framework.event_sourcing import EntityEvent, EventSourced
 from framework.references import (
     EntityDeleted,
     EntityNotFound,
@@ -48,8 +51,10 @@ __all__ = [
     "App",
     "CoreError",
     "EntityDeleted",
+    "EntityEvent",
     "EntityNotFound",
     "Event",
+    "EventSourced",
     "FrameworkError",
     "Inbound",
     "IsolationError",
@@ -76,6 +81,7 @@ __all__ = [
     "UndeclaredEventError",
     "connection",
     "consume_lease",
+    "continue_trace",
     "correlate",
     "delete_reference",
     "get_reference",
@@ -87,4 +93,5 @@ __all__ = [
     "send",
     "session",
     "sql_function",
+    "trace_context",
 ]

@@ -19,24 +19,30 @@ async def checkout(customer_id: str, app: CurrentApp) -> dict:
 Framework errors become JSON answers ``{"error": "<class name>", "detail": "<message>"}`` in one
 place: ``IsolationError`` 403, ``EntityNotFound`` 404 and ``EntityDeleted`` 410 (a reference to
 an entity that is not there), ``LeaseError`` and :class:`Conflict` 409, ``RetriesExhausted`` 503,
-``ServiceRecovering`` (a service restoring in consistency mode) 503, ``TimeoutError``
+``ServiceRecovering`` (a service restoring in consistency mode) 503, ``CoreUnavailable`` (the
+database is down or restarting, and any driver or socket error that says so) 503 with
+``Retry-After``, ``TimeoutError``
 (``App.outcome``) 504, ``LanguageError``/``AnnotationError`` and any other
 framework or core error 500. Request validation keeps FastAPI's 422 answer, which names the field.
 """
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Annotated, Any, TypeVar
 
+import asyncpg
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError
 from starlette.types import ASGIApp
 
-from dbcore.errors import CoreError, IsolationError, LanguageError, LeaseError
+from dbcore.errors import CoreError, CoreUnavailable, IsolationError, LanguageError, LeaseError
 from dbcore.references import EntityDeleted, EntityNotFound, ServiceRecovering
+from dbcore.translate import unavailable
 from framework._internal import telemetry
 from framework._internal.app import App
 from framework._internal.errors import AnnotationError, FrameworkError, RetriesExhausted
@@ -56,6 +62,8 @@ __all__ = [
 ]
 
 S = TypeVar("S", bound=Service)
+
+log = logging.getLogger("vmsdb.http")
 
 _STATE_KEY = "vmsdb_app"
 
@@ -83,6 +91,7 @@ _STATUS: tuple[tuple[type[Exception], int], ...] = (
     (EntityDeleted, 410),
     (RetriesExhausted, 503),
     (ServiceRecovering, 503),
+    (CoreUnavailable, 503),
     (TimeoutError, 504),
     (LanguageError, 500),
     (AnnotationError, 500),
@@ -101,8 +110,31 @@ def _status_of(exc: BaseException) -> int:
     return next((status for kind, status in _STATUS if isinstance(exc, kind)), 500)
 
 
+#: Seconds a client is told to wait (``Retry-After``) while the database is unavailable.
+RETRY_AFTER = 2
+
+#: Errors raised below the core's translation (a connection checkout, a driver's socket): an
+#: unavailable database among them is answered 503 like ``CoreUnavailable``, the rest 500.
+_DRIVER_ERRORS: tuple[type[Exception], ...] = (
+    OSError,
+    DBAPIError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+)
+
+
 async def _answer(request: Request, exc: Exception) -> JSONResponse:
-    return JSONResponse(error_body(exc), status_code=_status_of(exc))
+    status = _status_of(exc)
+    headers = {"Retry-After": str(RETRY_AFTER)} if isinstance(exc, CoreUnavailable) else None
+    return JSONResponse(error_body(exc), status_code=status, headers=headers)
+
+
+async def _driver_error(request: Request, exc: Exception) -> JSONResponse:
+    gone = unavailable(exc)
+    if gone is not None:
+        return await _answer(request, gone)
+    log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+    return JSONResponse(error_body(exc), status_code=500)
 
 
 def _started(app: App) -> bool:
@@ -141,6 +173,8 @@ def attach(api: FastAPI, app: App) -> FastAPI:
     telemetry.instrument_fastapi(api)
     for kind, _status in _STATUS:
         api.add_exception_handler(kind, _answer)
+    for driver in _DRIVER_ERRORS:
+        api.add_exception_handler(driver, _driver_error)
     return api
 
 

@@ -25,7 +25,8 @@ gives a reference back (``d -= 1``; a deleted entity stays as a tombstone until 
 
 Recovery: :func:`backup` one service, :func:`crash` it (a simulated disaster), :func:`restore` it
 into a new epoch; the services of this App that reference it answer with their cached copies
-and :func:`check` reports Definitions 1 and 3 (what needs manual repair).
+and :func:`check` reports Definitions 1 and 3 (what needs manual repair); :func:`check_logs`
+derives them from the event logs of event-sourced services (``framework.event_sourcing``).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from dbcore import backup as backups
-from dbcore import integrity, recovery, reference_events, references
+from dbcore import event_logs, integrity, log_integrity, recovery, reference_events, references
 from dbcore.backup import BackupInfo
 from dbcore.integrity import IntegrityReport
 from dbcore.isolation import service_connection
@@ -70,6 +71,7 @@ __all__ = [
     "answer",
     "backup",
     "check",
+    "check_logs",
     "crash",
     "delete_reference",
     "get_reference",
@@ -200,6 +202,15 @@ async def check(app: Host) -> IntegrityReport:
     """Definitions 1 and 3 over one snapshot of the core."""
     async with service_connection(app.core.engine, None, isolation="snapshot", read_only=True) as conn:
         return integrity.check(await integrity.load_snapshot(conn))
+
+
+async def check_logs(app: Host) -> IntegrityReport | None:
+    """Definitions 1 and 3 for references to event-sourced entities, derived from the services'
+    event logs alone (``None`` when no service keeps one)."""
+    async with service_connection(app.core.engine, None, isolation="snapshot", read_only=True) as conn:
+        if not await event_logs.services_with_logs(conn):
+            return None
+        return await log_integrity.check_logs(conn)
 
 
 def _backup_dir(app: Host, directory: Path | None) -> Path:

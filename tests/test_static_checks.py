@@ -99,3 +99,17 @@ def test_framework_has_no_import_cycle() -> None:
 
 def test_dbcore_has_no_import_cycle() -> None:
     _assert_acyclic("dbcore")
+
+
+def test_the_command_line_loads_no_sample_and_no_benchmark() -> None:
+    """`import framework.cli` (every `vmsdb` command) imports neither; they come by entry point."""
+    probe = (
+        "import sys, framework.cli; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "{'vmsdb_eshop', 'vmsdb_bench', 'examples', 'benchmarks'}))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]", result.stdout

@@ -8,7 +8,8 @@ vmsdb services vmsdb_eshop.app:services           # descriptors and event datafl
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -16,10 +17,13 @@ from fastapi.responses import JSONResponse
 
 from framework import App
 from framework.fastapi import attach, error_body
+from vmsdb_eshop.config import settings
+from vmsdb_eshop.payments import payment_processor
+from vmsdb_eshop.provider import PaymentProvider, SimulatedProvider
 from vmsdb_eshop.routes import ROUTERS, NotFound, ops
 from vmsdb_eshop.services import SERVICES
 
-__all__ = ["create_api", "create_app", "services"]
+__all__ = ["create_api", "create_app", "default_provider", "services"]
 
 #: The service classes, for ``vmsdb services vmsdb_eshop.app:services``.
 services = SERVICES
@@ -51,20 +55,42 @@ async def _not_found(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(error_body(exc), status_code=404)
 
 
-def create_api(app: App | None = None, *, only: Iterable[str] | None = None) -> FastAPI:
+def default_provider() -> SimulatedProvider:
+    """The simulated payment provider, as ``ESHOP_PAYMENT_*`` configures it."""
+    config = settings()
+    return SimulatedProvider(
+        latency=config.payment_latency_ms / 1000, failure_rate=config.payment_failure_rate
+    )
+
+
+def create_api(
+    app: App | None = None, *, only: Iterable[str] | None = None, provider: PaymentProvider | None = None
+) -> FastAPI:
     """The FastAPI application; its lifespan starts and stops ``app`` (default: a new one).
 
     ``only`` restricts the routes to those of the named services (``serve --service cart``);
-    ``/reset`` and ``/cleanup`` are always there.
+    ``/reset`` and ``/cleanup`` are always there. A process that runs the payment service's
+    handlers also runs a payment processor against ``provider`` (default: ``default_provider``).
     """
     chosen = set(ROUTERS) if only is None else set(only)
     unknown = chosen - set(ROUTERS) - {s.service_name() for s in SERVICES}
     if unknown:
         raise ValueError(f"unknown service(s): {', '.join(sorted(unknown))}; choose from {sorted(ROUTERS)}")
-    api = FastAPI(title="vmsdb eShop", version="1.0", description=_DESCRIPTION)
     # A process serving some services' routes runs only those services' event handlers.
     workers = True if only is None else chosen & {s.service_name() for s in SERVICES}
-    attach(api, app if app is not None else create_app(workers=workers))
+    charges = workers is True or "payment" in workers
+    running = app if app is not None else create_app(workers=workers)
+
+    @asynccontextmanager
+    async def lifespan(api: FastAPI) -> AsyncIterator[None]:
+        if not charges:
+            yield
+            return
+        async with payment_processor(running, provider or default_provider()):
+            yield
+
+    api = FastAPI(title="vmsdb eShop", version="1.0", description=_DESCRIPTION, lifespan=lifespan)
+    attach(api, running)
     for name, router in ROUTERS.items():
         if name in chosen:
             api.include_router(router)

@@ -18,16 +18,17 @@ import typer
 from fastapi import FastAPI
 from rich.console import Console
 
-from framework.cli import shared_core
-from framework.cli._integrity import print_report
-from vmsdb_eshop.app import create_api, create_app
+from framework.cli import print_report, shared_core
+from vmsdb_eshop.app import create_api, create_app, default_provider
 from vmsdb_eshop.check import check as run_check
 from vmsdb_eshop.demo import DEMO_SCALE, DemoOptions, run_demo
 from vmsdb_eshop.disaster import DisasterOptions, run_disaster, summary
 from vmsdb_eshop.generator import Scale, generate, load
+from vmsdb_eshop.payments import payment_processor, settle_all
 from vmsdb_eshop.report import verdict_table
+from vmsdb_eshop.workload import MIXES, WorkloadConfig
 
-__all__ = ["app"]
+__all__ = ["app", "workload_config"]
 
 app = typer.Typer(
     help="The eShop sample: the Online Marketplace benchmark's eight services.", no_args_is_help=True
@@ -45,8 +46,17 @@ def demo(
     data_dir: Annotated[Path | None, typer.Option(help="keep the database here (default: temporary)")] = None,
     dashboard: Annotated[bool, typer.Option(help="serve the dashboard while the mix runs")] = False,
     dashboard_port: Annotated[int, typer.Option(help="the dashboard's port on 127.0.0.1")] = 8600,
+    mix: Annotated[str, typer.Option(help="paper (30/5/3/2/60) or vmodb (70/10/10/10)")] = "paper",
+    distribution: Annotated[str, typer.Option(help="uniform or zipfian sellers and products")] = "uniform",
+    mode: Annotated[str, typer.Option(help="continuous or closed (the driver's CONTROL)")] = "continuous",
+    items: Annotated[int, typer.Option(help="at most this many items per cart (1..10)")] = 10,
+    payment_failures: Annotated[float, typer.Option(help="share of payments the provider declines")] = 0.03,
+    payment_latency_ms: Annotated[float, typer.Option(help="the payment provider's latency")] = 3.0,
 ) -> None:
-    """Embedded Postgres, 8 services, a seeded marketplace, the benchmark's mix, the check."""
+    """Embedded Postgres, 8 services, a seeded marketplace, the benchmark's mix, the check.
+
+    Exits 1 on any violation (including live dashboard anomalies and unexpected aborts).
+    """
     scale = Scale(
         sellers=sellers,
         products_per_seller=DEMO_SCALE.products_per_seller,
@@ -59,9 +69,29 @@ def demo(
         scale=scale,
         data_dir=data_dir,
         dashboard_port=dashboard_port if dashboard else None,
+        workload=workload_config(mix, distribution, mode, items, payment_failures),
+        payment_latency=payment_latency_ms / 1000,
     )
     verdict = asyncio.run(run_demo(options, console))
     raise typer.Exit(0 if verdict.ok else 1)
+
+
+def workload_config(
+    mix: str, distribution: str, mode: str, items: int, payment_failures: float = 0.03
+) -> WorkloadConfig:
+    """The driver's options from the command line (``typer.BadParameter`` if one is wrong)."""
+    if mix not in MIXES:
+        raise typer.BadParameter(f"--mix is one of {', '.join(MIXES)}, not {mix!r}")
+    try:
+        return WorkloadConfig(
+            mix=MIXES[mix],
+            distribution=distribution,
+            mode=mode,
+            max_items=items,
+            payment_failure_rate=payment_failures,
+        )
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from err
 
 
 @app.command()
@@ -135,11 +165,15 @@ def seed(
 
 @app.command()
 def check() -> None:
-    """Finish the pending event chains, then run the consistency checks on the database."""
+    """Finish the pending event chains and payments, then run the consistency checks.
+
+    Without the driver's ledger, the checks that judge by it fail (they examined nothing), as
+    does any check on an empty database: exit 1.
+    """
 
     async def go() -> bool:
-        async with create_app() as started:
-            await started.drain(timeout=60)
+        async with create_app() as started, payment_processor(started, default_provider()):
+            await settle_all(started, timeout=60)
             verdict = await run_check(started)
         console.print(verdict_table(verdict))
         return verdict.ok

@@ -20,6 +20,10 @@ class EshopSettings(BaseSettings):
     outcome_timeout: float = Field(default=30.0, gt=0)
     #: Sellers whose oldest open order one PATCH /shipment/{tid} delivers.
     delivery_sellers: int = Field(default=10, ge=1)
+    #: The simulated payment provider's latency per call (``ESHOP_PAYMENT_LATENCY_MS``).
+    payment_latency_ms: float = Field(default=3.0, ge=0)
+    #: Share of payments the simulated provider declines (``ESHOP_PAYMENT_FAILURE_RATE``).
+    payment_failure_rate: float = Field(default=0.0, ge=0, le=1)
 
     @property
     def lease_period(self) -> timedelta:

@@ -12,7 +12,7 @@ import logging
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import httpx
@@ -23,12 +23,14 @@ from framework import App
 from framework.dashboard import serving_dashboard
 from framework.fastapi import run_lifespan
 from vmsdb_eshop.app import create_api, create_app
-from vmsdb_eshop.check import Verdict, check
+from vmsdb_eshop.check import Evidence, Verdict, check, evidence_of
 from vmsdb_eshop.generator import Marketplace, Scale, generate, load
+from vmsdb_eshop.payments import settle_all
+from vmsdb_eshop.provider import SimulatedProvider
 from vmsdb_eshop.report import outcome_line, verdict_table, workload_table
 from vmsdb_eshop.workload import Workload, WorkloadConfig, WorkloadResult
 
-__all__ = ["DemoOptions", "drive_mix", "run_demo"]
+__all__ = ["DemoOptions", "MixRun", "drive_mix", "run_demo"]
 
 _WATCH = "[bold]Watch it:[/] {} (dataflow with live rates; correlations: enter an instanceId)"
 _WATCH_HOW = (
@@ -52,9 +54,13 @@ class DemoOptions:
     database_url: str | None = None
     #: Serve the dashboard on this port of 127.0.0.1 while the mix runs.
     dashboard_port: int | None = None
+    #: The mix and the driver's options (duration and concurrency are the fields above).
+    workload: WorkloadConfig = field(default_factory=WorkloadConfig)
+    #: The simulated payment provider's latency per call.
+    payment_latency: float = 0.003
 
 
-async def _run_mix(app: App, options: DemoOptions, console: Console) -> WorkloadResult:
+async def _run_mix(app: App, options: DemoOptions, console: Console) -> tuple[Marketplace, MixRun]:
     market = generate(options.scale)
     with console.status("Seeding the marketplace..."):
         began = time.monotonic()
@@ -63,7 +69,7 @@ async def _run_mix(app: App, options: DemoOptions, console: Console) -> Workload
     console.print(
         f"[green]Seeded[/] {counts}, {len(market.discounts)} discounts in {time.monotonic() - began:.1f} s"
     )
-    config = WorkloadConfig(duration=options.duration, concurrency=options.concurrency)
+    config = replace(options.workload, duration=options.duration, concurrency=options.concurrency)
     progress = Progress(
         TextColumn("[bold]Transaction mix"),
         BarColumn(),
@@ -83,9 +89,22 @@ async def _run_mix(app: App, options: DemoOptions, console: Console) -> Workload
                 tps=done / elapsed if elapsed else 0.0,
             )
 
-        result = await drive_mix(app, market, config, advance)
+        run = await drive_mix(app, market, config, advance, payment_latency=options.payment_latency)
         progress.update(task, completed=options.duration)
-    return result
+    return market, run
+
+
+@dataclass
+class MixRun:
+    """A mix's results, and the payment provider's record of it."""
+
+    result: WorkloadResult
+    provider: SimulatedProvider
+    #: Seconds the event chains and payments still running when the mix ended took to finish.
+    drained: float
+
+    def evidence(self, market: Marketplace) -> Evidence:
+        return evidence_of(market, self.result, provider=self.provider)
 
 
 async def drive_mix(
@@ -93,13 +112,22 @@ async def drive_mix(
     market: Marketplace,
     config: WorkloadConfig,
     on_progress: Callable[[float, int], None] | None = None,
-) -> WorkloadResult:
-    """The mix against ``app``'s HTTP API, in process (httpx's ASGI transport)."""
-    api = create_api(app)
+    *,
+    payment_latency: float = 0.003,
+) -> MixRun:
+    """The mix against ``app``'s HTTP API, in process (httpx's ASGI transport), then every
+    chain and payment finished; the simulated provider declines ``config.payment_failure_rate``."""
+    provider = SimulatedProvider(
+        latency=payment_latency, failure_rate=config.payment_failure_rate, seed=config.seed
+    )
+    api = create_api(app, provider=provider)
     async with run_lifespan(api):
         transport = httpx.ASGITransport(app=api)
         async with httpx.AsyncClient(transport=transport, base_url="http://eshop", timeout=60) as client:
-            return await Workload(client, market, config).run(on_progress)
+            result = await Workload(client, market, config).run(on_progress)
+        began = time.monotonic()
+        await settle_all(app)
+        return MixRun(result, provider, time.monotonic() - began)
 
 
 async def run_demo(options: DemoOptions = DemoOptions(), console: Console | None = None) -> Verdict:
@@ -119,13 +147,12 @@ async def run_demo(options: DemoOptions = DemoOptions(), console: Console | None
         try:
             async with serving_dashboard(app, options.dashboard_port) as url:
                 console.print(_WATCH.format(url) if url else _WATCH_HOW)
-                result = await _run_mix(app, options, console)
-            with console.status("Waiting for every event chain to finish..."):
-                await app.drain(timeout=120)
+                market, run = await _run_mix(app, options, console)
+            result = run.result
             console.print(workload_table(result))
             console.print(outcome_line(result))
             with console.status("Checking consistency on the live database..."):
-                verdict = await check(app)
+                verdict = await check(app, run.evidence(market))
             console.print(verdict_table(verdict))
         finally:
             await app.stop()

@@ -39,6 +39,7 @@ __all__ = [
     "ProductUpdated",
     "RejectedItem",
     "ReserveStock",
+    "ReserveStockFailed",
     "ShipmentNotification",
     "StockConfirmed",
     "TransactionMark",
@@ -56,15 +57,26 @@ class CheckoutRequest(Event, key="customer_id"):
     checkout: CustomerCheckout
 
 
+class RejectedItem(CartItem):
+    status: ItemStatus
+
+
 class ReserveStock(Event, key="customer_id"):
+    """The items to reserve; ``dropped`` are those the cart left out, and why."""
+
     customer_id: int
     tid: str
     customer: CustomerCheckout
     items: list[CartItem]
+    dropped: list[RejectedItem] = []
 
 
-class RejectedItem(CartItem):
-    status: ItemStatus
+class ReserveStockFailed(Event, key="customer_id"):
+    """No item of a checkout could be reserved; ``items`` says why for each one."""
+
+    customer_id: int
+    tid: str
+    items: list[RejectedItem]
 
 
 class StockConfirmed(Event, key="customer_id"):

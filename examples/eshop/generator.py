@@ -96,8 +96,8 @@ def generate(scale: Scale = Scale()) -> Marketplace:
                     sku=f"SKU-{s}-{p}",
                     category=rng.choice(_CATEGORIES),
                     description=f"Item {p} of seller {s}",
-                    price=_cents(rng, 1000, 99999),
-                    freight_value=_cents(rng, 100, 999),
+                    price=_cents(rng, 100_000, 999_999),  # 4-digit prices, as the benchmark's
+                    freight_value=_cents(rng, 10_000, 99_999),  # 3-digit freight
                 )
             )
             market.stock.append(

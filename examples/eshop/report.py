@@ -17,9 +17,11 @@ def workload_table(result: WorkloadResult) -> Table:
     table = Table(
         title=f"Workload: {result.duration:.1f} s, {result.throughput:.1f} TPS", title_justify="left"
     )
-    for column in ("transaction", "count", "share", "aborts", "p50 ms", "p90 ms"):
+    for column in ("transaction", "count", "share", "aborts", "p50 ms", "p90 ms", "p99 ms"):
         table.add_column(column, justify="left" if column == "transaction" else "right")
     for kind, stats in result.stats.items():
+        if not stats.count:
+            continue  # not in the mix (vmodb has no delivery)
         table.add_row(
             kind.value,
             str(stats.count),
@@ -27,6 +29,7 @@ def workload_table(result: WorkloadResult) -> Table:
             str(stats.aborts),
             f"{stats.percentile(50):.1f}",
             f"{stats.percentile(90):.1f}",
+            f"{stats.percentile(99):.1f}",
         )
     table.add_section()
     table.add_row(
@@ -36,14 +39,19 @@ def workload_table(result: WorkloadResult) -> Table:
         str(sum(s.aborts for s in result.stats.values())),
         "",
         "",
+        "",
     )
     return table
 
 
 def outcome_line(result: WorkloadResult) -> str:
-    """How checkouts ended, and whether any dashboard answer was inconsistent."""
+    """How checkouts ended, aborts by cause, and the live anomalies."""
     outcomes = ", ".join(f"{name} {n}" for name, n in sorted(result.outcomes.items())) or "none"
-    return f"Checkouts: {outcomes}; inconsistent dashboards: {result.dashboard_anomalies}"
+    aborts = ", ".join(f"{kind} {cause}: {n}" for (kind, cause), n in sorted(result.aborts.items())) or "none"
+    return (
+        f"Checkouts: {outcomes}\nAborts by cause: {aborts}\n"
+        f"Inconsistent dashboards (live): {result.dashboard_anomalies} of {result.ledger.dashboards}"
+    )
 
 
 def verdict_table(verdict: Verdict) -> Table:

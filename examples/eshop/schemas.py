@@ -23,6 +23,7 @@ __all__ = [
     "PAID_ORDER_STATUSES",
     "CartItem",
     "CartItemBody",
+    "CartStatus",
     "CheckoutBody",
     "CustomerCheckout",
     "CustomerRow",
@@ -104,6 +105,13 @@ class ItemStatus(StrEnum):
     IN_STOCK = "IN_STOCK"
     OUT_OF_STOCK = "OUT_OF_STOCK"
     UNAVAILABLE = "UNAVAILABLE"
+    DELETED = "DELETED"
+    PRICE_DIVERGENCE = "PRICE_DIVERGENCE"
+
+
+class CartStatus(StrEnum):
+    OPEN = "OPEN"
+    CHECKOUT_SENT = "CHECKOUT_SENT"
 
 
 class TransactionType(StrEnum):
@@ -294,6 +302,10 @@ class OrderItem(_Shape):
     total_items: Decimal
     total_amount: Decimal
     total_incentive: Decimal
+    #: When the seller must hand the item to the carrier (order_items.shipping_limit_date).
+    shipping_limit_date: datetime | None = None
+    #: The product's category, for the seller's entry (order_entries.product_category).
+    product_category: str = ""
 
 
 def card_expired(expiration: str, on: date) -> bool:

@@ -26,10 +26,11 @@ from typing import Any, TypeVar
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from dbcore import delivery
-from dbcore.core import Core
+from dbcore.core import Core, PoolSize
 from dbcore.descriptor import ServiceDescriptor
 from dbcore.eventlog import append
-from framework._internal import telemetry
+from dbcore.translate import translated
+from framework._internal import epochs, telemetry
 from framework._internal.config import Settings
 from framework._internal.context import correlation
 from framework._internal.descriptors import ServicePlan, build_plans, dependencies_of
@@ -141,11 +142,12 @@ class App:
         # Every running handler holds a connection (at most worker_concurrency of them, over all
         # services), and claims, outcome checks and direct calls need some more: a pool smaller
         # than that would open and close overflow connections all the time.
-        pool_size = max(self.settings.pool_size, self.settings.worker_concurrency + 4)
         telemetry.configure()
         telemetry.install_log_fields()
         try:
-            core = await self._database.open(pool_size=pool_size)
+            # The administrator's pool serves start-up and commands only: services and the
+            # housekeeping have pools of their own logins (use_logins below).
+            core = await self._database.open(pool_size=2)
             self._host = Host(core, self.settings, self.plans, self.metrics, self.recovering)
             self._leases = LeaseExecutor(self._host)
             from framework._internal import migrations  # lazy: keeps alembic out of import time
@@ -156,7 +158,11 @@ class App:
                 await core.install()
             else:  # production: refuse to start unless every history is at head
                 await migrations.ensure_at_head(self)
-            await core.register(self.descriptors)
+            await core.register(
+                self.descriptors,
+                idle_timeout_ms=round(self.settings.idle_transaction_timeout * 1000),
+            )
+            await core.use_logins(core_pool=self._core_pool(), service_pool=self._service_pool)
             if self.create_tables:
                 await self._create_tables()
             await self._install_references()
@@ -176,6 +182,21 @@ class App:
             raise
         self._started = True
         return self
+
+    def _core_pool(self) -> PoolSize:
+        # Claims (one per dispatcher), retries, dead letters, publish and outcome lookups: short
+        # statements, but an HTTP burst publishes and waits many at once.
+        return PoolSize(self.settings.pool_size, self.settings.pool_size)
+
+    def _service_pool(self, service: str) -> PoolSize:
+        """A service's own pool: at most ``worker_concurrency`` of its handlers run at once (all
+        services together share that many workers), plus its direct calls. Half of that is
+        kept, the rest opened on demand, so that many services do not hold many idle
+        connections each."""
+        # One place to size a service's connections: ServiceLimits(connections=) caps it here.
+        needed = self.settings.worker_concurrency + 4
+        kept = max(2, min(self.settings.pool_size, self.settings.worker_concurrency) // 2)
+        return PoolSize(kept, max(needed - kept, 0))
 
     def _start_workers(self) -> None:
         # One set of workers runs the handlers of every service: at most worker_concurrency
@@ -264,7 +285,7 @@ class App:
         return runtime.instance  # type: ignore[return-value]
 
     def _autocommit(self) -> AbstractAsyncContextManager[AsyncConnection]:
-        return self.core.autocommit()
+        return self.core.housekeeping_autocommit()
 
     def correlation_id(self) -> str | None:
         return correlation.get()
@@ -285,8 +306,9 @@ class App:
             causation_id=None,
             event_id=event_id,
         )
-        async with self.core.admin() as conn:
-            await append(conn, [record], deduplicate=True)
+        with translated():  # the database away: CoreUnavailable
+            async with self.core.housekeeping() as conn:
+                await append(conn, [record], deduplicate=True)
         return record.id
 
     async def drain(self, timeout: float = 30.0) -> None:
@@ -296,7 +318,7 @@ class App:
         subscribers = list(self._dispatchers)
         deadline = time.monotonic() + timeout
         while True:
-            async with self.core.admin() as conn:
+            async with self.core.housekeeping() as conn:
                 pending = await delivery.pending_count(conn, subscribers)
             if pending == 0:
                 return
@@ -318,6 +340,7 @@ class App:
         await self._listener.open()
         # Listening first, then reading: a recovery that starts in between is not missed.
         self.recovering.update(await read_recovering(self.host))
+        await epochs.load_amnesia(self.host)
 
     def _on_reconnect(self) -> None:
         """Notifications sent while the listener was away are lost: look again at everything
@@ -334,6 +357,7 @@ class App:
         self._outcomes.notified(correlations)
 
     def _on_recovery(self, service: str, mode: str) -> None:
+        self.host.amnesia.add(service)  # a restore (or a merge) leaves entities to be read
         if mode == "consistency":
             self.recovering.add(service)
             return

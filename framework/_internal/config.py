@@ -43,6 +43,12 @@ class Settings(BaseSettings):
     claim_timeout: float = Field(default=30.0, gt=0)
     #: Fallback poll interval when no notification arrives.
     poll_interval: float = Field(default=0.5, gt=0)
+    #: A service's session idle inside an open transaction for this long is ended by Postgres
+    #: (``idle_in_transaction_session_timeout`` on the service's role; 0: never).
+    idle_transaction_timeout: float = Field(default=60.0, ge=0)
+    #: Deliveries waiting behind a snapshot horizon that has not moved for this long: the
+    #: dispatcher logs a warning naming the oldest open transaction's backend.
+    horizon_warning: float = Field(default=10.0, gt=0)
     #: Handled events older than this are pruned from the log.
     retention_seconds: float = Field(default=7 * 24 * 3600, gt=0)
 

@@ -18,8 +18,18 @@ from rich.table import Table
 from rich.text import Text
 
 from dbcore.descriptor import ServiceDescriptor
+from framework._internal.coordination import coordination
 
-__all__ = ["OUTSIDE", "Flow", "dataflow", "flow_table", "services_table", "to_dot", "write_graph"]
+__all__ = [
+    "OUTSIDE",
+    "Flow",
+    "coordination_table",
+    "dataflow",
+    "flow_table",
+    "services_table",
+    "to_dot",
+    "write_graph",
+]
 
 OUTSIDE = "(outside)"
 
@@ -116,6 +126,21 @@ def flow_table(descriptors: Sequence[ServiceDescriptor]) -> Table:
             "→",
             Text(consumer),
             _lines(f.precedence),
+        )
+    return table
+
+
+def coordination_table(descriptors: Sequence[ServiceDescriptor]) -> Table | None:
+    """The dataflow's warnings (``coordination.py``), one per row; ``None`` when there are none."""
+    findings = coordination(descriptors)
+    if not findings:
+        return None
+    table = Table(title="Coordination warnings", show_lines=True)
+    for column in ("kind", "events", "services", "warning"):
+        table.add_column(column)
+    for f in findings:
+        table.add_row(
+            Text(f.kind, style="yellow"), _lines(f.events), _lines(f.services), Text(f.message)
         )
     return table
 

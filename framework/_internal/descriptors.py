@@ -11,6 +11,7 @@ function and App; the annotations' specs are read, never written.
 
 from __future__ import annotations
 
+import logging
 import typing
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from dbcore.errors import LanguageError
 from dbcore.lease_language import check_lease
 from dbcore.query_language import QuerySpec, compile_query
 from framework._internal.annotations import FunctionSpec, TransactionalSpec, spec_of
+from framework._internal.coordination import coordination
 from framework._internal.errors import AnnotationError
 from framework._internal.events import Event
 from framework._internal.reference_model import describe_references
@@ -52,6 +54,8 @@ __all__ = [
     "dependencies_of",
     "function_specs",
 ]
+
+log = logging.getLogger("vmsdb.dataflow")
 
 _DIALECT = postgresql.dialect()  # type: ignore[no-untyped-call]
 
@@ -322,6 +326,8 @@ def build_plans(classes: Iterable[type[Service]]) -> list[ServicePlan]:
                 )
         calls = {attr: _call_plan(spec, desc, catalog) for attr, spec in functions[cls].items()}
         plans.append(ServicePlan(cls, desc, MappingProxyType(calls)))
+    for finding in coordination(catalog):  # warnings, listed by `vmsdb services` too
+        log.warning("%s", finding.message)
     return plans
 
 

@@ -28,6 +28,7 @@ from pydantic import ValidationError
 from dbcore import delivery, replicas
 from dbcore.delivery import Ack, Claimed, ClaimLost
 from dbcore.descriptor import ReplicaDescriptor
+from dbcore.horizon import HorizonWatch
 from dbcore.replicas import change_event_type
 from framework._internal import telemetry
 from framework._internal.events import Event
@@ -90,6 +91,7 @@ class Dispatcher:
         #: one of these can make a delivery of another key claimable.
         self.preceding = frozenset(i.event for i in runtime.plan.descriptor.inbound if i.precedence)
         self._wake = asyncio.Event()
+        self._horizon = HorizonWatch(self.service, settings.horizon_warning)
         self._outstanding = 0  # claimed, not yet finished
         self._saturated = False  # the last claim took as many as it asked for
         self._unblocked = False  # since the last claim, a key's head finished with more behind
@@ -156,7 +158,7 @@ class Dispatcher:
             held_back = False
             try:
                 # One statement: the claim, and whether others wait behind the horizon.
-                async with self.host.core.autocommit() as conn:
+                async with self.host.core.housekeeping_autocommit() as conn:
                     batch = await delivery.claim_batch(
                         conn,
                         self.service,
@@ -164,23 +166,24 @@ class Dispatcher:
                         lease_seconds=min(self.claim_timeout, _LIVENESS),
                         precedence=self.has_precedence,
                     )
-                claimed = batch.items
-                self._blocked = batch.blocked
-                if batch.blocked and self._finishes != finishes:
-                    # One finished while the claim was on its way: it may have unblocked what
-                    # the claim saw blocked, and its finished() read the previous claim's view.
-                    self._wake.set()
-                start_before = loop.time() + self.claim_timeout * _START_WITHIN
-                self._saturated = len(claimed) == limit
-                self._outstanding += len(claimed)
-                for item in claimed:
-                    self._live[item.position] = (item, ends)
-                    self.workers.submit(Job(self, item, start_before))
-                if claimed:
-                    self.host.metrics.observe("claim_batch_size", len(claimed), service=self.service)
-                if self._saturated:
-                    continue  # there may be more; claim again at the low water mark
-                held_back = batch.held_back
+                    claimed = batch.items
+                    self._blocked = batch.blocked
+                    if batch.blocked and self._finishes != finishes:
+                        # One finished while the claim was on its way: it may have unblocked
+                        # what the claim saw blocked, and its finished() read the previous view.
+                        self._wake.set()
+                    start_before = loop.time() + self.claim_timeout * _START_WITHIN
+                    self._saturated = len(claimed) == limit
+                    self._outstanding += len(claimed)
+                    for item in claimed:  # before the horizon check: the workers start at once
+                        self._live[item.position] = (item, ends)
+                        self.workers.submit(Job(self, item, start_before))
+                    if claimed:
+                        self.host.metrics.observe("claim_batch_size", len(claimed), service=self.service)
+                    if self._saturated:
+                        continue  # there may be more; claim again at the low water mark
+                    held_back = batch.held_back
+                    await self._horizon.check(conn, held_back)  # warns of a long-open transaction
             except Exception:  # the database went away: log, try again after poll_interval
                 log.exception("%s: claiming deliveries failed", self.service)
             # Everything claimable is claimed. What makes more claimable wakes the dispatcher:
@@ -203,7 +206,7 @@ class Dispatcher:
             if not claims:
                 continue
             try:
-                async with self.host.core.autocommit() as conn:
+                async with self.host.core.housekeeping_autocommit() as conn:
                     await delivery.renew(conn, self.service, claims)
             except Exception:  # the database went away; unrenewed claims run out, as they would
                 if self._stopping:
@@ -222,7 +225,7 @@ class Dispatcher:
         if self.service in self.host.recovering:
             # Claimed before a consistency-mode recovery began: give it back untried, so that it
             # waits for the recovery instead of spending its attempts on refusals.
-            async with self.host.core.admin() as admin:
+            async with self.host.core.housekeeping() as admin:
                 await delivery.release(admin, item)
             return
         replica = self.replicas.get(item.event_type)
@@ -311,7 +314,7 @@ class Dispatcher:
             error,
         )
         self.host.metrics.inc("event_retries", service=self.service, event=item.event_type)
-        async with self.host.core.admin() as conn:
+        async with self.host.core.housekeeping() as conn:
             await delivery.retry_later(conn, item, error, delay)
         asyncio.get_running_loop().call_later(delay, self.wake)
 
@@ -328,5 +331,5 @@ class Dispatcher:
             error,
         )
         self.host.metrics.inc("dead_letters", service=self.service, event=item.event_type)
-        async with self.host.core.admin() as conn:
+        async with self.host.core.housekeeping() as conn:
             await delivery.dead_letter(conn, item, error, trace, blocking=blocking)

@@ -39,6 +39,8 @@ class Host:
     metrics: Metrics = field(default_factory=Metrics)
     #: Services recovering in consistency mode (G10): they serve nothing until it ends.
     recovering: set[str] = field(default_factory=set)
+    #: Services with restored entities nobody has read or written since (framework.epochs).
+    amnesia: set[str] = field(default_factory=set)
 
     @property
     def descriptors(self) -> list[ServiceDescriptor]:

@@ -23,7 +23,7 @@ RECOVERY_RECHECK = 1.0
 
 async def read_recovering(host: Host) -> set[str]:
     """Services recovering in consistency mode (through the pool, not the listener)."""
-    async with host.core.autocommit() as conn:
+    async with host.core.housekeeping_autocommit() as conn:
         return await recovering_services(conn)
 
 
@@ -83,7 +83,7 @@ class Housekeeping:
         while True:
             await asyncio.sleep(interval)
             try:
-                async with self._host.core.admin() as conn:
+                async with self._host.core.housekeeping() as conn:
                     removed = await prune(conn, retention)
                     await reap(conn, retention)
                 if removed:

@@ -2,7 +2,7 @@
 
 Two channels: the event log's (``<subscribers>\\n<correlations>`` per committed batch, see
 ``dbcore.eventlog``) and recovery's (``<service>\\n<mode>``, mode empty when it serves again).
-The connection is the administrator's own asyncpg connection, outside the pool: a LISTEN must
+The connection is the core role's own asyncpg connection, outside the pool: a LISTEN must
 live as long as the App, and a pooled connection would carry it to other users.
 
 The connection is watched: when it drops (a database restart, a network cut) or stops answering
@@ -66,7 +66,7 @@ class Listener:
         self._watch = asyncio.create_task(self._keep_open(), name="vmsdb-listener")
 
     async def _connect(self) -> None:
-        engine = self._core.engine
+        engine = self._core.core_engine
         args, kwargs = engine.dialect.create_connect_args(engine.url)
         connection = await asyncpg.connect(*args, **kwargs)
         try:

@@ -20,7 +20,7 @@ from dbcore.errors import ServiceRecovering, TransactionConflict
 from dbcore.isolation import CommitStatement
 from dbcore.query_language import bind_values
 from dbcore.translate import translated
-from framework._internal import telemetry
+from framework._internal import epochs, telemetry
 from framework._internal.annotations import FunctionSpec, TransactionalSpec
 from framework._internal.context import TxContext, bind, correlation, current, unbind
 from framework._internal.errors import RetriesExhausted, ServiceCallError
@@ -78,6 +78,7 @@ class ServiceRuntime:
     ) -> Awaitable[Any]:
         if call.query is not None:
             self.refuse_while_recovering()
+            epochs.refuse_recovering_owners(self.host, self.name, call.query)
             return self._run_query(call, args, kwargs)
         if call.spec.lease is not None:
             self.refuse_while_recovering()
@@ -174,7 +175,7 @@ class ServiceRuntime:
         async with self.host.core.transaction(
             self.name,
             isolation=tx.isolation,
-            read_only=read_only,
+            read_only=read_only and not self.host.amnesia,  # reads in amnesia write (epochs.py)
             connection=connection,
             before_commit=commit,
         ) as conn:
@@ -188,18 +189,22 @@ class ServiceRuntime:
                 causation_id=causation_id,
             )
             token = bind(ctx)
+            reads = epochs.track(self.host, ctx)
             try:
                 result = await wrapped(*args, **kwargs)
                 if isinstance(result, Event):
                     ctx.send(result)
                 if ctx.has_session:
                     await ctx.session.flush()
+                if reads is not None:
+                    await epochs.record(self.host, ctx, reads)
                 if ctx.outbox:
                     await commit.write(conn, ctx)
             finally:
                 unbind(token)
                 if ctx.has_session:
                     await ctx.session.close()
+        epochs.settle(self.host, reads)
         self.host.metrics.inc("transactions", service=self.name, function=spec.name)
         return result
 
@@ -238,12 +243,18 @@ class ServiceRuntime:
         bound.apply_defaults()
         values = bind_values(compiled, bound.arguments)
         statement = text(compiled.sql)
-        ctx = current()
+        ctx, amnesia = current(), bool(self.host.amnesia)
         if ctx is not None:
             rows = (await ctx.connection.execute(statement, values)).mappings().all()
+            if amnesia:  # the owners' emptied amnesia is settled by the caller's next reads
+                await epochs.record_query_reads(self.host, ctx.connection, compiled)
         else:
-            async with self.host.core.transaction(self.name, isolation="snapshot", read_only=True) as conn:
+            async with self.host.core.transaction(
+                self.name, isolation="snapshot", read_only=not amnesia
+            ) as conn:
                 rows = (await conn.execute(statement, values)).mappings().all()
+                emptied = await epochs.record_query_reads(self.host, conn, compiled) if amnesia else set()
+            self.host.amnesia.difference_update(emptied)
         return convert_rows(call.row_type, list(rows))
 
 

@@ -106,16 +106,17 @@ async def refresh(app: App) -> None:
 
 def _process(app: App, families: StateFamilies) -> None:
     """What only this process knows: its connection pool, its Kafka relay and ingress."""
-    pool = app.core.engine.pool
-    for state, reader in (("checked_out", "checkedout"), ("idle", "checkedin"), ("overflow", "overflow")):
-        read = getattr(pool, reader, None)
-        if read is not None:
-            families.gauge(
-                "pool_connections", "Pooled database connections", {"state": state}, max(read(), 0)
-            )
-    size = getattr(pool, "size", None)
-    if size is not None:
-        families.gauge("pool_size", "Configured size of the connection pool", {}, size())
+    for login, pool in app.core.pools().items():  # the administrator's, the core's, each service's
+        for state, reader in (("checked_out", "checkedout"), ("idle", "checkedin"), ("overflow", "overflow")):
+            read = getattr(pool, reader, None)
+            if read is not None:
+                families.gauge(
+                    "pool_connections", "Pooled database connections",
+                    {"pool": login, "state": state}, max(read(), 0),
+                )  # fmt: skip
+        size = getattr(pool, "size", None)
+        if size is not None:
+            families.gauge("pool_size", "Configured size of the connection pool", {"pool": login}, size())
     kafka = app.kafka
     if kafka is None:
         return

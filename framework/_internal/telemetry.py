@@ -141,6 +141,24 @@ def traceparent() -> str | None:
     return f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{int(ctx.trace_flags):02x}"
 
 
+@contextmanager
+def continue_trace(parent: str | None) -> Iterator[None]:
+    """Run the block as part of the trace ``parent`` (a ``trace_context()`` taken earlier, e.g. in
+    the handler that recorded work to finish outside its transaction); a no-op when tracing is
+    off or ``parent`` is ``None``."""
+    context = _parent(parent) if tracer is not None else None
+    if context is None:
+        yield
+        return
+    from opentelemetry import context as otel_context
+
+    token = otel_context.attach(context)
+    try:
+        yield
+    finally:
+        otel_context.detach(token)
+
+
 def _parent(value: str | None) -> Context | None:
     if not value:
         return None

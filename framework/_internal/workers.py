@@ -67,11 +67,15 @@ class HandlerWorkers:
         self._tasks = [asyncio.create_task(self._work(), name=f"vmsdb-handler-{i}") for i in range(self.size)]
 
     def submit(self, job: Job) -> None:
+        self._enqueue(job, front=False)
+
+    def _enqueue(self, job: Job, *, front: bool) -> None:
+        """Queue ``job`` for its service (``front``: a job taken but not started goes back first)."""
         service = job.dispatcher.service
         queue = self._queues.setdefault(service, deque())
         if not queue:
-            self._turns.append(service)
-        queue.append(job)
+            (self._turns.appendleft if front else self._turns.append)(service)
+        (queue.appendleft if front else queue.append)(job)
         self._available.put_nowait(True)
 
     def _take(self) -> Job | None:
@@ -92,7 +96,7 @@ class HandlerWorkers:
         self._turns.clear()
         if waiting:
             with contextlib.suppress(Exception):  # unreleased claims simply run out
-                async with self.core.admin() as conn:
+                async with self.core.housekeeping() as conn:
                     for job in waiting:
                         await delivery.release(conn, job.item)
         for job in waiting:
@@ -111,7 +115,10 @@ class HandlerWorkers:
             if job is None:
                 continue
             try:
-                async with self.core.engine.connect() as conn:
+                # The connection is logged in as the job's service: it runs that service's jobs
+                # only, and is given back when the next job is another service's.
+                service = job.dispatcher.service
+                async with self.core.service_engine(service).connect() as conn:
                     while job is not None:
                         running, job = job, None
                         await self._run(running, conn, loop.time())
@@ -120,11 +127,17 @@ class HandlerWorkers:
                         if not self._available.get_nowait():
                             return
                         job = self._take()
+                        if job is not None and job.dispatcher.service != service:
+                            break
             except Exception:  # the database went away: claims in hand run out, are claimed again
                 log.exception("a handler worker lost its database connection")
                 if job is not None:  # checked out no connection, so never ran
                     job.dispatcher.finished(job.item)
+                    job = None
                 await asyncio.sleep(_RECONNECT_PAUSE)
+                continue
+            if job is not None:  # another service's: run it on a connection of its own
+                self._enqueue(job, front=True)
 
     @staticmethod
     async def _run(job: Job, conn: AsyncConnection, now: float) -> None:

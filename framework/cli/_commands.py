@@ -21,11 +21,12 @@ from dbcore.leases import ActiveLease
 from dbcore.leases import active as active_leases
 from framework._internal.app import App
 from framework._internal.config import Settings
-from framework._internal.dataflow import flow_table, services_table, write_graph
+from framework._internal.dataflow import coordination_table, flow_table, services_table, write_graph
 from framework._internal.descriptors import build_descriptors
+from framework._internal.errors import FrameworkError
 from framework._internal.loading import load_app
 from framework._internal.serving import serving_metrics
-from framework.cli._errors import run_async
+from framework.cli._errors import report, run_async
 
 __all__ = ["mount", "shared_core"]
 
@@ -167,6 +168,9 @@ def services(
         return
     console.print(services_table(descriptors))
     console.print(flow_table(descriptors))
+    warnings = coordination_table(descriptors)
+    if warnings is not None:
+        console.print(warnings)
     written = write_graph(descriptors, graph)
     console.print("dataflow graph: " + ", ".join(str(p) for p in written))
 
@@ -208,11 +212,13 @@ def dead_letters_replay(app: AppArg, ids: IdsArg) -> None:
         async with _offline(app) as running, running.core.admin() as conn:
             return [(i, await delivery.replay(conn, i)) for i in ids]
 
+    unknown = []
     for dead_letter_id, done in run_async(replay):
         if done:
             console.print(f"dead letter {dead_letter_id}: delivered again")
         else:
-            console.print(f"[yellow]dead letter {dead_letter_id}: unknown or already replayed[/yellow]")
+            unknown.append(dead_letter_id)
+    _refuse_unknown(unknown, "replayed")
 
 
 @dead_letters_cli.command("discard")
@@ -223,9 +229,26 @@ def dead_letters_discard(app: AppArg, ids: IdsArg) -> None:
         async with _offline(app) as running, running.core.admin() as conn:
             return [(i, await delivery.discard(conn, i)) for i in ids]
 
+    unknown = []
     for dead_letter_id, done in run_async(discard):
-        state = "discarded" if done else "[yellow]unknown or already settled[/yellow]"
-        console.print(f"dead letter {dead_letter_id}: {state}")
+        if done:
+            console.print(f"dead letter {dead_letter_id}: discarded")
+        else:
+            unknown.append(dead_letter_id)
+    _refuse_unknown(unknown, "settled")
+
+
+def _refuse_unknown(ids: list[int], settled: str) -> None:
+    """Unknown ids are an error (exit 1), after the others were done."""
+    if ids:
+        listed = ", ".join(str(i) for i in ids)
+        report(
+            FrameworkError(
+                f"no dead letter {listed} waiting (unknown, or already {settled}): "
+                "`vmsdb dead-letters list APP --all` shows them all"
+            )
+        )
+        raise typer.Exit(1)
 
 
 @commands.command()

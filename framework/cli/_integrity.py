@@ -3,6 +3,7 @@
 ```
 vmsdb integrity check [--json]                  Definitions 1 and 3: broken references, each
                                                 with both ends, and what needs manual repair
+                                                (event-sourced services: also from their logs)
 vmsdb integrity crash SERVICE --yes             simulate a disaster (drop the service's schema)
 vmsdb backup SERVICE [--dir D]                  back up one service: schema and metadata
 vmsdb restore SERVICE [--backup ID] [--mode availability|consistency] [--timeout S] [--json]
@@ -17,6 +18,7 @@ The services come from ``--app module:attribute`` (or ``$VMSDB_APP``), the datab
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, TypeVar
@@ -27,12 +29,15 @@ from rich.markup import escape
 from rich.table import Table
 
 from dbcore.backup import BackupInfo
+from dbcore.core import CATALOG_INSTALLED
 from dbcore.integrity import IntegrityReport
 from dbcore.recovery import Mode, RecoveryState
 from framework import references
+from framework._internal.errors import FrameworkError
 from framework._internal.host import Host, connected
 from framework._internal.loading import load_app
-from framework.cli._errors import run_async
+from framework.cli._errors import NoCore, run_async
+from framework.cli._errors import report as report_error
 
 __all__ = ["amnesia_table", "integrity_app", "mount", "violations_table"]
 
@@ -61,6 +66,12 @@ def _run(target: str | None, work: Callable[[references.Host], Awaitable[T]]) ->
         # lost schema, empty) and refuses to start while a service's tables are missing, which
         # is exactly the state a restore starts from.
         async with connected(app.settings, pool_size=2) as core:
+            async with core.admin() as conn:
+                if not (await conn.execute(CATALOG_INSTALLED)).scalar_one():
+                    raise NoCore(
+                        "the database has no vmsdb core (schema vms): run `vmsdb migrate up "
+                        f"{target}` to install it and the services' schemas first"
+                    )
             host = Host(core, app.settings, app.plans)
             await references.install(host)
             return await work(host)
@@ -150,10 +161,24 @@ def print_report(report: IntegrityReport, as_json: bool) -> None:
 
 @integrity_app.command("check")
 def check_command(app: AppOpt = None, as_json: JsonOpt = False) -> None:
-    """Check Definitions 1 and 3; exit 1 unless weakly consistent."""
-    report = _run(app, references.check)
-    print_report(report, as_json)
-    if not report.weakly_consistent:
+    """Check Definitions 1 and 3; exit 1 unless weakly consistent. Event-sourced services are
+    checked twice: from the core's metadata, and from their logs alone."""
+
+    async def both(host: references.Host) -> tuple[IntegrityReport, IntegrityReport | None]:
+        return await references.check(host), await references.check_logs(host)
+
+    report, from_logs = _run(app, both)
+    if as_json:
+        document = report.to_json()
+        if from_logs is not None:
+            document["from_event_logs"] = from_logs.to_json()
+        print(json.dumps(document, indent=2, default=str))
+    else:
+        print_report(report, as_json=False)
+        if from_logs is not None:
+            console.print("[bold]From the event logs alone[/bold] (event-sourced services):")
+            print_report(from_logs, as_json=False)
+    if not report.weakly_consistent or (from_logs is not None and not from_logs.weakly_consistent):
         raise typer.Exit(1)
 
 
@@ -197,6 +222,17 @@ def restore_command(
     if mode not in ("availability", "consistency"):
         raise typer.BadParameter("--mode is availability or consistency")
     chosen: Mode = "consistency" if mode == "consistency" else "availability"
+    if backup_id is not None:
+        try:
+            uuid.UUID(backup_id)
+        except ValueError:
+            report_error(
+                FrameworkError(
+                    f"--backup {backup_id!r} is not a backup id: it is the UUID `vmsdb backup "
+                    f"{service}` printed (leave it out to restore the latest backup)"
+                )
+            )
+            raise typer.Exit(2) from None
 
     async def work(running: references.Host) -> tuple[RecoveryState, IntegrityReport]:
         state = await references.restore(

@@ -1,137 +1,241 @@
-"""The consistency checker finds what it is meant to find: each check against a broken state.
+"""The checker can say no: on an empty database, and against each property broken behind the
+services' backs (administrator SQL after a real run), naming what it found.
 
-The checks are pure functions over a snapshot of the tables and the log, so a consistent
-snapshot is written out here and then broken one way at a time (no database needed).
+One run of the vMODB mix (no deliveries, so seller entries stay in progress); each mutation is
+applied in a savepoint, judged, and rolled back, so every case starts from the same run.
 """
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Callable
-from decimal import Decimal
+import asyncio
+import os
+import sys
+import time
 from typing import Any
 
-import pytest
+from sqlalchemy import text
 
-from vmsdb_eshop import check
+from dbcore.eventlog import prune
+from framework import App
+from tests.e2e.conftest import Eshop, assert_holds
+from vmsdb_eshop.check import CheckResult, Evidence, check, check_causal, evidence_of, judge, read_tables
+from vmsdb_eshop.ledger import Checkout, Ledger
+from vmsdb_eshop.services import SERVICES
+from vmsdb_eshop.workload import MIXES, Workload, WorkloadConfig
 
-Db = dict[str, list[dict[str, Any]]]
-D = Decimal
-
-
-def _event(seq: int, kind: str, correlation: str | None, **payload: Any) -> dict[str, Any]:
-    return {"seq": seq, "type": kind, "correlation_id": correlation, "payload": payload}
-
-
-def consistent() -> Db:
-    """Product 1/1 (price 10), raised to 11, then customer 7 buys 2 at 11 in checkout t1."""
-    key = {"customer_id": 7, "order_id": 1}
-    line = {"seller_id": 1, "product_id": 1, "quantity": 2}
-    return {
-        "stock": [{**line, "qty_available": 8, "qty_reserved": 0, "ytd": 2, "qty_initial": 10}],
-        "reservations": [{**line, "customer_id": 7, "tid": "t1", "version": "0", "status": "confirmed"}],
-        "orders": [{**key, "tid": "t1", "status": "READY_FOR_SHIPMENT", "total_invoice": D("23.00")}],
-        "order_items": [{**key, **line, "total_amount": D("22.00")}],
-        "payments": [{**key, "type": "BOLETO", "status": "succeeded", "value": D("23.00")}],
-        "shipments": [{**key, "package_count": 1}],
-        "packages": [{**key, **line, "status": "shipped"}],
-        "entries": [{**key, **line, "order_status": "READY_FOR_SHIPMENT", "total_amount": D("22.00")}],
-        "customers": [{"id": 7, "success_payment_count": 1, "failed_payment_count": 0, "delivery_count": 0}],
-        "history": [{**line, "customer_id": 7, "tid": "t1", "version": "0", "unit_price": D("11.00")}],
-        "cart_items": [],
-        "leases": [],
-        "log": [
-            _event(
-                1,
-                "ProductUpdated",
-                None,
-                seller_id=1,
-                product_id=1,
-                revision=1,
-                product={"version": "0", "price": "10.00"},
-            ),
-            _event(
-                2, "PriceUpdated", "p1", seller_id=1, product_id=1, revision=2, version="0", price="11.00"
-            ),
-            _event(3, "CheckoutRequest", "t1", customer_id=7),
-            _event(4, "ReserveStock", "t1", customer_id=7),
-        ],
-    }
+_OPEN = "('INVOICED', 'PAYMENT_PROCESSED', 'READY_FOR_SHIPMENT', 'IN_TRANSIT')"
 
 
-def _oversold(db: Db) -> None:
-    db["stock"][0].update(qty_available=-1, ytd=11)
+async def test_an_empty_database_fails_with_nothing_to_check(vmsdb_app_factory: Any) -> None:
+    async with vmsdb_app_factory(SERVICES, create_tables=False, migrate=True) as app:
+        assert isinstance(app, App)
+        verdict = await check(app)
+    assert not verdict.ok
+    assert all(not r.ok for r in verdict.results), [(r.name, r.summary()) for r in verdict.results if r.ok]
+    assert any(r.summary() == "nothing to check" for r in verdict.results)
 
 
-def _lost_units(db: Db) -> None:
-    db["stock"][0]["qty_available"] = 7
+def _replaced_version_sold(db: dict[str, list[dict[str, Any]]], evidence: Evidence) -> str:
+    """SQL that sells, in an order sent after a replacement was acknowledged, the old version."""
+    ledger = evidence.ledger
+    assert ledger is not None
+    sent = {(c.customer_id, c.tid): c.sent for c in ledger.checkouts}
+    tids = {(o["customer_id"], o["order_id"]): o["tid"] for o in db["orders"]}
+    for item in db["order_items"]:
+        key = (item["seller_id"], item["product_id"])
+        moment = sent.get((item["customer_id"], tids[(item["customer_id"], item["order_id"])]))
+        states = ledger.products[key]
+        replaced = [i for i, s in enumerate(states) if s.kind == "replace" and moment and s.acked < moment]
+        if replaced:
+            old = states[replaced[-1] - 1].version
+            where = " AND ".join(f"{c} = {item[c]}" for c in ("customer_id", "order_id", "order_item_id"))
+            return f"UPDATE \"order\".order_items SET version = '{old}' WHERE {where}"
+    raise AssertionError("no product was sold after a replacement of it")
 
 
-def _second_order(db: Db) -> None:
-    db["orders"].append({**db["orders"][0], "order_id": 2})
+async def _replace_then_sell(eshop: Eshop, ledger: Ledger) -> None:
+    """Acting as the driver (and recording it so): replace the product with the most stock
+    left, then sell its new version, so a sale after a replacement exists whatever the run drew."""
+    free = {key: (await eshop.get(f"/stock/{key[0]}/{key[1]}"))["qty_free"] for key in ledger.products}
+    key = max(free, key=lambda k: free[k])
+    price = ledger.products[key][-1].price
+    row = next(p for p in eshop.market.products if (p.seller_id, p.product_id) == key)
+    body = {**row.model_dump(mode="json"), "price": str(price), "version": "v-mutation"}
+    sent = time.monotonic()
+    assert (await eshop.http.put("/product", json=body)).status_code == 200
+    ledger.acknowledged(key, "replace", "v-mutation", price, sent, time.monotonic())
+    customer = eshop.market.customers[-1].id
+    eshop.provider.failure_rate = 0.0  # this sale must go through
+    await eshop.add(customer, *key, 1, version="v-mutation", price=price)
+    sent = time.monotonic()
+    assert (await eshop.checkout(customer, "t-mutation")).status_code == 200
+    ledger.checkouts.append(Checkout(customer, "t-mutation", sent, "SUCCESS", (key,)))
 
 
-def _no_shipment(db: Db) -> None:
-    db["shipments"].clear()
-
-
-def _stale_price(db: Db) -> None:
-    db["history"][0]["unit_price"] = D("10.00")
-
-
-def _old_version_sold(db: Db) -> None:
-    db["log"].insert(
-        2,
-        _event(
-            2,
-            "ProductUpdated",
-            "v9",
-            seller_id=1,
-            product_id=1,
-            revision=3,
-            product={"version": "v9", "price": "11.00"},
-        ),
-    )
-    for n, e in enumerate(db["log"], start=1):
-        e["seq"] = n
-
-
-def _entry_behind(db: Db) -> None:
-    db["entries"][0]["order_status"] = "INVOICED"
-
-
-def _counter_off(db: Db) -> None:
-    db["customers"][0]["success_payment_count"] = 2
-
-
-def _dangling_lease(db: Db) -> None:
-    db["leases"].append({"id": "L1", "key": {"seller_id": 1, "product_id": 1}})
-
-
-Check = Callable[[Db], check.CheckResult]
-CASES: list[tuple[str, Callable[[Db], None], Check]] = [
-    ("oversold", _oversold, check.check_stock),
-    ("lost units", _lost_units, check.check_stock),
-    ("two orders", _second_order, check.check_checkouts),
-    ("no shipment", _no_shipment, check.check_checkouts),
-    ("stale price", _stale_price, check.check_prices),
-    ("replaced version sold", _old_version_sold, check.check_replacements),
-    ("entry behind", _entry_behind, check.check_entries),
-    ("counter off", _counter_off, check.check_customers),
-    ("dangling lease", _dangling_lease, check.check_leases),
+MUTATIONS: list[tuple[str, str, str, str]] = [
+    # (case, SQL, the check that must fail, what its report must name)
+    (
+        "stock created from nothing",
+        "UPDATE stock.stock_items SET qty_available = qty_available + 5, qty_free = qty_free + 5, "
+        "qty_initial = qty_initial + 5 WHERE (seller_id, product_id) = (1, 1)",
+        "stock: no oversell, conserved",
+        "item 1/1",
+    ),
+    (
+        "a package deleted",
+        "DELETE FROM shipment.packages WHERE ctid = (SELECT min(ctid) FROM shipment.packages)",
+        "checkouts: one order, payment, shipment",
+        "packages",
+    ),
+    (
+        "a payment duplicated",
+        "INSERT INTO payment.order_payments (customer_id, order_id, sequential, tid, type, installments, "
+        "value, status) SELECT customer_id, order_id, 99, tid, type, installments, value, status "
+        "FROM payment.order_payments WHERE sequential = 1 AND status = 'succeeded' LIMIT 1",
+        "checkouts: one order, payment, shipment",
+        "payments",
+    ),
+    (
+        "a stale price written into an order",
+        'UPDATE "order".order_items SET unit_price = unit_price - 1 WHERE ctid = '
+        '(SELECT min(ctid) FROM "order".order_items)',
+        "prices: acknowledged updates seen by later checkouts",
+        "charged",
+    ),
+    (
+        "an item of a replaced version sold",
+        "(found in the run)",
+        "replacements: replaced versions never sold",
+        "replaced by",
+    ),
+    (
+        "a dashboard entry altered",
+        f"UPDATE seller.order_entries SET total_amount = total_amount + 1 WHERE ctid = "
+        f"(SELECT min(ctid) FROM seller.order_entries WHERE order_status IN {_OPEN})",
+        "seller view = sums of in-progress entries",
+        "seller",
+    ),
+    (
+        "a dead letter left behind",
+        "INSERT INTO vms.dead_letters (subscriber, event_type, error, attempts) "
+        "VALUES ('stock', 'ReserveStock', 'boom', 3)",
+        "no dead letters",
+        "ReserveStock at stock: boom",
+    ),
 ]
 
 
-def test_a_consistent_snapshot_passes_every_check() -> None:
-    for _name, _break, run in CASES:
-        result = run(consistent())
-        assert result.ok and result.checked > 0, (result.name, result.violations)
+async def test_each_check_finds_its_property_broken_behind_the_services_backs(eshop: Eshop) -> None:
+    config = WorkloadConfig(
+        duration=6.0, concurrency=8, mix=MIXES["vmodb"], distribution="zipfian", payment_failure_rate=0.1
+    )
+    eshop.provider.failure_rate = config.payment_failure_rate
+    result = await Workload(eshop.http, eshop.market, config).run()
+    await _replace_then_sell(eshop, result.ledger)
+    evidence = evidence_of(eshop.market, result, provider=eshop.provider)
+    assert_holds(await eshop.verdict(evidence), complete=True)
+    # The checks keep what they need themselves: with the core's log pruned, they still judge.
+    async with eshop.app.core.admin() as conn:
+        assert await prune(conn, 0) > 0
+    assert_holds(await check(eshop.app, evidence), complete=True)
+
+    async with eshop.app.core.admin() as conn:
+        for case, sql, name, named in MUTATIONS:
+            savepoint = await conn.begin_nested()
+            if sql.startswith("("):
+                sql = _replaced_version_sold(await read_tables(conn), evidence)
+            await conn.execute(text(sql))
+            verdict = judge(await read_tables(conn), evidence)
+            await savepoint.rollback()
+            found = {r.name: r for r in verdict.results}[name]
+            assert not found.ok, f"{case}: {name} missed it"
+            assert named in found.summary(), f"{case}: {found.summary()}"
+        # Unbroken, the same judgement holds again (each mutation was rolled back).
+        assert judge(await read_tables(conn), evidence).ok
 
 
-@pytest.mark.parametrize(("name", "breaks", "run"), CASES, ids=[c[0] for c in CASES])
-def test_each_check_finds_its_violation(name: str, breaks: Callable[[Db], None], run: Check) -> None:
-    db = copy.deepcopy(consistent())
-    breaks(db)
-    result = run(db)
-    assert not result.ok, f"{result.name} missed: {name}"
-    assert "violated" in result.summary()
+async def test_eshop_check_exits_non_zero_on_a_fresh_empty_database(vmsdb_database: str) -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "vmsdb_eshop.cli",
+        "check",
+        env={**os.environ, "VMSDB_DATABASE_URL": vmsdb_database, "COLUMNS": "200"},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    output, _ = await asyncio.wait_for(process.communicate(), timeout=120)
+    assert process.returncode == 1, output.decode()
+    assert "nothing to check" in output.decode()
+
+
+async def _acknowledged_price_update(eshop: Eshop, ledger: Ledger, key: tuple[int, int], tid: str) -> None:
+    price = ledger.products[key][-1].price + 1
+    body = {"sellerId": key[0], "productId": key[1], "price": str(price), "version": "0", "instanceId": tid}
+    sent = time.monotonic()
+    response = await eshop.http.patch("/product", json=body)
+    assert response.status_code == 200, response.text
+    ledger.acknowledged(key, "price", "0", price, sent, time.monotonic())
+
+
+async def test_the_causal_check_finds_a_cart_that_saw_y_but_not_an_earlier_x(eshop: Eshop) -> None:
+    """x's price update is acknowledged before y's is sent; a cart then holds both. Written
+    back to x's old price behind the cart's back, the history shows the benchmark's anomaly."""
+    ledger = Ledger()
+    x, y = (1, 1), (1, 2)
+    for key in (x, y):
+        ledger.seed(key, "0", eshop.price(*key))
+    await _acknowledged_price_update(eshop, ledger, x, "px")
+    await _acknowledged_price_update(eshop, ledger, y, "py")
+    for key in (x, y):
+        await eshop.add(7, *key, 1, price=ledger.products[key][-1].price)
+    sent = time.monotonic()
+    assert (await eshop.checkout(7, "c7")).status_code == 200
+    ledger.checkouts.append(Checkout(7, "c7", sent, "SUCCESS", (x, y)))
+    evidence = Evidence(ledger=ledger)
+
+    async def judged() -> CheckResult:
+        ledger.histories[(7, "c7")] = await eshop.get("/cart/7/history/c7")
+        return check_causal({}, evidence)
+
+    assert (await judged()).ok
+    async with eshop.app.core.admin() as conn:
+        await conn.execute(
+            text(
+                "UPDATE cart.cart_history SET unit_price = :old "
+                "WHERE customer_id = 7 AND tid = 'c7' AND seller_id = 1 AND product_id = 1"
+            ),
+            {"old": ledger.products[x][0].price},
+        )
+    broken = await judged()
+    assert not broken.ok
+    assert "cart 7/c7: saw 1/2" in broken.summary(), broken.summary()
+
+
+async def test_a_stale_line_of_a_replaced_version_stays_out_of_the_history(eshop: Eshop) -> None:
+    """The anomaly a run once found: x added at its old price after x's update was applied (the
+    client read the price before the update was acknowledged), then x replaced, then y's
+    update. Forwarded to the stock, the stale x would sit in the history beside the new y; the
+    cart drops it as UNAVAILABLE, so the cart never shows x older than an update before y's."""
+    ledger = Ledger()
+    x, y = (1, 1), (1, 2)
+    for key in (x, y):
+        ledger.seed(key, "0", eshop.price(*key))
+    stale = ledger.products[x][-1].price
+    await _acknowledged_price_update(eshop, ledger, x, "px")
+    await eshop.add(8, *x, 1, price=stale)  # built before the update was acknowledged
+    row = next(p for p in eshop.market.products if (p.seller_id, p.product_id) == x)
+    price = ledger.products[x][-1].price
+    body = {**row.model_dump(mode="json"), "price": str(price), "version": "x-2"}
+    sent = time.monotonic()
+    assert (await eshop.http.put("/product", json=body)).status_code == 200
+    ledger.acknowledged(x, "replace", "x-2", price, sent, time.monotonic())
+    await _acknowledged_price_update(eshop, ledger, y, "py")
+    await eshop.add(8, *y, 1, price=ledger.products[y][-1].price)
+    sent = time.monotonic()
+    assert (await eshop.checkout(8, "c8")).status_code == 200
+    ledger.checkouts.append(Checkout(8, "c8", sent, "SUCCESS", (x, y)))
+    history = await eshop.get("/cart/8/history/c8")
+    assert [(h["seller_id"], h["product_id"]) for h in history] == [y]
+    ledger.histories[(8, "c8")] = history
+    assert check_causal({}, Evidence(ledger=ledger)).violations == []

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -73,7 +74,13 @@ async def _retrying(call: Callable[[], Awaitable[object]], deadline: float) -> N
             await asyncio.sleep(0.2)
 
 
-async def test_chains_complete_once_and_requests_succeed_after_a_database_restart(tmp_path: Path) -> None:
+async def test_chains_complete_once_and_requests_succeed_after_a_database_restart() -> None:
+    # Not under pytest's private temporary directory: the server runs as its own OS user.
+    with tempfile.TemporaryDirectory(prefix="vmsdb-restart-") as tmp:
+        await _restart_mid_workload(Path(tmp))
+
+
+async def _restart_mid_workload(tmp_path: Path) -> None:
     server = EmbeddedPostgres(tmp_path / "db")
     url = await asyncio.to_thread(server.start)
     restarted: EmbeddedPostgres | None = None

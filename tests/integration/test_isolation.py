@@ -2,17 +2,55 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from sqlalchemy import text
 
-from framework import App, IsolationError, ReadOnlyViolation
+from framework import App, Event, IsolationError, Outbound, ReadOnlyViolation, Service, Transactional, send
+from framework._internal.context import current
 
 from .services import Bank, Shop
 
 
+class Declared(Event, key="k"):
+    k: str
+
+
+class Undeclared(Event, key="k"):
+    k: str
+
+
+class Hostile(Service, name="hostile"):
+    """Runs whatever SQL it is given, in its own transaction: the isolation probes."""
+
+    @Transactional(type="RW")
+    async def run(self, *statements: str) -> list[Any]:
+        conn = current().connection  # type: ignore[union-attr]
+        results = [await conn.execute(text(sql)) for sql in statements]
+        return [r.scalar() if r.returns_rows else None for r in results]
+
+    @Outbound(Declared)
+    @Transactional(type="RW")
+    async def emit(self, k: str) -> None:
+        send(Declared(k=k))
+
+    @Outbound(Declared)
+    @Transactional(type="RW")
+    async def forge(self, event_type: str) -> None:
+        """Inserts an event of a type it never declared, by hand, under its own role."""
+        await current().connection.execute(  # type: ignore[union-attr]
+            text(
+                "INSERT INTO vms.events (id, type, key, payload, producer) "
+                "VALUES (gen_random_uuid(), :t, 'k1', '{\"k\": \"k1\", \"qty\": 1}', 'hostile')"
+            ),
+            {"t": event_type},
+        )
+
+
 @pytest.fixture
 def vmsdb_services():
-    return [Bank, Shop]
+    return [Bank, Shop, Hostile]
 
 
 async def test_registration_creates_schemas_roles_and_catalog(vmsdb_app: App) -> None:
@@ -45,7 +83,7 @@ async def test_registration_creates_schemas_roles_and_catalog(vmsdb_app: App) ->
     assert schemas == {"bank", "shop", "vms"}
     assert owners == {"bank": "vms_bank", "shop": "vms_shop"}
     assert table_owner == "vms_bank"
-    assert services == {"bank": 1, "shop": 1}
+    assert services == {"bank": 1, "shop": 1, "hostile": 1}
 
 
 async def test_write_into_another_service_raises_and_leaves_nothing(vmsdb_app: App) -> None:
@@ -115,3 +153,118 @@ async def test_registration_is_idempotent_and_versions_changes(
                 )
             ).all()
     assert [tuple(r) for r in rows] == [("bank", 1), ("bank", 2), ("shop", 1)]
+
+
+# -- the probes of issue 15, finding 4: each refused by Postgres, nothing left behind --------------
+
+
+async def test_a_service_runs_logged_in_as_its_own_role_and_nothing_it_reaches_is_superuser(
+    vmsdb_app: App,
+) -> None:
+    [current_user, session_user, superuser] = await vmsdb_app.service(Hostile).run(
+        "SELECT current_user", "SELECT session_user", "SELECT current_setting('is_superuser')"
+    )
+    assert (current_user, session_user, superuser) == ("vms_hostile", "vms_hostile", "off")
+    await vmsdb_app.service(Bank).open("a1", 1)  # the handlers' and the housekeeping's pools too
+    async with vmsdb_app.core.admin() as conn:
+        logins = (
+            await conn.execute(
+                text(
+                    "SELECT DISTINCT a.usename, r.rolsuper FROM pg_stat_activity a "
+                    "JOIN pg_roles r ON r.rolname = a.usename "
+                    "WHERE a.datname = current_database() AND a.application_name LIKE 'vmsdb:%'"
+                )
+            )
+        ).all()
+    assert {name for name, _ in logins} >= {"vms_hostile", "vms_bank", "vms_core"}
+    assert not any(superuser for _, superuser in logins), logins
+
+
+@pytest.mark.parametrize(
+    ("statement", "action", "target"),
+    [
+        ("SET LOCAL ROLE vms_bank", "become", "role vms_bank"),
+        ("SET ROLE vms_bank", "become", "role vms_bank"),
+        ("SELECT set_config('role', 'vms_bank', true)", "become", "role vms_bank"),
+        ("SELECT set_config('role', 'vms_bank', false)", "become", "role vms_bank"),
+        ("SET ROLE vms_services", "become", "role vms_services"),
+        ("SET ROLE postgres", "become", "role postgres"),
+        ("SET SESSION AUTHORIZATION postgres", "run", None),
+        ("ALTER ROLE vms_hostile SUPERUSER", "run", None),
+        ("ALTER ROLE vms_bank SUPERUSER", "run", None),
+        ("COPY (SELECT 1) TO PROGRAM 'touch /tmp/vmsdb-escaped'", "run", None),
+    ],
+)
+async def test_every_role_escape_is_refused_with_isolation_error(
+    vmsdb_app: App, statement: str, action: str, target: str | None
+) -> None:
+    await vmsdb_app.service(Bank).open("a1", 10)
+    with pytest.raises(IsolationError) as caught:
+        await vmsdb_app.service(Hostile).run(statement, "UPDATE bank.accounts SET balance = 0")
+    err = caught.value
+    assert err.service == "hostile" and "'hostile'" in str(err)
+    assert err.action == action
+    if target is not None:
+        assert err.table == target
+    assert await vmsdb_app.service(Bank).balance("a1") == 10
+    await _later_transactions_are_unaffected(vmsdb_app)
+
+
+async def test_reset_role_gives_nothing(vmsdb_app: App) -> None:
+    await vmsdb_app.service(Bank).open("a1", 10)
+    assert await vmsdb_app.service(Hostile).run("RESET ROLE", "SELECT current_user") == [None, "vms_hostile"]
+    with pytest.raises(IsolationError) as caught:
+        await vmsdb_app.service(Hostile).run("RESET ROLE", "UPDATE bank.accounts SET balance = 0")
+    assert (caught.value.service, caught.value.owner, caught.value.action) == ("hostile", "bank", "write")
+    with pytest.raises(IsolationError):
+        await vmsdb_app.service(Hostile).run("RESET ROLE", "SELECT count(*) FROM bank.audit")
+    assert await vmsdb_app.service(Bank).balance("a1") == 10
+    await _later_transactions_are_unaffected(vmsdb_app)
+
+
+async def _later_transactions_are_unaffected(app: App) -> None:
+    """25 pooled transactions of every kind after the probes run as who they should."""
+    for i in range(25):
+        assert await app.service(Hostile).run("SELECT current_user") == ["vms_hostile"]
+        await app.service(Shop).record(f"o{i}")
+        await app.publish(Declared(k=str(i)))  # the housekeeping's pool: may write vms.events
+    assert len(await app.service(Shop).orders()) == 25
+    async with app.core.housekeeping() as conn:
+        assert (await conn.execute(text("SELECT current_user"))).scalar_one() == "vms_core"
+
+
+# -- @Outbound enforced by the core (finding 3) --------------------------------------------------
+
+
+async def test_a_service_inserts_only_the_event_types_it_declared(vmsdb_app: App) -> None:
+    await vmsdb_app.service(Bank).open("k1", 10)
+    await vmsdb_app.service(Hostile).emit("k1")  # declared: allowed
+    with pytest.raises(IsolationError) as caught:
+        await vmsdb_app.service(Hostile).forge("Deposit")  # the bank acts on Deposit
+    err = caught.value
+    assert (err.service, err.table, err.action) == ("hostile", "vms.events", "send")
+    assert "'hostile'" in str(err) and "@Outbound" in str(err)
+    await vmsdb_app.drain()
+    async with vmsdb_app.core.admin() as conn:
+        types = (await conn.execute(text("SELECT type FROM vms.events WHERE producer = 'hostile'"))).scalars()
+        assert list(types) == ["Declared"]
+        assert (await conn.execute(text("SELECT count(*) FROM vms.deliveries"))).scalar_one() == 0
+    assert await vmsdb_app.service(Bank).balance("k1") == 10  # no Deposit reached the bank
+
+
+async def test_delivery_ignores_an_undeclared_event_of_a_local_service_whoever_inserted_it(
+    vmsdb_app: App,
+) -> None:
+    """Defence in depth: even an insert that row-level security does not bind (the
+    administrator's) in a service's name, of a type the service never declared, reaches no one."""
+    await vmsdb_app.service(Bank).open("k1", 10)
+    forged = (
+        "INSERT INTO vms.events (id, type, key, payload, producer) VALUES "
+        "(gen_random_uuid(), 'Deposit', 'k1', '{\"account\": \"k1\", \"amount\": 5}', :producer)"
+    )
+    async with vmsdb_app.core.admin() as conn:
+        await conn.execute(text(forged), {"producer": "hostile"})
+        assert (await conn.execute(text("SELECT count(*) FROM vms.deliveries"))).scalar_one() == 0
+        await conn.execute(text(forged), {"producer": None})  # from outside any service: delivered
+    await vmsdb_app.drain()
+    assert await vmsdb_app.service(Bank).balance("k1") == 15

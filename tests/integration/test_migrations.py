@@ -47,8 +47,10 @@ CORE_REVISIONS = [
     "0003_references",
     "0004_service_roles",
     "0005_trace_context",
+    "0006_reads_begin_epochs",
+    "0007_login_roles",
 ]
-HEADS = {"core": ("0005_trace_context",), "warehouse": ("w0002_audit",), "basket": ("b0001_lines",)}
+HEADS = {"core": ("0007_login_roles",), "warehouse": ("w0002_audit",), "basket": ("b0001_lines",)}
 AT_HEAD = {"vms": HEADS["core"], "warehouse": HEADS["warehouse"], "basket": HEADS["basket"]}
 
 

@@ -1,7 +1,7 @@
 """G9/G10 on Postgres: generated histories replayed on the core, step by step, against the model.
 
-The histories of tests/unit/test_weak_consistency_model.py (puts, deletes, references, refreshes,
-releases, backups, crashes and restores in both modes, late answers) run on a real core: every
+The histories of tests/unit/test_weak_consistency_model.py (puts, reads, deletes, references,
+refreshes, releases, backups, crashes and restores in both modes, late answers) run on a real core: every
 backup is a pg_dump, every crash drops a schema, every restore is a pg_restore. After each step
 the core's metadata, tables, references and intervals must equal the model's, so the checkers'
 verdicts on the core are the ones the unit tests prove right against the paper.
@@ -25,7 +25,7 @@ from dbcore.descriptor import ReferenceableDescriptor, ReferenceColumnDescriptor
 from dbcore.errors import CoreError
 from dbcore.translate import core_error
 from framework.testing import fresh_database
-from tests.unit.test_weak_consistency_model import HOLDS, OWNERS, SERVICES, Run, histories, uri
+from tests.unit.test_weak_consistency_model import HOLDS, OWNERS, SERVICES, Run, histories, read_races, uri
 
 TABLES = {
     "alpha": ["CREATE TABLE alpha.items (id text PRIMARY KEY, val int NOT NULL)"],
@@ -119,6 +119,12 @@ class OnPostgres:
                     {"k": key, "v": value},
                 ),
             )
+        elif kind == "read":
+            _, s, key = op
+            async with self.core.transaction(s) as conn:
+                sql = f"SELECT id FROM {s}.items WHERE id = :k"
+                if (await conn.execute(text(sql), {"k": key})).first() is not None:
+                    await references.read_entities(conn, s, [uri(s, key)])
         elif kind == "delete":
             await self.in_transaction(op[1], (f"DELETE FROM {op[1]}.items WHERE id = :k", {"k": op[2]}))
         elif kind in ("ref", "get", "unref"):
@@ -176,7 +182,14 @@ async def observed(core: Core, ids: dict[str, str]) -> dict[str, Any]:
                     for slot, ref in (await conn.execute(text(f"SELECT slot, ref FROM {h}.links_{t}"))).all()
                 }
         report = integrity.check(await integrity.load_snapshot(conn))
+        conflicts = {
+            (back[str(r)], u, h, t)
+            for r, u, h, t in await conn.execute(
+                text("SELECT recovery_id, uri, holder, t FROM vms.merge_conflicts")
+            )
+        }
     return {
+        "conflicts": conflicts,
         "meta": meta,
         "counts": counts,
         "amnesia": amnesia,
@@ -189,6 +202,7 @@ async def observed(core: Core, ids: dict[str, str]) -> dict[str, Any]:
 def expected(model: Run) -> dict[str, Any]:
     core = model.core
     return {
+        "conflicts": core.conflicts,
         "meta": {u: (m.t, m.k, m.d, m.deleted, m.pending, m.restored_by) for u, m in core.meta.items()},
         "counts": dict(core.counts),
         "amnesia": sorted(
@@ -249,6 +263,22 @@ def verdicts(report: integrity.IntegrityReport) -> Any:
 )
 @given(histories(rounds=3))
 def test_generated_histories_on_postgres_match_the_model(
+    vmsdb_server: str, history: list[tuple[Any, ...]]
+) -> None:
+    asyncio.run(replay(vmsdb_server, history))
+
+
+# Reads of a restored service racing the answers that would merge lost versions over them. 30
+# examples: with vms.ref_read's rule removed (a read leaves the entity "restored"), about one
+# generated race in five makes the core merge over a value that was read, and this test fails
+# (Paper.merge raises, or the core's metadata departs from the model's).
+@settings(
+    max_examples=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(read_races())
+def test_reads_racing_merges_on_postgres_match_the_model(
     vmsdb_server: str, history: list[tuple[Any, ...]]
 ) -> None:
     asyncio.run(replay(vmsdb_server, history))

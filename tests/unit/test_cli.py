@@ -137,3 +137,42 @@ def test_services_table_shows_each_services_references(tmp_path: Path) -> None:
     assert "references" in shown
     assert "products (seller_id, product_id) referenceable" in shown
     assert "orders.customer → customer.customers" in shown
+
+
+def test_restore_of_a_backup_id_that_is_not_a_uuid_is_one_line_and_touches_nothing(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def no_database(*args: object, **kwargs: object) -> NoReturn:
+        raise AssertionError("the id is checked before the database is reached")
+
+    monkeypatch.setattr("framework.cli._integrity._run", no_database)
+    monkeypatch.setattr(sys, "argv", ["vmsdb", "restore", "cart", "--backup", "999", "--app", "shop:app"])
+    with pytest.raises(SystemExit) as exited:
+        main()
+    assert exited.value.code == 2
+    out, err = capsys.readouterr()
+    assert len(err.splitlines()) == 1 and "'999' is not a backup id" in err, err
+    assert "Traceback" not in out + err
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        (ConnectionRefusedError(111, "Connect call failed"), "start the database"),
+        (FileNotFoundError(2, "No such file or directory"), "start the database"),
+    ],
+)
+def test_a_database_that_cannot_be_reached_is_one_line(
+    error: OSError, expected: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async def unreachable(*args: object, **kwargs: object) -> NoReturn:
+        raise error
+
+    monkeypatch.setattr("framework.cli._commands.load_app", lambda target: App([]))
+    monkeypatch.setattr(App, "start", unreachable)
+    monkeypatch.setattr(sys, "argv", ["vmsdb", "dead-letters", "list", "shop:app"])
+    with pytest.raises(SystemExit) as exited:
+        main()
+    assert exited.value.code == 1
+    _, err = capsys.readouterr()
+    assert len(err.splitlines()) == 1 and expected in err and "unavailable" in err, err

@@ -1,7 +1,7 @@
 """Definitions 1 and 3 and the amnesia intervals, against a reference model of the paper.
 
-Two models run the same generated histories (puts, deletes, references, refreshes, releases,
-backups, crashes with restores in either mode, answers arriving late):
+Two models run the same generated histories (puts, reads, deletes, references, refreshes,
+releases, backups, crashes with restores in either mode, answers arriving late):
 
 - ``Core`` follows the core's rules step by step (the SQL of dbcore.references and the Python
   of dbcore.recovery and dbcore.backup): clocks, epochs, ``pending``, ``d``, tombstones, intervals,
@@ -11,7 +11,10 @@ backups, crashes with restores in either mode, answers arriving late):
   entity records the history it was built on, and an owner keeps the set of versions its current
   state descends from. A reference is valid when its version is in that set and the entity
   exists; a version outside it was lost by a restore (Definition 3 must cover it); a version in it
-  whose entity is gone is a plain dangling reference (nothing may cover it).
+  whose entity is gone is a plain dangling reference (nothing may cover it). Written from the
+  paper's text (§3.3, Definition 2), not from the core: the first reading or writing access after
+  a restore begins the new epoch, and a value read in it is never replaced by a recovered value
+  of the previous epoch (``Paper.merge`` fails the test if the core's merge tries).
 """
 
 from __future__ import annotations
@@ -115,6 +118,7 @@ class Core:
         }
         self.backups: dict[str, list[dict[str, Any]]] = {s: [] for s in SERVICES}
         self.recoveries: dict[str, Rec] = {}
+        self.conflicts: set[tuple[str, str, str, int]] = set()  # (recovery, uri, holder, t)
         self._ids = Ids()
 
     def tick(self, s: str) -> int:
@@ -169,6 +173,19 @@ class Core:
             None,
         )
 
+    def read(self, s: str, key: str) -> int | None:
+        """A read of the owner's row (by its functions, or another service's query)."""
+        if key not in self.rows[s]:
+            return None
+        self.gate(s)
+        u, e = uri(s, key), self.meta.get(uri(s, key))
+        if e is not None and e.restored_by is not None:
+            if e.pending:
+                self.access(u, e)
+                e.t, e.k, e.pending = self.tick(s), self.epoch[s], False
+            e.restored_by = None
+        return self.rows[s][key]
+
     def delete(self, s: str, key: str) -> bool:
         if key not in self.rows[s]:
             return False
@@ -203,6 +220,7 @@ class Core:
             self.counts[(u, holder)] = self.counts.get((u, holder), 0) + 1
         ref: dict[str, Any] = {"uri": u, "t": e.t, "k": e.k}
         if want_copy:
+            e.restored_by = None  # a copy is a read
             key = u.rsplit("/", 1)[1]
             value = e.value if e.deleted else self.rows[e.service][key]
             ref["copy"] = {"id": key, "val": value}
@@ -337,6 +355,14 @@ class Core:
         own = next((a for a in self.amnesia if a.uri == entry["uri"] and a.recovery == rec.id), None)
         return own is not None and own.covers(entry["t"]) and entry["k"] == own.from_epoch
 
+    def superseded(self, rec: Rec, e: Meta | None, entry: dict[str, Any]) -> bool:
+        if e is None or e.restored_by is not None:
+            return False
+        own = next((a for a in self.amnesia if a.uri == entry["uri"] and a.recovery == rec.id), None)
+        return (
+            own is not None and own.hi is not None and own.covers(entry["t"]) and entry["k"] == own.from_epoch
+        )
+
     def merge(self, r: str, holder: str) -> list[str]:
         rec = self.recoveries[r]
         if any(x.service == rec.service and int(x.id[1:]) > int(r[1:]) for x in self.recoveries.values()):
@@ -347,6 +373,8 @@ class Core:
             if entry["copy"] is not None and self.applies(rec, e, entry):
                 self._apply(rec, holder, e, entry)
                 merged.append(u)
+            elif entry["copy"] is not None and self.superseded(rec, e, entry):
+                self.conflicts.add((r, u, holder, entry["t"]))
             if entry["count"] > 0:
                 self.counts[(u, holder)] = entry["count"]
             else:
@@ -420,6 +448,8 @@ class KeyState:
     # Versions back in the history through a copy of another epoch: the copy's (t, k) cannot say
     # it descends from them, so the core may keep them in an interval (conservative, not exact).
     fuzzy: set[int] = field(default_factory=set)
+    # Someone read the current value since the restore: its new epoch began on it (§3.3).
+    read: bool = False
 
 
 class Paper:
@@ -462,14 +492,21 @@ class Paper:
         else:
             ks.present = False
 
-    def touch(self, u: str, t: int, k: int) -> int:
-        """A reference or refresh: the first access after a restore stamps a new version."""
+    def touch(self, u: str, t: int, k: int, *, read: bool = False) -> int:
+        """An access: a reference or refresh (``read`` when it copies the value), or a read.
+
+        "A new epoch E_k begins at the first reading or written access of an entity": the first
+        access after a restore stamps a new version. A read also makes whoever read depend on
+        the value it saw, "which would be in conflict with further more recent recovered values
+        from the previous epoch": from then on no recovered value may replace it.
+        """
         s, key = u.split("/")[2], u.rsplit("/", 1)[1]
         ks = self.state[s][key]
         if ks.pending:
             ks.pending = False
             v = self.version(u, t, k, self.value[ks.current], ks.history)
             ks.history, ks.current = set(self.known[v]), v
+        ks.read = ks.read or read
         return ks.current
 
     def refcount(self, u: str) -> int:
@@ -485,7 +522,7 @@ class Paper:
         if state is not None:
             self.state[s] = state
             for ks in state.values():
-                ks.pending = ks.present
+                ks.pending, ks.read = ks.present, False
         self.slots.update(slots)
 
     def merge(self, u: str, t_copy: int, new: tuple[int, int] | None) -> None:
@@ -493,6 +530,8 @@ class Paper:
         s, key = u.split("/")[2], u.rsplit("/", 1)[1]
         got = self.by_stamp[(u, t_copy)]
         ks = self.state[s].get(key)
+        if ks is not None and ks.read:
+            raise AssertionError(f"a merge of {u} overwrote a value read in its new epoch")
         before = ks.history if ks else set()
         base = set(self.known[got]) | before
         fuzzy = {v for v in self.known[got] - before if self.epoch[v] != self.epoch[got]}
@@ -539,6 +578,7 @@ WORK = st.one_of(
     st.tuples(st.just("delete"), st.sampled_from(OWNERS), st.sampled_from(KEYS)),
     st.tuples(st.just("unref"), st.sampled_from(PAIRS), st.sampled_from(SLOTS)),
     st.tuples(st.just("answer"), st.integers(0, 5)),
+    st.tuples(st.just("read"), st.sampled_from(OWNERS), st.sampled_from(KEYS)),
 )
 
 
@@ -559,6 +599,14 @@ def focused(victim: str) -> st.SearchStrategy[tuple[Any, ...]]:
     )
 
 
+def recovering(victim: str) -> st.SearchStrategy[tuple[Any, ...]]:
+    """Reads of the restored service racing the answers that bring its lost versions back."""
+    if victim not in OWNERS:
+        return WORK
+    read = st.tuples(st.just("read"), st.just(victim), st.sampled_from(KEYS))
+    return st.one_of(read, read, st.tuples(st.just("answer"), st.integers(0, 5)), WORK)
+
+
 @st.composite
 def histories(draw: Any, rounds: int = 4) -> list[tuple[Any, ...]]:
     """Rounds of: work, a backup of some service, more work, and (often) that service's disaster,
@@ -574,6 +622,23 @@ def histories(draw: Any, rounds: int = 4) -> list[tuple[Any, ...]]:
             history.append(("crash", victim, draw(st.sampled_from([-1, -1, 0])), mode))
     history += draw(st.lists(WORK, max_size=6))
     return history
+
+
+@st.composite
+def read_races(draw: Any) -> list[tuple[Any, ...]]:
+    """A disaster in availability mode, then reads of the restored service among the answers
+    that bring its lost versions back: where a merge could overwrite a value someone read."""
+    victim = draw(st.sampled_from(OWNERS))
+    history: list[tuple[Any, ...]] = draw(st.lists(WORK, max_size=4))
+    history += [("put", victim, key, 1) for key in KEYS] + [("backup", victim)]
+    history += draw(st.lists(focused(victim), max_size=4))
+    # A version the backup lost, cached by one of the victim's holders.
+    key, holder = draw(st.sampled_from(KEYS)), draw(st.sampled_from(holders_of(victim)))
+    history += [("put", victim, key, 2), ("ref", (holder, victim), draw(st.sampled_from(SLOTS)), key, True)]
+    history += draw(st.lists(focused(victim), max_size=3))
+    history.append(("crash", victim, -1, "availability"))
+    history += draw(st.lists(recovering(victim), min_size=1, max_size=8))
+    return history + [("answer", 0)] * len(holders_of(victim))
 
 
 HISTORIES = histories()
@@ -600,6 +665,11 @@ class Run:
                     paper.delete(s, key, core.recovering[s] is not None)
             elif kind in ("ref", "get", "unref"):
                 self.holder_op(op)
+            elif kind == "read":
+                _, s, key = op
+                if core.read(s, key) is not None and uri(s, key) in core.meta:
+                    m = core.meta[uri(s, key)]
+                    paper.touch(uri(s, key), m.t, m.k, read=True)
             elif kind == "backup":
                 core.backup(op[1])
                 paper.backup(op[1])
@@ -633,7 +703,7 @@ class Run:
                 core.__dict__.update(saved)
                 raise
             refs[slot] = ref
-            truth[slot] = (ref["uri"], paper.touch(ref["uri"], ref["t"], ref["k"]))
+            truth[slot] = (ref["uri"], paper.touch(ref["uri"], ref["t"], ref["k"], read="copy" in ref))
             return
         u = uri(target, op[3])
         saved = copy.deepcopy(core.__dict__)
@@ -645,7 +715,7 @@ class Run:
             core.__dict__.update(saved)
             raise
         refs[slot] = ref
-        truth[slot] = (u, paper.touch(u, ref["t"], ref["k"]))
+        truth[slot] = (u, paper.touch(u, ref["t"], ref["k"], read="copy" in ref))
 
     def crash(self, s: str, which: int, mode: str) -> None:
         if not self.core.backups[s]:
@@ -730,6 +800,15 @@ def test_the_checkers_agree_with_the_paper_at_every_step(history: list[tuple[Any
     r = Run()
     for op in history:
         r.apply(op)
+        assert_agrees(r)
+
+
+@settings(max_examples=200, deadline=None)
+@given(read_races())
+def test_reads_in_the_new_epoch_are_never_overwritten_by_a_merge(history: list[tuple[Any, ...]]) -> None:
+    r = Run()
+    for op in history:
+        r.apply(op)  # Paper.merge fails if a merge replaces a value read since the restore
         assert_agrees(r)
 
 

@@ -4,7 +4,12 @@ Add-to-cart leases the item's quantity from the stock (``@Lease``, through the `
 and keeps the lease id with the item; checkout hands the leases to the stock, which consumes
 them. The product replica follows ProductUpdated and PriceUpdated, guarded by the product's
 revision, and both handlers take ``precedence`` over checkout: a checkout sees every product
-change committed before it, and is priced from the replica.
+change committed before it.
+
+Checkout follows the benchmark: the cart becomes CHECKOUT_SENT; an item whose replica shows the
+same version at a different price is dropped (PRICE_DIVERGENCE), one whose product was deleted
+(DELETED) or replaced (UNAVAILABLE) too; the others go to the stock at the price the cart holds
+(a price update of the item's version has already rewritten it).
 """
 
 from __future__ import annotations
@@ -27,9 +32,10 @@ from vmsdb_eshop.events import (
     PriceUpdated,
     PriceUpdateMark,
     ProductUpdated,
+    RejectedItem,
     ReserveStock,
 )
-from vmsdb_eshop.schemas import CartItem, CartItemFields, MarkStatus
+from vmsdb_eshop.schemas import CartItem, CartItemFields, CartStatus, ItemStatus, MarkStatus
 from vmsdb_eshop.services.common import (
     as_row,
     clear,
@@ -56,7 +62,12 @@ class Cart(Service, name="cart"):
         Adding a product that is already in the cart replaces it (and its lease).
         """
         s = session()
-        await s.execute(insert(CartRecord).values(customer_id=customer_id).on_conflict_do_nothing())
+        opened = insert(CartRecord).values(customer_id=customer_id, status=CartStatus.OPEN)
+        await s.execute(
+            opened.on_conflict_do_update(
+                index_elements=["customer_id"], set_={"status": CartStatus.OPEN, "updated_at": now()}
+            )
+        )
         line = await s.get(CartLine, (customer_id, item.seller_id, item.product_id))
         if line is not None and line.lease_id is not None:
             await settle_quietly(release_lease, line.lease_id)
@@ -74,6 +85,9 @@ class Cart(Service, name="cart"):
     @Transactional
     async def seal(self, customer_id: int) -> int:
         """Empty the cart and give its leases back; returns how many items were dropped."""
+        await session().execute(
+            update(CartRecord).where(CartRecord.customer_id == customer_id).values(status=CartStatus.OPEN)
+        )
         dropped = await rows(
             delete(CartLine).where(CartLine.customer_id == customer_id).returning(CartLine.lease_id)
         )
@@ -100,7 +114,7 @@ class Cart(Service, name="cart"):
     @Outbound([ReserveStock, CheckoutMark])
     @Transactional
     async def checkout(self, event: CheckoutRequest) -> None:
-        """Price the items from the replica, record them, empty the cart, ask the stock."""
+        """Drop diverged or deleted items, record the rest, empty the cart, ask the stock."""
         s = session()
         lines = (
             await s.scalars(
@@ -112,28 +126,48 @@ class Cart(Service, name="cart"):
         if not lines:
             send(CheckoutMark.of(event.tid, event.customer_id, MarkStatus.NOT_ACCEPTED, "cart", "empty cart"))
             return
-        prices = await self._replica_prices(lines)
-        items = [
-            CartItem(**{**_fields(line), "unit_price": prices.get(_key(line), line.unit_price)})
-            for line in lines
-        ]
+        replicas = await self._replicas(lines)
+        items: list[CartItem] = []
+        dropped: list[RejectedItem] = []
+        for line in lines:
+            status = _status(line, replicas.get((line.seller_id, line.product_id)))
+            if status is ItemStatus.IN_STOCK:
+                items.append(CartItem(**_fields(line)))
+                continue
+            dropped.append(RejectedItem(**_fields(line), status=status))
+            if line.lease_id is not None:
+                await settle_quietly(release_lease, line.lease_id)
         for item in items:
             s.add(CartHistory(customer_id=event.customer_id, tid=event.tid, **item.model_dump()))
         await s.execute(delete(CartLine).where(CartLine.customer_id == event.customer_id))
         await s.execute(
-            update(CartRecord).where(CartRecord.customer_id == event.customer_id).values(updated_at=now())
+            update(CartRecord)
+            .where(CartRecord.customer_id == event.customer_id)
+            .values(status=CartStatus.CHECKOUT_SENT, updated_at=now())
         )
-        send(ReserveStock(customer_id=event.customer_id, tid=event.tid, customer=event.checkout, items=items))
+        if not items:
+            why = ", ".join(f"{d.seller_id}/{d.product_id} {d.status}" for d in dropped)
+            send(CheckoutMark.of(event.tid, event.customer_id, MarkStatus.NOT_ACCEPTED, "cart", why))
+            return
+        send(
+            ReserveStock(
+                customer_id=event.customer_id,
+                tid=event.tid,
+                customer=event.checkout,
+                items=items,
+                dropped=dropped,
+            )
+        )
 
-    async def _replica_prices(self, lines: Sequence[CartLine]) -> dict[tuple[int, int, str], Decimal]:
-        """Current replica prices, by (seller, product, version), of the lines' products."""
+    async def _replicas(self, lines: Sequence[CartLine]) -> dict[tuple[int, int], ReplicaProduct]:
+        """The replica of each line's product, by (seller, product)."""
         keys = [(line.seller_id, line.product_id) for line in lines]
         replicas = await session().scalars(
             select(ReplicaProduct).where(
-                ReplicaProduct.active, tuple_(ReplicaProduct.seller_id, ReplicaProduct.product_id).in_(keys)
+                tuple_(ReplicaProduct.seller_id, ReplicaProduct.product_id).in_(keys)
             )
         )
-        return {(r.seller_id, r.product_id, r.version): r.price for r in replicas}
+        return {(r.seller_id, r.product_id): r for r in replicas}
 
     @Inbound(PriceUpdated, precedence=CheckoutRequest)
     @Outbound(PriceUpdateMark)
@@ -196,8 +230,27 @@ class Cart(Service, name="cart"):
         await clear(CartLine, CartHistory, CartRecord)
 
 
-def _key(line: CartLine) -> tuple[int, int, str]:
-    return (line.seller_id, line.product_id, line.version)
+def _status(line: CartLine, replica: ReplicaProduct | None) -> ItemStatus:
+    """Whether checkout sends ``line`` to the stock (IN_STOCK) or drops it, and why.
+
+    The replica is never behind what a client learnt: a replacement or price update is
+    acknowledged only after the cart applied it, and its handlers take precedence over checkout.
+    So a line at another version than the replica's is of a replaced version (UNAVAILABLE, as
+    the stock would answer), and one at the replica's version but another price was added with a
+    stale price (PRICE_DIVERGENCE). Dropping the first here, not only at the stock, keeps a stale
+    line out of the checkout's history: without it a cart could hold x at a price older than an
+    update acknowledged before y's, the benchmark's causal anomaly. An unknown product is left to
+    the stock.
+    """
+    if replica is None:
+        return ItemStatus.IN_STOCK
+    if not replica.active:
+        return ItemStatus.DELETED
+    if replica.version != line.version:
+        return ItemStatus.UNAVAILABLE
+    if replica.price != line.unit_price:
+        return ItemStatus.PRICE_DIVERGENCE
+    return ItemStatus.IN_STOCK
 
 
 def _fields(line: CartLine) -> dict[str, Any]:
@@ -207,7 +260,7 @@ def _fields(line: CartLine) -> dict[str, Any]:
 class CartRecord(Cart.Model):
     __tablename__ = "carts"
     customer_id: Mapped[int] = mapped_column(primary_key=True)
-    status: Mapped[str] = mapped_column(String(20), default="OPEN")
+    status: Mapped[str] = mapped_column(String(20), default=CartStatus.OPEN)
     created_at: Mapped[datetime] = timestamp_column()
     updated_at: Mapped[datetime] = timestamp_column()
 

@@ -1,38 +1,129 @@
-"""Payment: charges an invoice; a failed payment ends the checkout as NOT_ACCEPTED.
+"""Payment: charges an invoice through the external provider, in two transactions.
 
-The sample has no payment provider: a card payment fails when the card has expired by the
-invoice date (the workload sends a few such cards), boleto always succeeds. Each payment is one
-main line (card or boleto) plus one VOUCHER line per item that carried an incentive.
+1. ``on_invoice`` (the InvoiceIssued handler) records a pending ``payment_requests`` row and
+   commits; nothing is charged inside a transaction.
+2. ``claim`` marks a few pending requests as being worked on (so that processors in other
+   processes leave them alone for a while) and returns them; the processor
+   (``vmsdb_eshop.payments``) then calls the provider outside any transaction, with the
+   request's key (customer/order) as the idempotency key.
+3. ``settle`` records the answer: payment lines, PaymentConfirmed or PaymentFailed, only if the
+   request is still pending. A second answer for the same request (a retry after a crash, a
+   second processor) changes nothing, so the effects happen exactly once.
+
+Each payment is one main line (card or boleto) plus one VOUCHER line per item that carried an
+incentive.
 """
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import String, select
+from sqlalchemy import String, func, select, text, update
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
 
-from framework import Inbound, Outbound, Service, Transactional, send, session
+from framework import Inbound, Outbound, Service, Transactional, send, session, trace_context
 from vmsdb_eshop.events import CheckoutMark, InvoiceIssued, PaymentConfirmed, PaymentFailed
-from vmsdb_eshop.schemas import MarkStatus, PaymentType, card_expired
-from vmsdb_eshop.services.common import clear, money_column, rows, timestamp_column
+from vmsdb_eshop.schemas import MarkStatus, PaymentType
+from vmsdb_eshop.services.common import clear, money_column, now, rows, timestamp_column
 
-__all__ = ["OrderPayment", "Payment", "PaymentCard"]
+__all__ = ["REQUESTS_CHANNEL", "OrderPayment", "Payment", "PaymentCard", "PaymentRequestRecord"]
 
 _CARDS = (PaymentType.CREDIT_CARD, PaymentType.DEBIT_CARD)
+#: How long a claimed request is left to its processor before another one may take it.
+CLAIM_PERIOD = timedelta(seconds=5)
+#: Notified when a request commits (a NOTIFY is delivered at commit, never before).
+REQUESTS_CHANNEL = "eshop_payment_requests"
 
 
 class Payment(Service, name="payment"):
     @Inbound(InvoiceIssued)
-    @Outbound([PaymentConfirmed, PaymentFailed, CheckoutMark])
     @Transactional
     async def on_invoice(self, event: InvoiceIssued) -> None:
+        """Record the charge to make; the processor makes it after this commits."""
+        session().add(
+            PaymentRequestRecord(
+                customer_id=event.customer_id,
+                order_id=event.order_id,
+                tid=event.tid,
+                invoice=event.model_dump(mode="json"),
+                status="pending",
+                # The processor charges outside this transaction: it continues this trace.
+                trace_context=trace_context(),
+            )
+        )
+        await session().execute(text(f"NOTIFY {REQUESTS_CHANNEL}"))
+
+    @Transactional
+    async def claim(self, limit: int = 16) -> list[tuple[InvoiceIssued, str | None]]:
+        """Take up to ``limit`` pending requests nobody works on, for ``CLAIM_PERIOD``: each
+        invoice with the trace context of the handler that recorded it."""
+        table = PaymentRequestRecord.__table__
+        free = (
+            select(table.c.customer_id, table.c.order_id)
+            .where(table.c.status == "pending", table.c.claimed_until <= func.now())
+            .order_by(table.c.created_at)
+            .limit(limit)
+            .with_for_update(skip_locked=True)  # concurrent processors take different requests
+            .cte()
+        )
+        taken = await rows(
+            update(table)
+            .where(table.c.customer_id == free.c.customer_id, table.c.order_id == free.c.order_id)
+            .values(claimed_until=func.now() + CLAIM_PERIOD)
+            .returning(table.c.invoice, table.c.trace_context)
+        )
+        return [(InvoiceIssued.model_validate(r["invoice"]), r["trace_context"]) for r in taken]
+
+    @Transactional(type="RO")
+    async def pending(self) -> int:
+        """How many requests still wait for the provider's answer."""
+        count = await session().scalar(
+            select(func.count())
+            .select_from(PaymentRequestRecord)
+            .where(PaymentRequestRecord.status == "pending")
+        )
+        return int(count or 0)
+
+    @Outbound([PaymentConfirmed, PaymentFailed, CheckoutMark])
+    @Transactional
+    async def settle(self, event: InvoiceIssued, approved: bool, reason: str = "") -> bool:
+        """Record the provider's answer for ``event``'s request; ``False`` if it was settled."""
+        status = "succeeded" if approved else "failed"
+        settled = await rows(
+            update(PaymentRequestRecord)
+            .where(
+                PaymentRequestRecord.customer_id == event.customer_id,
+                PaymentRequestRecord.order_id == event.order_id,
+                PaymentRequestRecord.status == "pending",  # the answer takes effect once
+            )
+            .values(status=status, reason=reason, settled_at=now())
+            .returning(PaymentRequestRecord.order_id)
+        )
+        if not settled:
+            return False
+        self._record(event, status)
+        total = sum((i.total_amount for i in event.items), Decimal(0))
+        common: dict[str, Any] = dict(
+            customer_id=event.customer_id,
+            tid=event.tid,
+            order_id=event.order_id,
+            customer=event.customer,
+            total_amount=total,
+            items=event.items,
+        )
+        if approved:
+            send(PaymentConfirmed(**common, date=event.issue_date))
+            return True
+        send(PaymentFailed(**common, status=reason))
+        send(CheckoutMark.of(event.tid, event.customer_id, MarkStatus.NOT_ACCEPTED, "payment", reason))
+        return True
+
+    def _record(self, event: InvoiceIssued, status: str) -> None:
         customer = event.customer
         is_card = customer.payment_type in _CARDS
-        ok = not (is_card and card_expired(customer.card_expiration, event.issue_date.date()))
-        status = "succeeded" if ok else "failed"
         key = {"customer_id": event.customer_id, "order_id": event.order_id}
         s = session()
         s.add(
@@ -70,22 +161,6 @@ class Payment(Service, name="payment"):
                     status=status,
                 )
             )
-        total = sum((i.total_amount for i in event.items), Decimal(0))
-        common: dict[str, Any] = dict(
-            customer_id=event.customer_id,
-            tid=event.tid,
-            order_id=event.order_id,
-            customer=customer,
-            total_amount=total,
-            items=event.items,
-        )
-        if ok:
-            send(PaymentConfirmed(**common, date=event.issue_date))
-            return
-        send(PaymentFailed(**common, status="card expired"))
-        send(
-            CheckoutMark.of(event.tid, event.customer_id, MarkStatus.NOT_ACCEPTED, "payment", "card expired")
-        )
 
     @Transactional(type="RO")
     async def payments_of(self, customer_id: int, order_id: int) -> list[dict[str, Any]]:
@@ -98,7 +173,7 @@ class Payment(Service, name="payment"):
 
     @Transactional
     async def cleanup(self) -> None:
-        await clear(PaymentCard, OrderPayment)
+        await clear(PaymentCard, OrderPayment, PaymentRequestRecord)
 
 
 class OrderPayment(Payment.Model):
@@ -123,3 +198,20 @@ class PaymentCard(Payment.Model):
     card_holder_name: Mapped[str]
     card_expiration: Mapped[str]
     card_brand: Mapped[str]
+
+
+class PaymentRequestRecord(Payment.Model):
+    """A charge to make: pending until the provider's answer is recorded (exactly once)."""
+
+    __tablename__ = "payment_requests"
+    customer_id: Mapped[int] = mapped_column(primary_key=True)
+    order_id: Mapped[int] = mapped_column(primary_key=True)
+    tid: Mapped[str] = mapped_column(String(200))
+    invoice: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    status: Mapped[str] = mapped_column(String(20), index=True)
+    reason: Mapped[str] = mapped_column(default="")
+    claimed_until: Mapped[datetime] = timestamp_column()
+    created_at: Mapped[datetime] = timestamp_column()
+    settled_at: Mapped[datetime | None] = timestamp_column(nullable=True)
+    #: The W3C traceparent of the recording handler, when tracing is on.
+    trace_context: Mapped[str | None] = mapped_column(String(55), nullable=True)

@@ -19,7 +19,10 @@ from vmsdb_eshop.events import PriceUpdated, ProductUpdated
 from vmsdb_eshop.schemas import ProductData
 from vmsdb_eshop.services.common import as_row, money_column, now, rows, timestamp_column
 
-__all__ = ["Product", "ProductRecord"]
+__all__ = ["DELETED", "Product", "ProductRecord"]
+
+#: The product status that withdraws it from sale (a replacement may carry it).
+DELETED = "deleted"
 
 
 class Product(Service, name="product"):
@@ -45,7 +48,8 @@ class Product(Service, name="product"):
             s.add(row)
         for name, value in data.model_dump().items():
             setattr(row, name, value)
-        row.active = True
+        # A replacement with status "deleted" withdraws the product: carts drop it (DELETED).
+        row.active = data.status != DELETED
         row.revision += 1
         row.updated_at = now()
         send(
@@ -53,6 +57,7 @@ class Product(Service, name="product"):
                 seller_id=data.seller_id,
                 product_id=data.product_id,
                 product=data,
+                active=row.active,
                 revision=row.revision,
                 tid=tid,
             )

@@ -1,8 +1,15 @@
-"""Seller: sellers, one order entry per sold item, and the seller dashboard.
+"""Seller: sellers, one order entry per sold item, the per-seller view, and the dashboard.
 
-The dashboard is one read-only snapshot transaction: the aggregate (the benchmark's
-``order_seller_view``) and the list of entries are read from the same snapshot, so the totals
-always equal the sum of the entries returned with them.
+``order_seller_view`` is the benchmark's materialized view: per seller, the totals of its
+in-progress entries (order status INVOICED, PAYMENT_PROCESSED, READY_FOR_SHIPMENT or IN_TRANSIT).
+It is kept exact by maintaining it in the transaction that changes the entries: each handler
+applies the difference its change makes (entries entering or leaving the in-progress set) as an
+increment. Increments commute, and the view row's lock orders concurrent writers of one seller,
+so no interleaving loses an update (MarketplaceOnDapr's refresh is skipped under concurrency and
+its view goes stale; Orleans serialises refreshes per seller instead).
+
+The dashboard reads the view row and the entries in one read-only snapshot transaction, so the
+totals always equal the sum of the entries returned with them.
 """
 
 from __future__ import annotations
@@ -11,7 +18,8 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import ColumnElement, String, func, select, update
+from sqlalchemy import ColumnElement, String, select, update
+from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Mapped, mapped_column
 
 from framework import Inbound, Service, Transactional, session
@@ -31,7 +39,7 @@ from vmsdb_eshop.schemas import (
 )
 from vmsdb_eshop.services.common import as_row, clear, money_column, rows, timestamp_column, upsert
 
-__all__ = ["VIEW_TOTALS", "OrderEntry", "Seller", "SellerRecord"]
+__all__ = ["VIEW_TOTALS", "OrderEntry", "Seller", "SellerRecord", "SellerView"]
 
 #: The totals of the seller view, and the entry column each one sums.
 VIEW_TOTALS = {
@@ -57,26 +65,29 @@ class Seller(Service, name="seller"):
     @Inbound(InvoiceIssued)
     @Transactional
     async def on_invoice(self, event: InvoiceIssued) -> None:
-        """One entry per invoiced item, under the item's seller."""
-        for item in event.items:
-            session().add(
-                OrderEntry(
-                    customer_id=event.customer_id,
-                    order_id=event.order_id,
-                    seller_id=item.seller_id,
-                    product_id=item.product_id,
-                    natural_key=f"{event.customer_id}_{event.order_id}",
-                    product_name=item.product_name,
-                    unit_price=item.unit_price,
-                    quantity=item.quantity,
-                    total_items=item.total_items,
-                    total_amount=item.total_amount,
-                    total_incentive=item.total_incentive,
-                    freight_value=item.freight_value,
-                    total_invoice=item.total_amount + item.freight_value,
-                    order_status=OrderStatus.INVOICED,
-                )
+        """One entry per invoiced item, under the item's seller; the view counts them."""
+        entries = [
+            OrderEntry(
+                customer_id=event.customer_id,
+                order_id=event.order_id,
+                seller_id=item.seller_id,
+                product_id=item.product_id,
+                natural_key=f"{event.customer_id}_{event.order_id}",
+                product_name=item.product_name,
+                product_category=item.product_category,
+                unit_price=item.unit_price,
+                quantity=item.quantity,
+                total_items=item.total_items,
+                total_amount=item.total_amount,
+                total_incentive=item.total_incentive,
+                freight_value=item.freight_value,
+                total_invoice=item.total_amount + item.freight_value,
+                order_status=OrderStatus.INVOICED,
             )
+            for item in event.items
+        ]
+        session().add_all(entries)
+        await _apply(_difference([], [as_row(e) | {"order_status": e.order_status} for e in entries]))
 
     @Inbound(PaymentConfirmed)
     @Transactional
@@ -110,36 +121,76 @@ class Seller(Service, name="seller"):
         )
 
     async def _set(self, customer_id: int, order_id: int, *where: ColumnElement[bool], **values: Any) -> None:
-        await session().execute(
-            update(OrderEntry)
-            .where(OrderEntry.customer_id == customer_id, OrderEntry.order_id == order_id, *where)
-            .values(**values)
-        )
+        """Update the order's entries (``where``: some of them) and the view by the difference."""
+        table = OrderEntry.__table__
+        chosen = (table.c.customer_id == customer_id, table.c.order_id == order_id, *where)
+        # Lock the entries first: the difference is computed from the rows as they were.
+        before = await rows(select(table).where(*chosen).with_for_update())
+        after = await rows(update(table).where(*chosen).values(**values).returning(table))
+        await _apply(_difference(before, after))
 
     @Transactional(type="RO", isolation="snapshot")
     async def dashboard(self, seller_id: int) -> dict[str, Any]:
-        """``{sellerView: {...totals}, orderEntries: [...]}`` over the seller's open entries."""
-        open_entries = (OrderEntry.seller_id == seller_id, OrderEntry.order_status.in_(OPEN_ORDER_STATUSES))
-        (view,) = await rows(
-            select(
-                func.count(func.distinct(OrderEntry.natural_key)).label("count_orders"),
-                func.count().label("count_items"),
-                *(
-                    func.coalesce(func.sum(getattr(OrderEntry, c)), 0).label(t)
-                    for t, c in VIEW_TOTALS.items()
-                ),
-            ).where(*open_entries)
-        )
+        """``{sellerView: {...totals}, orderEntries: [...]}`` over the seller's open entries.
+
+        Both come from one snapshot: the view row is what the entries' transactions left it.
+        """
+        view = await session().get(SellerView, seller_id)
+        totals = {"count_orders": 0, "count_items": 0, **dict.fromkeys(VIEW_TOTALS, Decimal(0))}
+        if view is not None:
+            totals = {name: getattr(view, name) for name in totals}
         entries = await rows(
             select(OrderEntry.__table__)
-            .where(*open_entries)
+            .where(OrderEntry.seller_id == seller_id, OrderEntry.order_status.in_(OPEN_ORDER_STATUSES))
             .order_by(OrderEntry.customer_id, OrderEntry.order_id, OrderEntry.product_id)
         )
-        return {"sellerView": {"seller_id": seller_id, **view}, "orderEntries": entries}
+        return {"sellerView": {"seller_id": seller_id, **totals}, "orderEntries": entries}
 
     @Transactional
     async def cleanup(self) -> None:
-        await clear(OrderEntry)
+        await clear(OrderEntry, SellerView)
+
+
+def _is_open(entry: dict[str, Any]) -> bool:
+    return entry["order_status"] in OPEN_ORDER_STATUSES
+
+
+def _difference(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """Per seller, what the change from ``before`` to ``after`` adds to the view's totals.
+
+    An order counts once per seller while any of its entries there is in progress.
+    """
+    deltas: dict[int, dict[str, Any]] = {}
+    orders: dict[tuple[int, int, int], list[int]] = {}
+    for sign, entries in ((-1, before), (1, after)):
+        for e in entries:
+            if not _is_open(e):
+                continue
+            delta = deltas.setdefault(
+                e["seller_id"],
+                {"count_orders": 0, "count_items": 0, **dict.fromkeys(VIEW_TOTALS, Decimal(0))},
+            )
+            delta["count_items"] += sign
+            for total, column in VIEW_TOTALS.items():
+                delta[total] += sign * e[column]
+            counts = orders.setdefault((e["seller_id"], e["customer_id"], e["order_id"]), [0, 0])
+            counts[0 if sign < 0 else 1] += 1
+    for (seller_id, _c, _o), (was, now_) in orders.items():
+        deltas[seller_id]["count_orders"] += (now_ > 0) - (was > 0)
+    return {s: d for s, d in deltas.items() if any(d.values())}
+
+
+async def _apply(deltas: dict[int, dict[str, Any]]) -> None:
+    """Add each seller's difference to its view row (created at the first entry)."""
+    for seller_id in sorted(deltas):  # one lock order: concurrent writers cannot deadlock
+        delta = deltas[seller_id]
+        statement = insert(SellerView).values(seller_id=seller_id, **delta)
+        await session().execute(
+            statement.on_conflict_do_update(
+                index_elements=["seller_id"],
+                set_={name: getattr(SellerView, name) + statement.excluded[name] for name in delta},
+            )
+        )
 
 
 class SellerRecord(Seller.Model):
@@ -180,3 +231,17 @@ class OrderEntry(Seller.Model):
     delivery_date: Mapped[datetime | None] = timestamp_column(nullable=True)
     order_status: Mapped[str] = mapped_column(String(30))
     delivery_status: Mapped[str | None] = mapped_column(String(30))
+
+
+class SellerView(Seller.Model):
+    """``order_seller_view``: per seller, the totals of its in-progress order entries."""
+
+    __tablename__ = "order_seller_view"
+    seller_id: Mapped[int] = mapped_column(primary_key=True)
+    count_orders: Mapped[int] = mapped_column(default=0)
+    count_items: Mapped[int] = mapped_column(default=0)
+    total_amount: Mapped[Decimal] = money_column()
+    total_freight: Mapped[Decimal] = money_column()
+    total_incentive: Mapped[Decimal] = money_column()
+    total_invoice: Mapped[Decimal] = money_column()
+    total_items: Mapped[Decimal] = money_column()

@@ -1,11 +1,18 @@
 """Stock: quantities per (seller, product), leases for carts, reservations for checkouts.
 
-``qty_available`` is what is on hand and not yet taken by a checkout. A cart's ``@Lease`` holds
-part of it for a while (the core subtracts active leases from what it grants, so carts never
-hold more than there is). Reserving an item for a checkout *consumes* its lease, which moves the
-quantity out of ``qty_available`` into ``qty_reserved``; a confirmed payment moves it on to
-``ytd`` (sold), a failed payment back to ``qty_available``. So at every commit:
-``qty_initial = qty_available + qty_reserved + ytd``.
+The benchmark's quantities: ``qty_available`` is on hand (sold units leave it), ``qty_reserved``
+is what checkouts reserved and payments have not settled yet. A reservation is
+``qty_reserved += q`` (OUT_OF_STOCK when ``qty_reserved + q > qty_available``); PaymentConfirmed
+is ``qty_available -= q, qty_reserved -= q, order_count += 1``; PaymentFailed releases the
+reservation (``qty_reserved -= q``). Invariants: ``0 <= qty_reserved <= qty_available`` and
+``initial = qty_available + sum of confirmed quantities``.
+
+Add-to-cart leases (the paper's Listing 1) fit this model through one more column,
+``qty_free = qty_available - qty_reserved`` at every commit: the ``@Lease``
+decrements ``qty_free``, so the core grants carts only what is neither reserved nor held by
+another cart's active lease; a checkout consumes the item's lease (``qty_free -= q``) in the
+transaction that does ``qty_reserved += q``. Confirming leaves ``qty_free`` alone (both
+``qty_available`` and ``qty_reserved`` drop by ``q``); a failed payment gives ``q`` back to it.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from vmsdb_eshop.events import (
     ProductUpdateMark,
     RejectedItem,
     ReserveStock,
+    ReserveStockFailed,
     StockConfirmed,
 )
 from vmsdb_eshop.schemas import CartItem, ItemStatus, MarkStatus, StockRow
@@ -61,7 +69,7 @@ _SPOT_PERIOD = timedelta(minutes=1)
 class Stock(Service, name="stock"):
     @Lease(
         "FROM StockItem s WHERE s.seller_id = :seller_id AND s.product_id = :product_id "
-        "FOR UPDATE DECREMENT s.qty_available BY :qty WITH PERIOD :period"
+        "FOR UPDATE DECREMENT s.qty_free BY :qty WITH PERIOD :period"
     )
     async def hold(self, seller_id: int, product_id: int, qty: int, period: timedelta) -> LeaseGrant | None:
         """Hold ``qty`` of an item for ``period`` (add-to-cart); ``None`` if not that much is left."""
@@ -69,11 +77,19 @@ class Stock(Service, name="stock"):
 
     @Transactional
     async def ingest(self, items: list[StockRow]) -> int:
-        """Insert or replace stock rows; the ingested quantity becomes the item's initial one."""
+        """Insert or replace stock rows as the benchmark's generator writes them.
+
+        The ingested ``qty_available`` becomes the item's initial quantity (``/reset`` restores
+        it); a row's ``qty_reserved`` is kept (the generator writes 0).
+        """
         await upsert(
             StockItem,
             [
-                {**row.model_dump(), "qty_reserved": 0, "qty_initial": row.qty_available, "ytd": 0}
+                {
+                    **row.model_dump(),
+                    "qty_free": row.qty_available - row.qty_reserved,
+                    "qty_initial": row.qty_available,
+                }
                 for row in items
             ],
         )
@@ -88,13 +104,13 @@ class Stock(Service, name="stock"):
     # active leases; each statement must see the leases others committed while it waited for
     # the lock, which a REPEATABLE READ snapshot taken earlier would not.
     @Inbound(ReserveStock)
-    @Outbound([StockConfirmed, CheckoutMark])
+    @Outbound([StockConfirmed, ReserveStockFailed, CheckoutMark])
     @Transactional(isolation="read_committed")
     async def reserve(self, event: ReserveStock) -> None:
         """Reserve each item: its version must be current and its quantity still there."""
         locked = await self._lock(keys_of(event.items))
         reserved: list[CartItem] = []
-        rejected: list[RejectedItem] = []
+        rejected: list[RejectedItem] = list(event.dropped)  # what the cart left out, first
         for item in sorted(event.items, key=lambda i: (i.seller_id, i.product_id)):
             current = locked.get((item.seller_id, item.product_id))
             # An unknown item or a replaced version cannot be sold (referential integrity).
@@ -119,6 +135,7 @@ class Stock(Service, name="stock"):
             )
         else:
             reasons = ", ".join(f"{r.seller_id}/{r.product_id} {r.status}" for r in rejected)
+            send(ReserveStockFailed(customer_id=event.customer_id, tid=event.tid, items=rejected))
             send(CheckoutMark.of(event.tid, event.customer_id, MarkStatus.NOT_ACCEPTED, "stock", reasons))
 
     async def _lock(self, keys: list[tuple[int, int]]) -> dict[tuple[int, int], StockItem]:
@@ -131,7 +148,12 @@ class Stock(Service, name="stock"):
         return found
 
     async def _take(self, item: CartItem) -> bool:
-        """Consume the item's lease, or lease and consume on the spot if it has none left."""
+        """Consume the item's lease, or lease and consume on the spot if it has none left.
+
+        Either way ``qty_free`` drops by the quantity: the caller then raises ``qty_reserved``.
+        Without a lease this is the benchmark's test ``qty_reserved + q <= qty_available``, made
+        stricter by the quantity other carts' active leases hold (Listing 1).
+        """
         if item.lease_id is not None and await settle_quietly(consume_lease, item.lease_id):
             return True
         grant = await self.hold(item.seller_id, item.product_id, item.quantity, _SPOT_PERIOD)
@@ -162,16 +184,17 @@ class Stock(Service, name="stock"):
     @Inbound(PaymentConfirmed)
     @Transactional
     async def confirm(self, event: PaymentConfirmed) -> None:
-        """Sold: the reserved quantity leaves the stock for good."""
+        """Sold: the reserved quantity leaves the stock for good (``qty_free`` is unchanged)."""
         for held in await self._settle_reservations(event.customer_id, event.tid, "confirmed"):
-            await self._move(held, qty_reserved=-held["quantity"], ytd=held["quantity"], order_count=1)
+            q = held["quantity"]
+            await self._move(held, qty_available=-q, qty_reserved=-q, ytd=q, order_count=1)
 
     @Inbound(PaymentFailed)
     @Transactional
     async def cancel(self, event: PaymentFailed) -> None:
-        """Not paid: the reserved quantity goes back on sale."""
+        """Not paid: the reservation is released, its quantity free again."""
         for held in await self._settle_reservations(event.customer_id, event.tid, "cancelled"):
-            await self._move(held, qty_reserved=-held["quantity"], qty_available=held["quantity"])
+            await self._move(held, qty_reserved=-held["quantity"], qty_free=held["quantity"])
 
     async def _settle_reservations(self, customer_id: int, tid: str, status: str) -> list[dict[str, Any]]:
         statement = (
@@ -222,7 +245,11 @@ class Stock(Service, name="stock"):
         if restore:
             await session().execute(
                 update(StockItem).values(
-                    qty_available=StockItem.qty_initial, qty_reserved=0, ytd=0, order_count=0
+                    qty_available=StockItem.qty_initial,
+                    qty_reserved=0,
+                    qty_free=StockItem.qty_initial,
+                    ytd=0,
+                    order_count=0,
                 )
             )
 
@@ -232,11 +259,18 @@ class StockItem(Stock.Model):
     __table_args__ = (
         CheckConstraint("qty_available >= 0", name="available_not_negative"),
         CheckConstraint("qty_reserved >= 0", name="reserved_not_negative"),
+        CheckConstraint("qty_reserved <= qty_available", name="reserved_within_available"),
+        # qty_free = qty_available - qty_reserved holds at commit, not after every statement
+        # (the lease's consume and the reservation are two), so the checker verifies it.
+        CheckConstraint("qty_free >= 0", name="free_not_negative"),
     )
     seller_id: Mapped[int] = mapped_column(primary_key=True)
     product_id: Mapped[int] = mapped_column(primary_key=True)
     qty_available: Mapped[int]
     qty_reserved: Mapped[int] = mapped_column(default=0)
+    #: ``qty_available - qty_reserved``: what carts may lease (the @Lease's column).
+    qty_free: Mapped[int]
+    #: The ingested quantity: what ``/reset`` restores.
     qty_initial: Mapped[int]
     order_count: Mapped[int] = mapped_column(default=0)
     ytd: Mapped[int] = mapped_column(default=0)

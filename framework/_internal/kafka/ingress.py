@@ -308,6 +308,8 @@ class Ingress:
         records = [p.incoming.event for p in picks if p.incoming.event is not None]
         letters = [p.incoming.dead for p in picks if p.incoming.dead is not None]
         try:
+            # The administrator: the reference protocol writes holders' columns in services'
+            # schemas, which the core role may not touch.
             async with self.core.admin() as conn:
                 if records:
                     # In pick order: an A picked before the B it precedes gets a smaller position.

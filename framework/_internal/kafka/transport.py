@@ -37,7 +37,7 @@ class KafkaTransport:
     async def start(self) -> None:
         core = self.host.core
         if self.options.relay:
-            self.relay = Relay(core.engine.url, self.options)
+            self.relay = Relay(core.core_engine.url, self.options)  # as the core role
             await self.relay.start()
         if self.routing.topics:
             self.ingress = Ingress(core, self.options, self.routing)
