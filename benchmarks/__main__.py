@@ -75,9 +75,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     eshop_options.add_argument("--distribution", choices=["uniform", "zipfian"], default="uniform")
     eshop_options.add_argument("--mode", choices=["continuous", "closed"], default="continuous")
     eshop_options.add_argument("--items", type=int, default=10, help="at most this many items per cart")
+    eshop_options.add_argument(
+        "--external",
+        action="store_true",
+        help="serve the eShop in its own process(es) and drive it from another over HTTP, with "
+        "CPU and pg_stat_statements per transaction",
+    )
+    eshop_options.add_argument("--clients", default="1,16", help="client counts, e.g. 1,16 (--external)")
+    eshop_options.add_argument("--workers", type=int, default=1, help="server processes (--external)")
     args = parser.parse_args(argv)
     if not 1 <= args.items <= 10:
         parser.error("--items must be within 1..10")
+    try:
+        args.client_counts = [int(c) for c in args.clients.split(",") if c]
+    except ValueError:
+        parser.error("--clients takes client counts, e.g. 1,16")
+    if args.workers < 1:
+        parser.error("--workers must be at least 1")
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
     if args.seconds is not None and args.seconds <= 0:
@@ -104,6 +118,12 @@ async def main(args: argparse.Namespace) -> bool:
                     seconds=args.seconds or benchmark.default_seconds,
                     rounds=args.rounds,
                     progress=progress,
+                    options={
+                        "external": getattr(args, "external", False),
+                        "mixes": [getattr(args, "mix", "paper")],
+                        "clients": getattr(args, "client_counts", [1, 16]),
+                        "workers": getattr(args, "workers", 1),
+                    },
                 )
                 started_at, clock = now_utc(), time.perf_counter()
                 if benchmark.name == eshop.NAME:

@@ -33,6 +33,11 @@ def bench(
     distribution: Annotated[str, typer.Option(help="eshop: uniform or zipfian")] = "uniform",
     mode: Annotated[str, typer.Option(help="eshop: continuous or closed (CONTROL)")] = "continuous",
     items: Annotated[int, typer.Option(help="eshop: at most this many items per cart")] = 10,
+    external: Annotated[
+        bool, typer.Option(help="eshop: served in its own process(es), driven over HTTP from another")
+    ] = False,
+    clients: Annotated[str, typer.Option(help="eshop --external: client counts, e.g. 1,16")] = "1,16",
+    workers: Annotated[int, typer.Option(help="eshop --external: server processes")] = 1,
 ) -> None:
     """Measure the framework against hand-written asyncpg baselines in the same run
     (what each compares: benchmarks/README.md). Exits 1 if the eShop's consistency verdict fails."""
@@ -54,6 +59,8 @@ def bench(
     argv += ["--seconds", str(seconds)] if seconds is not None else []
     argv += ["--json", str(json_path)] if json_path is not None else []
     argv += ["--mix", mix, "--distribution", distribution, "--mode", mode, "--items", str(items)]
+    argv += ["--clients", clients, "--workers", str(workers)]
+    argv += ["--external"] if external else []
     try:
         args = parse_args(argv)
     except SystemExit as err:

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
+from vmsdb_bench.eshop_driver import per_type
+from vmsdb_bench.eshop_external import run_external
 from vmsdb_bench.harness import Bench, BenchmarkResult, Check, Measurement
 from vmsdb_eshop.app import create_app
 from vmsdb_eshop.check import check
@@ -27,6 +30,8 @@ DESCRIPTION = "the eShop under the benchmark's transaction mix (absolute figures
 DEFAULT_SECONDS = 30.0
 
 CONCURRENCY = 8
+#: Logs of the served runs (the server's output, the driver's JSON).
+LOG_DIR = Path("benchmarks") / "results" / "eshop-served"
 #: The simulated payment provider's latency and decline rate, stated beside every figure.
 PAYMENT_LATENCY = 0.003
 PAYMENT_FAILURES = 0.03
@@ -41,6 +46,8 @@ class Options:
 
 
 async def run(bench: Bench, options: Options = Options()) -> BenchmarkResult:
+    if bench.options.get("external"):
+        return await run_served(bench, options)
     # The services log each retried conflict at INFO; the totals are in the table.
     logging.getLogger("vmsdb").setLevel(logging.WARNING)
     async with bench.database() as url:
@@ -110,15 +117,51 @@ async def run(bench: Bench, options: Options = Options()) -> BenchmarkResult:
         "aborts": {f"{k} {c}": n for (k, c), n in mix.aborts.items()},
         "outcomes": dict(mix.outcomes),
         "dashboard_anomalies": mix.dashboard_anomalies,
-        "per_type": {
-            kind.value: {
-                "count": s.count,
-                "aborts": s.aborts,
-                "p50_ms": s.percentile(50),
-                "p90_ms": s.percentile(90),
-                "p99_ms": s.percentile(99),
-            }
-            for kind, s in mix.stats.items()
-        },
+        "per_type": per_type(mix),
     }
+    return result
+
+
+async def run_served(bench: Bench, options: Options) -> BenchmarkResult:
+    """``--external``: ``vmsdb eshop serve`` driven by a load generator in another process
+    (``options.mix``; the driver's other options are its defaults)."""
+    logging.getLogger("vmsdb").setLevel(logging.WARNING)
+    mixes = [options.mix]
+    clients: list[int] = bench.options.get("clients", [1, 16])
+    workers: int = bench.options.get("workers", 1)
+    with bench.phase(f"{len(mixes) * len(clients)} served runs of {bench.seconds:.0f} s", total=1) as tick:
+        runs = await run_external(
+            mixes=mixes, clients=clients, workers=workers, seconds=bench.seconds, log_dir=LOG_DIR
+        )
+        tick(1)
+    result = BenchmarkResult(NAME, f"{DESCRIPTION}; served by {workers} process(es), external driver")
+    for r in runs:
+        label = f"{r.mix} mix, {r.clients} client(s)"
+        statements = "n/a" if r.statements is None else f"{r.per_tx(r.statements):.1f}"
+        result.measurements.append(
+            Measurement(
+                label,
+                "TPS; server / Postgres CPU ms per tx; statements per tx",
+                f"{r.driver['tps']:.1f}; {1000 * r.per_tx(r.server_cpu_s):.1f} / "
+                f"{1000 * r.per_tx(r.postgres_cpu_s):.1f}; {statements}",
+            )
+        )
+        for kind, stats in r.driver["per_type"].items():
+            if stats["count"]:
+                result.measurements.append(
+                    Measurement(
+                        f"  {kind}: {stats['count']} run, {stats['aborts']} aborted",
+                        "p50 / p90 / p99 ms",
+                        f"{stats['p50_ms']:.1f} / {stats['p90_ms']:.1f} / {stats['p99_ms']:.1f}",
+                    )
+                )
+        result.checks.append(
+            Check(f"consistency after {label}", ", ".join(r.broken) or "all hold", "—", r.consistent)
+        )
+    result.notes = [
+        f"load average after each run: {', '.join(f'{r.load_average[0]:.2f}' for r in runs)}",
+        "chains still running when the driver stopped are finished before CPU and statements are read",
+        *(f"error ({r.mix}, {r.clients}): {e}" for r in runs for e in r.driver["errors"][:2]),
+    ]
+    result.details = {"runs": [r.to_json() for r in runs]}
     return result

@@ -21,7 +21,10 @@ off is what tracing costs; with tracing off the hooks are a single check each.
 
 The second comparison is a direct call: ``await app.service(Ledger).bump(...)`` from 8
 concurrent callers against the same read-modify-write-and-send transaction on asyncpg (the
-``driver`` and ``orm`` bodies).
+``driver``, ``core`` and ``orm`` bodies), and the ``core`` and ``orm`` bodies against the same
+code on plain SQLAlchemy without the framework (an ``AsyncSession`` or ``AsyncConnection`` on an
+engine of the App's pool size, the event inserted into the log as one more statement): that
+ratio is the framework's own overhead, SQLAlchemy's cost being on both sides.
 """
 
 from __future__ import annotations
@@ -34,10 +37,12 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterator
 
 import asyncpg
-from sqlalchemy import select, update
+from sqlalchemy import insert, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, create_async_engine
 from sqlalchemy.orm import Mapped, mapped_column
 
 from dbcore.eventlog import NOTIFY_CHANNEL
+from dbcore.eventlog import events as event_log
 from framework import (
     App,
     Event,
@@ -334,6 +339,53 @@ class _Direct:
 
             return await self._measure(BASELINE, round_, call)
 
+    async def plain(self, round_: int, *, style: str) -> float:
+        """The same body on plain SQLAlchemy: an engine like the App's, no framework."""
+        pick = self._accounts()
+        settings = Settings()
+        engine = create_async_engine(self.url, pool_size=settings.pool_size, max_overflow=10)
+        try:
+
+            async def call(worker: int) -> int:
+                if style == "orm":
+                    async with AsyncSession(engine, expire_on_commit=False) as s, s.begin():
+                        await plain_orm(s, pick[worker](), 1)
+                else:
+                    async with engine.begin() as conn:
+                        await plain_core(conn, pick[worker](), 1)
+                return 1
+
+            return await self._measure(PLAIN[style], round_, call)
+        finally:
+            await engine.dispose()
+
+
+# -- the same code on plain SQLAlchemy, without the framework ---------------------------------
+
+#: Side names of the plain-SQLAlchemy baselines, by style.
+PLAIN = {"core": "SQLAlchemy Core alone", "orm": "SQLAlchemy ORM alone"}
+
+
+def _bumped(account: str, balance: int) -> dict[str, object]:
+    payload = Bumped(account=account, balance=balance).model_dump_json()
+    return {"id": uuid.uuid4(), "type": "Bumped", "key": account, "payload": payload, "producer": "ledger"}
+
+
+async def plain_core(conn: AsyncConnection, account: str, amount: int) -> int:
+    read = select(Account.balance).where(Account.id == account).with_for_update()
+    balance: int = (await conn.execute(read)).scalar_one() + amount
+    await conn.execute(update(Account).where(Account.id == account).values(balance=balance))
+    await conn.execute(insert(event_log).values(**_bumped(account, balance)))
+    return balance
+
+
+async def plain_orm(session: AsyncSession, account: str, amount: int) -> int:
+    row = await session.get(Account, account, with_for_update=True)
+    assert row is not None
+    row.balance += amount
+    await session.execute(insert(event_log).values(**_bumped(account, row.balance)))
+    return row.balance
+
 
 async def _prepare(url: str) -> None:
     async with (
@@ -346,11 +398,11 @@ async def _prepare(url: str) -> None:
         )
 
 
-DIRECT_STYLES = ("driver", "orm")
+DIRECT_STYLES = ("driver", "core", "orm")
 
 
 async def run(bench: Bench) -> BenchmarkResult:
-    phase = bench.phase_seconds(phases=len(STYLES) + len(DIRECT_STYLES) + 3)
+    phase = bench.phase_seconds(phases=len(STYLES) + len(DIRECT_STYLES) + len(PLAIN) + 3)
     async with bench.database() as url, admin_connection(url) as observer:
         await _prepare(url)
         inbound = _Inbound(bench, url, observer)
@@ -370,6 +422,7 @@ async def run(bench: Bench) -> BenchmarkResult:
                 **{
                     STYLES[style]: functools.partial(direct.framework, style=style) for style in DIRECT_STYLES
                 },
+                **{side: functools.partial(direct.plain, style=style) for style, side in PLAIN.items()},
                 BASELINE: direct.baseline,
             },
         )
@@ -406,6 +459,27 @@ async def run(bench: Bench) -> BenchmarkResult:
         *(
             compare(f"direct call, {DIRECT_CONCURRENCY} callers", "calls/s", called, style)
             for style in DIRECT_STYLES
+        ),
+        *(
+            Comparison(
+                f"direct call, {DIRECT_CONCURRENCY} callers, {labels[style]}: framework vs {side}",
+                "calls/s",
+                max(called[STYLES[style]]),
+                max(called[side]),
+                target=Target("min_ratio", 0.95) if style == "orm" else None,
+                rounds={STYLES[style]: called[STYLES[style]], side: called[side]},
+            )
+            for style, side in PLAIN.items()
+        ),
+        *(
+            Comparison(
+                f"direct call, {DIRECT_CONCURRENCY} callers, {side} vs raw asyncpg",
+                "calls/s",
+                max(called[side]),
+                max(called[BASELINE]),
+                rounds={side: called[side], BASELINE: called[BASELINE]},
+            )
+            for side in PLAIN.values()
         ),
     ]
     mismatch = inbound.mismatch

@@ -441,11 +441,21 @@ async def machine_info(server_url: str) -> dict[str, Any]:
 class Bench:
     """What a benchmark gets: its time budget, rounds, databases and a progress display."""
 
-    def __init__(self, server_url: str, *, seconds: float, rounds: int, progress: Progress) -> None:
+    def __init__(
+        self,
+        server_url: str,
+        *,
+        seconds: float,
+        rounds: int,
+        progress: Progress,
+        options: dict[str, Any] | None = None,
+    ) -> None:
         self.server_url = server_url
         self.seconds = seconds
         self.rounds = rounds
         self.progress = progress
+        #: Options of one benchmark (``eshop``: external, mixes, clients, workers).
+        self.options: dict[str, Any] = options or {}
 
     def phase_seconds(self, phases: int) -> float:
         """Measuring time for each of ``phases`` timed phases, splitting the budget over rounds."""

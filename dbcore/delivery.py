@@ -4,10 +4,11 @@ A worker *claims* a batch in one statement (its own transaction): it stamps each
 random claim token and a deadline. It then runs each handler in the handler's own transaction
 (under the subscriber's role, at the handler's isolation level), and that transaction deletes the
 delivery row *by claim token* before it commits: the handler's effects and the "handled" mark
-commit together, exactly once (G4). If the worker dies (kill -9), its claims run out and another
-worker claims the rows again; if a slow worker's claim ran out and another took over, the slow
-one's delete finds no row with its token and it rolls back, so a redelivered event still takes
-effect once.
+commit together, exactly once (G4). A live worker renews its claims (a heartbeat, ``renew``),
+so a claim lasts a few seconds unless renewed, and never past the worker's claim timeout: if the
+worker dies (kill -9), its claims run out within those seconds and another worker claims the
+rows again; if a slow worker's claim ran out and another took over, the slow one's delete finds
+no row with its token and it rolls back, so a redelivered event still takes effect once.
 
 Why the claim is not the handler's own ``SELECT ... FOR UPDATE SKIP LOCKED``: handlers may run
 SERIALIZABLE, and scanning the shared deliveries table inside serializable transactions would
@@ -25,6 +26,7 @@ A row is claimable only when (each condition is what keeps a guarantee):
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -39,16 +41,19 @@ from dbcore.translate import sqlstate_of
 
 __all__ = [
     "Ack",
+    "Claim",
     "ClaimLost",
     "Claimed",
     "DeadLetter",
     "claim",
+    "claim_batch",
     "dead_letter",
     "discard",
     "held_back",
     "list_dead_letters",
     "pending_count",
     "release",
+    "renew",
     "replay",
     "retry_later",
 ]
@@ -112,14 +117,33 @@ _CLAIM = """
                   -- after the claim (WAL is flushed in order): no durable "handled" can rest on
                   -- a lost claim.
                   set_config('synchronous_commit', 'off', true) AS asynchronous_commit
+    ),
+    -- The horizon check in the claim's own snapshot: are deliveries waiting only for an older
+    -- transaction to end? Asked separately, a horizon that moved in between would answer "no"
+    -- for a row this claim could not take, and that row would wait for the fallback poll.
+    -- And are deliveries left behind an earlier one of their key (or of a type that precedes
+    -- them) that is still running? Then a finished delivery is worth another claim. Without
+    -- it, an event that commits while its key's head runs (after the head's claim, so the
+    -- head is not "followed") would wait for the fallback poll.
+    held AS (
+        SELECT EXISTS (
+                SELECT 1 FROM vms.deliveries w, horizon h
+                 WHERE w.subscriber = $1 AND w.xid >= h.xmin AND w.available_at <= now()
+                   AND (w.claim IS NULL OR w.claimed_until < now())) AS held_back,
+               EXISTS (
+                SELECT 1 FROM vms.deliveries w, horizon h
+                 WHERE w.subscriber = $1 AND w.xid < h.xmin AND w.available_at <= now()
+                   AND (w.claim IS NULL OR w.claimed_until < now())
+                   AND w.position <> ALL(ARRAY(SELECT position FROM ready))) AS blocked
     )
+    -- One row even when nothing was claimed (all NULL but held_back and blocked).
     SELECT c.subscriber, c.position, ev.id AS event_id, c.event_type, c.key,
            ev.payload::text AS payload, ev.correlation_id, c.attempts, c.claim, ev.created_at,
            EXISTS (SELECT 1 FROM vms.deliveries n
                     WHERE n.subscriber = c.subscriber AND n.key = c.key
                       AND (n.xid, n.position) > (c.xid, c.position)) AS followed,
-           ev.trace_context
-      FROM claimed c JOIN vms.events ev ON ev.position = c.position
+           ev.trace_context, held.held_back, held.blocked
+      FROM held LEFT JOIN (claimed c JOIN vms.events ev ON ev.position = c.position) ON true
      ORDER BY c.xid, c.position
 """
 _CLAIM_PLAIN = _CLAIM.format(precedence="")
@@ -131,15 +155,29 @@ async def driver(conn: AsyncConnection) -> Any:
     return (await conn.get_raw_connection()).driver_connection
 
 
-async def claim(
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """What one claim statement took, and what it saw of the horizon."""
+
+    items: list[Claimed]
+    #: Deliveries left behind only because an older transaction is still open (the horizon),
+    #: seen in the claim's own snapshot: poll soon, no notification will say when it ends.
+    held_back: bool
+    #: Deliveries left behind an earlier delivery of their key, or of a type that precedes
+    #: them, still running: claim again when one finishes.
+    blocked: bool
+
+
+async def claim_batch(
     conn: AsyncConnection,
     subscriber: str,
     *,
     limit: int,
     lease_seconds: float,
     precedence: bool = True,
-) -> list[Claimed]:
-    """Claim up to ``limit`` deliveries of ``subscriber``, oldest first, at most one per key.
+) -> Claim:
+    """Claim up to ``limit`` deliveries of ``subscriber``, oldest first, at most one per key,
+    and say whether others wait behind the horizon, in one statement.
 
     ``precedence=False`` when the subscriber declares no precedence constraint. Meant for an
     autocommit connection: when rows are claimed, the statement turns ``synchronous_commit``
@@ -152,7 +190,57 @@ async def claim(
         uuid.uuid4(),
         float(lease_seconds),
     )
-    return [Claimed(*r) for r in rows]  # the query's columns are the dataclass's fields, in order
+    # The query's columns are the dataclass's fields, in order, then held_back and blocked.
+    items = [Claimed(*r[:-2]) for r in rows if r["subscriber"] is not None]
+    return Claim(items, bool(rows[0]["held_back"]), bool(rows[0]["blocked"]))
+
+
+async def claim(
+    conn: AsyncConnection,
+    subscriber: str,
+    *,
+    limit: int,
+    lease_seconds: float,
+    precedence: bool = True,
+) -> list[Claimed]:
+    """The deliveries :func:`claim_batch` claims."""
+    batch = await claim_batch(
+        conn, subscriber, limit=limit, lease_seconds=lease_seconds, precedence=precedence
+    )
+    return batch.items
+
+
+# Renewal skips a row locked right now: its ack, retry or release is committing, and the claim
+# ends with it; waiting for the lock would stall every other renewal behind one handler.
+_RENEW = """
+    WITH wanted AS (
+        SELECT * FROM unnest($2::bigint[], $3::uuid[], $4::float8[]) AS w(position, claim, secs)
+    ),
+    live AS (
+        SELECT d.position, w.secs
+          FROM vms.deliveries d JOIN wanted w ON d.position = w.position AND d.claim = w.claim
+         WHERE d.subscriber = $1
+           FOR UPDATE OF d SKIP LOCKED
+    )
+    UPDATE vms.deliveries d
+       SET claimed_until = now() + make_interval(secs => l.secs)
+      FROM live l
+     WHERE d.subscriber = $1 AND d.position = l.position
+"""
+
+
+async def renew(conn: AsyncConnection, subscriber: str, claims: Sequence[tuple[Claimed, float]]) -> None:
+    """Extend each claim of ``claims`` to ``seconds`` from now, in one statement: the heartbeat
+    of a live worker. A claim already run out and taken over by another is left alone."""
+    if not claims:
+        return
+    await (await driver(conn)).execute(
+        _RENEW,
+        subscriber,
+        [item.position for item, _ in claims],
+        [item.claim for item, _ in claims],
+        [float(seconds) for _, seconds in claims],
+    )
 
 
 class ClaimLost(CoreError):

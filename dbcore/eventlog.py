@@ -15,7 +15,7 @@ after everything already read; see ``delivery.py`` and the relay.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from sqlalchemy import (
@@ -46,10 +46,12 @@ __all__ = [
     "EventRecord",
     "Outcome",
     "append",
+    "append_sql",
     "dead_letters",
     "deliveries",
     "events",
     "find_outcome",
+    "find_outcomes",
     "install_sql",
     "prune",
     "relay_cursors",
@@ -322,6 +324,35 @@ async def append(
     return [r.id for r in records]
 
 
+_COLUMNS = "id, type, key, payload, producer, correlation_id, causation_id, origin, trace_context"
+
+
+def _literal(value: str | uuid.UUID | None) -> str:
+    """An escape-string literal: read the same whatever ``standard_conforming_strings`` says
+    (a payload's JSON holds backslashes, which a plain '...' literal reads as escapes when it
+    is off)."""
+    if value is None:
+        return "NULL"
+    text_ = str(value)
+    if "\x00" in text_:
+        raise ValueError("a SQL literal cannot hold a NUL character")
+    return "E'" + text_.replace("\\", "\\\\").replace("'", "''") + "'"
+
+
+def append_sql(records: Sequence[EventRecord]) -> str:
+    """``append`` as one statement with its values inlined, to travel in the ``COMMIT`` message
+    of the transaction that sends them (the simple-query protocol takes no parameters): the
+    outbox then costs no round trip of its own. Raises ``ValueError`` for a value no SQL
+    literal can hold (a NUL character); :func:`append` takes any."""
+    rows = ",".join(
+        f"({_literal(r.id)}::uuid,{_literal(r.type)},{_literal(r.key)},{_literal(r.payload)}::jsonb,"
+        f"{_literal(r.producer)},{_literal(r.correlation_id)},{_literal(r.causation_id)}::uuid,"
+        f"{_literal(r.origin)},{_literal(r.trace_context)})"
+        for r in records
+    )
+    return f"INSERT INTO vms.events ({_COLUMNS}) VALUES {rows}"
+
+
 # Keep what is still needed: pending deliveries, dead letters that may be replayed, and events a
 # relay has not published yet.
 _PRUNE = text(
@@ -351,14 +382,41 @@ class Outcome:
     payload: str
 
 
-# The first in log order, (xid, position): the one every reader of the log sees first.
-_FIND_OUTCOME = text(
-    "SELECT type, payload::text AS payload FROM vms.events "
-    "WHERE correlation_id = :c AND type = ANY(CAST(:t AS text[])) ORDER BY xid, position LIMIT 1"
-)
+# For each (correlation, type) asked for, the first such event in log order, (xid, position): the
+# one every reader of the log sees first. One statement for every waiting correlation (through
+# ix_events_correlation_id), sent on the driver: no SQLAlchemy compilation per lookup.
+_FIND_OUTCOMES = """
+    SELECT DISTINCT ON (e.correlation_id, e.type)
+           e.correlation_id, e.type, e.payload::text AS payload, e.xid::text::bigint AS xid, e.position
+      FROM unnest($1::text[], $2::text[]) AS w(correlation_id, type)
+      JOIN vms.events e ON e.correlation_id = w.correlation_id AND e.type = w.type
+     ORDER BY e.correlation_id, e.type, e.xid, e.position
+"""
+
+
+async def find_outcomes(
+    conn: AsyncConnection, wanted: Mapping[str, Collection[str]]
+) -> dict[str, list[Outcome]]:
+    """For each correlation of ``wanted``, its events of the types asked for, in one statement.
+
+    ``wanted`` maps a correlation id to the event types that end it. Each correlation found gets
+    the first event of each of its types, all in log order (the first is the outcome every reader
+    sees first); a correlation with none of them in the log is absent. Meant for an autocommit
+    connection: it is one read, and needs no transaction of its own.
+    """
+    pairs = [(c, t) for c, types in wanted.items() for t in types]
+    if not pairs:
+        return {}
+    raw = (await conn.get_raw_connection()).driver_connection
+    assert raw is not None
+    rows = await raw.fetch(_FIND_OUTCOMES, [c for c, _ in pairs], [t for _, t in pairs])
+    found: dict[str, list[Outcome]] = {}
+    for row in sorted(rows, key=lambda r: (r["xid"], r["position"])):
+        found.setdefault(row["correlation_id"], []).append(Outcome(row["type"], row["payload"]))
+    return found
 
 
 async def find_outcome(conn: AsyncConnection, correlation_id: str, types: Sequence[str]) -> Outcome | None:
     """The first event of one of ``types`` in correlation ``correlation_id``, or ``None``."""
-    row = (await conn.execute(_FIND_OUTCOME, {"c": correlation_id, "t": list(types)})).first()
-    return None if row is None else Outcome(row.type, row.payload)
+    found = (await find_outcomes(conn, {correlation_id: types})).get(correlation_id)
+    return found[0] if found else None

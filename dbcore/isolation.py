@@ -126,7 +126,8 @@ async def _transaction(
         await raw.execute(_begin(role, isolation, read_only))
         yield
         # COMMIT of a transaction that an error aborted answers ROLLBACK instead of failing.
-        commit = "COMMIT" if before_commit is None else f"{before_commit.sql}; COMMIT"
+        sent_with = "" if before_commit is None else before_commit.sql
+        commit = f"{sent_with}; COMMIT" if sent_with else "COMMIT"
         status = await raw.execute(commit)
     except BaseException as err:
         try:

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from fastapi import FastAPI
 from rich.console import Console
 
-from framework.cli import print_report
+from framework.cli import print_report, shared_core
 from vmsdb_eshop.app import create_api, create_app, default_provider
 from vmsdb_eshop.check import check as run_check
 from vmsdb_eshop.demo import DEMO_SCALE, DemoOptions, run_demo
@@ -96,15 +98,44 @@ def workload_config(
 def serve(
     port: Annotated[int, typer.Option(help="TCP port on 127.0.0.1")] = 8000,
     service: Annotated[str | None, typer.Option(help="serve only this service's routes")] = None,
+    workers: Annotated[
+        int, typer.Option(help="processes sharing the core (deliveries shard through SKIP LOCKED)")
+    ] = 1,
 ) -> None:
     """Serve the HTTP API (OpenAPI at /docs) on 127.0.0.1."""
     import uvicorn
 
+    if workers < 1:
+        raise typer.BadParameter("at least 1", param_hint="--workers")
     try:
         api = create_api(only=None if service is None else [service])
     except ValueError as err:
         raise typer.BadParameter(str(err), param_hint="--service") from err
-    uvicorn.run(api, host="127.0.0.1", port=port)
+    if workers == 1:
+        uvicorn.run(api, host="127.0.0.1", port=port)
+        return
+    # N processes, each its own App on the same core: start the embedded server and migrate
+    # once here, so the workers neither race to start it nor to migrate.
+    with shared_core() as url:
+        os.environ["VMSDB_DATABASE_URL"] = url
+        os.environ[_ONLY] = service or ""
+
+        async def migrate_once() -> None:
+            async with create_app(database_url=url, workers=False):
+                pass
+
+        asyncio.run(migrate_once())
+        factory = f"{__name__}:{_served_api.__name__}"
+        uvicorn.run(factory, factory=True, host="127.0.0.1", port=port, workers=workers)
+
+
+_ONLY = "VMSDB_ESHOP_SERVE_ONLY"
+
+
+def _served_api() -> FastAPI:
+    """The API of one of ``serve --workers N``'s processes (uvicorn imports it by name)."""
+    only = os.environ.get(_ONLY)
+    return create_api(only=[only] if only else None)
 
 
 @app.command()

@@ -97,7 +97,7 @@ class App:
         self._runtimes: dict[type[Service], ServiceRuntime] = {}
         self._dispatchers: dict[str, Dispatcher] = {}
         self._listener: Listener | None = None
-        self._outcomes = OutcomeWatcher(self._admin)
+        self._outcomes = OutcomeWatcher(self._autocommit)
         self._housekeeping: Housekeeping | None = None
         self._started = False
         self._kafka: Any = None
@@ -295,8 +295,8 @@ class App:
             raise FrameworkError(f"{cls.__name__} is not a started service of this App ({known})")
         return runtime.instance  # type: ignore[return-value]
 
-    def _admin(self) -> AbstractAsyncContextManager[AsyncConnection]:
-        return self.core.housekeeping()
+    def _autocommit(self) -> AbstractAsyncContextManager[AsyncConnection]:
+        return self.core.housekeeping_autocommit()
 
     def correlation_id(self) -> str | None:
         return correlation.get()

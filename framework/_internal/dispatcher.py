@@ -47,6 +47,13 @@ __all__ = ["Dispatcher"]
 log = logging.getLogger("vmsdb.delivery")
 
 _HELD_BACK_POLL = 0.02
+#: A claim lives this long unless its worker renews it (capped by ``claim_timeout``), and the
+#: worker renews its live claims every ``_HEARTBEAT``: the claims of a worker killed with
+#: kill -9 come back within about ``_LIVENESS`` plus another worker's ``poll_interval``,
+#: not after ``claim_timeout``. A worker whose event loop stalls longer than ``_LIVENESS``
+#: loses its claims to another worker; its acks then fail and its attempts roll back (G4).
+_HEARTBEAT = 0.5
+_LIVENESS = 2.0
 _REPLICA_ATTEMPTS = 5
 #: A claimed delivery not started within this share of the claim timeout is left to run out.
 _START_WITHIN = 0.8
@@ -80,16 +87,26 @@ class Dispatcher:
             if r.consistency == "eventual"
         }
         self.has_precedence = any(i.precedence for i in runtime.plan.descriptor.inbound)
+        #: The event types others wait for (``precedence=`` on their handler): only a finished
+        #: one of these can make a delivery of another key claimable.
+        self.preceding = frozenset(i.event for i in runtime.plan.descriptor.inbound if i.precedence)
         self._wake = asyncio.Event()
         self._horizon = HorizonWatch(self.service, settings.horizon_warning)
         self._outstanding = 0  # claimed, not yet finished
         self._saturated = False  # the last claim took as many as it asked for
         self._unblocked = False  # since the last claim, a key's head finished with more behind
+        self._blocked = False  # the last claim left deliveries behind running ones
+        self._finishes = 0  # deliveries finished so far
+        #: Claimed and not finished, by position: the claim and when it must end (loop time,
+        #: ``claim_timeout`` after it was taken), for the heartbeat.
+        self._live: dict[int, tuple[Claimed, float]] = {}
+        self._heartbeat: asyncio.Task[None] | None = None
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"vmsdb-dispatch-{self.service}")
+        self._heartbeat = asyncio.create_task(self._renew(), name=f"vmsdb-heartbeat-{self.service}")
 
     def wake(self) -> None:
         self._wake.set()
@@ -97,11 +114,18 @@ class Dispatcher:
     def finished(self, item: Claimed) -> None:
         """``item`` is done with (handled, retried, dead-lettered or given back)."""
         self._outstanding -= 1
+        self._finishes += 1
+        self._live.pop(item.position, None)
+        if self._stopping and not self._live:
+            self._stop_heartbeat()
         # Claim again once below the low water mark, if there may be more to claim: the last
-        # claim took all it asked for, or a finished head had its key's next event behind it
-        # (with precedence declared, any finished event may have been holding one back). New
-        # events wake the dispatcher by notification.
-        self._unblocked = self._unblocked or item.followed or self.has_precedence
+        # claim took all it asked for, or a finished head had its key's next event behind it,
+        # or it was of a type that later deliveries of other types wait for (precedence), or
+        # the last claim saw deliveries waiting behind running ones. New events wake the
+        # dispatcher by notification; a claim after anything else finds nothing.
+        self._unblocked = (
+            self._unblocked or item.followed or self._blocked or item.event_type in self.preceding
+        )
         if self._outstanding <= self.low_water and (self._saturated or self._unblocked):
             self._wake.set()
 
@@ -111,6 +135,13 @@ class Dispatcher:
         self._wake.set()
         if self._task is not None:
             await self._task
+        if not self._live:  # else the heartbeat keeps the running handlers' claims alive
+            self._stop_heartbeat()
+
+    def _stop_heartbeat(self) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            self._heartbeat = None
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -121,27 +152,37 @@ class Dispatcher:
                 await self._wait(self.poll_interval)
                 continue
             limit = self.depth - self._outstanding
+            finishes = self._finishes
+            ends = loop.time() + self.claim_timeout
             self._unblocked = False
             held_back = False
             try:
-                async with self.host.core.housekeeping_autocommit() as conn:  # one statement
-                    claimed = await delivery.claim(
+                # One statement: the claim, and whether others wait behind the horizon.
+                async with self.host.core.housekeeping_autocommit() as conn:
+                    batch = await delivery.claim_batch(
                         conn,
                         self.service,
                         limit=limit,
-                        lease_seconds=self.claim_timeout,
+                        lease_seconds=min(self.claim_timeout, _LIVENESS),
                         precedence=self.has_precedence,
                     )
+                    claimed = batch.items
+                    self._blocked = batch.blocked
+                    if batch.blocked and self._finishes != finishes:
+                        # One finished while the claim was on its way: it may have unblocked
+                        # what the claim saw blocked, and its finished() read the previous view.
+                        self._wake.set()
                     start_before = loop.time() + self.claim_timeout * _START_WITHIN
                     self._saturated = len(claimed) == limit
                     self._outstanding += len(claimed)
-                    for item in claimed:  # before the held-back check: the workers start at once
+                    for item in claimed:  # before the horizon check: the workers start at once
+                        self._live[item.position] = (item, ends)
                         self.workers.submit(Job(self, item, start_before))
                     if claimed:
                         self.host.metrics.observe("claim_batch_size", len(claimed), service=self.service)
                     if self._saturated:
                         continue  # there may be more; claim again at the low water mark
-                    held_back = await delivery.held_back(conn, self.service)
+                    held_back = batch.held_back
                     await self._horizon.check(conn, held_back)  # warns of a long-open transaction
             except Exception:  # the database went away: log, try again after poll_interval
                 log.exception("%s: claiming deliveries failed", self.service)
@@ -152,6 +193,25 @@ class Dispatcher:
             # events wait behind it. poll_interval is the fallback for the rest (another
             # process's claims running out, a notification lost with the listener).
             await self._wait(_HELD_BACK_POLL if held_back else self.poll_interval)
+
+    async def _renew(self) -> None:
+        """The heartbeat: every ``_HEARTBEAT``, extend this dispatcher's live claims by
+        ``_LIVENESS``, never past ``claim_timeout`` after each was taken (a handler stuck that
+        long is given to another worker, as without the heartbeat)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(_HEARTBEAT)
+            now = loop.time()
+            claims = [(item, min(_LIVENESS, ends - now)) for item, ends in self._live.values() if ends > now]
+            if not claims:
+                continue
+            try:
+                async with self.host.core.housekeeping_autocommit() as conn:
+                    await delivery.renew(conn, self.service, claims)
+            except Exception:  # the database went away; unrenewed claims run out, as they would
+                if self._stopping:
+                    return
+                log.exception("%s: renewing %d claim(s) failed", self.service, len(claims))
 
     async def _wait(self, timeout: float) -> None:
         """Sleep until woken (see ``_run``) or ``timeout``."""

@@ -2,24 +2,31 @@
 
 A waiter first looks in the log (the outcome may already be there), then waits. The core's
 notification names the correlations of each committed batch of events, so a notification wakes
-only the waiters of those correlations, and checks for one correlation run one at a time however
-many notifications arrive meanwhile.
+only the waiters of those correlations. Lookups are batched: one task looks up every
+correlation marked since its last look in one statement, on an autocommit connection (no
+``BEGIN``/``COMMIT`` around a read), however many waiters and notifications arrive meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Callable, Iterable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from dbcore.eventlog import find_outcome
+from dbcore.eventlog import find_outcomes
 from framework._internal.events import Event
 
 __all__ = ["OutcomeWatcher"]
+
+log = logging.getLogger("vmsdb.outcomes")
+
+#: After a failed lookup (the database went away), look again this much later.
+_RETRY_AFTER = 0.5
 
 
 @dataclass(eq=False)
@@ -29,10 +36,13 @@ class _Waiter:
 
 
 class OutcomeWatcher:
-    """The outcome waiters of one App."""
+    """The outcome waiters of one App.
 
-    def __init__(self, admin: Callable[[], AbstractAsyncContextManager[AsyncConnection]]) -> None:
-        self._admin = admin
+    ``connect`` opens an autocommit connection (``Core.autocommit``): a lookup is one statement.
+    """
+
+    def __init__(self, connect: Callable[[], AbstractAsyncContextManager[AsyncConnection]]) -> None:
+        self._connect = connect
         self._waiters: dict[str, list[_Waiter]] = {}
         self._dirty: set[str] = set()
         self._checking: asyncio.Task[None] | None = None
@@ -41,11 +51,11 @@ class OutcomeWatcher:
         waiter = _Waiter({t.event_type(): t for t in event_types})
         if not waiter.types:
             raise ValueError("outcome() needs at least one event type to wait for")
+        # Registered before the first look: a notification from now on marks it again, so an
+        # outcome that commits between the look and the wait is not missed.
         self._waiters.setdefault(correlation_id, []).append(waiter)
         try:
-            found = await self._find(correlation_id, waiter)
-            if found is not None:
-                return found
+            self._mark({correlation_id})
             async with asyncio.timeout(timeout):
                 return await waiter.future
         except TimeoutError:
@@ -62,25 +72,41 @@ class OutcomeWatcher:
         """A batch of events committed; ``correlations`` is the notification's list (or ``*``)."""
         if not self._waiters or not correlations:
             return
-        named = set(self._waiters) if correlations == "*" else set(correlations.split(","))
-        self._dirty |= named & self._waiters.keys()
+        self._mark(set(self._waiters) if correlations == "*" else set(correlations.split(",")))
+
+    def _mark(self, correlations: set[str]) -> None:
+        """Look ``correlations`` up (those still waited on) in the next batch."""
+        self._dirty |= correlations & self._waiters.keys()
         if self._dirty and (self._checking is None or self._checking.done()):
-            self._checking = asyncio.create_task(self._check())
+            self._checking = asyncio.create_task(self._check(), name="vmsdb-outcomes")
 
     async def _check(self) -> None:
         while self._dirty:
-            correlation_id = self._dirty.pop()
-            for waiter in list(self._waiters.get(correlation_id, ())):
-                if waiter.future.done():
-                    continue
-                found = await self._find(correlation_id, waiter)
-                if found is not None and not waiter.future.done():
-                    waiter.future.set_result(found)
-
-    async def _find(self, correlation_id: str, waiter: _Waiter) -> Event | None:
-        async with self._admin() as conn:
-            found = await find_outcome(conn, correlation_id, sorted(waiter.types))
-        return None if found is None else waiter.types[found.type].model_validate_json(found.payload)
+            batch = {c: self._waiters[c] for c in self._dirty if c in self._waiters}
+            self._dirty.clear()
+            wanted = {c: {t for w in ws if not w.future.done() for t in w.types} for c, ws in batch.items()}
+            wanted = {c: types for c, types in wanted.items() if types}
+            if not wanted:
+                continue
+            try:
+                async with self._connect() as conn:
+                    found = await find_outcomes(conn, wanted)
+            except Exception:  # the database went away: the waiters' own timeouts bound this
+                log.exception("looking up the outcomes of %d correlation(s) failed", len(wanted))
+                self._dirty |= wanted.keys()
+                await asyncio.sleep(_RETRY_AFTER)
+                continue
+            for correlation_id, outcomes in found.items():
+                for waiter in batch[correlation_id]:
+                    if waiter.future.done():
+                        continue
+                    first = next((o for o in outcomes if o.type in waiter.types), None)
+                    if first is None:
+                        continue
+                    try:
+                        waiter.future.set_result(waiter.types[first.type].model_validate_json(first.payload))
+                    except ValueError as err:  # the outcome's payload is not the type it names
+                        waiter.future.set_exception(err)
 
     async def close(self) -> None:
         for waiters in self._waiters.values():

@@ -27,7 +27,7 @@ from framework._internal.context import TxContext, bind, correlation, current, u
 from framework._internal.errors import RetriesExhausted, ServiceCallError
 from framework._internal.events import Event
 from framework._internal.limits import Slots
-from framework._internal.outbox import write_outbox
+from framework._internal.outbox import OutboxCommit
 from framework._internal.results import convert_rows
 from framework._internal.service import Service
 
@@ -185,12 +185,13 @@ class ServiceRuntime:
     ) -> Any:
         spec = call.spec
         read_only = tx.type == "RO"
+        commit = OutboxCommit(before_commit)  # the outbox travels with COMMIT
         async with self.host.core.transaction(
             self.name,
             isolation=tx.isolation,
             read_only=read_only and not self.host.amnesia,  # reads in amnesia write (epochs.py)
             connection=connection,
-            before_commit=before_commit,
+            before_commit=commit,
         ) as conn:
             ctx = TxContext(
                 service=self.name,
@@ -212,7 +213,7 @@ class ServiceRuntime:
                 if reads is not None:
                     await epochs.record(self.host, ctx, reads)
                 if ctx.outbox:
-                    await write_outbox(conn, ctx)
+                    await commit.write(conn, ctx)
             finally:
                 unbind(token)
                 if ctx.has_session:

@@ -18,6 +18,7 @@ import sys
 import typer
 
 from framework.cli._commands import mount as mount_commands
+from framework.cli._commands import shared_core
 from framework.cli._dashboard import mount as mount_dashboard
 from framework.cli._errors import REPORTED, report
 from framework.cli._integrity import mount as mount_integrity
@@ -25,7 +26,7 @@ from framework.cli._integrity import print_report
 from framework.cli._migrate import migrate_app
 from framework.cli._plugins import PluginGroup
 
-__all__ = ["cli", "main", "print_report"]
+__all__ = ["cli", "main", "print_report", "shared_core"]
 
 cli = typer.Typer(
     cls=PluginGroup, help="vmsdb: virtual microservices on a Postgres core.", no_args_is_help=True

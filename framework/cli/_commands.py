@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -12,9 +16,11 @@ from rich.console import Console
 from rich.table import Table
 
 from dbcore import delivery, replicas
+from dbcore.embedded import EmbeddedPostgres
 from dbcore.leases import ActiveLease
 from dbcore.leases import active as active_leases
 from framework._internal.app import App
+from framework._internal.config import Settings
 from framework._internal.dataflow import coordination_table, flow_table, services_table, write_graph
 from framework._internal.descriptors import build_descriptors
 from framework._internal.errors import FrameworkError
@@ -22,7 +28,7 @@ from framework._internal.loading import load_app
 from framework._internal.serving import serving_metrics
 from framework.cli._errors import report, run_async
 
-__all__ = ["mount"]
+__all__ = ["mount", "shared_core"]
 
 console = Console()
 dead_letters_cli = typer.Typer(help="Inspect and replay events that handlers gave up on.")
@@ -48,19 +54,43 @@ def _offline(target: str) -> App:
     return app
 
 
+@contextlib.contextmanager
+def shared_core() -> Iterator[str]:
+    """The database URL for several processes sharing one core: ``VMSDB_DATABASE_URL``, or the
+    embedded server in ``VMSDB_DATA_DIR``, started here (once, not by each process) and stopped
+    when the block ends."""
+    settings = Settings()
+    if settings.database_url is not None:
+        yield settings.database_url
+        return
+    with EmbeddedPostgres(settings.data_dir) as server:
+        yield server.url()
+
+
 @commands.command()
 def run(
     app: AppArg,
     migrate: Annotated[bool, typer.Option(help="migrate the schemas to head before starting")] = False,
     metrics_port: Annotated[
-        int | None, typer.Option(help="serve Prometheus metrics on this port (/metrics, 127.0.0.1)")
+        int | None,
+        typer.Option(help="serve Prometheus metrics on this port (/metrics, 127.0.0.1; worker i: port + i)"),
     ] = None,
+    workers: Annotated[
+        int, typer.Option(help="processes sharing the core (deliveries shard through SKIP LOCKED)")
+    ] = 1,
 ) -> None:
     """Run the App's event handlers (and Kafka transport, if configured) until interrupted.
 
-    Start it in several processes to share the work: deliveries are claimed, never handled twice.
+    ``--workers N`` (or several commands) share the work: deliveries are claimed, never handled
+    twice.
     """
     import signal
+
+    if workers < 1:
+        raise typer.BadParameter("at least 1", param_hint="--workers")
+    if workers > 1:
+        _run_workers(app, migrate, metrics_port, workers)
+        return
 
     async def serve() -> None:
         target = load_app(app)
@@ -75,6 +105,52 @@ def run(
             await stop.wait()
 
     run_async(serve)
+
+
+def _run_workers(app: str, migrate: bool, metrics_port: int | None, workers: int) -> None:
+    """``run --workers N``: N ``vmsdb run`` processes on one core, stopped together."""
+    import signal
+    import subprocess
+    import sys
+
+    with shared_core() as url:
+        env = {**os.environ, "VMSDB_DATABASE_URL": url}
+        if migrate:  # once, before the workers start (not N migrations racing)
+
+            async def migrate_once() -> None:
+                target = load_app(app)
+                target.migrate, target.workers = True, False
+                async with target:
+                    pass
+
+            os.environ["VMSDB_DATABASE_URL"] = url
+            run_async(migrate_once)
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", "from framework.cli import main; main()", "run", app]
+                + ([] if metrics_port is None else ["--metrics-port", str(metrics_port + i)]),
+                env=env,
+            )
+            for i in range(workers)
+        ]
+        console.print(f"vmsdb: {workers} worker processes ({', '.join(str(p.pid) for p in procs)})")
+        stopping: list[int] = []
+        # SIGTERM too, not only Ctrl-C: the workers must stop, and the embedded server with them.
+        signal.signal(signal.SIGTERM, lambda signum, _frame: stopping.append(signum))
+        try:
+            while not stopping and all(p.poll() is None for p in procs):
+                time.sleep(0.2)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.send_signal(signal.SIGTERM)
+            for p in procs:
+                p.wait()
+    failed = [p.returncode for p in procs if p.returncode not in (0, -signal.SIGTERM)]
+    if failed:
+        raise typer.Exit(1)
 
 
 @commands.command()

@@ -22,7 +22,7 @@ from sqlalchemy import text
 
 from framework import App
 
-from .crash_worker import CLAIM_TIMEOUT, Ledger, Tick
+from .crash_worker import CLAIM_TIMEOUT, Ledger, Tick, Tock
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -155,6 +155,10 @@ async def held(gate_dir: Path, worker: WorkerProcess, count: int = 1) -> list[st
     return inside(gate_dir, worker)
 
 
+def alive(pid: int) -> bool:
+    return Path(f"/proc/{pid}").exists()
+
+
 def assert_fifo_once(rows: list[tuple[str, str, int, str]], expected: dict[str, int]) -> None:
     """Each key's events ran once each, in publication order (n = 1..count)."""
     by_key: dict[str, list[int]] = defaultdict(list)
@@ -274,6 +278,71 @@ async def test_slow_worker_whose_claim_ran_out_rolls_back(
         assert a.proc.returncode is None and b.proc.returncode is None
         await asyncio.sleep(0.2)  # let the log line reach the file
         assert "was claimed by another worker" in a.stderr() + b.stderr()
+
+
+async def test_claims_of_a_killed_worker_come_back_in_seconds_not_after_the_claim_timeout(
+    vmsdb_app_factory, spawn: Spawn, gate: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 14: A dies holding a Tick, which a Tock waits for (precedence). A live worker's
+    heartbeat renews its claims, so a dead one's run out within seconds: B handles the Tick, then
+    the Tock, long before the 30 s claim timeout, each once and in order."""
+    monkeypatch.setenv("CRASH_WORKER_CLAIM_TIMEOUT", "30")
+    async with vmsdb_app_factory([Ledger], workers=False) as app:
+        (gate / "hold").touch()
+        a = await spawn("A", gate)
+        tick = await app.publish(Tick(key="k1", n=1))
+        assert await held(gate, a) == [str(tick)]
+        tock = await app.publish(Tock(key="k2", n=2))  # another key: it waits by precedence only
+        b = await spawn("B", gate)
+        await asyncio.sleep(3.0)  # longer than a claim lives unrenewed: A's heartbeat keeps it
+        assert await pending(app) == 2 and await seen(app) == []
+        assert inside(gate, a) == [str(tick)] and inside(gate, b) == []
+
+        await a.kill()
+        (gate / "hold").unlink()
+        killed = time.monotonic()
+        await all_handled(app, timeout=WAIT)
+        taken_over_after = time.monotonic() - killed
+
+        rows = await seen(app)
+        assert [(r[0], r[3]) for r in rows] == [(str(tick), "B"), (str(tock), "B")]  # once, in order
+        assert await counters(app) == {"k1": 1}
+        # Generous: the claim lives about 2 s unrenewed; the timeout it no longer waits for is 30 s.
+        assert taken_over_after < 10.0, taken_over_after
+
+
+async def test_vmsdb_run_workers_starts_n_processes_that_share_the_work_and_stop_together(
+    vmsdb_app_factory, vmsdb_database: str, tmp_path: Path
+) -> None:
+    """``vmsdb run APP --workers 2``: two worker processes on one core, every event handled
+    once, and SIGTERM to the command stops both."""
+    async with vmsdb_app_factory([Ledger], workers=False) as app:  # the tables, and a publisher
+        out = tmp_path / "run.out"
+        with out.open("wb") as stdout:
+            command = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", "from framework.cli import main; main()",
+                "run", "tests.integration.crash_worker:SERVICES", "--workers", "2",
+                cwd=ROOT, env={**os.environ, "VMSDB_DATABASE_URL": vmsdb_database},
+                stdout=stdout, stderr=asyncio.subprocess.STDOUT, stdin=asyncio.subprocess.DEVNULL,
+            )  # fmt: skip
+
+        async def started() -> bool:
+            return out.read_text().count("running ledger") == 2
+
+        try:
+            await until(started, WAIT, "both worker processes to start")
+            [line] = [x for x in out.read_text().splitlines() if "worker processes" in x]
+            pids = [int(p) for p in line.split("(")[1].rstrip(")").split(", ")]
+            assert len(pids) == 2 and all(alive(p) for p in pids)
+            for n in range(60):
+                await app.publish(Tick(key=f"k{n % 6}", n=n // 6 + 1))
+            await all_handled(app)
+            assert_fifo_once(await seen(app), {f"k{k}": 10 for k in range(6)})
+        finally:
+            if command.returncode is None:
+                command.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(command.wait(), WAIT) == 0, out.read_text()
+        assert not any(alive(p) for p in pids)
 
 
 async def test_two_worker_processes_share_work_without_double_handling(
