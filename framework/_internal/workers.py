@@ -133,6 +133,7 @@ class HandlerWorkers:
             job.dispatcher.finished(job.item)
         for _ in self._tasks:
             self._available.put_nowait(False)
+        self._wake()  # workers waiting for a slot look again, and find the stop
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
 

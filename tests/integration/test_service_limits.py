@@ -219,3 +219,19 @@ async def test_a_capped_service_waiting_for_slots_leaves_the_workers_to_others(v
     # a worker (a worker blocked on the hog's pool would have left it none until one finished).
     assert Neighbour.hog_finished_before == [0]
     assert Hog.finished == 8
+
+
+async def test_an_app_stops_while_a_capped_services_deliveries_wait_for_slots(vmsdb_database: str) -> None:
+    Hog.finished = 0
+    app = await App([Hog], database_url=vmsdb_database, create_tables=True, worker_concurrency=4).start()
+    try:
+        for i in range(8):
+            await app.publish(Bump(key=f"s{i}"))
+        hog_pool = app.core.service_engine("lim_hog").pool
+        for _ in range(200):  # two run; the other workers wait for a slot
+            if hog_pool.checkedout() == 2:
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        await asyncio.wait_for(app.stop(), timeout=30)  # the waiting workers are woken to stop
+    assert Hog.finished < 8  # it stopped with deliveries still waiting (claimed again later)
