@@ -20,7 +20,7 @@ from sqlalchemy.pool import NullPool
 
 from dbcore.descriptor import role_for
 from dbcore.errors import ConnectionLimitReached, StatementTimeout
-from framework import App, Event, Inbound, Service, ServiceLimits, Transactional, session
+from framework import App, Event, Inbound, Lease, LeaseGrant, Service, ServiceLimits, Transactional, session
 
 
 class Nudge(Event, key="key"):
@@ -104,6 +104,29 @@ class Neighbour(Service, name="lim_neighbour"):
     @Transactional(type="RW")
     async def on_ping(self, ping: Ping) -> None:
         type(self).hog_finished_before.append(Hog.finished)
+
+
+class Depot(Service, name="lim_depot", limits=ServiceLimits(concurrency=1)):
+    order: list[str] = []
+
+    @Lease("FROM Shelf s WHERE s.sku = :sku FOR UPDATE DECREMENT s.on_hand BY :qty WITH PERIOD :period")
+    async def hold(self, sku: str, qty: int, period: timedelta) -> LeaseGrant | None: ...
+
+    @Transactional(type="RW")
+    async def stock(self, sku: str, on_hand: int) -> None:
+        session().add(Shelf(sku=sku, on_hand=on_hand))
+
+    @Transactional(type="RO")
+    async def busy(self) -> None:
+        type(self).order.append("busy started")
+        await session().execute(text("SELECT pg_sleep(0.3)"))
+        type(self).order.append("busy ended")
+
+
+class Shelf(Depot.Model):
+    __tablename__ = "shelves"
+    sku: Mapped[str] = mapped_column(primary_key=True)
+    on_hand: Mapped[int]
 
 
 async def _role_settings(app: App, role: str) -> tuple[int, list[str]]:
@@ -235,3 +258,21 @@ async def test_an_app_stops_while_a_capped_services_deliveries_wait_for_slots(vm
     finally:
         await asyncio.wait_for(app.stop(), timeout=30)  # the waiting workers are woken to stop
     assert Hog.finished < 8  # it stopped with deliveries still waiting (claimed again later)
+
+
+async def test_a_lease_call_of_a_capped_service_waits_for_its_slot(vmsdb_app_factory) -> None:
+    # A lease granted in a transaction of the owner's own counts against its concurrency.
+    Depot.order = []
+    async with vmsdb_app_factory([Depot]) as app:
+        depot = app.service(Depot)
+        await depot.stock("a", 5)
+        busy = asyncio.create_task(depot.busy())
+        for _ in range(300):  # until the call holds the service's one slot
+            if Depot.order == ["busy started"]:
+                break
+            await asyncio.sleep(0.01)
+        granted = await depot.hold("a", 2, timedelta(minutes=1))
+        Depot.order.append("lease granted")
+        await busy
+    assert granted is not None
+    assert Depot.order == ["busy started", "busy ended", "lease granted"]
