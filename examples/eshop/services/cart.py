@@ -47,7 +47,7 @@ from vmsdb_eshop.services.common import (
 )
 from vmsdb_eshop.services.stock import Stock
 
-__all__ = ["Cart", "CartHistory", "CartLine", "CartRecord", "ReplicaProduct"]
+__all__ = ["Cart", "CartHistory", "CartLine", "CartRecord", "CheckoutClaim", "ReplicaProduct"]
 
 
 class Cart(Service, name="cart"):
@@ -81,6 +81,23 @@ class Cart(Service, name="cart"):
                 setattr(line, name, value)
         await s.flush()
         return {**as_row(line), "reserved": grant is not None}
+
+    @Transactional(isolation="read_committed")
+    async def claim_checkout(self, customer_id: int, tid: str) -> int:
+        """Bind checkout id ``tid`` to ``customer_id`` unless it is bound already; its customer.
+
+        A checkout's events and outcome are found by its id, so an id must name one customer's
+        checkout: the route refuses an id whose customer is someone else. (Read committed: a
+        concurrent claim of the same id waits for the first to commit, then reads its row.)
+        """
+        s = session()
+        await s.execute(
+            insert(CheckoutClaim)
+            .values(tid=tid, customer_id=customer_id)
+            .on_conflict_do_nothing(index_elements=["tid"])
+        )
+        owner = await s.scalar(select(CheckoutClaim.customer_id).where(CheckoutClaim.tid == tid))
+        return int(owner) if owner is not None else customer_id
 
     @Transactional
     async def seal(self, customer_id: int) -> int:
@@ -290,6 +307,16 @@ class CartHistory(_ItemColumns, Cart.Model):
     __tablename__ = "cart_history"
     customer_id: Mapped[int] = mapped_column(primary_key=True)
     tid: Mapped[str] = mapped_column(String(200), primary_key=True)
+
+
+class CheckoutClaim(Cart.Model):
+    """Which customer each checkout id (``instanceId``) belongs to; kept across ``/cleanup``,
+    as the id keeps naming that checkout's events in the log."""
+
+    __tablename__ = "checkout_ids"
+    tid: Mapped[str] = mapped_column(String(200), primary_key=True)
+    customer_id: Mapped[int]
+    created_at: Mapped[datetime] = timestamp_column()
 
 
 class ReplicaProduct(Cart.Model):
