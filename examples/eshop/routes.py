@@ -83,8 +83,19 @@ class ErrorAnswer(BaseModel):
     detail: str
 
 
+class UnreadableBody(BaseModel):
+    """FastAPI's answer to a body that is not JSON text (undecodable bytes)."""
+
+    detail: str
+
+
 def _answers(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    return {code: {"model": ErrorAnswer, "description": _MEANING[code]} for code in statuses}
+    answers: dict[int | str, dict[str, Any]] = {
+        code: {"model": ErrorAnswer, "description": _MEANING[code]} for code in statuses if code != 400
+    }
+    if 400 in statuses:
+        answers[400] = {"model": UnreadableBody, "description": "The body is not JSON text"}
+    return answers
 
 
 _MEANING = {
@@ -94,7 +105,7 @@ _MEANING = {
     504: "The chain's outcome did not arrive in time (it may still complete; retry the same id)",
 }
 #: Chains answer when their outcome is known: unknown entities, refusals, time-outs.
-_CHAIN = _answers(404, 409, 504)
+_CHAIN = _answers(400, 404, 409, 504)
 
 
 def _found(value: T | None, what: str) -> T:
@@ -145,25 +156,25 @@ ops = APIRouter(tags=["operations"], responses=_UNAVAILABLE)
 # -- ingestion ---------------------------------------------------------------------------------
 
 
-@seller.post("", status_code=status.HTTP_201_CREATED)
+@seller.post("", status_code=status.HTTP_201_CREATED, responses=_answers(400))
 async def ingest_seller(row: SellerRow, svc: SellerApi) -> Row:
     await svc.ingest([row])
     return row.model_dump()
 
 
-@customer.post("", status_code=status.HTTP_201_CREATED)
+@customer.post("", status_code=status.HTTP_201_CREATED, responses=_answers(400))
 async def ingest_customer(row: CustomerRow, svc: CustomerApi) -> Row:
     await svc.ingest([row])
     return row.model_dump()
 
 
-@product.post("", status_code=status.HTTP_201_CREATED)
+@product.post("", status_code=status.HTTP_201_CREATED, responses=_answers(400))
 async def ingest_product(row: ProductData, svc: ProductApi) -> Row:
     await svc.ingest([row])
     return row.model_dump()
 
 
-@stock.post("", status_code=status.HTTP_201_CREATED)
+@stock.post("", status_code=status.HTTP_201_CREATED, responses=_answers(400))
 async def ingest_stock(row: StockRow, svc: StockApi) -> Row:
     await svc.ingest([row])
     return row.model_dump()
@@ -172,7 +183,7 @@ async def ingest_stock(row: StockRow, svc: StockApi) -> Row:
 # -- customer session --------------------------------------------------------------------------
 
 
-@cart.patch("/{customer_id}/add", responses=_answers(404, 409))
+@cart.patch("/{customer_id}/add", responses=_answers(400, 404, 409))
 async def add_to_cart(
     customer_id: IdPath, item: CartItemBody, svc: CartApi, customers: CustomerApi, products: ProductApi
 ) -> Row:
