@@ -39,6 +39,11 @@ one Postgres core, behind the benchmark driver's HTTP API.
 Checkout (`POST /cart/{customerId}/checkout`), price update (`PATCH /product`) and product
 replacement (`PUT /product`) answer when their event chain has an outcome, with its transaction
 mark `{tid, type, actorId, status, source}`: 200 on SUCCESS, 409 when not accepted.
+
+Input is checked against the columns it ends in (422 naming the field) and unknown customers
+and products are 404 before anything is published. A transaction id (`instanceId`, a
+replacement's `version`) names one request: a repeat gets the first answer and publishes
+nothing, another request under it (another customer's checkout, say) is 409.
 """
 
 
