@@ -250,8 +250,10 @@ class Cart(Service, name="cart"):
 def _status(line: CartLine, replica: ReplicaProduct | None) -> ItemStatus:
     """Whether checkout sends ``line`` to the stock (IN_STOCK) or drops it, and why.
 
-    The replica is never behind what a client learnt: a replacement or price update is
-    acknowledged only after the cart applied it, and its handlers take precedence over checkout.
+    The replica is never behind what a checkout must see: a price update is acknowledged only
+    after the cart applied it (a replacement after the stock did), and the cart's handlers of
+    both take precedence over checkout, so every change committed before a checkout reaches the
+    replica first.
     So a line at another version than the replica's is of a replaced version (UNAVAILABLE, as
     the stock would answer), and one at the replica's version but another price was added with a
     stale price (PRICE_DIVERGENCE). Dropping the first here, not only at the stock, keeps a stale
