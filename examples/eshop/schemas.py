@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import date, datetime
 from decimal import Decimal
 from enum import StrEnum
-from typing import Annotated
+from typing import Annotated, Literal
 from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
@@ -292,7 +292,9 @@ class CheckoutFields(_Shape):
     city: Text = ""
     state: Text = ""
     zip_code: Text = ""
-    payment_type: PaymentType
+    #: How the customer pays: a card or a boleto (VOUCHER is only a payment line's type, for
+    #: the incentives; an order paid "by voucher" would have no main payment line).
+    payment_type: Literal[PaymentType.CREDIT_CARD, PaymentType.DEBIT_CARD, PaymentType.BOLETO]
     card_number: Text = ""
     card_holder_name: Text = ""
     card_expiration: Text = ""

@@ -147,6 +147,8 @@ BAD_INPUT = [
     ("POST", f"/cart/{INT32_MAX + 1}/checkout", CHECKOUT, ["path", "customer_id"]),
     ("POST", "/cart/1/checkout", {**CHECKOUT, "instanceId": "t\x00"}, ["body", "instanceId"]),
     ("POST", "/cart/1/checkout", {**CHECKOUT, "Street": "\ud800"}, ["body", "Street"]),
+    # VOUCHER is a payment line's type, not a way to pay: such an order had no main payment line.
+    ("POST", "/cart/1/checkout", {**CHECKOUT, "PaymentType": "VOUCHER"}, ["body", "PaymentType"]),
     ("POST", "/customer", {**CUSTOMER, "success_payment_count": -1}, ["body", "success_payment_count"]),
     ("POST", "/customer", {**CUSTOMER, "delivery_count": INT32_MAX + 1}, ["body", "delivery_count"]),
     ("POST", "/customer", {**CUSTOMER, "id": INT32_MAX + 1}, ["body", "id"]),
