@@ -8,12 +8,15 @@ vmsdb services vmsdb_eshop.app:services           # descriptors and event datafl
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
 
 from framework import App
 from framework.fastapi import attach, error_body
@@ -36,6 +39,11 @@ one Postgres core, behind the benchmark driver's HTTP API.
 Checkout (`POST /cart/{customerId}/checkout`), price update (`PATCH /product`) and product
 replacement (`PUT /product`) answer when their event chain has an outcome, with its transaction
 mark `{tid, type, actorId, status, source}`: 200 on SUCCESS, 409 when not accepted.
+
+Input is checked against the columns it ends in (422 naming the field) and unknown customers
+and products are 404 before anything is published. A transaction id (`instanceId`, a
+replacement's `version`) names one request: a repeat gets the first answer and publishes
+nothing, another request under it (another customer's checkout, say) is 409.
 """
 
 
@@ -53,6 +61,14 @@ def create_app(**options: Any) -> App:
 
 async def _not_found(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(error_body(exc), status_code=404)
+
+
+async def _invalid(request: Request, exc: Exception) -> Response:
+    """FastAPI's 422 answer, as ASCII JSON: it echoes the input, which may hold a lone surrogate
+    that UTF-8 cannot encode (the default answer would fail with a 500)."""
+    errors = exc.errors() if isinstance(exc, RequestValidationError) else []
+    body = json.dumps({"detail": jsonable_encoder(errors)}, ensure_ascii=True)
+    return Response(body, status_code=422, media_type="application/json")
 
 
 def default_provider() -> SimulatedProvider:
@@ -96,4 +112,5 @@ def create_api(
             api.include_router(router)
     api.include_router(ops)
     api.add_exception_handler(NotFound, _not_found)
+    api.add_exception_handler(RequestValidationError, _invalid)
     return api

@@ -11,23 +11,27 @@ from __future__ import annotations
 from datetime import date, datetime
 from decimal import Decimal
 from enum import StrEnum
-from typing import Annotated
+from typing import Annotated, Literal
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic.alias_generators import to_camel, to_pascal
 
 __all__ = [
     "AFTER_SHIPMENT",
+    "INT32_MAX",
+    "MAX_PRICE",
     "OPEN_ORDER_STATUSES",
     "PAID_ORDER_STATUSES",
     "CartItem",
     "CartItemBody",
     "CartStatus",
     "CheckoutBody",
+    "Count",
     "CustomerCheckout",
     "CustomerRow",
     "DiscountRow",
+    "Id",
     "ItemStatus",
     "MarkStatus",
     "Money",
@@ -41,13 +45,37 @@ __all__ = [
     "SellerRow",
     "ShipmentStatus",
     "StockRow",
+    "Text",
+    "Tid",
     "TransactionType",
 ]
 
-#: Money: non-negative, two decimals at most (prices, freight, vouchers).
-Money = Annotated[Decimal, Field(ge=0, max_digits=14, decimal_places=2)]
+#: The largest value of an ``Integer`` column (Postgres int4): every id and counter fits it.
+INT32_MAX = 2**31 - 1
+#: The largest unit price, freight or voucher: an invoice line (price x quantity) and the totals
+#: of an order or a seller's view stay far inside the money columns' ``Numeric(14, 2)``.
+MAX_PRICE = Decimal("100000.00")
+
+#: Money: non-negative, two decimals at most, at most ``MAX_PRICE`` (prices, freight, vouchers).
+Money = Annotated[Decimal, Field(ge=0, le=MAX_PRICE, max_digits=14, decimal_places=2)]
 Quantity = Annotated[int, Field(ge=1, le=10_000)]
-Id = Annotated[int, Field(ge=0)]
+#: Ids of sellers, products, customers: non-negative int4.
+Id = Annotated[int, Field(ge=0, le=INT32_MAX)]
+#: Counters (payments, deliveries, stock quantities and totals): non-negative int4.
+Count = Annotated[int, Field(ge=0, le=INT32_MAX)]
+
+
+#: Postgres text cannot hold NUL; the pattern also refuses lone surrogates (which JSON can
+#: carry and UTF-8 cannot encode).
+_STORABLE = r"^[^\x00]*$"
+
+#: Free text (names, addresses, descriptions): unbounded ``varchar`` columns, bounded here.
+Text = Annotated[str, Field(max_length=1000, pattern=_STORABLE)]
+#: A product version and a transaction id (``instanceId``): ``varchar(200)`` columns.
+Tid = Annotated[str, Field(min_length=1, max_length=200, pattern=_STORABLE)]
+Version = Annotated[str, Field(max_length=200, pattern=_STORABLE)]
+#: A product's status: ``varchar(20)``.
+Status = Annotated[str, Field(max_length=20, pattern=_STORABLE)]
 
 
 class PaymentType(StrEnum):
@@ -146,39 +174,39 @@ class _Row(_Shape):
 
 class SellerRow(_Row):
     id: Id
-    name: str = ""
-    company_name: str = ""
-    email: str = ""
-    phone: str = ""
-    mobile_phone: str = ""
-    cpf: str = ""
-    cnpj: str = ""
-    address: str = ""
-    complement: str = ""
-    city: str = ""
-    state: str = ""
-    zip_code: str = ""
+    name: Text = ""
+    company_name: Text = ""
+    email: Text = ""
+    phone: Text = ""
+    mobile_phone: Text = ""
+    cpf: Text = ""
+    cnpj: Text = ""
+    address: Text = ""
+    complement: Text = ""
+    city: Text = ""
+    state: Text = ""
+    zip_code: Text = ""
 
 
 class CustomerRow(_Row):
     id: Id
-    first_name: str
-    last_name: str
-    address: str = ""
-    complement: str = ""
-    birth_date: str = ""
-    zip_code: str = ""
-    city: str = ""
-    state: str = ""
-    card_number: str = ""
-    card_security_number: str = ""
-    card_expiration: str = ""
-    card_holder_name: str = ""
-    card_type: str = ""
-    success_payment_count: int = 0
-    failed_payment_count: int = 0
-    delivery_count: int = 0
-    data: str = ""
+    first_name: Text
+    last_name: Text
+    address: Text = ""
+    complement: Text = ""
+    birth_date: Text = ""
+    zip_code: Text = ""
+    city: Text = ""
+    state: Text = ""
+    card_number: Text = ""
+    card_security_number: Text = ""
+    card_expiration: Text = ""
+    card_holder_name: Text = ""
+    card_type: Text = ""
+    success_payment_count: Count = 0
+    failed_payment_count: Count = 0
+    delivery_count: Count = 0
+    data: Text = ""
 
 
 class ProductData(_Row):
@@ -186,31 +214,38 @@ class ProductData(_Row):
 
     seller_id: Id
     product_id: Id
-    name: str
-    sku: str = ""
-    category: str = ""
-    description: str = ""
+    name: Text
+    sku: Text = ""
+    category: Text = ""
+    description: Text = ""
     price: Money
     freight_value: Money = Decimal(0)
-    status: str = "approved"
-    version: str = "0"
+    status: Status = "approved"
+    version: Version = "0"
 
 
 class ProductReplacement(ProductData):
     """PUT /product: the full product with its new ``version`` (the transaction id)."""
 
-    version: str = Field(min_length=1, max_length=200)
+    version: Tid
 
 
 class StockRow(_Row):
     seller_id: Id
     product_id: Id
-    qty_available: Annotated[int, Field(ge=0)]
-    qty_reserved: Annotated[int, Field(ge=0)] = 0
-    order_count: int = 0
-    ytd: int = 0
-    data: str = ""
-    version: str = "0"
+    qty_available: Count
+    qty_reserved: Count = 0
+    order_count: Count = 0
+    ytd: Count = 0
+    data: Text = ""
+    version: Version = "0"
+
+    @field_validator("qty_reserved")
+    @classmethod
+    def _within_available(cls, reserved: int, info: ValidationInfo) -> int:
+        if reserved > info.data.get("qty_available", reserved):
+            raise ValueError("must not exceed qty_available")
+        return reserved
 
 
 class DiscountRow(_Row):
@@ -228,12 +263,12 @@ class DiscountRow(_Row):
 class CartItemFields(_Shape):
     seller_id: Id
     product_id: Id
-    product_name: str = ""
+    product_name: Text = ""
     unit_price: Money
     freight_value: Money = Decimal(0)
     quantity: Quantity
     voucher: Money = Decimal(0)
-    version: str = "0"
+    version: Version = "0"
 
 
 class CartItem(CartItemFields):
@@ -250,21 +285,23 @@ class CartItemBody(CartItemFields):
 
 class CheckoutFields(_Shape):
     customer_id: Id
-    first_name: str = ""
-    last_name: str = ""
-    street: str = ""
-    complement: str = ""
-    city: str = ""
-    state: str = ""
-    zip_code: str = ""
-    payment_type: PaymentType
-    card_number: str = ""
-    card_holder_name: str = ""
-    card_expiration: str = ""
-    card_security_number: str = ""
-    card_brand: str = ""
+    first_name: Text = ""
+    last_name: Text = ""
+    street: Text = ""
+    complement: Text = ""
+    city: Text = ""
+    state: Text = ""
+    zip_code: Text = ""
+    #: How the customer pays: a card or a boleto (VOUCHER is only a payment line's type, for
+    #: the incentives; an order paid "by voucher" would have no main payment line).
+    payment_type: Literal[PaymentType.CREDIT_CARD, PaymentType.DEBIT_CARD, PaymentType.BOLETO]
+    card_number: Text = ""
+    card_holder_name: Text = ""
+    card_expiration: Text = ""
+    card_security_number: Text = ""
+    card_brand: Text = ""
     installments: Annotated[int, Field(ge=0, le=24)] = 1
-    instance_id: str | None = None
+    instance_id: Tid | None = None
 
 
 class CustomerCheckout(CheckoutFields):
@@ -275,7 +312,7 @@ class CheckoutBody(CheckoutFields):
     """POST /cart/{customerId}/checkout: PascalCase fields and ``instanceId`` (the TID)."""
 
     model_config = ConfigDict(alias_generator=to_pascal, validate_by_name=True, validate_by_alias=True)
-    instance_id: str | None = Field(default=None, alias="instanceId", min_length=1, max_length=200)
+    instance_id: Tid | None = Field(default=None, alias="instanceId")
 
 
 class PriceUpdateBody(_Shape):
@@ -285,8 +322,8 @@ class PriceUpdateBody(_Shape):
     seller_id: Id
     product_id: Id
     price: Money
-    version: str
-    instance_id: str | None = Field(default=None, min_length=1, max_length=200)
+    version: Version
+    instance_id: Tid | None = None
 
 
 class OrderItem(_Shape):

@@ -47,7 +47,7 @@ from vmsdb_eshop.services.common import (
 )
 from vmsdb_eshop.services.stock import Stock
 
-__all__ = ["Cart", "CartHistory", "CartLine", "CartRecord", "ReplicaProduct"]
+__all__ = ["Cart", "CartHistory", "CartLine", "CartRecord", "CheckoutClaim", "ReplicaProduct"]
 
 
 class Cart(Service, name="cart"):
@@ -81,6 +81,23 @@ class Cart(Service, name="cart"):
                 setattr(line, name, value)
         await s.flush()
         return {**as_row(line), "reserved": grant is not None}
+
+    @Transactional(isolation="read_committed")
+    async def claim_checkout(self, customer_id: int, tid: str) -> int:
+        """Bind checkout id ``tid`` to ``customer_id`` unless it is bound already; its customer.
+
+        A checkout's events and outcome are found by its id, so an id must name one customer's
+        checkout: the route refuses an id whose customer is someone else. (Read committed: a
+        concurrent claim of the same id waits for the first to commit, then reads its row.)
+        """
+        s = session()
+        await s.execute(
+            insert(CheckoutClaim)
+            .values(tid=tid, customer_id=customer_id)
+            .on_conflict_do_nothing(index_elements=["tid"])
+        )
+        owner = await s.scalar(select(CheckoutClaim.customer_id).where(CheckoutClaim.tid == tid))
+        return int(owner) if owner is not None else customer_id
 
     @Transactional
     async def seal(self, customer_id: int) -> int:
@@ -233,8 +250,10 @@ class Cart(Service, name="cart"):
 def _status(line: CartLine, replica: ReplicaProduct | None) -> ItemStatus:
     """Whether checkout sends ``line`` to the stock (IN_STOCK) or drops it, and why.
 
-    The replica is never behind what a client learnt: a replacement or price update is
-    acknowledged only after the cart applied it, and its handlers take precedence over checkout.
+    The replica is never behind what a checkout must see: a price update is acknowledged only
+    after the cart applied it (a replacement after the stock did), and the cart's handlers of
+    both take precedence over checkout, so every change committed before a checkout reaches the
+    replica first.
     So a line at another version than the replica's is of a replaced version (UNAVAILABLE, as
     the stock would answer), and one at the replica's version but another price was added with a
     stale price (PRICE_DIVERGENCE). Dropping the first here, not only at the stock, keeps a stale
@@ -290,6 +309,16 @@ class CartHistory(_ItemColumns, Cart.Model):
     __tablename__ = "cart_history"
     customer_id: Mapped[int] = mapped_column(primary_key=True)
     tid: Mapped[str] = mapped_column(String(200), primary_key=True)
+
+
+class CheckoutClaim(Cart.Model):
+    """Which customer each checkout id (``instanceId``) belongs to; kept across ``/cleanup``,
+    as the id keeps naming that checkout's events in the log."""
+
+    __tablename__ = "checkout_ids"
+    tid: Mapped[str] = mapped_column(String(200), primary_key=True)
+    customer_id: Mapped[int]
+    created_at: Mapped[datetime] = timestamp_column()
 
 
 class ReplicaProduct(Cart.Model):

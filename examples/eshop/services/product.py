@@ -3,26 +3,51 @@
 Every change raises the product's ``revision``; events carry it, so replicas apply a change only
 if it is newer than what they hold. Versions name what a cart item refers to: a price update
 applies only to the current version, a replacement installs a new one.
+
+Price updates and replacements are idempotent on their transaction id (``instanceId``; a
+replacement's is its new ``version``): ``product_changes`` records which request each id named,
+in the transaction that applies it. A repeat of the same request publishes nothing and is
+answered with the first one's outcome; another request under a used id is refused.
 """
 
 from __future__ import annotations
 
+import hashlib
 from datetime import datetime
 from decimal import Decimal
+from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import String, select, update
+from pydantic import BaseModel
+from sqlalchemy import String, select
+from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Mapped, mapped_column
 
 from framework import Outbound, Service, Transactional, send, session
 from vmsdb_eshop.events import PriceUpdated, ProductUpdated
-from vmsdb_eshop.schemas import ProductData
-from vmsdb_eshop.services.common import as_row, money_column, now, rows, timestamp_column
+from vmsdb_eshop.schemas import PriceUpdateBody, ProductData
+from vmsdb_eshop.services.common import as_row, money_column, now, timestamp_column
 
-__all__ = ["DELETED", "Product", "ProductRecord"]
+__all__ = ["DELETED", "Change", "Product", "ProductChange", "ProductRecord"]
 
 #: The product status that withdraws it from sale (a replacement may carry it).
 DELETED = "deleted"
+
+
+class Change(StrEnum):
+    """What became of a price update or replacement request."""
+
+    APPLIED = "APPLIED"  # applied now; its event is published
+    REPEATED = "REPEATED"  # the same request came before under this id: nothing new
+    TAKEN = "TAKEN"  # the id names another request
+    UNKNOWN = "UNKNOWN"  # no such product
+    #: A price update of a version other than the product's current one, or a replacement by
+    #: the version the product already has.
+    STALE = "STALE"
+
+
+def _digest(kind: str, request: BaseModel) -> str:
+    return hashlib.sha256(f"{kind}:{request.model_dump_json()}".encode()).hexdigest()
 
 
 class Product(Service, name="product"):
@@ -35,10 +60,21 @@ class Product(Service, name="product"):
         return len(products)
 
     @Outbound(ProductUpdated)
-    @Transactional
-    async def replace(self, data: ProductData, tid: str) -> None:
-        """UPDATE_PRODUCT: overwrite the product with a new version (``tid``)."""
+    @Transactional(isolation="read_committed")
+    async def replace(self, data: ProductData, tid: str) -> Change:
+        """UPDATE_PRODUCT: overwrite an existing product with a new version (``tid``)."""
+        row = await session().get(ProductRecord, (data.seller_id, data.product_id), with_for_update=True)
+        seen = await _seen(tid, "UPDATE_PRODUCT", data)
+        if seen is not None:
+            return seen
+        if row is None:
+            return Change.UNKNOWN
+        if row.version == data.version:
+            return Change.STALE
+        if not await _record(tid, "UPDATE_PRODUCT", data):
+            return await _seen(tid, "UPDATE_PRODUCT", data) or Change.TAKEN
         await self._put(data, tid=tid)
+        return Change.APPLIED
 
     async def _put(self, data: ProductData, tid: str | None) -> None:
         s = session()
@@ -64,42 +100,37 @@ class Product(Service, name="product"):
         )
 
     @Outbound(PriceUpdated)
-    @Transactional
-    async def update_price(
-        self, seller_id: int, product_id: int, price: Decimal, version: str, tid: str
-    ) -> bool:
-        """PRICE_UPDATE: set the price if ``version`` is current; always publish PriceUpdated.
+    @Transactional(isolation="read_committed")
+    async def update_price(self, request: PriceUpdateBody, tid: str) -> Change:
+        """PRICE_UPDATE: set the price of the product's current version; publish PriceUpdated.
 
-        Returns ``False`` for an unknown product (and publishes nothing).
+        Nothing changes and nothing is published unless the answer is ``APPLIED``.
         """
-        changed = await rows(
-            update(ProductRecord)
-            .where(
-                ProductRecord.seller_id == seller_id,
-                ProductRecord.product_id == product_id,
-                ProductRecord.version == version,
-            )
-            .values(price=price, revision=ProductRecord.revision + 1, updated_at=now())
-            .returning(ProductRecord.revision)
-        )
-        if changed:
-            revision = changed[0]["revision"]
-        else:
-            current = await session().get(ProductRecord, (seller_id, product_id))
-            if current is None:
-                return False
-            revision = current.revision
+        s = session()
+        row = await s.get(ProductRecord, (request.seller_id, request.product_id), with_for_update=True)
+        seen = await _seen(tid, "PRICE_UPDATE", request)
+        if seen is not None:
+            return seen
+        if row is None:
+            return Change.UNKNOWN
+        if row.version != request.version:
+            return Change.STALE
+        if not await _record(tid, "PRICE_UPDATE", request):
+            return await _seen(tid, "PRICE_UPDATE", request) or Change.TAKEN
+        row.price = request.price
+        row.revision += 1
+        row.updated_at = now()
         send(
             PriceUpdated(
-                seller_id=seller_id,
-                product_id=product_id,
-                price=price,
-                version=version,
-                revision=revision,
+                seller_id=row.seller_id,
+                product_id=row.product_id,
+                price=request.price,
+                version=row.version,
+                revision=row.revision,
                 tid=tid,
             )
         )
-        return True
+        return Change.APPLIED
 
     @Transactional(type="RO")
     async def get(self, seller_id: int, product_id: int) -> dict[str, Any] | None:
@@ -115,6 +146,29 @@ class Product(Service, name="product"):
             data = ProductData.model_validate({**as_row(row), "version": "0"})
             await self._put(data, tid=None)
         return len(replaced)
+
+
+async def _seen(tid: str, kind: str, request: BaseModel) -> Change | None:
+    """``REPEATED`` or ``TAKEN`` if ``tid`` was used before, else ``None``."""
+    used = await session().get(ProductChange, tid)
+    if used is None:
+        return None
+    return Change.REPEATED if (used.kind, used.digest) == (kind, _digest(kind, request)) else Change.TAKEN
+
+
+async def _record(tid: str, kind: str, request: BaseModel) -> bool:
+    """Take ``tid`` for ``request``; ``False`` if a concurrent request took it first.
+
+    Read committed: the insert waits for a concurrent holder of ``tid`` to commit, then skips,
+    and the caller's next read sees that holder's row.
+    """
+    taken = await session().execute(
+        insert(ProductChange)
+        .values(tid=tid, kind=kind, digest=_digest(kind, request))
+        .on_conflict_do_nothing(index_elements=["tid"])
+        .returning(ProductChange.tid)
+    )
+    return taken.first() is not None
 
 
 @Product.referenceable
@@ -134,3 +188,13 @@ class ProductRecord(Product.Model):
     revision: Mapped[int] = mapped_column(default=0)
     created_at: Mapped[datetime] = timestamp_column()
     updated_at: Mapped[datetime] = timestamp_column()
+
+
+class ProductChange(Product.Model):
+    """The request each price update or replacement id named (its kind and a digest of its body)."""
+
+    __tablename__ = "product_changes"
+    tid: Mapped[str] = mapped_column(String(200), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(20))
+    digest: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = timestamp_column()
