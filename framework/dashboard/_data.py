@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from sqlalchemy import text
 
 from dbcore import delivery, stats
+from dbcore.descriptor import ServiceDescriptor
 from framework._internal.dataflow import OUTSIDE, dataflow
 
 if TYPE_CHECKING:
@@ -52,14 +53,9 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
-def _limits_of(cls: type) -> dict[str, Any]:
-    """A service's declared limits (``ServiceLimits``), if it has any, as plain values."""
-    limits = getattr(cls, "limits", None) or getattr(cls, "_vms_limits", None)
-    if limits is None:
-        return {}
-    dump = getattr(limits, "model_dump", None)
-    fields = dump() if callable(dump) else _plain(limits)
-    return {k: _plain(v) for k, v in fields.items() if v is not None} if isinstance(fields, dict) else {}
+def _limits_of(descriptor: ServiceDescriptor) -> dict[str, Any]:
+    """A service's declared limits (``ServiceLimits``, from its descriptor), those it sets."""
+    return {k: v for k, v in descriptor.limits.model_dump().items() if v is not None}
 
 
 async def graph(app: App) -> dict[str, Any]:
@@ -88,7 +84,7 @@ async def graph(app: App) -> dict[str, Any]:
             "lag_seconds": round(lag[plan.descriptor.name], 3),
             "dead_letters": dead[plan.descriptor.name],
             "recovering": modes.get(plan.descriptor.name),
-            "limits": _limits_of(plan.cls),
+            "limits": _limits_of(plan.descriptor),
         }
         for plan in app.plans
     ]

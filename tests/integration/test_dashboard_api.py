@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 from fastapi import FastAPI
 
+from framework import Service, ServiceLimits, Transactional
 from framework.dashboard import create_dashboard
 from framework.testing.plugin import AppFactory
 from tests.integration.observed_services import Receiver, Sender
@@ -167,3 +168,17 @@ async def test_recovery_leases_and_integrity_read_back(vmsdb_app_factory: AppFac
     assert recovery["integrity"]["verdict"] == "globally consistent"
     assert again["verdict"] == "globally consistent"
     assert again["checked_at"] >= recovery["integrity"]["checked_at"]
+
+
+class Capped(Service, name="dash_capped", limits=ServiceLimits(concurrency=2, connections=5)):
+    @Transactional
+    async def noop(self) -> None: ...
+
+
+async def test_the_graph_shows_each_services_declared_limits(vmsdb_app_factory: AppFactory) -> None:
+    async with vmsdb_app_factory([Capped, Sender, Receiver]) as app:
+        api = create_dashboard(app)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=api), base_url="http://t") as http:
+            nodes = {n["id"]: n for n in (await http.get("/api/graph")).json()["nodes"]}
+    assert nodes["dash_capped"]["limits"] == {"concurrency": 2, "connections": 5}
+    assert nodes["sender"]["limits"] == {}
