@@ -154,7 +154,18 @@ def _restart(server: EmbeddedPostgres) -> None:
     )
 
 
-async def _statements(url: str, *, reset: bool) -> int | None:
+_TOP_STATEMENTS = """
+SELECT calls, round(total_exec_time::numeric, 1) AS ms, left(regexp_replace(query, '\\s+', ' ', 'g'), 160)
+FROM pg_stat_statements
+WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
+  AND query NOT ILIKE '%pg_stat_statements%'
+ORDER BY calls DESC LIMIT 60
+"""
+
+
+async def _statements(url: str, *, reset: bool, top: Path | None = None) -> int | None:
+    """Statements run since the last reset (``reset``: start counting); with ``top``, the most
+    frequent statements are written there, one line each: calls, execution ms, query."""
     conn = await asyncpg.connect(**asyncpg_connect_kwargs(url))
     try:
         try:
@@ -167,6 +178,9 @@ async def _statements(url: str, *, reset: bool) -> int | None:
                 "WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) "
                 "AND query NOT ILIKE '%pg_stat_statements%'"
             )
+            if top is not None:
+                lines = [f"{r[0]:>8} {r[1]:>10} {r[2]}" for r in await conn.fetch(_TOP_STATEMENTS)]
+                await asyncio.to_thread(top.write_text, "   calls    exec ms query\n" + "\n".join(lines) + "\n")
             return int(total)
         except asyncpg.PostgresError:  # not loaded on a configured server
             return None
@@ -289,7 +303,9 @@ async def run_external(
                         drained = await _drained(url)
                         server_cpu = tree_cpu(server_pid) - server_before
                         pg_cpu = (tree_cpu(postmaster) - pg_before) if postmaster else float("nan")
-                        statements = await _statements(url, reset=False)
+                        statements = await _statements(
+                            url, reset=False, top=log_dir / f"statements-{mix}-{count}.txt"
+                        )
                         load = os.getloadavg()
                     consistent, broken = await _check(url)
                 runs.append(
