@@ -45,6 +45,7 @@ __all__ = [
     "ClaimLost",
     "Claimed",
     "DeadLetter",
+    "GroupAck",
     "claim",
     "claim_batch",
     "dead_letter",
@@ -134,7 +135,9 @@ _CLAIM = """
                 SELECT 1 FROM vms.deliveries w, horizon h
                  WHERE w.subscriber = $1 AND w.xid < h.xmin AND w.available_at <= now()
                    AND (w.claim IS NULL OR w.claimed_until < now())
-                   AND w.position <> ALL(ARRAY(SELECT position FROM ready))) AS blocked
+                   AND w.position <> ALL(ARRAY(SELECT position FROM ready))) AS blocked,
+               -- The horizon itself, for HorizonWatch (no statement of its own per claim).
+               (SELECT h.xmin::text FROM horizon h) AS horizon
     )
     -- One row even when nothing was claimed (all NULL but held_back and blocked).
     SELECT c.subscriber, c.position, ev.id AS event_id, c.event_type, c.key,
@@ -142,7 +145,7 @@ _CLAIM = """
            EXISTS (SELECT 1 FROM vms.deliveries n
                     WHERE n.subscriber = c.subscriber AND n.key = c.key
                       AND (n.xid, n.position) > (c.xid, c.position)) AS followed,
-           ev.trace_context, held.held_back, held.blocked
+           ev.trace_context, held.held_back, held.blocked, held.horizon
       FROM held LEFT JOIN (claimed c JOIN vms.events ev ON ev.position = c.position) ON true
      ORDER BY c.xid, c.position
 """
@@ -166,6 +169,8 @@ class Claim:
     #: Deliveries left behind an earlier delivery of their key, or of a type that precedes
     #: them, still running: claim again when one finishes.
     blocked: bool
+    #: The snapshot horizon the claim saw (``pg_snapshot_xmin`` as text).
+    horizon: str = ""
 
 
 async def claim_batch(
@@ -190,9 +195,11 @@ async def claim_batch(
         uuid.uuid4(),
         float(lease_seconds),
     )
-    # The query's columns are the dataclass's fields, in order, then held_back and blocked.
-    items = [Claimed(*r[:-2]) for r in rows if r["subscriber"] is not None]
-    return Claim(items, bool(rows[0]["held_back"]), bool(rows[0]["blocked"]))
+    # The query's columns are the dataclass's fields, in order, then held_back, blocked and
+    # the horizon.
+    items = [Claimed(*r[:-3]) for r in rows if r["subscriber"] is not None]
+    first = rows[0]
+    return Claim(items, bool(first["held_back"]), bool(first["blocked"]), str(first["horizon"]))
 
 
 async def claim(
@@ -276,6 +283,31 @@ class Ack:
             f"delivery of event {self.item.event_id} to {self.item.subscriber!r} was claimed "
             "by another worker after this one's claim ran out"
         )
+
+
+@dataclass(frozen=True, slots=True)
+class GroupAck:
+    """Marks every delivery of ``items`` (one subscriber's) handled, in one statement sent with
+    the COMMIT of the transaction that handled them all (``@Inbound(group_commit=)``): each
+    ``vms.ack`` raises when its claim was lost, and then none of them commits."""
+
+    items: Sequence[Claimed]
+
+    @property
+    def sql(self) -> str:
+        rows = ", ".join(
+            f"({quote_literal(i.subscriber)}, {int(i.position)}::bigint, '{uuid.UUID(str(i.claim))}'::uuid)"
+            for i in self.items
+        )
+        return (
+            "SELECT vms.ack(a.subscriber, a.position, a.claim) "
+            f"FROM (VALUES {rows}) AS a(subscriber, position, claim)"
+        )
+
+    def translate(self, err: BaseException) -> BaseException | None:
+        if sqlstate_of(err) != CLAIM_LOST_SQLSTATE:
+            return None
+        return ClaimLost(f"a delivery of a group of {len(self.items)} was claimed by another worker: {err}")
 
 
 _RETRY = text(

@@ -79,12 +79,18 @@ class HorizonWatch:
         self._since = 0.0
         self._warned = False
 
-    async def check(self, conn: AsyncConnection, held_back: bool) -> Blocker | None:
-        """Returns the blocker it warned about (once per stall), else ``None``."""
+    async def check(
+        self, conn: AsyncConnection, held_back: bool, horizon: str | None = None
+    ) -> Blocker | None:
+        """Returns the blocker it warned about (once per stall), else ``None``.
+
+        ``horizon``: the horizon the claim saw (``Claim.horizon``); read here when not given.
+        """
         if not held_back:
             self._horizon = None
             return None
-        horizon = str((await conn.execute(_HORIZON)).scalar_one())
+        if not horizon:
+            horizon = str((await conn.execute(_HORIZON)).scalar_one())
         now = time.monotonic()
         if horizon != self._horizon:
             self._horizon, self._since, self._warned = horizon, now, False

@@ -183,7 +183,8 @@ class Dispatcher:
                     if self._saturated:
                         continue  # there may be more; claim again at the low water mark
                     held_back = batch.held_back
-                    await self._horizon.check(conn, held_back)  # warns of a long-open transaction
+                    # Warns of a long-open transaction (the claim read the horizon).
+                    await self._horizon.check(conn, held_back, batch.horizon)
             except Exception:  # the database went away: log, try again after poll_interval
                 log.exception("%s: claiming deliveries failed", self.service)
             # Everything claimable is claimed. What makes more claimable wakes the dispatcher:
@@ -280,6 +281,69 @@ class Dispatcher:
         except Exception as err:
             await self._failed(
                 item, spec.qualname, spec.inbound.max_attempts, err, blocking=spec.inbound.blocking
+            )
+
+    def group_limit(self, item: Claimed) -> int:
+        """``@Inbound(group_commit=)`` of ``item``'s handler, or 1 where a group would change
+        what the handler's run looks like: a retried delivery (a poison event must not roll
+        back others), a recovering service or reads in amnesia (epochs), tracing (one span per
+        handled event, each its own transaction)."""
+        entry = self.handlers.get(item.event_type)
+        if (
+            entry is None
+            or entry[0].tx is None
+            or item.attempts > 1
+            or self._stopping
+            or self.host.amnesia
+            or self.service in self.host.recovering
+            or telemetry.tracer is not None
+        ):
+            return 1
+        inbound = entry[0].spec.inbound
+        return 1 if inbound is None else inbound.group_commit
+
+    def groups_with(self, first: Claimed, other: Claimed) -> bool:
+        return other.event_type == first.event_type and other.attempts == 1
+
+    async def handle_group(self, items: list[Claimed], conn: AsyncConnection) -> None:
+        """Run the handler of ``items`` (one event type, see :meth:`group_limit`) for all of
+        them in one transaction, acknowledging all with its commit; if anything fails, roll
+        back and run each on its own (:meth:`handle`), with its own retries."""
+        call, event_type = self.handlers[items[0].event_type]
+        events: list[tuple[Claimed, Event]] = []
+        for item in items:
+            try:
+                payload: Any = item.payload
+                events.append((
+                    item,
+                    event_type.model_validate_json(payload)
+                    if isinstance(payload, (str, bytes))
+                    else event_type.model_validate(payload),
+                ))  # fmt: skip
+            except ValidationError:
+                await self.handle(item, conn)  # dead-letters it
+        if len(events) <= 1:
+            for item, _ in events:
+                await self.handle(item, conn)
+            return
+        started = time.perf_counter()
+        try:
+            await self.runtime.run_group(call, events, conn)
+        except Exception as err:
+            log.info(
+                "%s: a group of %d %s deliveries failed (%s: %s); each runs again on its own",
+                self.service, len(events), items[0].event_type, type(err).__name__, err,
+            )  # fmt: skip
+            self.host.metrics.inc("group_commit_splits", service=self.service, event=items[0].event_type)
+            for item, _ in events:
+                await self.handle(item, conn)
+            return
+        elapsed = time.perf_counter() - started
+        self.host.metrics.observe("group_commit_size", len(events), service=self.service)
+        for item, _ in events:
+            self.host.metrics.inc("events_handled", service=self.service, event=item.event_type)
+            self.host.metrics.observe(
+                "handler_duration_seconds", elapsed, service=self.service, event=item.event_type
             )
 
     async def _apply_replica(self, item: Claimed, replica: ReplicaDescriptor, conn: AsyncConnection) -> None:

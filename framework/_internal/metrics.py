@@ -43,6 +43,10 @@ COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "lease_grants": ("Leases granted", ("service", "function")),
     "lease_refusals": ("Leases refused (not enough left)", ("service", "function")),
     "replica_changes": ("Replica rows applied", ("service", "table")),
+    "group_commit_splits": (
+        "Groups of deliveries (@Inbound(group_commit=)) rolled back and run again one by one",
+        ("service", "event"),
+    ),
 }
 
 _SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -52,6 +56,11 @@ _SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 HISTOGRAMS: dict[str, tuple[str, tuple[str, ...], tuple[float, ...]]] = {
     "handler_duration_seconds": ("Handler run time, transaction included", ("service", "event"), _SECONDS),
     "claim_batch_size": ("Deliveries taken by one claim", ("service",), _SIZES),
+    "group_commit_size": (
+        "Deliveries handled in one transaction (@Inbound(group_commit=))",
+        ("service",),
+        _SIZES,
+    ),
 }
 
 _Key = tuple[str, tuple[tuple[str, str], ...]]

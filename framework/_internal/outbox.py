@@ -17,7 +17,7 @@ from framework._internal import telemetry
 from framework._internal.context import TxContext
 from framework._internal.events import Event
 
-__all__ = ["OutboxCommit", "record_of"]
+__all__ = ["OutboxCommit", "record_of", "records_of"]
 
 
 def record_of(
@@ -41,7 +41,8 @@ def record_of(
     )
 
 
-def _records(ctx: TxContext) -> list[EventRecord]:
+def records_of(ctx: TxContext) -> list[EventRecord]:
+    """The log records of the events ``ctx``'s function sent."""
     return [
         record_of(e, producer=ctx.service, correlation_id=ctx.correlation_id, causation_id=ctx.causation_id)
         for e in ctx.outbox
@@ -65,7 +66,11 @@ class OutboxCommit:
     async def write(self, conn: AsyncConnection, ctx: TxContext) -> None:
         """Take ``ctx``'s outbox along with the commit (or, when a value cannot be inlined,
         write it now)."""
-        records = _records(ctx)
+        await self.write_records(conn, records_of(ctx))
+
+    async def write_records(self, conn: AsyncConnection, records: list[EventRecord]) -> None:
+        """Take ``records`` along with the commit (or, when a value cannot be inlined, write
+        them now)."""
         try:
             self._outbox = append_sql(records)
         except ValueError:

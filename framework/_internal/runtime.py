@@ -17,7 +17,9 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from dbcore.delivery import Claimed, GroupAck
 from dbcore.errors import ServiceRecovering, TransactionConflict
+from dbcore.eventlog import EventRecord
 from dbcore.isolation import CommitStatement
 from dbcore.query_language import bind_values
 from dbcore.translate import translated
@@ -27,7 +29,7 @@ from framework._internal.context import TxContext, bind, correlation, current, u
 from framework._internal.errors import RetriesExhausted, ServiceCallError
 from framework._internal.events import Event
 from framework._internal.limits import Slots
-from framework._internal.outbox import OutboxCommit
+from framework._internal.outbox import OutboxCommit, records_of
 from framework._internal.results import convert_rows
 from framework._internal.service import Service
 
@@ -221,6 +223,54 @@ class ServiceRuntime:
         epochs.settle(self.host, reads)
         self.host.metrics.inc("transactions", service=self.name, function=spec.name)
         return result
+
+    async def run_group(
+        self, call: CallPlan, events: list[tuple[Claimed, Event]], connection: AsyncConnection
+    ) -> None:
+        """Run ``call``'s handler for each delivery of ``events``, one after another, in one
+        transaction on ``connection``, and acknowledge them all with its ``COMMIT``
+        (``@Inbound(group_commit=)``). Each event's ``send()`` carries that event's
+        correlation and causation, as if it ran alone. Raises whatever ends the transaction
+        (nothing is committed then): the caller runs each event again on its own."""
+        tx = call.tx
+        assert tx is not None
+        spec = call.spec
+        commit = OutboxCommit(GroupAck([item for item, _ in events]))
+        outbox: list[EventRecord] = []
+        with translated(self.name, self.host.core.table_owners, self.host.core.limits):
+            async with self.host.core.transaction(
+                self.name,
+                isolation=tx.isolation,
+                read_only=tx.type == "RO",
+                connection=connection,
+                before_commit=commit,
+            ) as conn:
+                for item, event in events:
+                    ctx = TxContext(
+                        service=self.name,
+                        function=spec.qualname,
+                        connection=conn,
+                        read_only=tx.type == "RO",
+                        allowed=call.allowed_events,
+                        correlation_id=item.correlation_id,
+                        causation_id=str(item.event_id),
+                    )
+                    token = bind(ctx)
+                    try:
+                        with telemetry.delivery_context(item):
+                            result = await spec.function(self.instance, event)
+                        if isinstance(result, Event):
+                            ctx.send(result)
+                        if ctx.has_session:
+                            await ctx.session.flush()
+                    finally:
+                        unbind(token)
+                        if ctx.has_session:
+                            await ctx.session.close()
+                    outbox.extend(records_of(ctx))
+                if outbox:
+                    await commit.write_records(conn, outbox)
+        self.host.metrics.inc("transactions", len(events), service=self.name, function=spec.name)
 
     async def _join(
         self,

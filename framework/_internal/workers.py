@@ -45,6 +45,16 @@ class Handler(Protocol):
 
     async def handle(self, item: Claimed, conn: AsyncConnection) -> None: ...
 
+    def group_limit(self, item: Claimed) -> int:
+        """How many deliveries a group that starts with ``item`` may hold (1: run it alone)."""
+        ...
+
+    def groups_with(self, first: Claimed, other: Claimed) -> bool:
+        """Whether ``other`` may run in the same transaction as ``first``."""
+        ...
+
+    async def handle_group(self, items: list[Claimed], conn: AsyncConnection) -> None: ...
+
     def finished(self, item: Claimed) -> None: ...
 
 
@@ -92,10 +102,11 @@ class HandlerWorkers:
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
 
-    def _take(self) -> Job | None:
-        """The next service's oldest job whose service has a free slot, its slot taken; that
-        service goes to the back of the line. ``None``: no job, or every one's service is at
-        its concurrency limit."""
+    def _take(self) -> list[Job] | None:
+        """The next service's oldest job whose service has a free slot, its slot taken, with the
+        jobs right behind it that its handler runs in the same transaction (see
+        :meth:`_group`); that service goes to the back of the line. ``None``: no job, or every
+        one's service is at its concurrency limit."""
         for _ in range(len(self._turns)):
             service = self._turns.popleft()
             limited = self._slots.get(service)
@@ -103,21 +114,44 @@ class HandlerWorkers:
                 self._turns.append(service)  # at its limit: its jobs wait, without a connection
                 continue
             queue = self._queues[service]
-            job = queue.popleft()
+            group = self._group(queue.popleft(), queue)
             if queue:
                 self._turns.append(service)
-            return job
+            return group
         return None
 
-    def _release(self, job: Job) -> None:
-        limited = self._slots.get(job.dispatcher.service)
+    def _group(self, first: Job, queue: deque[Job]) -> list[Job]:
+        """``first`` and the jobs queued right behind it that its handler runs in the same
+        transaction (``@Inbound(group_commit=)``), taken off ``queue``.
+
+        The queue holds at most one delivery per partition key of a subscriber (a key's next
+        delivery is claimed only after the previous one is acknowledged), so a group never
+        holds two events of one key: order per key is kept.
+        """
+        handler = first.dispatcher
+        limit = handler.group_limit(first.item) if queue else 1
+        group = [first]
+        while queue and len(group) < limit:
+            job = queue[0]
+            if job.dispatcher is not handler or not handler.groups_with(first.item, job.item):
+                break
+            group.append(queue.popleft())
+            # Each queued job put one token in _available; this one is taken without a worker
+            # having waited for it, so its token goes too (queued jobs never outnumber tokens).
+            self._available.get_nowait()
+        return group
+
+    def _release(self, group: list[Job]) -> None:
+        """The slot a job (or a group: one transaction) took."""
+        limited = self._slots.get(group[0].dispatcher.service)
         if limited is not None:
             limited.release()
 
-    def _put_back(self, job: Job) -> None:
-        """A job taken (its slot too) but not started: first in line again, its slot freed."""
-        self._release(job)
-        self._enqueue(job, front=True)
+    def _put_back(self, group: list[Job]) -> None:
+        """Jobs taken (their slot too) but not started: first in line again, the slot freed."""
+        self._release(group)
+        for job in reversed(group):
+            self._enqueue(job, front=True)
 
     async def stop(self) -> None:
         """Give back the claims nobody started on, then let running handlers finish."""
@@ -142,8 +176,8 @@ class HandlerWorkers:
         while True:
             if not await self._available.get():
                 return
-            job = self._take()
-            if job is None:
+            group = self._take()
+            if group is None:
                 if self._turns:  # work there is, all of it at its services' limits
                     changed = self._changed
                     self._available.put_nowait(True)  # the job is still there for a worker
@@ -152,34 +186,52 @@ class HandlerWorkers:
             try:
                 # The connection is logged in as the job's service: it runs that service's jobs
                 # only, and is given back when the next job is another service's.
-                service = job.dispatcher.service
+                service = group[0].dispatcher.service
                 async with self.core.service_engine(service).connect() as conn:
-                    while job is not None:
-                        running, job = job, None
+                    while group is not None:
+                        running, group = group, None
                         try:
-                            await self._run(running, conn, loop.time())
+                            if len(running) == 1:
+                                await self._run(running[0], conn, loop.time())
+                            else:
+                                await self._run_group(running, conn, loop.time())
                         finally:
                             self._release(running)
                         if conn.invalidated or self._available.empty():
                             break
                         if not self._available.get_nowait():
                             return
-                        job = self._take()
-                        if job is None:  # the rest is at its limits: leave it to the workers
+                        group = self._take()
+                        if group is None:  # the rest is at its limits: leave it to the workers
                             self._available.put_nowait(True)
                             break
-                        if job.dispatcher.service != service:
+                        if group[0].dispatcher.service != service:
                             break
             except Exception:  # the database went away: claims in hand run out, are claimed again
                 log.exception("a handler worker lost its database connection")
-                if job is not None:  # checked out no connection, so never ran
-                    self._release(job)
-                    job.dispatcher.finished(job.item)
-                    job = None
+                if group is not None:  # checked out no connection, so never ran
+                    self._release(group)
+                    for job in group:
+                        job.dispatcher.finished(job.item)
+                    group = None
                 await asyncio.sleep(_RECONNECT_PAUSE)
                 continue
-            if job is not None:  # another service's: run it on a connection of its own
-                self._put_back(job)
+            if group is not None:  # another service's: run it on a connection of its own
+                self._put_back(group)
+
+    async def _run_group(self, group: list[Job], conn: AsyncConnection, now: float) -> None:
+        ready = [job for job in group if now < job.start_before]
+        for job in group:
+            if job not in ready:  # claimed too long ago: _run leaves it to run out
+                await self._run(job, conn, now)
+        if len(ready) == 1:
+            await self._run(ready[0], conn, now)
+        elif ready:
+            try:
+                await ready[0].dispatcher.handle_group([job.item for job in ready], conn)
+            finally:
+                for job in ready:
+                    job.dispatcher.finished(job.item)
 
     @staticmethod
     async def _run(job: Job, conn: AsyncConnection, now: float) -> None:

@@ -18,7 +18,7 @@ import signal
 import sys
 from pathlib import Path
 
-from sqlalchemy import BigInteger, Identity, update
+from sqlalchemy import BigInteger, Identity, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -45,26 +45,23 @@ class Tock(Event, key="key"):
     n: int
 
 
+class Beat(Event, key="key"):
+    """Handled in groups (``group_commit``): several keys' events in one transaction."""
+
+    key: str
+    n: int
+
+
 class Ledger(Service, name="ledger"):
     @Inbound(Tick, precedence=Tock)
     @Transactional(type="RW", isolation="read_committed")
     async def on_tick(self, ev: Tick) -> None:
-        ctx = current()
-        assert ctx is not None
-        s = session()
-        # Non-idempotent on purpose: a second commit of the same event adds 1 again.
-        await s.execute(insert(Counter).values(id=ev.key, n=0).on_conflict_do_nothing())
-        await s.execute(update(Counter).where(Counter.id == ev.key).values(n=Counter.n + 1))
-        s.add(Seen(event_id=str(ctx.causation_id), key=ev.key, n=ev.n, worker=WORKER_NAME))
-        await s.flush()
-        if GATE_DIR is not None and (GATE_DIR / "hold").exists():
-            with (GATE_DIR / f"inside-{os.getpid()}").open("a") as f:
-                f.write(f"{ctx.causation_id}\n")
-            # Effects written, not committed: wait here (to be killed) until the hold is lifted.
-            while True:
-                await asyncio.sleep(0.05)
-                if not (GATE_DIR / "hold").exists():
-                    break
+        await _count(ev)
+
+    @Inbound(Beat, group_commit=8)
+    @Transactional(type="RW", isolation="read_committed")
+    async def on_beat(self, ev: Beat) -> None:
+        await _count(ev)
 
     @Inbound(Tock)
     @Transactional(type="RW", isolation="read_committed")
@@ -72,6 +69,26 @@ class Ledger(Service, name="ledger"):
         ctx = current()
         assert ctx is not None
         session().add(Seen(event_id=str(ctx.causation_id), key=ev.key, n=ev.n, worker=WORKER_NAME))
+
+
+async def _count(ev: Tick | Beat) -> None:
+    """Count ``ev`` (not idempotent: a second commit adds 1 again); wait at the gate."""
+    ctx = current()
+    assert ctx is not None
+    s = session()
+    # Non-idempotent on purpose: a second commit of the same event adds 1 again.
+    await s.execute(insert(Counter).values(id=ev.key, n=0).on_conflict_do_nothing())
+    await s.execute(update(Counter).where(Counter.id == ev.key).values(n=Counter.n + 1))
+    s.add(Seen(event_id=str(ctx.causation_id), key=ev.key, n=ev.n, worker=WORKER_NAME))
+    await s.flush()
+    if GATE_DIR is not None and (GATE_DIR / "hold").exists():
+        with (GATE_DIR / f"inside-{os.getpid()}").open("a") as f:
+            f.write(f"{ctx.causation_id}\n")
+        # Effects written, not committed: wait here (to be killed) until the hold is lifted.
+        while True:
+            await asyncio.sleep(0.05)
+            if not (GATE_DIR / "hold").exists():
+                break
 
 
 class Counter(Ledger.Model):
@@ -89,6 +106,8 @@ class Seen(Ledger.Model):
     key: Mapped[str]
     n: Mapped[int]
     worker: Mapped[str]
+    #: The handling transaction: events handled in one group share it.
+    xid: Mapped[int] = mapped_column(BigInteger, server_default=text("txid_current()"))
 
 
 #: For ``vmsdb run tests.integration.crash_worker:SERVICES``.

@@ -22,7 +22,7 @@ from sqlalchemy import text
 
 from framework import App
 
-from .crash_worker import CLAIM_TIMEOUT, Ledger, Tick, Tock
+from .crash_worker import CLAIM_TIMEOUT, Beat, Ledger, Tick, Tock
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -245,6 +245,44 @@ async def test_kill_9_with_several_events_of_one_key_pending(
         assert {r[3] for r in rows} == {"B"}
         assert await counters(app) == {"k1": 8, "k2": 3}
         assert await dead_letters(app) == 0
+
+
+async def test_kill_9_mid_group_commit_then_each_event_takes_effect_once_in_order(
+    vmsdb_app_factory, spawn: Spawn, gate: Path
+) -> None:
+    """@Inbound(group_commit=8): a worker killed inside a group's transaction commits none of
+    it; the next worker handles every event once, each key in order, in groups again."""
+    keys = [f"b{k}" for k in range(1, 7)]
+    async with vmsdb_app_factory([Ledger], workers=False) as app:
+        (gate / "hold").touch()
+        for n in range(1, 4):
+            for key in keys:
+                await app.publish(Beat(key=key, n=n))
+        a = await spawn("A", gate)
+
+        # The six keys' heads are claimed together and run as one group, one after another:
+        # the first waits at the gate with the group's transaction open, the other five behind
+        # it in the same transaction (run one by one, six handlers would be at the gate).
+        assert len(await held(gate, a)) == 1
+        await asyncio.sleep(0.3)
+        assert len(inside(gate, a)) == 1
+
+        await a.kill()
+        assert await counters(app) == {}
+        assert await seen(app) == []
+        assert await pending(app) == 18
+
+        (gate / "hold").unlink()
+        await spawn("B", gate)
+        await all_handled(app)
+
+        rows = await seen(app)
+        assert_fifo_once(rows, dict.fromkeys(keys, 3))
+        assert {r[3] for r in rows} == {"B"}
+        assert await counters(app) == dict.fromkeys(keys, 3)
+        assert await dead_letters(app) == 0
+        transactions = int(await scalar(app, "SELECT count(DISTINCT xid) FROM ledger.seen"))  # type: ignore[arg-type]
+        assert transactions < len(rows), "B handled every event in a transaction of its own"
 
 
 async def test_slow_worker_whose_claim_ran_out_rolls_back(
