@@ -146,6 +146,9 @@ async def run_served(bench: Bench, options: Options) -> BenchmarkResult:
                 f"{1000 * r.per_tx(r.postgres_cpu_s):.1f}; {statements}",
             )
         )
+        result.measurements.append(
+            Measurement(f"  Postgres sessions opened during the run ({label})", "sessions", str(r.sessions))
+        )
         for kind, stats in r.driver["per_type"].items():
             if stats["count"]:
                 result.measurements.append(

@@ -52,6 +52,8 @@ class ExternalRun:
     consistent: bool
     broken: list[str]
     load_average: tuple[float, float, float]
+    #: Postgres sessions opened during the run (``pg_stat_database.sessions``): pool churn.
+    sessions: int = 0
 
     @property
     def completed(self) -> int:
@@ -77,6 +79,7 @@ class ExternalRun:
             "broken": self.broken,
             "load_average": self.load_average,
             "errors": self.driver["errors"],
+            "sessions_opened": self.sessions,
         }
 
 
@@ -180,10 +183,22 @@ async def _statements(url: str, *, reset: bool, top: Path | None = None) -> int 
             )
             if top is not None:
                 lines = [f"{r[0]:>8} {r[1]:>10} {r[2]}" for r in await conn.fetch(_TOP_STATEMENTS)]
-                await asyncio.to_thread(top.write_text, "   calls    exec ms query\n" + "\n".join(lines) + "\n")
+                report = "   calls    exec ms query\n" + "\n".join(lines) + "\n"
+                await asyncio.to_thread(top.write_text, report)
             return int(total)
         except asyncpg.PostgresError:  # not loaded on a configured server
             return None
+    finally:
+        await conn.close()
+
+
+async def _sessions(url: str) -> int:
+    """Sessions this database has seen so far (pool churn shows as new ones during a run)."""
+    conn = await asyncpg.connect(**asyncpg_connect_kwargs(url))
+    try:
+        await conn.execute("SELECT pg_stat_clear_snapshot()")
+        sql = "SELECT sessions FROM pg_stat_database WHERE datname = current_database()"
+        return int(await conn.fetchval(sql))
     finally:
         await conn.close()
 
@@ -296,6 +311,7 @@ async def run_external(
                     await _seed(url)
                     async with serving(url, workers, log_dir) as (base, server_pid):
                         await _statements(url, reset=True)
+                        sessions_before = await _sessions(url)
                         server_before = tree_cpu(server_pid)
                         pg_before = tree_cpu(postmaster) if postmaster else 0.0
                         out = log_dir / f"driver-{mix}-{count}.json"
@@ -307,11 +323,12 @@ async def run_external(
                             url, reset=False, top=log_dir / f"statements-{mix}-{count}.txt"
                         )
                         load = os.getloadavg()
+                        sessions = await _sessions(url) - sessions_before
                     consistent, broken = await _check(url)
                 runs.append(
                     ExternalRun(
                         mix, count, workers, driven, server_cpu, pg_cpu, statements, drained,
-                        consistent, broken, load,
+                        consistent, broken, load, sessions,
                     )
                 )  # fmt: skip
     return runs

@@ -31,6 +31,7 @@ __all__ = [
     "UNSTAMPED_REVISION",
     "Core",
     "PoolSize",
+    "connection_budget",
     "lock_install",
 ]
 
@@ -39,7 +40,6 @@ __all__ = [
 # both would read "at base", both would run the first revision, and the second would fail on what
 # the first created. A transaction lock: it ends with the transaction that took it.
 _INSTALL_LOCK = text("SELECT pg_advisory_xact_lock(hashtext('vms.install'))")
-
 
 
 async def lock_install(conn: AsyncConnection) -> None:
@@ -88,6 +88,18 @@ def _engine(
         connect_args={"server_settings": {"application_name": application_name}},
         **sized,
     )
+
+
+_BUDGET = text(
+    "SELECT current_setting('max_connections')::int"
+    " - current_setting('superuser_reserved_connections')::int"
+    " - coalesce(current_setting('reserved_connections', true)::int, 0)"
+)
+
+
+async def connection_budget(conn: AsyncConnection) -> int:
+    """How many connections the server admits from roles without reserved slots."""
+    return int((await conn.execute(_BUDGET)).scalar_one())
 
 
 class Core:

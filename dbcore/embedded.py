@@ -57,6 +57,10 @@ host    all   all        ::1/128       scram-sha-256
 """
 
 
+#: The embedded server's ``max_connections`` (initdb's default is 100).
+MAX_CONNECTIONS = 400
+
+
 class EmbeddedPostgres:
     """Start (or reuse) a Postgres server whose data lives in ``data_dir``."""
 
@@ -86,6 +90,8 @@ class EmbeddedPostgres:
             ) from err
         self._started_here = not already_running
         self._authenticate_by_password()
+        if self._started_here:
+            self._admit_connections()
         log.info(
             "%s embedded Postgres in %s",
             "started" if self._started_here else "reusing",
@@ -105,6 +111,25 @@ class EmbeddedPostgres:
             ep._commands.pg_ctl(["reload"], pgdata=self.pgdata, user=server.system_user)  # type: ignore[attr-defined]
         except subprocess.CalledProcessError as err:
             raise EmbeddedPostgresError(f"could not reload {hba}: {err}") from err
+
+    def _admit_connections(self) -> None:
+        """Raise ``max_connections`` to :data:`MAX_CONNECTIONS`, once per data directory.
+
+        Each service logs in as its own role with a pool of its own (``dbcore.logins``), so
+        an App of eight services keeps about 180 connections at full load; initdb's default
+        of 100 would shrink every pool (see ``App._size_pools``). ``ALTER SYSTEM`` keeps it in
+        the data directory; it takes effect at a restart (``pg_ctl restart`` reuses the
+        server's command line), paid the first time the directory is used.
+        """
+        if f"max_connections = '{MAX_CONNECTIONS}'" in (self.pgdata / "postgresql.auto.conf").read_text():
+            return
+        ep = _import_embedded()
+        server: Any = self._server
+        try:
+            server.psql(f"ALTER SYSTEM SET max_connections = {MAX_CONNECTIONS}")
+            ep._commands.pg_ctl(["-w", "restart"], pgdata=self.pgdata, user=server.system_user)  # type: ignore[attr-defined]
+        except subprocess.CalledProcessError as err:
+            raise EmbeddedPostgresError(f"could not raise max_connections in {self.pgdata}: {err}") from err
 
     def url(self, database: str = "postgres") -> str:
         if self._server is None:

@@ -119,6 +119,7 @@ def serve(
     with shared_core() as url:
         os.environ["VMSDB_DATABASE_URL"] = url
         os.environ[_ONLY] = service or ""
+        os.environ["VMSDB_PROCESSES"] = str(workers)  # each sizes its pools to its share
 
         async def migrate_once() -> None:
             async with create_app(database_url=url, workers=False):

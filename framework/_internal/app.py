@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from dbcore import delivery
-from dbcore.core import Core, PoolSize
+from dbcore.core import Core, PoolSize, connection_budget
 from dbcore.descriptor import LimitsDescriptor, ServiceDescriptor
 from dbcore.eventlog import append
 from dbcore.translate import translated
@@ -51,6 +51,10 @@ from framework._internal.workers import HandlerWorkers
 __all__ = ["App"]
 
 log = logging.getLogger("vmsdb.app")
+
+#: Connections left to the administrator's pool, the listener, commands and other clients when
+#: the pools are sized to the server's budget.
+_ADMIN_HEADROOM = 10
 
 S = TypeVar("S", bound=Service)
 
@@ -102,6 +106,8 @@ class App:
         self._started = False
         self._kafka: Any = None
         self._workers: HandlerWorkers | None = None
+        #: Pool of each service's login, and of the housekeeping login (None): _size_pools.
+        self._pools: dict[str | None, PoolSize] = {}
         #: Services recovering in consistency mode (G10): they serve nothing until it ends.
         self.recovering: set[str] = set()
 
@@ -162,7 +168,9 @@ class App:
                 self.descriptors,
                 idle_timeout_ms=round(self.settings.idle_transaction_timeout * 1000),
             )
-            await core.use_logins(core_pool=self._core_pool(), service_pool=self._service_pool)
+            async with core.admin() as conn:
+                self._size_pools(await connection_budget(conn))
+            await core.use_logins(core_pool=self._pools[None], service_pool=self._service_pool)
             if self.create_tables:
                 await self._create_tables()
             await self._install_references()
@@ -183,26 +191,44 @@ class App:
         self._started = True
         return self
 
-    def _core_pool(self) -> PoolSize:
-        # Claims (one per dispatcher), retries, dead letters, publish and outcome lookups: short
-        # statements, but an HTTP burst publishes and waits many at once.
-        return PoolSize(self.settings.pool_size, self.settings.pool_size)
+    def _size_pools(self, budget: int) -> None:
+        """Each login's pool: as many connections as it can use at once, all of them kept once
+        opened (an overflow connection closed on return is a new session, and a SCRAM
+        handshake, at the next burst); shrunk in proportion when the server's connection
+        budget, shared by ``processes`` processes, cannot hold them all.
+
+        The housekeeping login (claims, one per dispatcher, retries, dead letters, publish and
+        outcome lookups: short statements, but an HTTP burst publishes and waits many at
+        once) needs ``pool_size`` + 10. A service's login needs ``worker_concurrency`` (all
+        services together share that many handler workers) plus 4 for its direct calls,
+        bounded by ``ServiceLimits(concurrency=, connections=)`` (a role's connection limit
+        counts every process's: with several processes, give each a share). Pools open
+        connections on demand: a service that never gets busy holds few.
+        """
+        wanted: dict[str | None, int] = {None: self.settings.pool_size + 10}  # None: housekeeping
+        for descriptor in self.descriptors:
+            needed = self.settings.worker_concurrency + 4
+            limits = descriptor.limits
+            if limits.concurrency is not None:
+                needed = min(needed, limits.concurrency)
+            if limits.connections is not None:
+                needed = min(needed, limits.connections)
+            wanted[descriptor.name] = needed
+        # Headroom for the administrator's pool, LISTEN, commands and other clients.
+        share = max(0, budget - _ADMIN_HEADROOM) // self.settings.processes
+        total = sum(wanted.values())
+        if total > share:
+            log.info(
+                "connection pools scaled to %d of the %d connections they could use: the server "
+                "admits %d, shared by %d process(es) (raise max_connections, or lower "
+                "worker_concurrency)",
+                share, total, budget, self.settings.processes,
+            )  # fmt: skip
+            wanted = {login: max(2, needed * share // total) for login, needed in wanted.items()}
+        self._pools = {login: PoolSize(size, 0) for login, size in wanted.items()}
 
     def _service_pool(self, service: str) -> PoolSize:
-        """A service's own pool: at most ``worker_concurrency`` of its handlers run at once (all
-        services together share that many workers), plus its direct calls. Half of that is
-        kept, the rest opened on demand, so that many services do not hold many idle
-        connections each. ``ServiceLimits(connections=)`` caps it (its role's connection limit
-        counts every process's: with several processes, give each a share), and
-        ``concurrency=`` bounds it: no more of its calls run at once."""
-        needed = self.settings.worker_concurrency + 4
-        limits = self._limits_of(service)
-        if limits.concurrency is not None:
-            needed = min(needed, limits.concurrency)
-        if limits.connections is not None:
-            needed = min(needed, limits.connections)
-        kept = min(needed, max(2, min(self.settings.pool_size, self.settings.worker_concurrency) // 2))
-        return PoolSize(kept, max(needed - kept, 0))
+        return self._pools.get(service) or PoolSize(2, 0)
 
     def _limits_of(self, service: str) -> LimitsDescriptor:
         found = next((d.limits for d in self.descriptors if d.name == service), None)

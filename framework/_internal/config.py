@@ -36,7 +36,11 @@ class Settings(BaseSettings):
     kafka_stall_warning: float = Field(default=5.0, gt=0)
     kafka_group_id: str | None = None
     kafka_session_timeout_ms: int = Field(default=10_000, ge=100)
+    #: Connections the housekeeping login keeps (claims, outcomes, publish), plus 10.
     pool_size: int = Field(default=10, ge=1)
+    #: Processes of this App sharing one database (``vmsdb run --workers N`` sets it): each
+    #: sizes its pools to a 1/N share of the server's ``max_connections``.
+    processes: int = Field(default=1, ge=1)
     #: Handlers this process runs at once, over all its services (different partition keys).
     worker_concurrency: int = Field(default=16, ge=1)
     #: A claimed delivery not acknowledged within this time is given to another worker.

@@ -114,7 +114,8 @@ def _run_workers(app: str, migrate: bool, metrics_port: int | None, workers: int
     import sys
 
     with shared_core() as url:
-        env = {**os.environ, "VMSDB_DATABASE_URL": url}
+        # Each process sizes its pools to its share of the server's connections.
+        env = {**os.environ, "VMSDB_DATABASE_URL": url, "VMSDB_PROCESSES": str(workers)}
         if migrate:  # once, before the workers start (not N migrations racing)
 
             async def migrate_once() -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from dbcore.core import PoolSize
 from dbcore.descriptor import LimitsDescriptor, ServiceDescriptor
 from framework import AnnotationError, Service, ServiceLimits, Transactional
 from framework._internal.descriptors import build_descriptors
@@ -133,3 +134,26 @@ async def test_a_cancelled_waiter_gives_up_its_place() -> None:
         await task
     slots.release()
     assert slots.running == 0 and slots.try_acquire()
+
+
+def test_pools_keep_what_each_login_can_use_and_share_the_server_budget() -> None:
+    """Issue 14: no overflow connections (each closed on return is a new session and a SCRAM
+    handshake at the next burst); a service's pool is what it can use at once, capped by its
+    limits; when the server cannot admit them all, every pool shrinks in proportion to a
+    share per process."""
+    from framework import App
+    from framework._internal.app import _ADMIN_HEADROOM
+
+    app = App(SERVICES, worker_concurrency=16, pool_size=10, database_url="postgresql://unused/db")
+    app._size_pools(budget=1000)
+    assert app._pools[None] == PoolSize(20, 0)  # housekeeping: pool_size + 10
+    assert app._pools["free_of_limits"] == PoolSize(20, 0)  # worker_concurrency + 4
+    assert app._pools["stock_limited"] == PoolSize(8, 0)  # concurrency=8 < connections=10
+
+    app._size_pools(budget=_ADMIN_HEADROOM + 24)
+    assert sum(p.size for p in app._pools.values()) <= 24
+    assert all(p.size >= 2 and p.overflow == 0 for p in app._pools.values())
+
+    two = App(SERVICES, worker_concurrency=16, processes=2, database_url="postgresql://unused/db")
+    two._size_pools(budget=_ADMIN_HEADROOM + 48)
+    assert sum(p.size for p in two._pools.values()) <= 24  # half of 48 each
