@@ -4,7 +4,8 @@ Throughput: a backlog of events over many partition keys becomes visible in one 
 handler writes one row per event; events/s until nothing is pending. The handler writes its row
 in one of two styles, each drained on its own: the hand-written side's ``INSERT`` on the
 transaction's asyncpg connection (``connection()``'s driver: what the framework itself costs),
-and ``session().add(...)`` (what the ORM's unit of work adds on top).
+and ``session().add(...)`` (what the ORM's unit of work adds on top), and the ORM again with
+``@Inbound(group_commit=16)`` (queued deliveries handled 16 to a transaction).
 
 Latency: one event at a time at a low rate (idle workers); for each, the time from its commit
 (the publisher's commit returned) to the moment its handler starts.
@@ -51,7 +52,12 @@ DEFAULT_SECONDS = 16.0
 
 KEYS = 1_000
 #: How the framework's handler writes its row (see the module docstring), and the side's name.
-STYLES = {"driver": FRAMEWORK, "orm": f"{FRAMEWORK} ORM"}
+GROUP = 16
+STYLES = {
+    "driver": FRAMEWORK,
+    "orm": f"{FRAMEWORK} ORM",
+    "grouped": f"{FRAMEWORK} ORM, group_commit={GROUP}",
+}
 LATENCY_RATE = 100.0  # events/s: low enough that workers are idle between events
 WORKERS = Settings().worker_concurrency
 
@@ -65,7 +71,19 @@ class Ping(Event, key="key"):
     style: str = "driver"
 
 
+class GroupedPing(Event, key="key"):
+    """A ``Ping`` whose handler runs queued deliveries in groups."""
+
+    key: str
+    seq: int
+
+
 class Sink(Service, name="sink"):
+    @Inbound(GroupedPing, group_commit=GROUP)
+    async def on_grouped(self, event: GroupedPing) -> None:
+        STARTED.setdefault(event.seq, time.perf_counter())
+        session().add(Received(seq=event.seq, key=event.key))
+
     @Inbound(Ping)
     async def on_ping(self, event: Ping) -> None:
         STARTED.setdefault(event.seq, time.perf_counter())
@@ -125,8 +143,11 @@ async def raw_handle_one(conn: asyncpg.Connection) -> bool:
 # -- the run ---------------------------------------------------------------------------------
 
 
-def _pings(count: int, style: str = "driver") -> list[Ping]:
-    return [Ping(key=f"k{seq % KEYS}", seq=seq, style=style) for seq in (next_seq() for _ in range(count))]
+def _pings(count: int, style: str = "driver") -> list[Ping] | list[GroupedPing]:
+    seqs = [next_seq() for _ in range(count)]
+    if style == "grouped":
+        return [GroupedPing(key=f"k{seq % KEYS}", seq=seq) for seq in seqs]
+    return [Ping(key=f"k{seq % KEYS}", seq=seq, style=style) for seq in seqs]
 
 
 class Side:
@@ -291,6 +312,13 @@ async def run(bench: Bench) -> BenchmarkResult:
             max(drained[STYLES["orm"]]),
             max(drained[BASELINE]),
             rounds={side: drained[side] for side in (STYLES["orm"], BASELINE)},
+        ),
+        Comparison(
+            f"backlog drain, {WORKERS} workers, ORM handler with group_commit={GROUP}",
+            "events/s",
+            max(drained[STYLES["grouped"]]),
+            max(drained[BASELINE]),
+            rounds={side: drained[side] for side in (STYLES["grouped"], BASELINE)},
         ),
         *(
             Comparison(
