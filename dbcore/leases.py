@@ -426,6 +426,12 @@ class LeaseSettlement:
             return None
         return _REFUSALS[self.refusal](str(self.id), self.message or self.refusal)
 
+    def raise_if_refused(self) -> None:
+        """Raise :meth:`error`, if the lease was refused."""
+        error = self.error()
+        if error is not None:
+            raise error
+
 
 # One statement settles every lease of one lease function: the owner's settle function, called
 # once a row. Postgres evaluates a SELECT's output list after its ORDER BY (the SELECT reference,

@@ -390,6 +390,9 @@ async def test_a_batch_reports_each_refusal_and_the_transaction_goes_on(vmsdb_ap
         session().add(Line(lease_id="after-the-batch", sku="r2", qty=0))  # the transaction is usable
         await session().flush()
         errors = [type(s.error()).__name__ for s in settled]
+        with pytest.raises(LeaseExpired, match=f"lease {expired.id} expired"):
+            settled[0].raise_if_refused()
+        settled[1].raise_if_refused()  # settled: nothing to raise
         return " ".join(f"{s.refusal}/{e}" for s, e in zip(settled, errors, strict=True))
 
     outcome = await basket.run_in_transaction(consume_all_then_write)
