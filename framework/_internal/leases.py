@@ -259,8 +259,12 @@ async def _many_in_transaction(
             f"{action}_leases() runs in the caller's transaction: call it inside a @Transactional "
             "function"
         )
+    given = list(many)
+    # The span of one lease's settle, with how many leases this one settled.
     return await telemetry.traced(
-        settle_many(ctx.connection, action, many, period, granted_by), f"lease {action} (batch)", {}
+        settle_many(ctx.connection, action, given, period, granted_by),
+        f"lease {action}",
+        {"vmsdb.leases": len(given)},
     )
 
 
