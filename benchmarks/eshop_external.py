@@ -180,7 +180,8 @@ async def _statements(url: str, *, reset: bool, top: Path | None = None) -> int 
             )
             if top is not None:
                 lines = [f"{r[0]:>8} {r[1]:>10} {r[2]}" for r in await conn.fetch(_TOP_STATEMENTS)]
-                await asyncio.to_thread(top.write_text, "   calls    exec ms query\n" + "\n".join(lines) + "\n")
+                table = "   calls    exec ms query\n" + "\n".join(lines) + "\n"
+                await asyncio.to_thread(top.write_text, table)
             return int(total)
         except asyncpg.PostgresError:  # not loaded on a configured server
             return None
