@@ -14,8 +14,10 @@ owner's table, and the caller's changes and the lease commit or roll back togeth
   consumed, unknown) is returned as ``{"error": ...}`` rather than raised, so it does not abort
   the caller's transaction.
 
-Python reaches them through :func:`grant` and :func:`settle` only: they hold the statements,
-decode the JSON answers, and raise a refusal as ``LeaseExpired``, ``LeaseReleased``, ... .
+Python reaches them through :func:`grant`, :func:`settle` and :func:`settle_many` only: they
+hold the statements, decode the JSON answers, and raise a refusal as ``LeaseExpired``,
+``LeaseReleased``, ... (``settle_many`` reports it per lease instead, as a
+:class:`LeaseSettlement`).
 
 Expired leases need no process to give their quantity back: a grant only counts leases whose
 ``expires_at`` lies ahead, and it marks the expired ones it meets as such. ``reap`` deletes ended
@@ -64,6 +66,7 @@ from dbcore.lease_language import parse_lease
 __all__ = [
     "ActiveLease",
     "Grant",
+    "LeaseSettlement",
     "SettleAction",
     "active",
     "advance_clock",
@@ -73,6 +76,7 @@ __all__ = [
     "leases",
     "reap",
     "settle",
+    "settle_many",
 ]
 
 leases = Table(
@@ -397,6 +401,99 @@ async def settle(
     if refusal is not None:
         raise refusal(str(lease_id), data["message"])
     return data
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseSettlement:
+    """One lease's answer in a batch settle: settled, or refused (and then nothing changed).
+
+    ``lease`` is the lease as it is afterwards (``None`` when refused); ``refusal`` says why
+    not: ``"expired"``, ``"released"``, ``"consumed"`` or ``"not_found"``.
+    """
+
+    id: UUID
+    lease: dict[str, Any] | None
+    refusal: str | None = None
+    message: str | None = None
+
+    @property
+    def settled(self) -> bool:
+        return self.refusal is None
+
+    def error(self) -> LeaseError | None:
+        """The error ``settle`` raises for this refusal (``LeaseExpired``, ...), or ``None``."""
+        if self.refusal is None:
+            return None
+        return _REFUSALS[self.refusal](str(self.id), self.message or self.refusal)
+
+    def raise_if_refused(self) -> None:
+        """Raise :meth:`error`, if the lease was refused."""
+        error = self.error()
+        if error is not None:
+            raise error
+
+
+# One statement settles every lease of one lease function: the owner's settle function, called
+# once a row. Postgres evaluates a SELECT's output list after its ORDER BY (the SELECT reference,
+# "output expressions are computed after sorting"), so the leases are settled in the order of
+# their rows' keys. Two transactions that consume leases on the same rows then lock those rows
+# in the same order: without it, one consuming A then B and another B then A can deadlock.
+@lru_cache(maxsize=1024)
+def _settle_many_statement(service: str, function: str) -> TextClause:
+    return text(
+        f"SELECT i.id, {_settle_function(service, function)}(i.id, :action, :period) AS answer "
+        "FROM unnest(CAST(:ids AS uuid[])) AS i(id) LEFT JOIN vms.leases l ON l.id = i.id "
+        "ORDER BY l.entity, l.key_text, i.id"
+    )
+
+
+_WHICH_MANY = text("SELECT id, service, function FROM vms.leases WHERE id = ANY(CAST(:ids AS uuid[]))")
+
+
+async def settle_many(
+    conn: AsyncConnection,
+    action: SettleAction,
+    lease_ids: Sequence[UUID],
+    period: timedelta | None = None,
+    *,
+    service: str | None = None,
+    function: str | None = None,
+) -> list[LeaseSettlement]:
+    """``consume``, ``release`` or ``renew`` many leases in ``conn``'s transaction; one
+    :class:`LeaseSettlement` per id, in the order given. Idempotent, like :func:`settle`.
+
+    Nothing is raised for a refused lease and the transaction stays usable: a refusal is an
+    answer of the settle function, not an error, so no savepoint is needed around it.
+    ``service`` and ``function`` name the lease function that granted every one of them: the
+    leases then cost one statement, however many. Without them, one more statement looks up the
+    lease function of all of them, and the leases of each function found cost one statement.
+    """
+    distinct = list(dict.fromkeys(lease_ids))
+    if not distinct:
+        return []
+    if service is not None and function is not None:
+        groups: dict[tuple[str, str], list[UUID]] = {(service, function): distinct}
+    else:
+        groups = {}
+        for row in await conn.execute(_WHICH_MANY, {"ids": distinct}):
+            groups.setdefault((row.service, row.function), []).append(row.id)
+    answers: dict[UUID, LeaseSettlement] = {}
+    for (svc, fn), ids in sorted(groups.items()):
+        params = {"ids": ids, "action": action, "period": period}
+        for row in await conn.execute(_settle_many_statement(svc, fn), params):
+            answers[row.id] = _settlement(row.id, _decoded(row.answer))
+    return [answers.get(i) or _unknown(i) for i in lease_ids]
+
+
+def _unknown(lease_id: UUID) -> LeaseSettlement:
+    return LeaseSettlement(lease_id, None, "not_found", f"lease {lease_id} does not exist (or was reaped)")
+
+
+def _settlement(lease_id: UUID, data: dict[str, Any]) -> LeaseSettlement:
+    refusal = data.get("error")
+    if refusal is None:
+        return LeaseSettlement(lease_id, data)
+    return LeaseSettlement(lease_id, None, str(refusal), str(data.get("message", refusal)))
 
 
 @dataclass(frozen=True, slots=True)

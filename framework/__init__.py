@@ -30,7 +30,16 @@ from framework._internal.errors import (
     UndeclaredEventError,
 )
 from framework._internal.events import Event
-from framework._internal.leases import LeaseGrant, consume_lease, release_lease, renew_lease
+from framework._internal.leases import (
+    LeaseGrant,
+    LeaseSettlement,
+    consume_lease,
+    consume_leases,
+    release_lease,
+    release_leases,
+    renew_lease,
+    renew_leases,
+)
 from framework._internal.limits import ServiceLimits
 from framework._internal.service import Service, sql_function
 from framework._internal.telemetry import continue_trace
@@ -70,6 +79,7 @@ __all__ = [
     "LeaseGrant",
     "LeaseNotFound",
     "LeaseReleased",
+    "LeaseSettlement",
     "NoTransactionError",
     "Outbound",
     "Query",
@@ -87,6 +97,7 @@ __all__ = [
     "UndeclaredEventError",
     "connection",
     "consume_lease",
+    "consume_leases",
     "continue_trace",
     "correlate",
     "delete_reference",
@@ -95,7 +106,9 @@ __all__ = [
     "referenceable",
     "refresh_reference",
     "release_lease",
+    "release_leases",
     "renew_lease",
+    "renew_leases",
     "send",
     "session",
     "sql_function",

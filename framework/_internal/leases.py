@@ -7,6 +7,12 @@ if grant is not None:
     await consume_lease(grant)            # or release_lease(grant), renew_lease(grant, period)
 ```
 
+Many leases at once: ``consume_leases``, ``release_leases`` and ``renew_leases`` settle them in
+one statement and report each one's outcome instead of raising (no savepoint needed)::
+
+    settled = await consume_leases(lease_ids, granted_by=self.stock.get_stock_item_info)
+    refused = [s.id for s in settled if not s.settled]
+
 A lease call runs the owner's pushed-down function inside the caller's transaction (or its own
 transaction, when called outside one): if the caller rolls back, the lease never existed.
 """
@@ -14,6 +20,7 @@ transaction, when called outside one): if the caller rolls back, the lease never
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
@@ -22,9 +29,10 @@ from pydantic import BaseModel, ConfigDict
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from dbcore import leases
-from dbcore.leases import Grant, SettleAction
+from dbcore.leases import Grant, LeaseSettlement, SettleAction
 from dbcore.translate import translated
 from framework._internal import telemetry
+from framework._internal.annotations import spec_of
 from framework._internal.context import current
 from framework._internal.errors import NoTransactionError
 from framework._internal.limits import Slots
@@ -34,7 +42,17 @@ if TYPE_CHECKING:
     from framework._internal.host import Host
     from framework._internal.service import Service
 
-__all__ = ["LeaseExecutor", "LeaseGrant", "consume_lease", "release_lease", "renew_lease"]
+__all__ = [
+    "LeaseExecutor",
+    "LeaseGrant",
+    "LeaseSettlement",
+    "consume_lease",
+    "consume_leases",
+    "release_lease",
+    "release_leases",
+    "renew_lease",
+    "renew_leases",
+]
 
 
 class LeaseGrant(BaseModel):
@@ -180,3 +198,103 @@ async def release_lease(lease: LeaseGrant | UUID | str) -> dict[str, Any]:
 async def renew_lease(lease: LeaseGrant | UUID | str, period: timedelta) -> dict[str, Any]:
     """Extend an active lease to ``period`` from now; ``LeaseExpired`` if it already ran out."""
     return await _in_transaction("renew", lease, period)
+
+
+# -- many leases in one statement ----------------------------------------------------------
+
+
+def _lease_function(granted_by: Callable[..., Any]) -> tuple[str, str]:
+    """``(service, function)`` of a ``@Lease`` function named as ``Stock.hold``, ``self.hold``
+    or ``self.stock.hold`` (a handle's)."""
+    spec = spec_of(granted_by)
+    owner = getattr(granted_by, "_self_instance", None) or getattr(granted_by, "_self_owner", None)
+    owner_class = owner if isinstance(owner, type) else type(owner)
+    service_name = getattr(owner_class, "service_name", None)
+    if spec is None or spec.lease is None or not callable(service_name):
+        raise TypeError(
+            f"granted_by= takes the @Lease function that granted the leases (Stock.hold, "
+            f"self.stock.hold), got {granted_by!r}"
+        )
+    return str(service_name()), spec.name
+
+
+async def settle_many(
+    conn: AsyncConnection,
+    action: SettleAction,
+    many: Iterable[LeaseGrant | UUID | str],
+    period: timedelta | None = None,
+    granted_by: Callable[..., Any] | None = None,
+) -> list[LeaseSettlement]:
+    """Settle ``many`` in ``conn``'s transaction (see ``dbcore.leases.settle_many``): one
+    statement for the leases of each lease function, named by ``granted_by`` or by the
+    ``LeaseGrant`` objects; bare ids of unnamed functions cost one lookup for all."""
+    given = list(many)
+    ids = [lease.id if isinstance(lease, LeaseGrant) else _uuid(lease) for lease in given]
+    named: dict[tuple[str, str] | None, list[UUID]] = {}
+    default = None if granted_by is None else _lease_function(granted_by)
+    for lease, lease_id in zip(given, ids, strict=True):
+        function = (lease.service, lease.function) if isinstance(lease, LeaseGrant) else default
+        named.setdefault(function, []).append(lease_id)
+    answers: dict[UUID, LeaseSettlement] = {}
+    for function, group in named.items():
+        service, name = function or (None, None)
+        settled = await leases.settle_many(conn, action, group, period, service=service, function=name)
+        answers.update((s.id, s) for s in settled)
+    return [answers[i] for i in ids]
+
+
+def _uuid(lease: UUID | str) -> UUID:
+    return lease if isinstance(lease, UUID) else UUID(str(lease))
+
+
+async def _many_in_transaction(
+    action: SettleAction,
+    many: Iterable[LeaseGrant | UUID | str],
+    period: timedelta | None,
+    granted_by: Callable[..., Any] | None,
+) -> list[LeaseSettlement]:
+    ctx = current()
+    if ctx is None:
+        raise NoTransactionError(
+            f"{action}_leases() runs in the caller's transaction: call it inside a @Transactional "
+            "function"
+        )
+    given = list(many)
+    # The span of one lease's settle, with how many leases this one settled.
+    return await telemetry.traced(
+        settle_many(ctx.connection, action, given, period, granted_by),
+        f"lease {action}",
+        {"vmsdb.leases": len(given)},
+    )
+
+
+async def consume_leases(
+    many: Iterable[LeaseGrant | UUID | str], *, granted_by: Callable[..., Any] | None = None
+) -> list[LeaseSettlement]:
+    """Consume many leases atomically with the caller's transaction, in one statement.
+
+    One ``LeaseSettlement`` per lease, in order: ``settled``, or the ``refusal`` (expired,
+    released, not found) that left that lease unchanged. Nothing is raised for a refusal and
+    the transaction stays usable. ``granted_by``: the ``@Lease`` function that granted bare ids
+    (``self.stock.hold``), which saves looking each one up. Idempotent.
+    """
+    return await _many_in_transaction("consume", many, None, granted_by)
+
+
+async def release_leases(
+    many: Iterable[LeaseGrant | UUID | str], *, granted_by: Callable[..., Any] | None = None
+) -> list[LeaseSettlement]:
+    """Give many leases back in one statement; reports refusals as :func:`consume_leases` does
+    (releasing an expired lease is settled, a no-op)."""
+    return await _many_in_transaction("release", many, None, granted_by)
+
+
+async def renew_leases(
+    many: Iterable[LeaseGrant | UUID | str],
+    period: timedelta,
+    *,
+    granted_by: Callable[..., Any] | None = None,
+) -> list[LeaseSettlement]:
+    """Extend many active leases to ``period`` from now in one statement; an expired one is
+    refused (``"expired"``)."""
+    return await _many_in_transaction("renew", many, period, granted_by)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime, timedelta
+from typing import Any
 from uuid import UUID, uuid4
 
 import pytest
-from sqlalchemy import select, text
+from sqlalchemy import event, select, text
+from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Mapped, mapped_column
 
 from dbcore import leases
@@ -24,7 +27,9 @@ from framework import (
     Service,
     Transactional,
     consume_lease,
+    consume_leases,
     release_lease,
+    release_leases,
     renew_lease,
     session,
 )
@@ -320,3 +325,133 @@ async def test_the_core_grants_lists_and_settles_a_lease_on_its_own(vmsdb_app: A
         unknown = uuid4()
         with pytest.raises(LeaseNotFound, match=f"lease {unknown} does not exist"):
             await leases.settle(conn, "release", unknown)
+
+
+# -- many leases in one statement -------------------------------------------------------------
+
+
+@contextmanager
+def statements_sent() -> Iterator[list[str]]:
+    """The statements this task sends to the server while the block runs."""
+    me = asyncio.current_task()
+    sent: list[str] = []
+
+    def note(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if asyncio.current_task() is me:
+            sent.append(statement)
+
+    event.listen(Engine, "before_cursor_execute", note)
+    try:
+        yield sent
+    finally:
+        event.remove(Engine, "before_cursor_execute", note)
+
+
+async def grants_of(app: App, sku: str, quantities: list[int]) -> list[LeaseGrant]:
+    await app.service(Warehouse).stock(1, sku, sum(quantities) + 10)
+    grants = [await app.service(Basket).reserve(sku, q) for q in quantities]
+    assert all(g is not None for g in grants)
+    return [g for g in grants if g is not None]
+
+
+async def test_a_batch_consume_and_release_settle_every_lease(vmsdb_app: App) -> None:
+    sold = await grants_of(vmsdb_app, "b1", [1, 2, 3])
+    kept = await grants_of(vmsdb_app, "b2", [4, 5])
+    basket = vmsdb_app.service(Basket)
+
+    async def settle_both() -> str:
+        consumed = await consume_leases(sold)
+        released = await release_leases([g.id for g in kept], granted_by=Warehouse.hold)
+        return ",".join(f"{s.id}:{s.settled}:{s.lease and s.lease['status']}" for s in consumed + released)
+
+    outcome = await basket.run_in_transaction(settle_both)
+    expected = [f"{g.id}:True:consumed" for g in sold] + [f"{g.id}:True:released" for g in kept]
+    assert outcome.split(",") == expected
+    assert await vmsdb_app.service(Warehouse).on_hand(1, "b1") == 10  # 16 - 6 sold
+    assert await vmsdb_app.service(Warehouse).on_hand(1, "b2") == 19  # nothing sold
+    assert await active_held(vmsdb_app, "b1") == 0 and await active_held(vmsdb_app, "b2") == 0
+
+
+async def test_a_batch_reports_each_refusal_and_the_transaction_goes_on(vmsdb_app: App) -> None:
+    await vmsdb_app.service(Warehouse).stock(1, "old", 10)
+    basket = vmsdb_app.service(Basket)
+    expired = await basket.reserve("old", 1)
+    await advance_clock(vmsdb_app, timedelta(minutes=11))
+    live, released, consumed = await grants_of(vmsdb_app, "r2", [1, 2, 3])
+    assert expired is not None
+    await basket.cancel(released)
+    await basket.checkout(consumed)
+    unknown = uuid4()
+
+    async def consume_all_then_write() -> str:
+        settled = await consume_leases(
+            [expired.id, live.id, released.id, consumed.id, unknown], granted_by=basket.warehouse.hold
+        )
+        session().add(Line(lease_id="after-the-batch", sku="r2", qty=0))  # the transaction is usable
+        await session().flush()
+        errors = [type(s.error()).__name__ for s in settled]
+        with pytest.raises(LeaseExpired, match=f"lease {expired.id} expired"):
+            settled[0].raise_if_refused()
+        settled[1].raise_if_refused()  # settled: nothing to raise
+        return " ".join(f"{s.refusal}/{e}" for s, e in zip(settled, errors, strict=True))
+
+    outcome = await basket.run_in_transaction(consume_all_then_write)
+    # Consuming what was consumed is settled again (idempotent), not refused.
+    assert outcome.split() == [
+        "expired/LeaseExpired",
+        "None/NoneType",
+        "released/LeaseReleased",
+        "None/NoneType",
+        "not_found/LeaseNotFound",
+    ]
+    assert await vmsdb_app.service(Warehouse).on_hand(1, "old") == 10  # the expired one sold nothing
+    assert await vmsdb_app.service(Warehouse).on_hand(1, "r2") == 16 - 1 - 3
+    async with vmsdb_app.core.admin() as conn:
+        assert (await conn.execute(select(Line).where(Line.lease_id == "after-the-batch"))).first()
+
+
+async def test_a_batch_is_idempotent(vmsdb_app: App) -> None:
+    grants = await grants_of(vmsdb_app, "twice", [2, 2])
+    basket = vmsdb_app.service(Basket)
+
+    async def consume() -> str:
+        settled = await consume_leases([*grants, grants[0].id])  # the same lease twice, too
+        return " ".join(str(s.settled) for s in settled)
+
+    assert await basket.run_in_transaction(consume) == "True True True"
+    assert await basket.run_in_transaction(consume) == "True True True"
+    assert await vmsdb_app.service(Warehouse).on_hand(1, "twice") == 10
+
+
+async def test_a_batch_of_n_leases_is_one_statement(vmsdb_app: App) -> None:
+    grants = await grants_of(vmsdb_app, "n", [1] * 8)
+    basket = vmsdb_app.service(Basket)
+    sent: dict[str, list[str]] = {}
+
+    async def consume() -> str:
+        with statements_sent() as sent["named"]:
+            first = await consume_leases([g.id for g in grants[:3]], granted_by=basket.warehouse.hold)
+        with statements_sent() as sent["grants"]:
+            second = await consume_leases(grants[3:6])
+        with statements_sent() as sent["ids"]:
+            third = await consume_leases([g.id for g in grants[6:]])
+        with statements_sent() as sent["none"]:
+            assert await release_leases([]) == []
+        return " ".join(str(s.settled) for s in first + second + third)
+
+    assert await basket.run_in_transaction(consume) == " ".join(["True"] * 8)
+    assert await vmsdb_app.service(Warehouse).on_hand(1, "n") == 10
+    assert [len(sent[k]) for k in ("named", "grants", "ids", "none")] == [1, 1, 2, 0], sent
+    assert "lease__hold__settle" not in sent["ids"][0]  # the lookup, for all of them
+
+
+async def test_granted_by_must_name_a_lease_function(vmsdb_app: App) -> None:
+    basket = vmsdb_app.service(Basket)
+
+    async def misnamed() -> str:
+        with pytest.raises(TypeError, match="granted_by= takes the @Lease function"):
+            await consume_leases([uuid4()], granted_by=Warehouse.stock)
+        settled = await consume_leases([uuid4()], granted_by=Warehouse.hold)
+        return str(settled[0].refusal)
+
+    assert await basket.run_in_transaction(misnamed) == "not_found"

@@ -14,17 +14,16 @@ same version at a different price is dropped (PRICE_DIVERGENCE), one whose produ
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
 from uuid import UUID
 
-from sqlalchemy import String, delete, select, tuple_, update
+from sqlalchemy import RowMapping, String, and_, delete, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Mapped, mapped_column
 
-from framework import Inbound, Outbound, Service, Transactional, release_lease, send, session
+from framework import Inbound, Outbound, Service, Transactional, connection, release_leases, send, session
 from vmsdb_eshop.config import settings
 from vmsdb_eshop.events import (
     CheckoutMark,
@@ -42,7 +41,6 @@ from vmsdb_eshop.services.common import (
     money_column,
     now,
     rows,
-    settle_quietly,
     timestamp_column,
 )
 from vmsdb_eshop.services.stock import Stock
@@ -61,56 +59,75 @@ class Cart(Service, name="cart"):
 
         Adding a product that is already in the cart replaces it (and its lease).
         """
-        s = session()
+        conn = connection()
+        # First, and a statement of its own: the upsert locks the customer's cart row, so two
+        # adds of one customer (or an add and a checkout or seal) run one after the other, and
+        # each statement below, with a read committed snapshot of its own, sees the line the
+        # other wrote: the lease it replaces is given back, never left held by no line.
         opened = insert(CartRecord).values(customer_id=customer_id, status=CartStatus.OPEN)
-        await s.execute(
+        await conn.execute(
             opened.on_conflict_do_update(
                 index_elements=["customer_id"], set_={"status": CartStatus.OPEN, "updated_at": now()}
             )
         )
-        line = await s.get(CartLine, (customer_id, item.seller_id, item.product_id))
-        if line is not None and line.lease_id is not None:
-            await settle_quietly(release_lease, line.lease_id)
+        replaced = await conn.scalar(
+            select(CartLine.lease_id).where(
+                CartLine.customer_id == customer_id,
+                CartLine.seller_id == item.seller_id,
+                CartLine.product_id == item.product_id,
+            )
+        )
+        if replaced is not None:  # given back before the new hold, which may then use it
+            await release_leases([replaced], granted_by=self.stock.hold)  # refused: held nothing
         grant = await self.stock.hold(item.seller_id, item.product_id, item.quantity, settings().lease_period)
         values = {**item.model_dump(), "lease_id": None if grant is None else grant.id}
-        if line is None:
-            line = CartLine(customer_id=customer_id, **values)
-            s.add(line)
-        else:
-            for name, value in values.items():
-                setattr(line, name, value)
-        await s.flush()
-        return {**as_row(line), "reserved": grant is not None}
+        line = insert(CartLine).values(customer_id=customer_id, **values)
+        written = await conn.execute(
+            line.on_conflict_do_update(
+                index_elements=_LINE_KEY,
+                set_={name: line.excluded[name] for name in values if name not in _LINE_KEY},
+            ).returning(*CartLine.__table__.columns)
+        )
+        return {**written.mappings().one(), "reserved": grant is not None}
 
     @Transactional(isolation="read_committed")
     async def claim_checkout(self, customer_id: int, tid: str) -> int:
         """Bind checkout id ``tid`` to ``customer_id`` unless it is bound already; its customer.
 
         A checkout's events and outcome are found by its id, so an id must name one customer's
-        checkout: the route refuses an id whose customer is someone else. (Read committed: a
-        concurrent claim of the same id waits for the first to commit, then reads its row.)
+        checkout: the route refuses an id whose customer is someone else. One statement: on a
+        conflict the upsert waits for a concurrent claim of the same id to commit, locks its
+        row and returns the customer it names (DO NOTHING would return nothing, and a second
+        statement would be needed to read the row).
         """
-        s = session()
-        await s.execute(
-            insert(CheckoutClaim)
-            .values(tid=tid, customer_id=customer_id)
-            .on_conflict_do_nothing(index_elements=["tid"])
+        claim = insert(CheckoutClaim).values(tid=tid, customer_id=customer_id)
+        owner = await connection().scalar(
+            claim.on_conflict_do_update(
+                index_elements=["tid"], set_={"customer_id": CheckoutClaim.customer_id}
+            ).returning(CheckoutClaim.customer_id)
         )
-        owner = await s.scalar(select(CheckoutClaim.customer_id).where(CheckoutClaim.tid == tid))
         return int(owner) if owner is not None else customer_id
 
     @Transactional
     async def seal(self, customer_id: int) -> int:
         """Empty the cart and give its leases back; returns how many items were dropped."""
-        await session().execute(
-            update(CartRecord).where(CartRecord.customer_id == customer_id).values(status=CartStatus.OPEN)
+        opened = (
+            update(CartRecord)
+            .where(CartRecord.customer_id == customer_id)
+            .values(status=CartStatus.OPEN)
+            .returning(CartRecord.customer_id)
+            .cte("opened")
         )
-        dropped = await rows(
-            delete(CartLine).where(CartLine.customer_id == customer_id).returning(CartLine.lease_id)
-        )
-        for line in dropped:
-            if line["lease_id"] is not None:
-                await settle_quietly(release_lease, line["lease_id"])
+        # The cart row first, then its lines (the lines are deleted through ``opened``): the
+        # order add_item and checkout lock them in.
+        dropped = (
+            await connection().scalars(
+                delete(CartLine)
+                .where(CartLine.customer_id == opened.c.customer_id)
+                .returning(CartLine.lease_id)
+            )
+        ).all()
+        await release_leases([lease for lease in dropped if lease is not None], granted_by=self.stock.hold)
         return len(dropped)
 
     @Transactional(type="RO")
@@ -132,36 +149,27 @@ class Cart(Service, name="cart"):
     @Transactional
     async def checkout(self, event: CheckoutRequest) -> None:
         """Drop diverged or deleted items, record the rest, empty the cart, ask the stock."""
-        s = session()
-        lines = (
-            await s.scalars(
-                select(CartLine)
-                .where(CartLine.customer_id == event.customer_id)
-                .order_by(CartLine.seller_id, CartLine.product_id)
-            )
-        ).all()
+        lines = await self._take_lines(event.customer_id)
         if not lines:
             send(CheckoutMark.of(event.tid, event.customer_id, MarkStatus.NOT_ACCEPTED, "cart", "empty cart"))
             return
-        replicas = await self._replicas(lines)
         items: list[CartItem] = []
         dropped: list[RejectedItem] = []
         for line in lines:
-            status = _status(line, replicas.get((line.seller_id, line.product_id)))
+            status = _status(line)
             if status is ItemStatus.IN_STOCK:
                 items.append(CartItem(**_fields(line)))
-                continue
-            dropped.append(RejectedItem(**_fields(line), status=status))
-            if line.lease_id is not None:
-                await settle_quietly(release_lease, line.lease_id)
-        for item in items:
-            s.add(CartHistory(customer_id=event.customer_id, tid=event.tid, **item.model_dump()))
-        await s.execute(delete(CartLine).where(CartLine.customer_id == event.customer_id))
-        await s.execute(
-            update(CartRecord)
-            .where(CartRecord.customer_id == event.customer_id)
-            .values(status=CartStatus.CHECKOUT_SENT, updated_at=now())
+            else:
+                dropped.append(RejectedItem(**_fields(line), status=status))
+        await release_leases(
+            [d.lease_id for d in dropped if d.lease_id is not None], granted_by=self.stock.hold
         )
+        if items:
+            await connection().execute(
+                insert(CartHistory).values(
+                    [{"customer_id": event.customer_id, "tid": event.tid, **i.model_dump()} for i in items]
+                )
+            )
         if not items:
             why = ", ".join(f"{d.seller_id}/{d.product_id} {d.status}" for d in dropped)
             send(CheckoutMark.of(event.tid, event.customer_id, MarkStatus.NOT_ACCEPTED, "cart", why))
@@ -176,22 +184,55 @@ class Cart(Service, name="cart"):
             )
         )
 
-    async def _replicas(self, lines: Sequence[CartLine]) -> dict[tuple[int, int], ReplicaProduct]:
-        """The replica of each line's product, by (seller, product)."""
-        keys = [(line.seller_id, line.product_id) for line in lines]
-        replicas = await session().scalars(
-            select(ReplicaProduct).where(
-                tuple_(ReplicaProduct.seller_id, ReplicaProduct.product_id).in_(keys)
-            )
+    async def _take_lines(self, customer_id: int) -> list[RowMapping]:
+        """Mark the cart CHECKOUT_SENT and delete its lines, in one statement; the lines, each
+        with its product's replica (``replica_*``, NULL when there is none), by key.
+
+        The cart row is locked first and the lines are deleted through it (``sent``), the order
+        add_item locks them in; an empty cart is left as it is. The lines returned are exactly
+        the lines deleted: one added concurrently (after this statement's snapshot) stays in
+        the cart, it is not lost without a history row.
+        """
+        has_lines = select(CartLine.customer_id).where(CartLine.customer_id == customer_id).exists()
+        sent = (
+            update(CartRecord)
+            .where(CartRecord.customer_id == customer_id, has_lines)
+            .values(status=CartStatus.CHECKOUT_SENT, updated_at=now())
+            .returning(CartRecord.customer_id)
+            .cte("sent")
         )
-        return {(r.seller_id, r.product_id): r for r in replicas}
+        taken = (
+            delete(CartLine)
+            .where(CartLine.customer_id == sent.c.customer_id)
+            .returning(*CartLine.__table__.columns)
+            .cte("taken")
+        )
+        replica = ReplicaProduct.__table__
+        found = await connection().execute(
+            select(
+                taken,
+                replica.c.active.label("replica_active"),
+                replica.c.version.label("replica_version"),
+                replica.c.price.label("replica_price"),
+            )
+            .outerjoin(
+                replica,
+                and_(replica.c.seller_id == taken.c.seller_id, replica.c.product_id == taken.c.product_id),
+            )
+            .order_by(taken.c.seller_id, taken.c.product_id)
+        )
+        return list(found.mappings())
 
     @Inbound(PriceUpdated, precedence=CheckoutRequest)
     @Outbound(PriceUpdateMark)
     @Transactional
     async def on_price_updated(self, event: PriceUpdated) -> None:
-        """Apply a newer price of the replica's version to the replica and to open carts."""
-        applied = await rows(
+        """Apply a newer price of the replica's version to the replica and to open carts.
+
+        One statement: the carts' lines are repriced only through ``applied``, the replica's
+        update, which is empty when the replica holds another version or a newer revision.
+        """
+        applied = (
             update(ReplicaProduct)
             .where(
                 ReplicaProduct.seller_id == event.seller_id,
@@ -200,18 +241,18 @@ class Cart(Service, name="cart"):
                 ReplicaProduct.revision < event.revision,  # an older update never wins
             )
             .values(price=event.price, revision=event.revision, updated_at=now())
-            .returning(ReplicaProduct.revision)
+            .returning(ReplicaProduct.seller_id, ReplicaProduct.product_id, ReplicaProduct.version)
+            .cte("applied")
         )
-        if applied:
-            await session().execute(
-                update(CartLine)
-                .where(
-                    CartLine.seller_id == event.seller_id,
-                    CartLine.product_id == event.product_id,
-                    CartLine.version == event.version,
-                )
-                .values(unit_price=event.price)
+        await connection().execute(
+            update(CartLine)
+            .where(
+                CartLine.seller_id == applied.c.seller_id,
+                CartLine.product_id == applied.c.product_id,
+                CartLine.version == applied.c.version,
             )
+            .values(unit_price=event.price)
+        )
         send(PriceUpdateMark.of(event.tid, event.seller_id, MarkStatus.SUCCESS, "cart"))
 
     @Inbound(ProductUpdated, precedence=CheckoutRequest)
@@ -242,13 +283,15 @@ class Cart(Service, name="cart"):
     @Transactional
     async def cleanup(self) -> None:
         """Release every lease, empty every cart and forget the history."""
-        for line in await rows(select(CartLine.lease_id).where(CartLine.lease_id.is_not(None))):
-            await settle_quietly(release_lease, line["lease_id"])
+        held = await connection().scalars(select(CartLine.lease_id).where(CartLine.lease_id.is_not(None)))
+        await release_leases([lease for lease in held if lease is not None], granted_by=self.stock.hold)
         await clear(CartLine, CartHistory, CartRecord)
 
 
-def _status(line: CartLine, replica: ReplicaProduct | None) -> ItemStatus:
-    """Whether checkout sends ``line`` to the stock (IN_STOCK) or drops it, and why.
+def _status(line: RowMapping) -> ItemStatus:
+    """Whether checkout sends ``line`` to the stock (IN_STOCK) or drops it, and why; ``line``
+    carries its product's replica as ``replica_active``, ``replica_version`` and
+    ``replica_price`` (all NULL when the cart has no replica of it).
 
     The replica is never behind what a checkout must see: a price update is acknowledged only
     after the cart applied it (a replacement after the stock did), and the cart's handlers of
@@ -261,19 +304,23 @@ def _status(line: CartLine, replica: ReplicaProduct | None) -> ItemStatus:
     update acknowledged before y's, the benchmark's causal anomaly. An unknown product is left to
     the stock.
     """
-    if replica is None:
+    if line["replica_active"] is None:
         return ItemStatus.IN_STOCK
-    if not replica.active:
+    if not line["replica_active"]:
         return ItemStatus.DELETED
-    if replica.version != line.version:
+    if line["replica_version"] != line["version"]:
         return ItemStatus.UNAVAILABLE
-    if replica.price != line.unit_price:
+    if line["replica_price"] != line["unit_price"]:
         return ItemStatus.PRICE_DIVERGENCE
     return ItemStatus.IN_STOCK
 
 
-def _fields(line: CartLine) -> dict[str, Any]:
-    return {name: getattr(line, name) for name in CartItem.model_fields}
+def _fields(line: RowMapping) -> dict[str, Any]:
+    return {name: line[name] for name in CartItem.model_fields}
+
+
+#: A cart line's primary key: what an add of the same product replaces.
+_LINE_KEY = ["customer_id", "seller_id", "product_id"]
 
 
 class CartRecord(Cart.Model):

@@ -17,11 +17,12 @@ transaction that does ``qty_reserved += q``. Confirming leaves ``qty_free`` alon
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
-from sqlalchemy import CheckConstraint, String, update
+from sqlalchemy import CheckConstraint, ColumnElement, String, and_, insert, select, tuple_, update
 from sqlalchemy.orm import Mapped, mapped_column
 
 from framework import (
@@ -31,8 +32,9 @@ from framework import (
     Outbound,
     Service,
     Transactional,
-    consume_lease,
-    release_lease,
+    connection,
+    consume_leases,
+    release_leases,
     send,
     session,
 )
@@ -53,8 +55,6 @@ from vmsdb_eshop.services.common import (
     clear,
     keys_of,
     now,
-    rows,
-    settle_quietly,
     timestamp_column,
     upsert,
 )
@@ -107,22 +107,28 @@ class Stock(Service, name="stock"):
     @Outbound([StockConfirmed, ReserveStockFailed, CheckoutMark])
     @Transactional(isolation="read_committed")
     async def reserve(self, event: ReserveStock) -> None:
-        """Reserve each item: its version must be current and its quantity still there."""
-        locked = await self._lock(keys_of(event.items))
-        reserved: list[CartItem] = []
+        """Reserve each item: its version must be current and its quantity still there.
+
+        A handful of statements however many items: lock the rows, consume the cart's leases,
+        (lease on the spot what they no longer hold,) give back the leases of items that cannot
+        be sold, record the reservations.
+        """
+        items = sorted(event.items, key=_key)
+        versions = await self._lock(keys_of(items))
+        # An unknown item or a replaced version cannot be sold (referential integrity).
+        usable = [item for item in items if versions.get(_key(item)) == item.version]
+        sellable = {_key(item) for item in usable}
+        taken = await self._take(usable)
+        # What the cart held of the others goes back (a refused lease held nothing any more).
+        held = [i.lease_id for i in items if i.lease_id is not None and _key(i) not in sellable]
+        await release_leases(held, granted_by=self.hold)
+        reserved = [item for item in usable if _key(item) in taken]
+        await self._record(event, reserved)
         rejected: list[RejectedItem] = list(event.dropped)  # what the cart left out, first
-        for item in sorted(event.items, key=lambda i: (i.seller_id, i.product_id)):
-            current = locked.get((item.seller_id, item.product_id))
-            # An unknown item or a replaced version cannot be sold (referential integrity).
-            usable = current is not None and current.version == item.version
-            if usable and await self._take(item):
-                reserved.append(item)
-                await self._record(event, item)
-                continue
-            if item.lease_id is not None:
-                await settle_quietly(release_lease, item.lease_id)
-            status = ItemStatus.OUT_OF_STOCK if usable else ItemStatus.UNAVAILABLE
-            rejected.append(RejectedItem(**item.model_dump(), status=status))
+        for item in items:
+            if _key(item) not in taken:
+                status = ItemStatus.OUT_OF_STOCK if _key(item) in sellable else ItemStatus.UNAVAILABLE
+                rejected.append(RejectedItem(**item.model_dump(), status=status))
         if reserved:
             send(
                 StockConfirmed(
@@ -138,66 +144,122 @@ class Stock(Service, name="stock"):
             send(ReserveStockFailed(customer_id=event.customer_id, tid=event.tid, items=rejected))
             send(CheckoutMark.of(event.tid, event.customer_id, MarkStatus.NOT_ACCEPTED, "stock", reasons))
 
-    async def _lock(self, keys: list[tuple[int, int]]) -> dict[tuple[int, int], StockItem]:
-        """Lock the items' rows in key order (concurrent checkouts cannot deadlock)."""
-        found: dict[tuple[int, int], StockItem] = {}
-        for seller_id, product_id in keys:
-            item = await session().get(StockItem, (seller_id, product_id), with_for_update=True)
-            if item is not None:
-                found[(seller_id, product_id)] = item
-        return found
+    async def _lock(self, keys: list[tuple[int, int]]) -> dict[tuple[int, int], str]:
+        """Lock the items' rows in key order, in one statement; their versions, by key.
 
-    async def _take(self, item: CartItem) -> bool:
-        """Consume the item's lease, or lease and consume on the spot if it has none left.
-
-        Either way ``qty_free`` drops by the quantity: the caller then raises ``qty_reserved``.
-        Without a lease this is the benchmark's test ``qty_reserved + q <= qty_available``, made
-        stricter by the quantity other carts' active leases hold (Listing 1).
+        With ORDER BY, FOR UPDATE locks each row as the sorted rows come out: every transaction
+        that locks several items (checkouts here, confirmations and cancellations below) takes
+        them in ``(seller_id, product_id)`` order, so two of them sharing items wait for each
+        other instead of deadlocking. (The lease functions lock one row each.)
         """
-        if item.lease_id is not None and await settle_quietly(consume_lease, item.lease_id):
-            return True
-        grant = await self.hold(item.seller_id, item.product_id, item.quantity, _SPOT_PERIOD)
-        if grant is None:
-            return False
-        await consume_lease(grant)
-        return True
-
-    async def _record(self, event: ReserveStock, item: CartItem) -> None:
-        session().add(
-            Reservation(
-                tid=event.tid,
-                seller_id=item.seller_id,
-                product_id=item.product_id,
-                customer_id=event.customer_id,
-                quantity=item.quantity,
-                version=item.version,
-                lease_id=item.lease_id,
-                status="reserved",
-            )
+        found = await connection().execute(
+            select(StockItem.seller_id, StockItem.product_id, StockItem.version)
+            .where(tuple_(StockItem.seller_id, StockItem.product_id).in_(keys))
+            .order_by(StockItem.seller_id, StockItem.product_id)
+            .with_for_update()
         )
-        await session().execute(
+        return {(row.seller_id, row.product_id): row.version for row in found}
+
+    async def _take(self, items: list[CartItem]) -> set[tuple[int, int]]:
+        """Consume the items' leases; lease and consume on the spot for those without one left.
+
+        Returns the keys of the items taken: for each, ``qty_free`` dropped by the quantity and
+        the caller then raises ``qty_reserved``. Without a lease this is the benchmark's test
+        ``qty_reserved + q <= qty_available``, made stricter by the quantity other carts' active
+        leases hold (Listing 1). The cart's leases are consumed in one statement; a refused one
+        (expired, released, reaped) changes nothing, and only those items are leased one by one.
+        """
+        leased = {_key(item): item.lease_id for item in items if item.lease_id is not None}
+        settled = await consume_leases(leased.values(), granted_by=self.hold)
+        taken = {key for key, lease in zip(leased, settled, strict=True) if lease.settled}
+        spot: list[LeaseGrant] = []
+        for item in items:
+            if _key(item) in taken:
+                continue
+            grant = await self.hold(item.seller_id, item.product_id, item.quantity, _SPOT_PERIOD)
+            if grant is not None:
+                spot.append(grant)
+                taken.add(_key(item))
+        for lease in await consume_leases(spot):
+            lease.raise_if_refused()  # granted in this very transaction: it cannot have ended
+        return taken
+
+    async def _record(self, event: ReserveStock, items: list[CartItem]) -> None:
+        """Insert the reservations and raise the rows' ``qty_reserved``, in one statement."""
+        if not items:
+            return
+        held = (
+            insert(Reservation)
+            .values(
+                [
+                    {
+                        "tid": event.tid,
+                        "seller_id": item.seller_id,
+                        "product_id": item.product_id,
+                        "customer_id": event.customer_id,
+                        "quantity": item.quantity,
+                        "version": item.version,
+                        "lease_id": item.lease_id,
+                        "status": "reserved",
+                    }
+                    for item in items
+                ]
+            )
+            .returning(Reservation.seller_id, Reservation.product_id, Reservation.quantity)
+            .cte("held")
+        )
+        # The rows are locked (``_lock``): the order this UPDATE writes them in is free.
+        await connection().execute(
             update(StockItem)
-            .where(StockItem.seller_id == item.seller_id, StockItem.product_id == item.product_id)
-            .values(qty_reserved=StockItem.qty_reserved + item.quantity, updated_at=now())
+            .where(StockItem.seller_id == held.c.seller_id, StockItem.product_id == held.c.product_id)
+            .values(qty_reserved=StockItem.qty_reserved + held.c.quantity, updated_at=now())
         )
 
     @Inbound(PaymentConfirmed)
     @Transactional
     async def confirm(self, event: PaymentConfirmed) -> None:
         """Sold: the reserved quantity leaves the stock for good (``qty_free`` is unchanged)."""
-        for held in await self._settle_reservations(event.customer_id, event.tid, "confirmed"):
-            q = held["quantity"]
-            await self._move(held, qty_available=-q, qty_reserved=-q, ytd=q, order_count=1)
+        await self._settle_reservations(
+            event.customer_id,
+            event.tid,
+            "confirmed",
+            lambda q: {
+                "qty_available": StockItem.qty_available - q,
+                "qty_reserved": StockItem.qty_reserved - q,
+                "ytd": StockItem.ytd + q,
+                "order_count": StockItem.order_count + 1,
+            },
+        )
 
     @Inbound(PaymentFailed)
     @Transactional
     async def cancel(self, event: PaymentFailed) -> None:
         """Not paid: the reservation is released, its quantity free again."""
-        for held in await self._settle_reservations(event.customer_id, event.tid, "cancelled"):
-            await self._move(held, qty_reserved=-held["quantity"], qty_free=held["quantity"])
+        await self._settle_reservations(
+            event.customer_id,
+            event.tid,
+            "cancelled",
+            lambda q: {"qty_reserved": StockItem.qty_reserved - q, "qty_free": StockItem.qty_free + q},
+        )
 
-    async def _settle_reservations(self, customer_id: int, tid: str, status: str) -> list[dict[str, Any]]:
-        statement = (
+    async def _settle_reservations(
+        self,
+        customer_id: int,
+        tid: str,
+        status: str,
+        changes: Callable[[ColumnElement[int]], dict[str, ColumnElement[int]]],
+    ) -> None:
+        """Mark the checkout's open reservations ``status`` and apply ``changes`` (of each one's
+        quantity) to their stock rows, in one statement.
+
+        ``settled`` ends the reservations; ``locked`` then locks their stock rows in key order,
+        as ``_lock`` does, so a confirmation and a checkout sharing items cannot deadlock (an
+        UPDATE has no ORDER BY: on its own it would lock them in whatever order its join found
+        them). The UPDATE writes only rows joined to ``locked``, so every row it writes was
+        locked there first, whichever way Postgres joins them. MATERIALIZED: the locking query
+        is run as written, never folded into the UPDATE.
+        """
+        settled = (
             update(Reservation)
             .where(
                 Reservation.customer_id == customer_id,
@@ -206,15 +268,27 @@ class Stock(Service, name="stock"):
             )
             .values(status=status, updated_at=now())
             .returning(Reservation.seller_id, Reservation.product_id, Reservation.quantity)
+            .cte("settled")
         )
-        return sorted(await rows(statement), key=lambda r: (r["seller_id"], r["product_id"]))
-
-    async def _move(self, held: dict[str, Any], **deltas: int) -> None:
-        values: dict[str, Any] = {name: getattr(StockItem, name) + delta for name, delta in deltas.items()}
-        await session().execute(
+        locked = (
+            select(StockItem.seller_id, StockItem.product_id, settled.c.quantity)
+            .join_from(
+                StockItem,
+                settled,
+                and_(
+                    StockItem.seller_id == settled.c.seller_id,
+                    StockItem.product_id == settled.c.product_id,
+                ),
+            )
+            .order_by(StockItem.seller_id, StockItem.product_id)
+            .with_for_update(of=StockItem)
+            .cte("locked")
+            .prefix_with("MATERIALIZED", dialect="postgresql")
+        )
+        await connection().execute(
             update(StockItem)
-            .where(StockItem.seller_id == held["seller_id"], StockItem.product_id == held["product_id"])
-            .values(**values, updated_at=now())
+            .where(StockItem.seller_id == locked.c.seller_id, StockItem.product_id == locked.c.product_id)
+            .values(**changes(locked.c.quantity), updated_at=now())
         )
 
     @Inbound(ProductUpdated, precedence=ReserveStock)
@@ -226,7 +300,7 @@ class Stock(Service, name="stock"):
         ``precedence=ReserveStock``: a replacement committed before a checkout's reservation
         request is applied before it, so the replaced version cannot be sold to that checkout.
         """
-        await session().execute(
+        await connection().execute(
             update(StockItem)
             .where(
                 StockItem.seller_id == event.seller_id,
@@ -252,6 +326,10 @@ class Stock(Service, name="stock"):
                     order_count=0,
                 )
             )
+
+
+def _key(item: CartItem) -> tuple[int, int]:
+    return (item.seller_id, item.product_id)
 
 
 class StockItem(Stock.Model):

@@ -1,0 +1,98 @@
+"""The stock's and the cart's statements, pinned: set-based, so a checkout of five items costs
+them what a checkout of one does. No timings; a count that grows is paid on every checkout.
+
+Each statement SQLAlchemy sends is counted against the service function whose transaction sent
+it (a lease call counts for its caller). The framework's own statements (BEGIN, the outbox with
+the acknowledgement and COMMIT) are not counted: tests/integration/test_statement_counts.py pins
+those.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+
+from framework._internal.context import current
+from framework.testing import advance_clock
+from tests.e2e.conftest import Eshop, assert_holds
+from vmsdb_eshop.config import settings
+
+# Today's counts; lower them when a change saves a statement, never raise them. Before the
+# set-based rewrite a checkout of n items cost the cart 2 + 5 (claim, checkout), the stock's
+# reservation 5n (and 2n savepoints) and its confirmation 1 + n; an add 4, a re-add 6 (and 2
+# savepoints).
+CHECKOUT = {"Cart.claim_checkout": 1, "Cart.checkout": 2, "Stock.reserve": 3, "Stock.confirm": 1}
+ADD = 4  # the cart's upsert, the replaced line's lease, the stock's hold, the line's upsert
+READD = ADD + 1  # and the replaced lease given back
+# Items whose cart lease expired: a lease on the spot for each, and one consume for them all.
+SPOT = 1
+SPOT_CONSUME = 1
+
+
+@contextmanager
+def statements_by_function() -> Iterator[Counter[str]]:
+    counts: Counter[str] = Counter()
+
+    def note(*_: Any) -> None:
+        ctx = current()
+        if ctx is not None:
+            counts[ctx.function] += 1
+
+    event.listen(Engine, "before_cursor_execute", note)
+    try:
+        yield counts
+    finally:
+        event.remove(Engine, "before_cursor_execute", note)
+
+
+async def checkout(eshop: Eshop, customer: int, tid: str) -> Counter[str]:
+    with statements_by_function() as counts:
+        response = await eshop.checkout(customer, tid)
+        assert response.status_code == 200, response.text
+        await eshop.app.drain()
+    return counts
+
+
+async def test_a_checkout_costs_the_same_for_one_item_as_for_five(eshop: Eshop) -> None:
+    await eshop.add(1, 1, 1, 1)
+    one = await checkout(eshop, 1, "t-one")
+    for seller, product in [(1, 1), (1, 2), (2, 1), (2, 3), (3, 2)]:
+        await eshop.add(2, seller, product, 2)
+    five = await checkout(eshop, 2, "t-five")
+    assert {f: one[f] for f in CHECKOUT} == CHECKOUT, one
+    assert {f: five[f] for f in CHECKOUT} == CHECKOUT, five
+    assert_holds(await eshop.verdict())
+
+
+async def test_an_add_to_the_cart_costs_four_statements(eshop: Eshop) -> None:
+    with statements_by_function() as first:
+        await eshop.add(3, 1, 1, 1)
+    with statements_by_function() as again:
+        await eshop.add(3, 1, 1, 2)  # replaces the line and its lease
+    assert (first["Cart.add_item"], again["Cart.add_item"]) == (ADD, READD)
+
+
+async def test_expired_leases_cost_the_reservation_a_statement_each_and_one(eshop: Eshop) -> None:
+    for product in (1, 2, 3):
+        await eshop.add(4, 2, product, 1)
+    await advance_clock(eshop.app, timedelta(seconds=settings().lease_seconds + 60))
+    await eshop.add(4, 3, 1, 1)  # the one lease still running
+    counts = await checkout(eshop, 4, "t-expired")
+    assert counts["Stock.reserve"] == CHECKOUT["Stock.reserve"] + 3 * SPOT + SPOT_CONSUME, counts
+    assert_holds(await eshop.verdict())
+
+
+async def test_a_failed_payment_costs_the_stock_one_statement(eshop: Eshop) -> None:
+    for product in (1, 2, 3):
+        await eshop.add(5, 1, product, 1)
+    with statements_by_function() as counts:
+        assert (await eshop.checkout(5, "t-declined", expired_card=True)).status_code == 409
+        await eshop.app.drain()
+    assert counts["Stock.cancel"] == 1, counts
+    assert_holds(await eshop.verdict())
