@@ -69,6 +69,10 @@ CUSTOMER_COPY: bool | list[str] = True
 PRODUCT_COPY: bool | list[str] = True
 
 
+#: An entity to reference: its model, its key and what to copy of it.
+Target = tuple[type, tuple[object, ...], bool | list[str]]
+
+
 async def reference(target: type, *key: object, copy: bool | list[str]) -> Ref | None:
     """A reference to ``target``'s entity ``key`` with a cached copy; ``None`` if it is gone.
 
@@ -79,6 +83,17 @@ async def reference(target: type, *key: object, copy: bool | list[str]) -> Ref |
             return await get_reference(target, *key, copy=copy)
     except (EntityNotFound, EntityDeleted):
         return None
+
+
+async def references(targets: list[Target]) -> list[Ref | None]:
+    """:func:`reference` of each target, in order; all in one savepoint while every entity is
+    there (the common case), each in its own once one is gone (its savepoint is rolled back:
+    none of its references stays counted)."""
+    try:
+        async with connection().begin_nested():
+            return [await get_reference(model, *key, copy=copy) for model, key, copy in targets]
+    except (EntityNotFound, EntityDeleted):
+        return [await reference(model, *key, copy=copy) for model, key, copy in targets]
 
 
 def invoice_line(
@@ -121,10 +136,10 @@ class Order(Service, name="order"):
             d.seller_id: d.percent for d in await self.find_discounts(event.customer_id, event.items)
         }
         issued = now()
-        products = [
-            await reference(ProductRecord, item.seller_id, item.product_id, copy=PRODUCT_COPY)
-            for item in event.items
-        ]
+        *products, customer = await references(
+            [(ProductRecord, (item.seller_id, item.product_id), PRODUCT_COPY) for item in event.items]
+            + [(CustomerRecord, (event.customer_id,), CUSTOMER_COPY)]
+        )
         items = [
             invoice_line(
                 item,
@@ -137,7 +152,6 @@ class Order(Service, name="order"):
         order_id = await self._next_order_id(event.customer_id)
         total_amount = sum((i.total_amount for i in items), Decimal(0))
         total_freight = sum((i.freight_value for i in items), Decimal(0))
-        customer = await reference(CustomerRecord, event.customer_id, copy=CUSTOMER_COPY)
         key = {"customer_id": event.customer_id, "order_id": order_id}
         invoice_number = f"{event.customer_id}-{issued:%Y%m%d}-{order_id}"
         order = insert(OrderRecord.__table__).values(
