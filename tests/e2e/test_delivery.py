@@ -35,15 +35,15 @@ async def test_a_delivery_skips_the_packages_another_delivery_holds(eshop: Eshop
     assert (await eshop.checkout(1, "t-held")).status_code == 200
     await eshop.app.drain()
 
-    # Another delivery is in the middle of delivering seller 1's package (it holds its lock).
+    # Another delivery is in the middle of delivering seller 1's package (it holds its lock
+    # until the block ends).
     async with eshop.app.core.admin() as held:
         await held.execute(text("SELECT 1 FROM shipment.packages WHERE seller_id = 1 FOR UPDATE"))
         # This one does not wait for it: it delivers seller 2's package and leaves seller 1's.
         response = await asyncio.wait_for(eshop.http.patch("/shipment/d-1"), timeout=10)
         assert response.json() == {"tid": "d-1", "delivered": 1}
-        await held.rollback()
 
-    # The other delivery gave up: the package is still to deliver, and the next delivery does.
+    # The other delivery delivered nothing: the package is still to deliver, and the next does.
     assert (await eshop.http.patch("/shipment/d-2")).json() == {"tid": "d-2", "delivered": 1}
     await eshop.app.drain()
     (shipment,) = await eshop.get("/shipment/1")
@@ -90,4 +90,54 @@ async def test_concurrent_deliveries_deliver_each_package_once(eshop: Eshop) -> 
         assert (await eshop.get(f"/customer/{customer}"))["delivery_count"] == 6
         (order,) = await eshop.get(f"/order/{customer}")
         assert order["status"] == "DELIVERED"
+    assert_holds(await eshop.verdict())
+
+
+async def _waiting_for_locks(eshop: Eshop, count: int) -> None:
+    """Until ``count`` backends wait for a lock."""
+    for _ in range(200):
+        async with eshop.app.core.admin() as conn:
+            waiting = await conn.execute(
+                text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'")
+            )
+            if waiting.scalar_one() >= count:
+                return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"never saw {count} backend(s) waiting for a lock")
+
+
+async def test_two_deliveries_of_one_order_conclude_its_shipment(eshop: Eshop) -> None:
+    """Each of two concurrent deliveries delivers one seller's package of the same order; the
+    one that takes the shipment's lock second counts no package left, and concludes it."""
+    await eshop.add(1, 1, 1, 1)
+    await eshop.add(1, 2, 1, 1)
+    assert (await eshop.checkout(1, "t-split")).status_code == 200
+    await eshop.app.drain()
+
+    # Each admin block holds its locks until it ends (and commits).
+    async with eshop.app.core.admin() as shipment:
+        await shipment.execute(text("SELECT 1 FROM shipment.shipments FOR UPDATE"))
+        async with eshop.app.core.admin() as package:
+            await package.execute(text("SELECT 1 FROM shipment.packages WHERE seller_id = 2 FOR UPDATE"))
+            # The first delivers seller 1's package (seller 2's is held), then waits for the
+            # shipment.
+            first = asyncio.create_task(eshop.http.patch("/shipment/d-1"))
+            await _waiting_for_locks(eshop, 1)
+        # The second skips seller 1's package (the first holds it), delivers seller 2's, then
+        # waits for the shipment too.
+        second = asyncio.create_task(eshop.http.patch("/shipment/d-2"))
+        await _waiting_for_locks(eshop, 2)
+    answers = await asyncio.wait_for(asyncio.gather(first, second), timeout=30)
+    assert [a.json()["delivered"] for a in answers] == [1, 1]
+
+    await eshop.app.drain()
+    (delivered,) = await eshop.get("/shipment/1")
+    assert delivered["status"] == "concluded"
+    deliveries, steps = await _notifications(eshop)
+    assert set(deliveries.values()) == {1} and len(deliveries) == 2
+    assert steps == Counter(
+        {("1", "1", "approved"): 1, ("1", "1", "delivery_in_progress"): 1, ("1", "1", "concluded"): 1}
+    )
+    (order,) = await eshop.get("/order/1")
+    assert order["status"] == "DELIVERED"
     assert_holds(await eshop.verdict())
