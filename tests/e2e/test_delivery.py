@@ -29,11 +29,32 @@ async def _notifications(eshop: Eshop) -> tuple[Counter[tuple[str, ...]], Counte
         return Counter(tuple(r) for r in deliveries), Counter(tuple(r) for r in steps)
 
 
-async def test_a_delivery_skips_the_packages_another_delivery_holds(eshop: Eshop) -> None:
+async def _order_of_two_sellers(eshop: Eshop, tid: str) -> None:
+    """Customer 1's order 1: one package of seller 1, one of seller 2, shipped."""
     await eshop.add(1, 1, 1, 1)
     await eshop.add(1, 2, 1, 1)
-    assert (await eshop.checkout(1, "t-held")).status_code == 200
+    assert (await eshop.checkout(1, tid)).status_code == 200
     await eshop.app.drain()
+
+
+async def _concluded_once(eshop: Eshop) -> None:
+    """Customer 1's order 1 was delivered: each package reported once, each step once."""
+    await eshop.app.drain()
+    (shipment,) = await eshop.get("/shipment/1")
+    assert shipment["status"] == "concluded"
+    assert [p["status"] for p in shipment["packages"]] == ["delivered", "delivered"]
+    deliveries, steps = await _notifications(eshop)
+    assert deliveries == Counter({("1", "1", "1"): 1, ("1", "1", "2"): 1})
+    assert steps == Counter(
+        {("1", "1", "approved"): 1, ("1", "1", "delivery_in_progress"): 1, ("1", "1", "concluded"): 1}
+    )
+    (order,) = await eshop.get("/order/1")
+    assert order["status"] == "DELIVERED"
+    assert_holds(await eshop.verdict())
+
+
+async def test_a_delivery_skips_the_packages_another_delivery_holds(eshop: Eshop) -> None:
+    await _order_of_two_sellers(eshop, "t-held")
 
     # Another delivery is in the middle of delivering seller 1's package (it holds its lock
     # until the block ends).
@@ -45,15 +66,7 @@ async def test_a_delivery_skips_the_packages_another_delivery_holds(eshop: Eshop
 
     # The other delivery delivered nothing: the package is still to deliver, and the next does.
     assert (await eshop.http.patch("/shipment/d-2")).json() == {"tid": "d-2", "delivered": 1}
-    await eshop.app.drain()
-    (shipment,) = await eshop.get("/shipment/1")
-    assert shipment["status"] == "concluded"
-    assert [p["status"] for p in shipment["packages"]] == ["delivered", "delivered"]
-    _, steps = await _notifications(eshop)
-    assert steps == Counter(
-        {("1", "1", "approved"): 1, ("1", "1", "delivery_in_progress"): 1, ("1", "1", "concluded"): 1}
-    )
-    assert_holds(await eshop.verdict())
+    await _concluded_once(eshop)
 
 
 async def test_concurrent_deliveries_deliver_each_package_once(eshop: Eshop) -> None:
@@ -109,10 +122,7 @@ async def _waiting_for_locks(eshop: Eshop, count: int) -> None:
 async def test_two_deliveries_of_one_order_conclude_its_shipment(eshop: Eshop) -> None:
     """Each of two concurrent deliveries delivers one seller's package of the same order; the
     one that takes the shipment's lock second counts no package left, and concludes it."""
-    await eshop.add(1, 1, 1, 1)
-    await eshop.add(1, 2, 1, 1)
-    assert (await eshop.checkout(1, "t-split")).status_code == 200
-    await eshop.app.drain()
+    await _order_of_two_sellers(eshop, "t-split")
 
     # Each admin block holds its locks until it ends (and commits).
     async with eshop.app.core.admin() as shipment:
@@ -129,15 +139,4 @@ async def test_two_deliveries_of_one_order_conclude_its_shipment(eshop: Eshop) -
         await _waiting_for_locks(eshop, 2)
     answers = await asyncio.wait_for(asyncio.gather(first, second), timeout=30)
     assert [a.json()["delivered"] for a in answers] == [1, 1]
-
-    await eshop.app.drain()
-    (delivered,) = await eshop.get("/shipment/1")
-    assert delivered["status"] == "concluded"
-    deliveries, steps = await _notifications(eshop)
-    assert set(deliveries.values()) == {1} and len(deliveries) == 2
-    assert steps == Counter(
-        {("1", "1", "approved"): 1, ("1", "1", "delivery_in_progress"): 1, ("1", "1", "concluded"): 1}
-    )
-    (order,) = await eshop.get("/order/1")
-    assert order["status"] == "DELIVERED"
-    assert_holds(await eshop.verdict())
+    await _concluded_once(eshop)
