@@ -59,3 +59,24 @@ async def test_orders_reference_their_customer_and_products_and_reset_gives_them
     assert (await eshop.http.patch("/reset")).status_code == 200
     assert await counts() == {}
     assert_holds(await eshop.verdict())
+
+
+async def test_an_order_whose_product_is_gone_references_the_rest_once(eshop: Eshop) -> None:
+    """A deleted product leaves its line's reference empty; the order's other references
+    (taken together while every entity is there) are each counted once, not twice."""
+    await eshop.add(4, 1, 1, 1)
+    await eshop.add(4, 2, 1, 1)
+    async with eshop.app.core.admin() as conn:
+        # The second line's product: the first line's reference is taken before it fails.
+        await conn.execute(text("DELETE FROM product.products WHERE seller_id = 2 AND product_id = 1"))
+    assert (await eshop.checkout(4, "t-gone")).status_code == 200
+    await eshop.app.drain(timeout=30)
+    [order] = await eshop.get("/order/4")
+    assert [item["product"] and item["product"]["uri"] for item in order["items"]] == [
+        "vms://product/products/1/1",
+        None,
+    ]
+    assert order["customer"]["uri"] == "vms://customer/customers/4"
+    async with eshop.app.core.admin() as conn:
+        counted = dict((await conn.execute(text("SELECT uri, d FROM vms.entities WHERE d > 0"))).all())
+    assert counted == {"vms://customer/customers/4": 1, "vms://product/products/1/1": 1}

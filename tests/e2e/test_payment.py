@@ -11,6 +11,7 @@ from sqlalchemy import text
 
 from tests.e2e.conftest import Eshop, assert_holds
 from vmsdb_eshop.events import InvoiceIssued
+from vmsdb_eshop.payments import _listen
 from vmsdb_eshop.provider import Authorization, PaymentRequest, SimulatedProvider
 from vmsdb_eshop.services import Payment
 
@@ -115,3 +116,17 @@ async def test_an_answer_is_recorded_once(eshop: Eshop, provider: GatedProvider)
     assert provider.charges == {f"5/{invoice.order_id}": 1}
     assert (await eshop.get("/customer/5"))["success_payment_count"] == 1
     assert_holds(await eshop.verdict())
+
+
+async def test_a_recorded_request_wakes_the_processors(eshop: Eshop, provider: GatedProvider) -> None:
+    """The request's transaction notifies the processors' channel when it commits (they would
+    otherwise find it only when they next look)."""
+    provider.gate.set()
+    woken = asyncio.Event()
+    listener = await _listen(eshop.app, woken)
+    try:
+        await eshop.add(6, 1, 1, 1)
+        assert (await eshop.checkout(6, "t-wake")).status_code == 200
+        await asyncio.wait_for(woken.wait(), 10)
+    finally:
+        await listener.close()

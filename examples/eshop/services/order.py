@@ -17,7 +17,7 @@ from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import Identity, String, select, update
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.dialects.postgresql import Insert, insert
 from sqlalchemy.orm import Mapped, mapped_column
 
 from framework import Inbound, Outbound, Query, Service, Transactional, connection, send, session
@@ -69,6 +69,10 @@ CUSTOMER_COPY: bool | list[str] = True
 PRODUCT_COPY: bool | list[str] = True
 
 
+#: An entity to reference: its model, its key and what to copy of it.
+Target = tuple[type, tuple[object, ...], bool | list[str]]
+
+
 async def reference(target: type, *key: object, copy: bool | list[str]) -> Ref | None:
     """A reference to ``target``'s entity ``key`` with a cached copy; ``None`` if it is gone.
 
@@ -79,6 +83,17 @@ async def reference(target: type, *key: object, copy: bool | list[str]) -> Ref |
             return await get_reference(target, *key, copy=copy)
     except (EntityNotFound, EntityDeleted):
         return None
+
+
+async def references(targets: list[Target]) -> list[Ref | None]:
+    """:func:`reference` of each target, in order; all in one savepoint while every entity is
+    there (the common case), each in its own once one is gone (its savepoint is rolled back:
+    none of its references stays counted)."""
+    try:
+        async with connection().begin_nested():
+            return [await get_reference(model, *key, copy=copy) for model, key, copy in targets]
+    except (EntityNotFound, EntityDeleted):
+        return [await reference(model, *key, copy=copy) for model, key, copy in targets]
 
 
 def invoice_line(
@@ -121,10 +136,10 @@ class Order(Service, name="order"):
             d.seller_id: d.percent for d in await self.find_discounts(event.customer_id, event.items)
         }
         issued = now()
-        products = [
-            await reference(ProductRecord, item.seller_id, item.product_id, copy=PRODUCT_COPY)
-            for item in event.items
-        ]
+        *products, customer = await references(
+            [(ProductRecord, (item.seller_id, item.product_id), PRODUCT_COPY) for item in event.items]
+            + [(CustomerRecord, (event.customer_id,), CUSTOMER_COPY)]
+        )
         items = [
             invoice_line(
                 item,
@@ -137,11 +152,12 @@ class Order(Service, name="order"):
         order_id = await self._next_order_id(event.customer_id)
         total_amount = sum((i.total_amount for i in items), Decimal(0))
         total_freight = sum((i.freight_value for i in items), Decimal(0))
-        order = OrderRecord(
-            customer_id=event.customer_id,
-            order_id=order_id,
+        key = {"customer_id": event.customer_id, "order_id": order_id}
+        invoice_number = f"{event.customer_id}-{issued:%Y%m%d}-{order_id}"
+        order = insert(OrderRecord.__table__).values(
+            **key,
             tid=event.tid,
-            invoice_number=f"{event.customer_id}-{issued:%Y%m%d}-{order_id}",
+            invoice_number=invoice_number,
             status=OrderStatus.INVOICED,
             purchase_date=issued,
             estimated_delivery_date=issued + DELIVERY_ESTIMATE,
@@ -151,30 +167,32 @@ class Order(Service, name="order"):
             total_amount=total_amount,
             total_freight=total_freight,
             total_invoice=total_amount + total_freight,
+            customer=customer,
         )
-        order.customer = await reference(CustomerRecord, event.customer_id, copy=CUSTOMER_COPY)
-        s = session()
-        s.add(order)
-        for n, (item, product) in enumerate(zip(items, products, strict=True), start=1):
-            s.add(
-                OrderLine(
-                    customer_id=event.customer_id,
-                    order_id=order_id,
-                    order_item_id=n,
-                    product=product,
+        lines = insert(OrderLine.__table__).values(
+            [
+                {
+                    **key,
+                    "order_item_id": n,
+                    "product": product,
                     **item.model_dump(exclude={"product_category"}),
-                )
-            )
-        s.add(OrderHistory(customer_id=event.customer_id, order_id=order_id, status=OrderStatus.INVOICED))
+                }
+                for n, (item, product) in enumerate(zip(items, products, strict=True), start=1)
+            ]
+        )
+        # One statement: the order and its first history row are CTEs of the lines' INSERT.
+        await session().execute(
+            lines.add_cte(order.cte("new_order"), _history(key, OrderStatus.INVOICED).cte("history"))
+        )
         send(
             InvoiceIssued(
                 customer_id=event.customer_id,
                 tid=event.tid,
                 order_id=order_id,
                 customer=event.customer,
-                invoice_number=order.invoice_number,
+                invoice_number=invoice_number,
                 issue_date=issued,
-                total_invoice=order.total_invoice,
+                total_invoice=total_amount + total_freight,
                 items=items,
             )
         )
@@ -210,12 +228,15 @@ class Order(Service, name="order"):
         await self._advance(event.customer_id, event.order_id, AFTER_SHIPMENT[event.status], **dates)
 
     async def _advance(self, customer_id: int, order_id: int, status: OrderStatus, **dates: Any) -> None:
-        await session().execute(
-            update(OrderRecord)
-            .where(OrderRecord.customer_id == customer_id, OrderRecord.order_id == order_id)
+        """Move the order to ``status`` and record it in its history, in one statement."""
+        table = OrderRecord.__table__
+        moved = (
+            update(table)
+            .where(table.c.customer_id == customer_id, table.c.order_id == order_id)
             .values(status=status, updated_at=now(), **dates)
         )
-        session().add(OrderHistory(customer_id=customer_id, order_id=order_id, status=status))
+        key = {"customer_id": customer_id, "order_id": order_id}
+        await session().execute(_history(key, status).add_cte(moved.cte("moved")))
 
     @Transactional(type="RO", isolation="snapshot")
     async def orders_of(self, customer_id: int) -> list[dict[str, Any]]:
@@ -238,6 +259,11 @@ class Order(Service, name="order"):
                 if ref is not None:
                     await delete_reference(ref)
         await clear(OrderLine, OrderHistory, OrderRecord, CustomerOrders)
+
+
+def _history(key: dict[str, int], status: OrderStatus) -> Insert:
+    """The INSERT of the order's history row for ``status``."""
+    return insert(OrderHistory.__table__).values(**key, status=status)
 
 
 class CustomerOrders(Order.Model):

@@ -20,7 +20,7 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import String, func, select, text, update
+from sqlalchemy import String, func, insert, select, update
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -42,19 +42,20 @@ class Payment(Service, name="payment"):
     @Inbound(InvoiceIssued)
     @Transactional
     async def on_invoice(self, event: InvoiceIssued) -> None:
-        """Record the charge to make; the processor makes it after this commits."""
-        session().add(
-            PaymentRequestRecord(
-                customer_id=event.customer_id,
-                order_id=event.order_id,
-                tid=event.tid,
-                invoice=event.model_dump(mode="json"),
-                status="pending",
-                # The processor charges outside this transaction: it continues this trace.
-                trace_context=trace_context(),
-            )
+        """Record the charge to make; the processor makes it after this commits.
+
+        One statement: the request's INSERT, and ``pg_notify`` (delivered at commit) after it.
+        """
+        request = insert(PaymentRequestRecord.__table__).values(
+            customer_id=event.customer_id,
+            order_id=event.order_id,
+            tid=event.tid,
+            invoice=event.model_dump(mode="json"),
+            status="pending",
+            # The processor charges outside this transaction: it continues this trace.
+            trace_context=trace_context(),
         )
-        await session().execute(text(f"NOTIFY {REQUESTS_CHANNEL}"))
+        await session().execute(select(func.pg_notify(REQUESTS_CHANNEL, "")).add_cte(request.cte("request")))
 
     @Transactional
     async def claim(self, limit: int = 16) -> list[tuple[InvoiceIssued, str | None]]:
@@ -104,7 +105,7 @@ class Payment(Service, name="payment"):
         )
         if not settled:
             return False
-        self._record(event, status)
+        await self._record(event, status)
         total = sum((i.total_amount for i in event.items), Decimal(0))
         common: dict[str, Any] = dict(
             customer_id=event.customer_id,
@@ -121,46 +122,46 @@ class Payment(Service, name="payment"):
         send(CheckoutMark.of(event.tid, event.customer_id, MarkStatus.NOT_ACCEPTED, "payment", reason))
         return True
 
-    def _record(self, event: InvoiceIssued, status: str) -> None:
+    async def _record(self, event: InvoiceIssued, status: str) -> None:
+        """The payment lines and the card, in one statement (the card's INSERT as a CTE)."""
         customer = event.customer
         is_card = customer.payment_type in _CARDS
         key = {"customer_id": event.customer_id, "order_id": event.order_id}
-        s = session()
-        s.add(
-            OrderPayment(
-                **key,
-                sequential=1,
-                tid=event.tid,
-                type=customer.payment_type,
-                installments=customer.installments if is_card else 1,
-                value=event.total_invoice,
-                status=status,
-            )
+        line = {**key, "tid": event.tid, "status": status}
+        main = {
+            **line,
+            "sequential": 1,
+            "type": customer.payment_type,
+            "installments": customer.installments if is_card else 1,
+            "value": event.total_invoice,
+        }
+        vouchers = [i for i in event.items if i.total_incentive > 0]
+        lines = insert(OrderPayment.__table__).values(
+            [
+                main,
+                *(
+                    {
+                        **line,
+                        "sequential": n,
+                        "type": PaymentType.VOUCHER,
+                        "installments": 1,
+                        "value": item.total_incentive,
+                    }
+                    for n, item in enumerate(vouchers, start=2)
+                ),
+            ]
         )
         if is_card:
-            s.add(
-                PaymentCard(
-                    **key,
-                    sequential=1,
-                    card_number=customer.card_number,
-                    card_holder_name=customer.card_holder_name,
-                    card_expiration=customer.card_expiration,
-                    card_brand=customer.card_brand,
-                )
+            card = insert(PaymentCard.__table__).values(
+                **key,
+                sequential=1,
+                card_number=customer.card_number,
+                card_holder_name=customer.card_holder_name,
+                card_expiration=customer.card_expiration,
+                card_brand=customer.card_brand,
             )
-        vouchers = [i for i in event.items if i.total_incentive > 0]
-        for n, item in enumerate(vouchers, start=2):
-            s.add(
-                OrderPayment(
-                    **key,
-                    sequential=n,
-                    tid=event.tid,
-                    type=PaymentType.VOUCHER,
-                    installments=1,
-                    value=item.total_incentive,
-                    status=status,
-                )
-            )
+            lines = lines.add_cte(card.cte("card"))
+        await session().execute(lines)
 
     @Transactional(type="RO")
     async def payments_of(self, customer_id: int, order_id: int) -> list[dict[str, Any]]:

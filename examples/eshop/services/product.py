@@ -19,8 +19,8 @@ from enum import StrEnum
 from typing import Any
 
 from pydantic import BaseModel
-from sqlalchemy import String, select
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy import String, exists, select, update
+from sqlalchemy.dialects.postgresql import Insert, insert
 from sqlalchemy.orm import Mapped, mapped_column
 
 from framework import Outbound, Service, Transactional, send, session
@@ -63,13 +63,13 @@ class Product(Service, name="product"):
     @Transactional(isolation="read_committed")
     async def replace(self, data: ProductData, tid: str) -> Change:
         """UPDATE_PRODUCT: overwrite an existing product with a new version (``tid``)."""
-        row = await session().get(ProductRecord, (data.seller_id, data.product_id), with_for_update=True)
+        version = await _lock(data.seller_id, data.product_id)
         seen = await _seen(tid, "UPDATE_PRODUCT", data)
         if seen is not None:
             return seen
-        if row is None:
+        if version is None:
             return Change.UNKNOWN
-        if row.version == data.version:
+        if version == data.version:
             return Change.STALE
         if not await _record(tid, "UPDATE_PRODUCT", data):
             return await _seen(tid, "UPDATE_PRODUCT", data) or Change.TAKEN
@@ -77,24 +77,26 @@ class Product(Service, name="product"):
         return Change.APPLIED
 
     async def _put(self, data: ProductData, tid: str | None) -> None:
-        s = session()
-        row = await s.get(ProductRecord, (data.seller_id, data.product_id), with_for_update=True)
-        if row is None:
-            row = ProductRecord(seller_id=data.seller_id, product_id=data.product_id, revision=0)
-            s.add(row)
-        for name, value in data.model_dump().items():
-            setattr(row, name, value)
+        """Insert or overwrite the product (one upsert), raising its revision; publish it."""
+        table = ProductRecord.__table__
+        values = data.model_dump()
         # A replacement with status "deleted" withdraws the product: carts drop it (DELETED).
-        row.active = data.status != DELETED
-        row.revision += 1
-        row.updated_at = now()
+        values["active"] = data.status != DELETED
+        values["updated_at"] = now()
+        first = insert(table).values(**values, revision=1)
+        revision = await session().scalar(
+            first.on_conflict_do_update(
+                index_elements=["seller_id", "product_id"],
+                set_={**{name: first.excluded[name] for name in values}, "revision": table.c.revision + 1},
+            ).returning(table.c.revision)
+        )
         send(
             ProductUpdated(
                 seller_id=data.seller_id,
                 product_id=data.product_id,
                 product=data,
-                active=row.active,
-                revision=row.revision,
+                active=values["active"],
+                revision=revision,
                 tid=tid,
             )
         )
@@ -106,27 +108,37 @@ class Product(Service, name="product"):
 
         Nothing changes and nothing is published unless the answer is ``APPLIED``.
         """
-        s = session()
-        row = await s.get(ProductRecord, (request.seller_id, request.product_id), with_for_update=True)
+        version = await _lock(request.seller_id, request.product_id)
         seen = await _seen(tid, "PRICE_UPDATE", request)
         if seen is not None:
             return seen
-        if row is None:
+        if version is None:
             return Change.UNKNOWN
-        if row.version != request.version:
+        if version != request.version:
             return Change.STALE
-        if not await _record(tid, "PRICE_UPDATE", request):
+        # Take the id and set the price in one statement: the UPDATE applies only if the INSERT
+        # took the id (it waits for a concurrent holder of the id, as ``_record`` explains).
+        taken = _claim(tid, "PRICE_UPDATE", request).cte("taken")
+        table = ProductRecord.__table__
+        revision = await session().scalar(
+            update(table)
+            .where(
+                table.c.seller_id == request.seller_id,
+                table.c.product_id == request.product_id,
+                exists(taken.select()),
+            )
+            .values(price=request.price, revision=table.c.revision + 1, updated_at=now())
+            .returning(table.c.revision)
+        )
+        if revision is None:
             return await _seen(tid, "PRICE_UPDATE", request) or Change.TAKEN
-        row.price = request.price
-        row.revision += 1
-        row.updated_at = now()
         send(
             PriceUpdated(
-                seller_id=row.seller_id,
-                product_id=row.product_id,
+                seller_id=request.seller_id,
+                product_id=request.product_id,
                 price=request.price,
-                version=row.version,
-                revision=row.revision,
+                version=version,
+                revision=revision,
                 tid=tid,
             )
         )
@@ -148,12 +160,34 @@ class Product(Service, name="product"):
         return len(replaced)
 
 
+async def _lock(seller_id: int, product_id: int) -> str | None:
+    """Lock the product's row (requests for one product take turns from here); its version,
+    ``None`` if there is no such product.
+
+    Loaded through the session, as a read of the entity: a refused request read it too, and a
+    read of a restored product begins its epoch (G10).
+    """
+    row = await session().get(ProductRecord, (seller_id, product_id), with_for_update=True)
+    return None if row is None else row.version
+
+
 async def _seen(tid: str, kind: str, request: BaseModel) -> Change | None:
     """``REPEATED`` or ``TAKEN`` if ``tid`` was used before, else ``None``."""
-    used = await session().get(ProductChange, tid)
+    table = ProductChange.__table__
+    used = (await session().execute(select(table.c.kind, table.c.digest).where(table.c.tid == tid))).first()
     if used is None:
         return None
-    return Change.REPEATED if (used.kind, used.digest) == (kind, _digest(kind, request)) else Change.TAKEN
+    return Change.REPEATED if tuple(used) == (kind, _digest(kind, request)) else Change.TAKEN
+
+
+def _claim(tid: str, kind: str, request: BaseModel) -> Insert:
+    """The INSERT that takes ``tid`` for ``request`` (returning it), unless it is taken."""
+    return (
+        insert(ProductChange.__table__)
+        .values(tid=tid, kind=kind, digest=_digest(kind, request))
+        .on_conflict_do_nothing(index_elements=["tid"])
+        .returning(ProductChange.__table__.c.tid)
+    )
 
 
 async def _record(tid: str, kind: str, request: BaseModel) -> bool:
@@ -162,12 +196,7 @@ async def _record(tid: str, kind: str, request: BaseModel) -> bool:
     Read committed: the insert waits for a concurrent holder of ``tid`` to commit, then skips,
     and the caller's next read sees that holder's row.
     """
-    taken = await session().execute(
-        insert(ProductChange)
-        .values(tid=tid, kind=kind, digest=_digest(kind, request))
-        .on_conflict_do_nothing(index_elements=["tid"])
-        .returning(ProductChange.tid)
-    )
+    taken = await session().execute(_claim(tid, kind, request))
     return taken.first() is not None
 
 

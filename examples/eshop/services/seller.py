@@ -4,9 +4,11 @@
 in-progress entries (order status INVOICED, PAYMENT_PROCESSED, READY_FOR_SHIPMENT or IN_TRANSIT).
 It is kept exact by maintaining it in the transaction that changes the entries: each handler
 applies the difference its change makes (entries entering or leaving the in-progress set) as an
-increment. Increments commute, and the view row's lock orders concurrent writers of one seller,
-so no interleaving loses an update (MarketplaceOnDapr's refresh is skipped under concurrency and
-its view goes stale; Orleans serialises refreshes per seller instead).
+increment, computed in SQL by the same statement that changes the entries (``_count_in_view``):
+one statement per event, whatever the number of items and sellers. Increments commute, and the
+view row's lock orders concurrent writers of one seller, so no interleaving loses an update
+(MarketplaceOnDapr's refresh is skipped under concurrency and its view goes stale; Orleans
+serialises refreshes per seller instead).
 
 The dashboard reads the view row and the entries in one read-only snapshot transaction, so the
 totals always equal the sum of the entries returned with them.
@@ -18,8 +20,8 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import ColumnElement, String, select, update
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy import CTE, ColumnElement, FromClause, Integer, String, cast, false, func, select, update
+from sqlalchemy.dialects.postgresql import Insert, insert
 from sqlalchemy.orm import Mapped, mapped_column
 
 from framework import Inbound, Service, Transactional, session
@@ -65,29 +67,39 @@ class Seller(Service, name="seller"):
     @Inbound(InvoiceIssued)
     @Transactional
     async def on_invoice(self, event: InvoiceIssued) -> None:
-        """One entry per invoiced item, under the item's seller; the view counts them."""
-        entries = [
-            OrderEntry(
-                customer_id=event.customer_id,
-                order_id=event.order_id,
-                seller_id=item.seller_id,
-                product_id=item.product_id,
-                natural_key=f"{event.customer_id}_{event.order_id}",
-                product_name=item.product_name,
-                product_category=item.product_category,
-                unit_price=item.unit_price,
-                quantity=item.quantity,
-                total_items=item.total_items,
-                total_amount=item.total_amount,
-                total_incentive=item.total_incentive,
-                freight_value=item.freight_value,
-                total_invoice=item.total_amount + item.freight_value,
-                order_status=OrderStatus.INVOICED,
+        """One entry per invoiced item, under the item's seller; the view counts them.
+
+        One statement: the entries' INSERT ... RETURNING feeds the view's increments.
+        """
+        table = OrderEntry.__table__
+        entries = (
+            insert(table)
+            .values(
+                [
+                    {
+                        "customer_id": event.customer_id,
+                        "order_id": event.order_id,
+                        "seller_id": item.seller_id,
+                        "product_id": item.product_id,
+                        "natural_key": f"{event.customer_id}_{event.order_id}",
+                        "product_name": item.product_name,
+                        "product_category": item.product_category,
+                        "unit_price": item.unit_price,
+                        "quantity": item.quantity,
+                        "total_items": item.total_items,
+                        "total_amount": item.total_amount,
+                        "total_incentive": item.total_incentive,
+                        "freight_value": item.freight_value,
+                        "total_invoice": item.total_amount + item.freight_value,
+                        "order_status": OrderStatus.INVOICED,
+                    }
+                    for item in event.items
+                ]
             )
-            for item in event.items
-        ]
-        session().add_all(entries)
-        await _apply(_difference([], [as_row(e) | {"order_status": e.order_status} for e in entries]))
+            .returning(table.c.seller_id, table.c.order_status, *_totals_of(table))
+            .cte("entries")
+        )
+        await session().execute(_count_in_view(entries, was_open=false()))
 
     @Inbound(PaymentConfirmed)
     @Transactional
@@ -110,24 +122,45 @@ class Seller(Service, name="seller"):
     @Inbound(DeliveryNotification)
     @Transactional
     async def on_delivery(self, event: DeliveryNotification) -> None:
-        await self._set(
-            event.customer_id,
-            event.order_id,
-            OrderEntry.seller_id == event.seller_id,
-            OrderEntry.product_id == event.product_id,
-            package_id=event.package_id,
-            delivery_date=event.delivery_date,
-            delivery_status=event.status,
+        """Record the package's delivery on its entry; the order status, so the view, stays."""
+        table = OrderEntry.__table__
+        await session().execute(
+            update(table)
+            .where(
+                table.c.customer_id == event.customer_id,
+                table.c.order_id == event.order_id,
+                table.c.seller_id == event.seller_id,
+                table.c.product_id == event.product_id,
+            )
+            .values(
+                package_id=event.package_id, delivery_date=event.delivery_date, delivery_status=event.status
+            )
         )
 
-    async def _set(self, customer_id: int, order_id: int, *where: ColumnElement[bool], **values: Any) -> None:
-        """Update the order's entries (``where``: some of them) and the view by the difference."""
+    async def _set(self, customer_id: int, order_id: int, **values: Any) -> None:
+        """Update the order's entries and the view by the difference, in one statement."""
         table = OrderEntry.__table__
-        chosen = (table.c.customer_id == customer_id, table.c.order_id == order_id, *where)
-        # Lock the entries first: the difference is computed from the rows as they were.
-        before = await rows(select(table).where(*chosen).with_for_update())
-        after = await rows(update(table).where(*chosen).values(**values).returning(table))
-        await _apply(_difference(before, after))
+        # Lock the entries first: the difference is computed from the rows as they were (under
+        # read committed, FOR UPDATE reads the latest version of a row it waited for).
+        before = (
+            select(*_key_of(table), table.c.order_status)
+            .where(table.c.customer_id == customer_id, table.c.order_id == order_id)
+            .with_for_update()
+            .cte("before")
+        )
+        changed = (
+            update(table)
+            .where(*(column == before.c[column.name] for column in _key_of(table)))
+            .values(**values)
+            .returning(
+                table.c.seller_id,
+                table.c.order_status,
+                before.c.order_status.label("was"),
+                *_totals_of(table),
+            )
+            .cte("changed")
+        )
+        await session().execute(_count_in_view(changed, was_open=changed.c.was.in_(OPEN_ORDER_STATUSES)))
 
     @Transactional(type="RO", isolation="snapshot")
     async def dashboard(self, seller_id: int) -> dict[str, Any]:
@@ -151,46 +184,49 @@ class Seller(Service, name="seller"):
         await clear(OrderEntry, SellerView)
 
 
-def _is_open(entry: dict[str, Any]) -> bool:
-    return entry["order_status"] in OPEN_ORDER_STATUSES
+def _key_of(table: FromClause) -> list[ColumnElement[Any]]:
+    return [table.c.customer_id, table.c.order_id, table.c.seller_id, table.c.product_id]
 
 
-def _difference(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
-    """Per seller, what the change from ``before`` to ``after`` adds to the view's totals.
+def _totals_of(table: FromClause) -> list[ColumnElement[Any]]:
+    """The entry columns the view's totals sum."""
+    return [table.c[column] for column in VIEW_TOTALS.values()]
 
-    An order counts once per seller while any of its entries there is in progress.
+
+def _count_in_view(changes: CTE, *, was_open: ColumnElement[bool]) -> Insert:
+    """Add to each seller's view row what ``changes`` add to its totals.
+
+    ``changes``: entries of one order, each with its seller, its ``order_status`` after the
+    change, the total columns and what ``was_open`` reads (whether the entry was in progress
+    before). An entry adds to the totals while it is in progress; the order counts once per
+    seller while any of its entries there is in progress. A seller whose entries neither
+    entered nor left the in-progress set gets no write (and so no lock).
     """
-    deltas: dict[int, dict[str, Any]] = {}
-    orders: dict[tuple[int, int, int], list[int]] = {}
-    for sign, entries in ((-1, before), (1, after)):
-        for e in entries:
-            if not _is_open(e):
-                continue
-            delta = deltas.setdefault(
-                e["seller_id"],
-                {"count_orders": 0, "count_items": 0, **dict.fromkeys(VIEW_TOTALS, Decimal(0))},
-            )
-            delta["count_items"] += sign
-            for total, column in VIEW_TOTALS.items():
-                delta[total] += sign * e[column]
-            counts = orders.setdefault((e["seller_id"], e["customer_id"], e["order_id"]), [0, 0])
-            counts[0 if sign < 0 else 1] += 1
-    for (seller_id, _c, _o), (was, now_) in orders.items():
-        deltas[seller_id]["count_orders"] += (now_ > 0) - (was > 0)
-    return {s: d for s, d in deltas.items() if any(d.values())}
-
-
-async def _apply(deltas: dict[int, dict[str, Any]]) -> None:
-    """Add each seller's difference to its view row (created at the first entry)."""
-    for seller_id in sorted(deltas):  # one lock order: concurrent writers cannot deadlock
-        delta = deltas[seller_id]
-        statement = insert(SellerView).values(seller_id=seller_id, **delta)
-        await session().execute(
-            statement.on_conflict_do_update(
-                index_elements=["seller_id"],
-                set_={name: getattr(SellerView, name) + statement.excluded[name] for name in delta},
-            )
+    # 1 where an entry is in progress (after the change, before it), else 0.
+    moves = select(
+        changes.c.seller_id,
+        cast(changes.c.order_status.in_(OPEN_ORDER_STATUSES), Integer).label("is_open"),
+        cast(was_open, Integer).label("was_open"),
+        *_totals_of(changes),
+    ).subquery("moves")
+    sign = moves.c.is_open - moves.c.was_open  # +1 entered, -1 left, 0 stayed
+    increments = (
+        select(
+            moves.c.seller_id,
+            (func.max(moves.c.is_open) - func.max(moves.c.was_open)).label("count_orders"),
+            func.sum(sign).label("count_items"),
+            *(func.sum(sign * moves.c[column]).label(total) for total, column in VIEW_TOTALS.items()),
         )
+        .group_by(moves.c.seller_id)
+        .having(func.bool_or(moves.c.is_open != moves.c.was_open))
+        .order_by(moves.c.seller_id)  # one lock order: concurrent writers cannot deadlock
+    )
+    names = ["seller_id", "count_orders", "count_items", *VIEW_TOTALS]
+    statement = insert(SellerView).from_select(names, increments)
+    return statement.on_conflict_do_update(
+        index_elements=["seller_id"],
+        set_={name: getattr(SellerView, name) + statement.excluded[name] for name in names[1:]},
+    )
 
 
 class SellerRecord(Seller.Model):

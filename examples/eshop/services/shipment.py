@@ -2,15 +2,19 @@
 
 A paid order's shipment is the end of a customer session: the shipment service emits its
 SUCCESS mark. ``update_delivery`` is the external carrier's transaction (UPDATE_DELIVERY).
+
+Every handler here does set-based work: one statement writes all of an order's packages, and a
+delivery takes three statements whatever the number of sellers, packages and shipments it touches.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import String, select, update
+from sqlalchemy import String, Update, and_, case, exists, insert, or_, select, tuple_, update
 from sqlalchemy.dialects.postgresql import distinct_on
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -28,42 +32,45 @@ class Shipment(Service, name="shipment"):
     @Outbound([ShipmentNotification, CheckoutMark])
     @Transactional
     async def on_payment_confirmed(self, event: PaymentConfirmed) -> None:
-        """Ship a paid order: the shipment, one package per item; the session ends here."""
+        """Ship a paid order: the shipment, one package per item; the session ends here.
+
+        One statement: the shipment's INSERT rides along as a CTE of the packages' INSERT.
+        """
         when = now()
         customer = event.customer
         key = {"customer_id": event.customer_id, "order_id": event.order_id}
-        s = session()
-        s.add(
-            ShipmentRecord(
-                **key,
-                tid=event.tid,
-                package_count=len(event.items),
-                total_freight_value=sum((i.freight_value for i in event.items), Decimal(0)),
-                request_date=when,
-                status=ShipmentStatus.APPROVED,
-                first_name=customer.first_name,
-                last_name=customer.last_name,
-                street=customer.street,
-                complement=customer.complement,
-                zip_code=customer.zip_code,
-                city=customer.city,
-                state=customer.state,
-            )
+        shipment = insert(ShipmentRecord).values(
+            **key,
+            tid=event.tid,
+            package_count=len(event.items),
+            total_freight_value=sum((i.freight_value for i in event.items), Decimal(0)),
+            request_date=when,
+            status=ShipmentStatus.APPROVED,
+            first_name=customer.first_name,
+            last_name=customer.last_name,
+            street=customer.street,
+            complement=customer.complement,
+            zip_code=customer.zip_code,
+            city=customer.city,
+            state=customer.state,
         )
-        for n, item in enumerate(event.items, start=1):
-            s.add(
-                Package(
+        packages = insert(Package).values(
+            [
+                {
                     **key,
-                    package_id=n,
-                    seller_id=item.seller_id,
-                    product_id=item.product_id,
-                    product_name=item.product_name,
-                    freight_value=item.freight_value,
-                    quantity=item.quantity,
-                    shipping_date=when,
-                    status=PackageStatus.SHIPPED,
-                )
-            )
+                    "package_id": n,
+                    "seller_id": item.seller_id,
+                    "product_id": item.product_id,
+                    "product_name": item.product_name,
+                    "freight_value": item.freight_value,
+                    "quantity": item.quantity,
+                    "shipping_date": when,
+                    "status": PackageStatus.SHIPPED,
+                }
+                for n, item in enumerate(event.items, start=1)
+            ]
+        )
+        await session().execute(packages.add_cte(shipment.cte("shipment")))
         send(ShipmentNotification(**key, tid=event.tid, status=ShipmentStatus.APPROVED, event_date=when))
         send(CheckoutMark.of(event.tid, event.customer_id, MarkStatus.SUCCESS, "shipment"))
 
@@ -72,80 +79,69 @@ class Shipment(Service, name="shipment"):
     async def update_delivery(self, tid: str) -> int:
         """UPDATE_DELIVERY: for up to N sellers, deliver the seller's packages of its oldest order.
 
-        Returns the number of packages delivered. Packages are updated in key order, then their
-        shipments are locked in key order: concurrent deliveries never deadlock, and the second
-        of two that chose the same order finds its packages delivered and skips them.
+        Returns the number of packages delivered. Concurrent deliveries never wait for each
+        other's packages (see ``_deliver``) and never deadlock: the only locks they wait for are
+        their shipments', which every delivery takes in key order.
         """
         when = now()
-        oldest = (
-            select(Package.seller_id, Package.customer_id, Package.order_id, Package.shipping_date)
-            .ext(distinct_on(Package.seller_id))
-            .where(Package.status == PackageStatus.SHIPPED)
-            .order_by(Package.seller_id, Package.shipping_date, Package.customer_id, Package.order_id)
-            .subquery()
+        delivered = await rows(_deliver(settings().delivery_sellers, when))
+        delivered.sort(key=lambda p: (p["customer_id"], p["order_id"], p["seller_id"], p["package_id"]))
+        for package in delivered:
+            send(DeliveryNotification(tid=tid, status=PackageStatus.DELIVERED, delivery_date=when, **package))
+        if delivered:
+            touched = sorted({(p["customer_id"], p["order_id"]) for p in delivered})
+            await self._progress(touched, tid, when)
+        return len(delivered)
+
+    async def _progress(self, shipments: Sequence[tuple[int, int]], tid: str, when: datetime) -> None:
+        """approved -> delivery_in_progress -> concluded, notifying each step (``shipments``:
+        ``(customer_id, order_id)`` in key order)."""
+        key = tuple_(ShipmentRecord.customer_id, ShipmentRecord.order_id)
+        # Lock the shipments in key order and read their status as locked. A concurrent delivery
+        # of the same shipments (another seller's packages of the same order) waits here until
+        # this transaction commits, or this one waits for it.
+        locked = await rows(
+            select(ShipmentRecord.customer_id, ShipmentRecord.order_id, ShipmentRecord.status)
+            .where(key.in_(shipments))
+            .order_by(ShipmentRecord.customer_id, ShipmentRecord.order_id)
+            .with_for_update()
         )
-        chosen = await rows(
-            select(oldest).order_by(oldest.c.shipping_date).limit(settings().delivery_sellers)
+        was = {(r["customer_id"], r["order_id"]): r["status"] for r in locked}
+        # The packages left are counted in a later statement than the lock: under read committed
+        # a statement reads the snapshot taken when it began, before it waited for the lock. This
+        # one begins after every delivery that locked these shipments before us has committed,
+        # so it sees their packages delivered, and the last of two deliveries of one order's
+        # packages concludes the shipment.
+        left = exists().where(
+            Package.customer_id == ShipmentRecord.customer_id,
+            Package.order_id == ShipmentRecord.order_id,
+            Package.status == PackageStatus.SHIPPED,
         )
-        chosen.sort(key=lambda c: (c["customer_id"], c["order_id"], c["seller_id"]))
-        delivered = 0
-        touched: set[tuple[int, int]] = set()
-        for c in chosen:
-            packages = await rows(
-                update(Package)
-                .where(
-                    Package.customer_id == c["customer_id"],
-                    Package.order_id == c["order_id"],
-                    Package.seller_id == c["seller_id"],
-                    Package.status == PackageStatus.SHIPPED,
-                )
-                .values(status=PackageStatus.DELIVERED, delivery_date=when)
-                .returning(Package.package_id, Package.seller_id, Package.product_id, Package.product_name)
+        advanced = await rows(
+            update(ShipmentRecord)
+            .where(
+                key.in_(shipments),
+                ShipmentRecord.status != ShipmentStatus.CONCLUDED,
+                or_(ShipmentRecord.status == ShipmentStatus.APPROVED, ~left),
             )
-            for p in packages:
+            .values(status=case((left, ShipmentStatus.DELIVERY_IN_PROGRESS), else_=ShipmentStatus.CONCLUDED))
+            .returning(ShipmentRecord.customer_id, ShipmentRecord.order_id, ShipmentRecord.status)
+        )
+        status = {(r["customer_id"], r["order_id"]): r["status"] for r in advanced}
+        for customer_id, order_id in shipments:
+            if (customer_id, order_id) not in status:
+                continue
+            steps = []
+            if was[customer_id, order_id] == ShipmentStatus.APPROVED:
+                steps.append(ShipmentStatus.DELIVERY_IN_PROGRESS)
+            if status[customer_id, order_id] == ShipmentStatus.CONCLUDED:
+                steps.append(ShipmentStatus.CONCLUDED)
+            for step in steps:
                 send(
-                    DeliveryNotification(
-                        customer_id=c["customer_id"],
-                        order_id=c["order_id"],
-                        tid=tid,
-                        status=PackageStatus.DELIVERED,
-                        delivery_date=when,
-                        **p,
+                    ShipmentNotification(
+                        customer_id=customer_id, order_id=order_id, tid=tid, status=step, event_date=when
                     )
                 )
-            if packages:
-                touched.add((c["customer_id"], c["order_id"]))
-            delivered += len(packages)
-        for customer_id, order_id in sorted(touched):
-            await self._progress(customer_id, order_id, tid, when)
-        return delivered
-
-    async def _progress(self, customer_id: int, order_id: int, tid: str, when: datetime) -> None:
-        """approved -> delivery_in_progress -> concluded, notifying each step."""
-        s = session()
-        shipment = await s.get(ShipmentRecord, (customer_id, order_id), with_for_update=True)
-        if shipment is None:
-            return
-        # Counted after the lock: a concurrent delivery of this shipment has committed by now.
-        left = await rows(
-            select(Package.package_id).where(
-                Package.customer_id == customer_id,
-                Package.order_id == order_id,
-                Package.status == PackageStatus.SHIPPED,
-            )
-        )
-        steps = []
-        if shipment.status == ShipmentStatus.APPROVED:
-            steps.append(ShipmentStatus.DELIVERY_IN_PROGRESS)
-        if not left and shipment.status != ShipmentStatus.CONCLUDED:
-            steps.append(ShipmentStatus.CONCLUDED)
-        for status in steps:
-            shipment.status = status
-            send(
-                ShipmentNotification(
-                    customer_id=customer_id, order_id=order_id, tid=tid, status=status, event_date=when
-                )
-            )
 
     @Transactional(type="RO", isolation="snapshot")
     async def shipments_of(self, customer_id: int) -> list[dict[str, Any]]:
@@ -163,6 +159,59 @@ class Shipment(Service, name="shipment"):
     @Transactional
     async def cleanup(self) -> None:
         await clear(Package, ShipmentRecord)
+
+
+def _deliver(sellers: int, when: datetime) -> Update:
+    """Deliver the shipped packages of each of up to ``sellers`` sellers' oldest order (by
+    shipping date), in one statement that returns the packages it delivered.
+
+    The packages are locked ``SKIP LOCKED``: a delivery never waits for another one's packages.
+    When two deliveries choose the same order, the second leaves the packages the first holds
+    to it, as it would have after waiting: the first delivers them. (Without SKIP LOCKED every
+    concurrent delivery queues behind the one holding the oldest orders, only to find them
+    delivered.) A package another delivery has just delivered and committed is no longer
+    ``shipped`` when locked, and is left out too: no package is delivered twice.
+    """
+    shipped = Package.status == PackageStatus.SHIPPED
+    oldest = (
+        select(Package.seller_id, Package.customer_id, Package.order_id, Package.shipping_date)
+        .ext(distinct_on(Package.seller_id))
+        .where(shipped)
+        .order_by(Package.seller_id, Package.shipping_date, Package.customer_id, Package.order_id)
+        .subquery("oldest")
+    )
+    chosen = select(oldest).order_by(oldest.c.shipping_date).limit(sellers).subquery("chosen")
+    free = (
+        select(Package.customer_id, Package.order_id, Package.package_id)
+        .join(
+            chosen,
+            and_(
+                Package.customer_id == chosen.c.customer_id,
+                Package.order_id == chosen.c.order_id,
+                Package.seller_id == chosen.c.seller_id,
+            ),
+        )
+        .where(shipped)
+        .with_for_update(of=Package, skip_locked=True)
+        .cte("free")
+    )
+    return (
+        update(Package)
+        .where(
+            Package.customer_id == free.c.customer_id,
+            Package.order_id == free.c.order_id,
+            Package.package_id == free.c.package_id,
+        )
+        .values(status=PackageStatus.DELIVERED, delivery_date=when)
+        .returning(
+            Package.customer_id,
+            Package.order_id,
+            Package.package_id,
+            Package.seller_id,
+            Package.product_id,
+            Package.product_name,
+        )
+    )
 
 
 class ShipmentRecord(Shipment.Model):
