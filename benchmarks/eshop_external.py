@@ -162,7 +162,7 @@ SELECT calls, round(total_exec_time::numeric, 1) AS ms, left(regexp_replace(quer
 FROM pg_stat_statements
 WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
   AND query NOT ILIKE '%pg_stat_statements%'
-ORDER BY calls DESC LIMIT 60
+ORDER BY calls DESC LIMIT 300
 """
 
 

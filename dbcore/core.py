@@ -229,8 +229,20 @@ class Core:
 
         ``connection``: on this (already checked out) connection rather than a pooled one;
         ``before_commit``: a statement sent together with ``COMMIT`` (see ``service_connection``).
+
+        A read-only read-committed transaction on a service's login, with nothing to send at
+        commit, opens no transaction at all: each of its statements sees its own snapshot
+        either way, and the login is read-only by default (``dbcore.logins.grant_login``), so
+        Postgres refuses a write as it would in ``BEGIN ... READ ONLY``. A one-statement read
+        is then one round trip instead of three.
         """
         logged_in = self.logins
+        reads_alone = (
+            logged_in
+            and read_only
+            and isolation == "read_committed"
+            and (before_commit is None or not before_commit.sql)
+        )
         async with service_connection(
             self.service_engine(service) if logged_in else self.engine,
             None if logged_in else role_for(service),
@@ -238,6 +250,7 @@ class Core:
             read_only=read_only,
             connection=connection,
             before_commit=before_commit,
+            begin=not reads_alone,
         ) as conn:
             yield conn
 

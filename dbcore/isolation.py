@@ -86,9 +86,15 @@ async def service_connection(
     read_only: bool = False,
     connection: AsyncConnection | None = None,
     before_commit: CommitStatement | None = None,
+    begin: bool = True,
 ) -> AsyncIterator[AsyncConnection]:
     """A connection inside a transaction that runs as ``role`` (``None``: whoever the engine
     logs in as: a service's or the core's login role, or the administrator).
+
+    ``begin=False``: no transaction at all, each statement on its own (no ``BEGIN``, no
+    ``COMMIT``: the round trips of a read-only read-committed call whose login is read-only
+    by default; see ``Core.transaction``). ``before_commit`` is then run on its own at the end
+    (a write there is refused like any other).
 
     The transaction commits when the block exits normally and rolls back on an exception.
 
@@ -101,15 +107,45 @@ async def service_connection(
     ``connection``: run on this connection (checked out by the caller, which keeps it) instead
     of one from the pool.
     """
+    run = _transaction if begin else _statements
     if connection is not None:
-        async with _transaction(connection, role, isolation, read_only, before_commit):
+        async with run(connection, role, isolation, read_only, before_commit):
             yield connection
         return
     async with engine.connect() as conn:
         if not _autocommit_engine(engine):  # an engine not made by Core.connect
             await conn.execution_options(isolation_level="AUTOCOMMIT")
-        async with _transaction(conn, role, isolation, read_only, before_commit):
+        async with run(conn, role, isolation, read_only, before_commit):
             yield conn
+
+
+@asynccontextmanager
+async def _statements(
+    conn: AsyncConnection,
+    role: str | None,
+    isolation: str,
+    read_only: bool,
+    before_commit: CommitStatement | None,
+) -> AsyncIterator[None]:
+    """Statements each in its own implicit transaction (``service_connection(begin=False)``)."""
+    assert role is None and read_only and isolation == "read_committed", "only reads run alone"
+    yield
+    sent_with = "" if before_commit is None else before_commit.sql
+    if sent_with:
+        raw = (await conn.get_raw_connection()).driver_connection
+        assert raw is not None
+        try:
+            await raw.execute(sent_with)
+        except BaseException as err:
+            _raise_translated(before_commit, err)
+            raise
+
+
+def _raise_translated(before_commit: CommitStatement | None, err: BaseException) -> None:
+    """Raise ``before_commit``'s own exception for ``err``, if it has one."""
+    translated = before_commit.translate(err) if before_commit is not None else None
+    if translated is not None:
+        raise translated from err
 
 
 @asynccontextmanager
@@ -135,9 +171,7 @@ async def _transaction(
             await raw.execute("ROLLBACK")
         except Exception:  # the connection broke (or a query was cut off): do not reuse it
             await conn.invalidate()
-        translated = before_commit.translate(err) if before_commit is not None else None
-        if translated is not None:
-            raise translated from err
+        _raise_translated(before_commit, err)
         raise
     if status != "COMMIT":
         raise TransactionAborted(

@@ -68,9 +68,7 @@ _CORE_TABLES_HIDDEN: Sequence[str] = ("login_secret", "alembic_version")
 
 _IS_SUPERUSER = text("SELECT current_setting('is_superuser') = 'on'")
 _GROUP_PASSWORD = text("SELECT rolpassword FROM pg_authid WHERE rolname = :role")
-_SECRET = text(
-    "INSERT INTO vms.login_secret (id, secret) VALUES (1, :secret) ON CONFLICT (id) DO NOTHING"
-)
+_SECRET = text("INSERT INTO vms.login_secret (id, secret) VALUES (1, :secret) ON CONFLICT (id) DO NOTHING")
 _SAVE_SECRET = text("UPDATE vms.login_secret SET secret = :secret WHERE id = 1 AND secret <> :secret")
 _READ_SECRET = text("SELECT secret FROM vms.login_secret WHERE id = 1")
 
@@ -99,11 +97,22 @@ async def read_secret(conn: AsyncConnection) -> str:
 
 
 async def grant_login(
-    conn: AsyncConnection, role: str, password: str, *, idle_timeout_ms: int | None = None
+    conn: AsyncConnection,
+    role: str,
+    password: str,
+    *,
+    idle_timeout_ms: int | None = None,
+    read_only: bool = False,
 ) -> None:
     """Make ``role`` a login role with ``password`` and nothing else: no superuser, no role
     creation, no bypass of row-level security. ``idle_timeout_ms``: its sessions' (in this
-    database) ``idle_in_transaction_session_timeout`` (0 or ``None``: no limit)."""
+    database) ``idle_in_transaction_session_timeout`` (0 or ``None``: no limit).
+
+    ``read_only``: its sessions are read-only unless a transaction says otherwise (``BEGIN
+    ... READ WRITE``, which every writing transaction of a service sends): a statement run
+    outside a transaction cannot write. What lets a read-only read-committed call run its
+    statements without ``BEGIN``/``COMMIT`` (``dbcore.isolation.service_connection``).
+    """
     quoted = quote_ident(role)
     # Only a superuser may even name SUPERUSER, REPLICATION or BYPASSRLS; a role made by a
     # CREATEROLE administrator has none of them anyway.
@@ -118,6 +127,12 @@ async def grant_login(
         text(
             f"ALTER ROLE {quoted} IN DATABASE {quote_ident(database)} "
             f"SET idle_in_transaction_session_timeout = {timeout}"
+        )
+    )
+    await conn.execute(
+        text(
+            f"ALTER ROLE {quoted} IN DATABASE {quote_ident(database)} "
+            f"SET default_transaction_read_only = {'on' if read_only else 'off'}"
         )
     )
 

@@ -109,7 +109,7 @@ async def register(
     await _ensure_role(conn, descriptor.role)
     await conn.execute(text(JOIN_GROUP.format(group=group, role=role)))
     if password is not None:
-        await grant_login(conn, descriptor.role, password, idle_timeout_ms=idle_timeout_ms)
+        await grant_login(conn, descriptor.role, password, idle_timeout_ms=idle_timeout_ms, read_only=True)
     await apply_limits(conn, descriptor)
     await conn.execute(text(f"CREATE SCHEMA IF NOT EXISTS {schema} AUTHORIZATION {role}"))
     await conn.execute(text(f"ALTER SCHEMA {schema} OWNER TO {role}"))
@@ -238,9 +238,7 @@ async def _record_outbound(conn: AsyncConnection, descriptor: ServiceDescriptor)
     if descriptor.declares_references:  # the reference and recovery protocol (G9, G10)
         declared += [e for e in PROTOCOL_EVENTS if e not in declared]
     await conn.execute(
-        delete(outbound).where(
-            outbound.c.service == descriptor.name, outbound.c.event_type.not_in(declared)
-        )
+        delete(outbound).where(outbound.c.service == descriptor.name, outbound.c.event_type.not_in(declared))
     )
     if declared:
         await conn.execute(

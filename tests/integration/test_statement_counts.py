@@ -17,11 +17,22 @@ from typing import Any
 
 import asyncpg
 import pytest
-from sqlalchemy import event
+from sqlalchemy import event, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Mapped, mapped_column
 
-from framework import App, Event, Inbound, Outbound, Service, Transactional, correlate, send, session
+from framework import (
+    App,
+    Event,
+    Inbound,
+    Outbound,
+    ReadOnlyViolation,
+    Service,
+    Transactional,
+    correlate,
+    send,
+    session,
+)
 
 
 class Bumped(Event, key="key"):
@@ -45,6 +56,19 @@ class Counter(Service, name="counter"):
         row.n += 1
         send(Bumped(key=key, n=row.n))
         return row.n
+
+
+    @Transactional(type="RO")
+    async def peek(self, key: str) -> int | None:
+        """A one-statement read: read committed and read-only, so no transaction around it."""
+        row = await session().get(Tally, key)
+        return None if row is None else row.n
+
+    @Outbound(Bumped)
+    @Transactional(type="RO")
+    async def sneak(self, key: str) -> None:
+        """A read-only call that sends an event: refused, as a write."""
+        send(Bumped(key=key, n=-1))
 
 
 @Counter.export
@@ -158,6 +182,29 @@ async def test_a_direct_call_costs_what_it_did(vmsdb_app_factory: Any, recorder:
         await settle(app)
     round_trips, statements = totals(mine)
     assert round_trips <= DIRECT_CALL[0] and statements <= DIRECT_CALL[1], [s.sql for s in mine]
+
+
+async def test_a_read_only_read_committed_call_is_one_round_trip(
+    vmsdb_app_factory: Any, recorder: Recorder
+) -> None:
+    """No BEGIN and no COMMIT around a read: each statement has its own snapshot at read
+    committed anyway, and the service's login is read-only unless a transaction says otherwise."""
+    async with vmsdb_app_factory([Counter, Ledger], poll_interval=POLL) as app:
+        await app.service(Counter).bump("read")
+        await app.service(Counter).peek("read")  # warm
+        await settle(app)
+        recorder.sent.clear()
+        me = asyncio.current_task()
+        assert me is not None
+        assert await app.service(Counter).peek("read") == 1
+        mine = recorder.of(me.get_name())
+        with pytest.raises(ReadOnlyViolation):
+            await app.service(Counter).sneak("read")
+        async with app.core.admin() as conn:
+            bumped = text("SELECT count(*) FROM vms.events WHERE key = 'read' AND type = 'Bumped'")
+            logged = (await conn.execute(bumped)).scalar()
+    assert totals(mine) == (1, 1), [s.sql for s in mine]
+    assert logged == 1  # the bump's event; the read-only call's was refused
 
 
 async def test_a_handled_event_costs_what_it_did(vmsdb_app_factory: Any, recorder: Recorder) -> None:

@@ -19,6 +19,7 @@ from framework import session
 
 __all__ = [
     "CENT",
+    "OWN_KEY_GROUP",
     "as_row",
     "clear",
     "money",
@@ -31,6 +32,13 @@ __all__ = [
 ]
 
 CENT = Decimal("0.01")
+
+#: ``@Inbound(group_commit=)`` of the handlers that write only rows of their event's own key
+#: (a customer's counters, an order's status): under load, a worker runs up to this many queued
+#: deliveries of one of them in one transaction. The handlers that lock rows shared across
+#: keys (the stock, a seller's totals, the cart's replica) keep one per transaction: two groups
+#: locking shared rows in different orders would deadlock.
+OWN_KEY_GROUP = 8
 
 
 def money(value: Decimal | int | float | str) -> Decimal:

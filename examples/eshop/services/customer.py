@@ -19,7 +19,7 @@ from sqlalchemy.orm import InstrumentedAttribute, Mapped, mapped_column
 from framework import Inbound, Service, Transactional, session, sql_function
 from vmsdb_eshop.events import DeliveryNotification, PaymentConfirmed, PaymentFailed
 from vmsdb_eshop.schemas import CustomerRow, DiscountRow
-from vmsdb_eshop.services.common import as_row, upsert
+from vmsdb_eshop.services.common import OWN_KEY_GROUP, as_row, upsert
 
 __all__ = ["Customer", "CustomerDiscount", "CustomerRecord"]
 
@@ -40,17 +40,17 @@ class Customer(Service, name="customer"):
         row = await session().get(CustomerRecord, customer_id)
         return None if row is None else as_row(row)
 
-    @Inbound(PaymentConfirmed)
+    @Inbound(PaymentConfirmed, group_commit=OWN_KEY_GROUP)
     @Transactional
     async def on_payment_confirmed(self, event: PaymentConfirmed) -> None:
         await self._count(event.customer_id, CustomerRecord.success_payment_count)
 
-    @Inbound(PaymentFailed)
+    @Inbound(PaymentFailed, group_commit=OWN_KEY_GROUP)
     @Transactional
     async def on_payment_failed(self, event: PaymentFailed) -> None:
         await self._count(event.customer_id, CustomerRecord.failed_payment_count)
 
-    @Inbound(DeliveryNotification)
+    @Inbound(DeliveryNotification, group_commit=OWN_KEY_GROUP)
     @Transactional
     async def on_delivery(self, event: DeliveryNotification) -> None:
         await self._count(event.customer_id, CustomerRecord.delivery_count)

@@ -45,6 +45,7 @@ from vmsdb_eshop.schemas import (
     ShipmentStatus,
 )
 from vmsdb_eshop.services.common import (
+    OWN_KEY_GROUP,
     clear,
     money,
     money_column,
@@ -205,19 +206,19 @@ class Order(Service, name="order"):
         ).returning(CustomerOrders.next_order_id)
         return int((await session().execute(statement)).scalar_one())
 
-    @Inbound(PaymentConfirmed)
+    @Inbound(PaymentConfirmed, group_commit=OWN_KEY_GROUP)
     @Transactional
     async def on_payment_confirmed(self, event: PaymentConfirmed) -> None:
         await self._advance(
             event.customer_id, event.order_id, OrderStatus.PAYMENT_PROCESSED, payment_date=event.date
         )
 
-    @Inbound(PaymentFailed)
+    @Inbound(PaymentFailed, group_commit=OWN_KEY_GROUP)
     @Transactional
     async def on_payment_failed(self, event: PaymentFailed) -> None:
         await self._advance(event.customer_id, event.order_id, OrderStatus.PAYMENT_FAILED)
 
-    @Inbound(ShipmentNotification)
+    @Inbound(ShipmentNotification, group_commit=OWN_KEY_GROUP)
     @Transactional
     async def on_shipment(self, event: ShipmentNotification) -> None:
         dates: dict[str, datetime] = {}

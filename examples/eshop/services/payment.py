@@ -27,7 +27,7 @@ from sqlalchemy.orm import Mapped, mapped_column
 from framework import Inbound, Outbound, Service, Transactional, send, session, trace_context
 from vmsdb_eshop.events import CheckoutMark, InvoiceIssued, PaymentConfirmed, PaymentFailed
 from vmsdb_eshop.schemas import MarkStatus, PaymentType
-from vmsdb_eshop.services.common import clear, money_column, now, rows, timestamp_column
+from vmsdb_eshop.services.common import OWN_KEY_GROUP, clear, money_column, now, rows, timestamp_column
 
 __all__ = ["REQUESTS_CHANNEL", "OrderPayment", "Payment", "PaymentCard", "PaymentRequestRecord"]
 
@@ -39,7 +39,7 @@ REQUESTS_CHANNEL = "eshop_payment_requests"
 
 
 class Payment(Service, name="payment"):
-    @Inbound(InvoiceIssued)
+    @Inbound(InvoiceIssued, group_commit=OWN_KEY_GROUP)
     @Transactional
     async def on_invoice(self, event: InvoiceIssued) -> None:
         """Record the charge to make; the processor makes it after this commits.

@@ -39,7 +39,15 @@ from vmsdb_eshop.schemas import (
     SellerRow,
     ShipmentStatus,
 )
-from vmsdb_eshop.services.common import as_row, clear, money_column, rows, timestamp_column, upsert
+from vmsdb_eshop.services.common import (
+    OWN_KEY_GROUP,
+    as_row,
+    clear,
+    money_column,
+    rows,
+    timestamp_column,
+    upsert,
+)
 
 __all__ = ["VIEW_TOTALS", "OrderEntry", "Seller", "SellerRecord", "SellerView"]
 
@@ -119,7 +127,7 @@ class Seller(Service, name="seller"):
             values["shipment_date"] = event.event_date
         await self._set(event.customer_id, event.order_id, **values)
 
-    @Inbound(DeliveryNotification)
+    @Inbound(DeliveryNotification, group_commit=OWN_KEY_GROUP)
     @Transactional
     async def on_delivery(self, event: DeliveryNotification) -> None:
         """Record the package's delivery on its entry; the order status, so the view, stays."""

@@ -22,13 +22,21 @@ from framework import Inbound, Outbound, Service, Transactional, send, session
 from vmsdb_eshop.config import settings
 from vmsdb_eshop.events import CheckoutMark, DeliveryNotification, PaymentConfirmed, ShipmentNotification
 from vmsdb_eshop.schemas import MarkStatus, PackageStatus, ShipmentStatus
-from vmsdb_eshop.services.common import clear, money_column, nested, now, rows, timestamp_column
+from vmsdb_eshop.services.common import (
+    OWN_KEY_GROUP,
+    clear,
+    money_column,
+    nested,
+    now,
+    rows,
+    timestamp_column,
+)
 
 __all__ = ["Package", "Shipment", "ShipmentRecord"]
 
 
 class Shipment(Service, name="shipment"):
-    @Inbound(PaymentConfirmed)
+    @Inbound(PaymentConfirmed, group_commit=OWN_KEY_GROUP)
     @Outbound([ShipmentNotification, CheckoutMark])
     @Transactional
     async def on_payment_confirmed(self, event: PaymentConfirmed) -> None:
