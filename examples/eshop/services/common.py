@@ -9,8 +9,8 @@ from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 from uuid import UUID
 
-from sqlalchemy import DateTime, Executable, Numeric, delete, func
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy import DateTime, Executable, Numeric, bindparam, column, delete, func, select
+from sqlalchemy.dialects.postgresql import ARRAY, Insert, insert
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase, mapped_column
 from sqlalchemy.orm.properties import MappedColumn
@@ -22,6 +22,7 @@ __all__ = [
     "OWN_KEY_GROUP",
     "as_row",
     "clear",
+    "insert_rows",
     "money",
     "money_column",
     "now",
@@ -86,14 +87,46 @@ async def nested(
     return heads
 
 
+def insert_rows(model: type[DeclarativeBase], values: Sequence[Mapping[str, Any]]) -> Insert:
+    """The INSERT of ``values`` (rows, as dicts by column) into ``model``'s table, written as
+    ``INSERT INTO t (a, b) SELECT r.a, r.b FROM unnest(:a, :b) AS r(a, b)``: one array
+    parameter per column, of the column's type.
+
+    Why not ``insert(model).values(values)``: an INSERT of n VALUES rows carries n rows of
+    parameters in its text. SQLAlchemy cannot cache such a statement (it compiles it again on
+    every execution), and Postgres sees one statement per row count: asyncpg prepares each, and
+    pg_stat_statements lists each. This one has one text whatever the number of rows: compiled
+    once, prepared once per connection. Like ``values()``, columns left out get their defaults.
+
+    Every row must name the same columns. Raises ``ValueError`` for no rows (leave the INSERT
+    out), for rows naming different columns, or for a name that is not a column of the table.
+    """
+    table = model.__table__
+    if not values:
+        raise ValueError(f"insert_rows({model.__name__}): no rows; leave the INSERT out instead")
+    given = set(values[0])
+    if unknown := given - set(table.c.keys()):
+        raise ValueError(f"insert_rows({model.__name__}): {sorted(unknown)} are not columns of {table}")
+    if differ := [n for n, v in enumerate(values) if set(v) != given]:
+        raise ValueError(f"insert_rows({model.__name__}): rows {differ} name other columns than row 0")
+    # One array per column, in the table's order whatever the dicts' order: one statement text.
+    columns = [c for c in table.c if c.key in given]
+    arrays = [bindparam(c.key, [v[c.key] for v in values], type_=ARRAY(c.type), unique=True) for c in columns]
+    # unnest(a, b, ...) zips the arrays into rows; AS r(a, b, ...) names their columns.
+    rows = func.unnest(*arrays).table_valued(*(column(c.name, c.type) for c in columns)).render_derived("r")
+    return insert(table).from_select(columns, select(*rows.c))
+
+
 async def upsert(model: type[DeclarativeBase], values: Sequence[Mapping[str, Any]]) -> None:
-    """Insert ``values`` into ``model``'s table, overwriting rows with the same primary key."""
+    """Insert ``values`` into ``model``'s table, overwriting rows with the same primary key.
+
+    Every row must name the same columns (see :func:`insert_rows`).
+    """
     if not values:
         return
-    statement = insert(model).values([dict(v) for v in values])
+    statement = insert_rows(model, values)
     keys = [c.name for c in model.__mapper__.primary_key]
-    given = set().union(*(v.keys() for v in values))
-    updates = {c: statement.excluded[c] for c in given if c not in keys}
+    updates = {c: statement.excluded[c] for c in values[0] if c not in keys}
     await session().execute(
         statement.on_conflict_do_update(index_elements=keys, set_=updates)
         if updates
