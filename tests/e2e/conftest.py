@@ -39,7 +39,15 @@ class Eshop:
         )
 
     async def add(
-        self, customer: int, seller: int, product: int, qty: int, *, version: str = "0", price: Any = None
+        self,
+        customer: int,
+        seller: int,
+        product: int,
+        qty: int,
+        *,
+        version: str = "0",
+        price: Any = None,
+        voucher: str = "0",
     ) -> dict[str, Any]:
         item = {
             "SellerId": seller,
@@ -48,7 +56,7 @@ class Eshop:
             "UnitPrice": str(price if price is not None else self.price(seller, product)),
             "FreightValue": "1.00",
             "Quantity": qty,
-            "Voucher": "0",
+            "Voucher": voucher,
             "Version": version,
         }
         response = await self.http.patch(f"/cart/{customer}/add", json=item)

@@ -1,5 +1,7 @@
 """The stock's and the cart's statements, pinned: set-based, so a checkout of five items costs
 them what a checkout of one does. No timings; a count that grows is paid on every checkout.
+And every statement of a checkout is SQLAlchemy's compiled cache's: none is compiled again
+because the checkout has another number of items.
 
 Each statement SQLAlchemy sends is counted against the service function whose transaction sent
 it (a lease call counts for its caller). The framework's own statements (BEGIN, the outbox with
@@ -16,12 +18,16 @@ from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import event
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, ExecutionContext
+from sqlalchemy.engine.default import CACHE_MISS, NO_CACHE_KEY
+from sqlalchemy.sql.expression import ReleaseSavepointClause, RollbackToSavepointClause, SavepointClause
 
 from framework._internal.context import current
 from framework.testing import advance_clock
 from tests.e2e.conftest import Eshop, assert_holds
 from vmsdb_eshop.config import settings
+from vmsdb_eshop.payments import settle_all
+from vmsdb_eshop.services.payment import Payment
 
 # Today's counts; lower them when a change saves a statement, never raise them. Before the
 # set-based rewrite a checkout of n items cost the cart 2 + 5 (claim, checkout), the stock's
@@ -47,6 +53,34 @@ def statements_by_function() -> Iterator[Counter[str]]:
     event.listen(Engine, "before_cursor_execute", note)
     try:
         yield counts
+    finally:
+        event.remove(Engine, "before_cursor_execute", note)
+
+
+_SAVEPOINTS = (SavepointClause, ReleaseSavepointClause, RollbackToSavepointClause)
+
+
+@contextmanager
+def compiled_again() -> Iterator[list[str]]:
+    """Statements of service functions that SQLAlchemy compiled, not found in its cache: ``NO_CACHE_KEY``
+    (it cannot cache them, e.g. an INSERT of several VALUES rows) or ``CACHE_MISS`` (not seen yet).
+    Left out: statements SQLAlchemy did not compile (driver SQL: nothing to cache) and its own
+    SAVEPOINT statements (of ``begin_nested``; never cached, and no service writes them)."""
+    found: list[str] = []
+
+    def note(*args: Any) -> None:
+        context: ExecutionContext | None = args[4]  # (conn, cursor, statement, parameters, context, ...)
+        ctx = current()
+        compiled = getattr(context, "compiled", None)
+        if ctx is None or compiled is None or isinstance(compiled.statement, _SAVEPOINTS):
+            return
+        hit = getattr(context, "cache_hit", None)
+        if hit in (NO_CACHE_KEY, CACHE_MISS):
+            found.append(f"{ctx.function} {hit.name}: {' '.join(str(args[2]).split())[:100]}")
+
+    event.listen(Engine, "before_cursor_execute", note)
+    try:
+        yield found
     finally:
         event.remove(Engine, "before_cursor_execute", note)
 
@@ -95,4 +129,28 @@ async def test_a_failed_payment_costs_the_stock_one_statement(eshop: Eshop) -> N
         assert (await eshop.checkout(5, "t-declined", expired_card=True)).status_code == 409
         await eshop.app.drain()
     assert counts["Stock.cancel"] == 1, counts
+    assert_holds(await eshop.verdict())
+
+
+async def test_a_checkout_of_another_item_count_compiles_no_statement_again(eshop: Eshop) -> None:
+    """After a checkout of two items (one with a voucher), one of four items (two with vouchers)
+    runs on cached statements only: an INSERT of n rows has one text whatever n."""
+    for seller, product in [(1, 1), (2, 2)]:
+        await eshop.add(6, seller, product, 1, voucher="0.50" if seller == 1 else "0")
+    await checkout(eshop, 6, "t-warm")
+    for seller, product in [(1, 2), (1, 3), (2, 1), (3, 3)]:
+        await eshop.add(7, seller, product, 2, voucher="0.25" if product != 3 else "0")
+    await settle_all(eshop.app, timeout=60)  # the payment and what follows it, warmed up too
+    with compiled_again() as found:
+        await checkout(eshop, 7, "t-four")
+        await settle_all(eshop.app, timeout=60)
+    assert not found, "\n".join(found)
+    # Those cached statements wrote every row: four of each item's, and the vouchers' payments.
+    [order] = await eshop.get("/order/7")
+    [shipment] = await eshop.get("/shipment/7")
+    assert (len(order["items"]), len(shipment["packages"])) == (4, 4)
+    assert all(item["product"] is not None for item in order["items"]), order  # the JSONB references
+    payments = await eshop.app.service(Payment).payments_of(7, order["order_id"])
+    assert [p["type"] for p in payments] == ["CREDIT_CARD"] + ["VOUCHER"] * (len(payments) - 1)
+    assert len(payments) >= 3, payments  # two items carry a voucher
     assert_holds(await eshop.verdict())

@@ -38,6 +38,7 @@ from vmsdb_eshop.schemas import CartItem, CartItemFields, CartStatus, ItemStatus
 from vmsdb_eshop.services.common import (
     as_row,
     clear,
+    insert_rows,
     money_column,
     now,
     rows,
@@ -166,8 +167,9 @@ class Cart(Service, name="cart"):
         )
         if items:
             await connection().execute(
-                insert(CartHistory).values(
-                    [{"customer_id": event.customer_id, "tid": event.tid, **i.model_dump()} for i in items]
+                insert_rows(
+                    CartHistory,
+                    [{"customer_id": event.customer_id, "tid": event.tid, **i.model_dump()} for i in items],
                 )
             )
         if not items:

@@ -47,6 +47,7 @@ from vmsdb_eshop.schemas import (
 from vmsdb_eshop.services.common import (
     OWN_KEY_GROUP,
     clear,
+    insert_rows,
     money,
     money_column,
     nested,
@@ -170,7 +171,8 @@ class Order(Service, name="order"):
             total_invoice=total_amount + total_freight,
             customer=customer,
         )
-        lines = insert(OrderLine.__table__).values(
+        lines = insert_rows(
+            OrderLine,
             [
                 {
                     **key,
@@ -179,7 +181,7 @@ class Order(Service, name="order"):
                     **item.model_dump(exclude={"product_category"}),
                 }
                 for n, (item, product) in enumerate(zip(items, products, strict=True), start=1)
-            ]
+            ],
         )
         # One statement: the order and its first history row are CTEs of the lines' INSERT.
         await session().execute(

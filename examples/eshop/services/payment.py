@@ -27,7 +27,15 @@ from sqlalchemy.orm import Mapped, mapped_column
 from framework import Inbound, Outbound, Service, Transactional, send, session, trace_context
 from vmsdb_eshop.events import CheckoutMark, InvoiceIssued, PaymentConfirmed, PaymentFailed
 from vmsdb_eshop.schemas import MarkStatus, PaymentType
-from vmsdb_eshop.services.common import OWN_KEY_GROUP, clear, money_column, now, rows, timestamp_column
+from vmsdb_eshop.services.common import (
+    OWN_KEY_GROUP,
+    clear,
+    insert_rows,
+    money_column,
+    now,
+    rows,
+    timestamp_column,
+)
 
 __all__ = ["REQUESTS_CHANNEL", "OrderPayment", "Payment", "PaymentCard", "PaymentRequestRecord"]
 
@@ -136,7 +144,8 @@ class Payment(Service, name="payment"):
             "value": event.total_invoice,
         }
         vouchers = [i for i in event.items if i.total_incentive > 0]
-        lines = insert(OrderPayment.__table__).values(
+        lines = insert_rows(
+            OrderPayment,
             [
                 main,
                 *(
@@ -149,7 +158,7 @@ class Payment(Service, name="payment"):
                     }
                     for n, item in enumerate(vouchers, start=2)
                 ),
-            ]
+            ],
         )
         if is_card:
             card = insert(PaymentCard.__table__).values(

@@ -43,6 +43,7 @@ from vmsdb_eshop.services.common import (
     OWN_KEY_GROUP,
     as_row,
     clear,
+    insert_rows,
     money_column,
     rows,
     timestamp_column,
@@ -81,8 +82,8 @@ class Seller(Service, name="seller"):
         """
         table = OrderEntry.__table__
         entries = (
-            insert(table)
-            .values(
+            insert_rows(
+                OrderEntry,
                 [
                     {
                         "customer_id": event.customer_id,
@@ -102,7 +103,7 @@ class Seller(Service, name="seller"):
                         "order_status": OrderStatus.INVOICED,
                     }
                     for item in event.items
-                ]
+                ],
             )
             .returning(table.c.seller_id, table.c.order_status, *_totals_of(table))
             .cte("entries")

@@ -25,6 +25,7 @@ from vmsdb_eshop.schemas import MarkStatus, PackageStatus, ShipmentStatus
 from vmsdb_eshop.services.common import (
     OWN_KEY_GROUP,
     clear,
+    insert_rows,
     money_column,
     nested,
     now,
@@ -62,7 +63,8 @@ class Shipment(Service, name="shipment"):
             city=customer.city,
             state=customer.state,
         )
-        packages = insert(Package).values(
+        packages = insert_rows(
+            Package,
             [
                 {
                     **key,
@@ -76,7 +78,7 @@ class Shipment(Service, name="shipment"):
                     "status": PackageStatus.SHIPPED,
                 }
                 for n, item in enumerate(event.items, start=1)
-            ]
+            ],
         )
         await session().execute(packages.add_cte(shipment.cte("shipment")))
         send(ShipmentNotification(**key, tid=event.tid, status=ShipmentStatus.APPROVED, event_date=when))

@@ -22,7 +22,7 @@ from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
-from sqlalchemy import CheckConstraint, ColumnElement, String, and_, insert, select, tuple_, update
+from sqlalchemy import CheckConstraint, ColumnElement, String, and_, select, tuple_, update
 from sqlalchemy.orm import Mapped, mapped_column
 
 from framework import (
@@ -53,6 +53,7 @@ from vmsdb_eshop.schemas import CartItem, ItemStatus, MarkStatus, StockRow
 from vmsdb_eshop.services.common import (
     as_row,
     clear,
+    insert_rows,
     keys_of,
     now,
     timestamp_column,
@@ -189,8 +190,8 @@ class Stock(Service, name="stock"):
         if not items:
             return
         held = (
-            insert(Reservation)
-            .values(
+            insert_rows(
+                Reservation,
                 [
                     {
                         "tid": event.tid,
@@ -203,7 +204,7 @@ class Stock(Service, name="stock"):
                         "status": "reserved",
                     }
                     for item in items
-                ]
+                ],
             )
             .returning(Reservation.seller_id, Reservation.product_id, Reservation.quantity)
             .cte("held")
