@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy import DateTime, update
 from sqlalchemy.orm import InstrumentedAttribute, Mapped, mapped_column
 
-from framework import Inbound, Service, Transactional, session, sql_function
+from framework import Inbound, Service, Transactional, connection, session, sql_function
 from vmsdb_eshop.events import DeliveryNotification, PaymentConfirmed, PaymentFailed
 from vmsdb_eshop.schemas import CustomerRow, DiscountRow
 from vmsdb_eshop.services.common import OWN_KEY_GROUP, as_row, upsert
@@ -56,7 +56,7 @@ class Customer(Service, name="customer"):
         await self._count(event.customer_id, CustomerRecord.delivery_count)
 
     async def _count(self, customer_id: int, counter: InstrumentedAttribute[int]) -> None:
-        await session().execute(
+        await connection().execute(
             update(CustomerRecord).where(CustomerRecord.id == customer_id).values({counter: counter + 1})
         )
 

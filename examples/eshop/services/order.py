@@ -184,7 +184,7 @@ class Order(Service, name="order"):
             ],
         )
         # One statement: the order and its first history row are CTEs of the lines' INSERT.
-        await session().execute(
+        await connection().execute(
             lines.add_cte(order.cte("new_order"), _history(key, OrderStatus.INVOICED).cte("history"))
         )
         send(
@@ -206,7 +206,7 @@ class Order(Service, name="order"):
         statement = insert_first.on_conflict_do_update(
             index_elements=["customer_id"], set_={"next_order_id": CustomerOrders.next_order_id + 1}
         ).returning(CustomerOrders.next_order_id)
-        return int((await session().execute(statement)).scalar_one())
+        return int((await connection().execute(statement)).scalar_one())
 
     @Inbound(PaymentConfirmed, group_commit=OWN_KEY_GROUP)
     @Transactional
@@ -239,7 +239,7 @@ class Order(Service, name="order"):
             .values(status=status, updated_at=now(), **dates)
         )
         key = {"customer_id": customer_id, "order_id": order_id}
-        await session().execute(_history(key, status).add_cte(moved.cte("moved")))
+        await connection().execute(_history(key, status).add_cte(moved.cte("moved")))
 
     @Transactional(type="RO", isolation="snapshot")
     async def orders_of(self, customer_id: int) -> list[dict[str, Any]]:

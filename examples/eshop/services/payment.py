@@ -24,7 +24,7 @@ from sqlalchemy import String, func, insert, select, update
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
 
-from framework import Inbound, Outbound, Service, Transactional, send, session, trace_context
+from framework import Inbound, Outbound, Service, Transactional, connection, send, session, trace_context
 from vmsdb_eshop.events import CheckoutMark, InvoiceIssued, PaymentConfirmed, PaymentFailed
 from vmsdb_eshop.schemas import MarkStatus, PaymentType
 from vmsdb_eshop.services.common import (
@@ -63,7 +63,9 @@ class Payment(Service, name="payment"):
             # The processor charges outside this transaction: it continues this trace.
             trace_context=trace_context(),
         )
-        await session().execute(select(func.pg_notify(REQUESTS_CHANNEL, "")).add_cte(request.cte("request")))
+        await connection().execute(
+            select(func.pg_notify(REQUESTS_CHANNEL, "")).add_cte(request.cte("request"))
+        )
 
     @Transactional
     async def claim(self, limit: int = 16) -> list[tuple[InvoiceIssued, str | None]]:
@@ -170,7 +172,7 @@ class Payment(Service, name="payment"):
                 card_brand=customer.card_brand,
             )
             lines = lines.add_cte(card.cte("card"))
-        await session().execute(lines)
+        await connection().execute(lines)
 
     @Transactional(type="RO")
     async def payments_of(self, customer_id: int, order_id: int) -> list[dict[str, Any]]:

@@ -24,7 +24,7 @@ from sqlalchemy import CTE, ColumnElement, FromClause, Integer, String, cast, fa
 from sqlalchemy.dialects.postgresql import Insert, insert
 from sqlalchemy.orm import Mapped, mapped_column
 
-from framework import Inbound, Service, Transactional, session
+from framework import Inbound, Service, Transactional, connection, session
 from vmsdb_eshop.events import (
     DeliveryNotification,
     InvoiceIssued,
@@ -108,7 +108,7 @@ class Seller(Service, name="seller"):
             .returning(table.c.seller_id, table.c.order_status, *_totals_of(table))
             .cte("entries")
         )
-        await session().execute(_count_in_view(entries, was_open=false()))
+        await connection().execute(_count_in_view(entries, was_open=false()))
 
     @Inbound(PaymentConfirmed)
     @Transactional
@@ -133,7 +133,7 @@ class Seller(Service, name="seller"):
     async def on_delivery(self, event: DeliveryNotification) -> None:
         """Record the package's delivery on its entry; the order status, so the view, stays."""
         table = OrderEntry.__table__
-        await session().execute(
+        await connection().execute(
             update(table)
             .where(
                 table.c.customer_id == event.customer_id,
@@ -169,7 +169,7 @@ class Seller(Service, name="seller"):
             )
             .cte("changed")
         )
-        await session().execute(_count_in_view(changed, was_open=changed.c.was.in_(OPEN_ORDER_STATUSES)))
+        await connection().execute(_count_in_view(changed, was_open=changed.c.was.in_(OPEN_ORDER_STATUSES)))
 
     @Transactional(type="RO", isolation="snapshot")
     async def dashboard(self, seller_id: int) -> dict[str, Any]:

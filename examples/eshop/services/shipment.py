@@ -18,7 +18,7 @@ from sqlalchemy import String, Update, and_, case, exists, insert, or_, select, 
 from sqlalchemy.dialects.postgresql import distinct_on
 from sqlalchemy.orm import Mapped, mapped_column
 
-from framework import Inbound, Outbound, Service, Transactional, send, session
+from framework import Inbound, Outbound, Service, Transactional, connection, send
 from vmsdb_eshop.config import settings
 from vmsdb_eshop.events import CheckoutMark, DeliveryNotification, PaymentConfirmed, ShipmentNotification
 from vmsdb_eshop.schemas import MarkStatus, PackageStatus, ShipmentStatus
@@ -80,7 +80,7 @@ class Shipment(Service, name="shipment"):
                 for n, item in enumerate(event.items, start=1)
             ],
         )
-        await session().execute(packages.add_cte(shipment.cte("shipment")))
+        await connection().execute(packages.add_cte(shipment.cte("shipment")))
         send(ShipmentNotification(**key, tid=event.tid, status=ShipmentStatus.APPROVED, event_date=when))
         send(CheckoutMark.of(event.tid, event.customer_id, MarkStatus.SUCCESS, "shipment"))
 
