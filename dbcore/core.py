@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable, Iterable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 
 from sqlalchemy import URL, select, text
@@ -214,8 +214,7 @@ class Core:
         async with autocommit_connection(self.core_engine) as conn:
             yield conn
 
-    @asynccontextmanager
-    async def transaction(
+    def transaction(
         self,
         service: str,
         *,
@@ -223,7 +222,7 @@ class Core:
         read_only: bool = False,
         connection: AsyncConnection | None = None,
         before_commit: CommitStatement | None = None,
-    ) -> AsyncIterator[AsyncConnection]:
+    ) -> AbstractAsyncContextManager[AsyncConnection]:
         """A transaction of ``service``: on its own login (:meth:`use_logins`), else the
         administrator's connection with ``SET LOCAL ROLE`` (migrations, commands).
 
@@ -231,15 +230,14 @@ class Core:
         ``before_commit``: a statement sent together with ``COMMIT`` (see ``service_connection``).
         """
         logged_in = self.logins
-        async with service_connection(
+        return service_connection(  # no context manager of its own: one fewer per transaction
             self.service_engine(service) if logged_in else self.engine,
             None if logged_in else role_for(service),
             isolation=isolation,
             read_only=read_only,
             connection=connection,
             before_commit=before_commit,
-        ) as conn:
-            yield conn
+        )
 
     async def install(self) -> None:
         """Create the catalog if it is missing. Safe to run concurrently from many processes."""
