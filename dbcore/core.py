@@ -23,6 +23,7 @@ from dbcore.catalog import CATALOG_SCHEMA, metadata, owned_tables, services
 from dbcore.descriptor import LimitsDescriptor, ServiceDescriptor, role_for
 from dbcore.isolation import CommitStatement, autocommit_connection, service_connection
 from dbcore.logins import CORE_ROLE, core_role_sql, grant_login, password_for, read_secret
+from dbcore.outbox import prepare_outbox
 from dbcore.registry import REGISTRY_LOCK, Registration, ensure_group_role, register, sync_grants
 
 __all__ = [
@@ -168,6 +169,7 @@ class Core:
                 raise RuntimeError("the core's logins are not in use (Core.use_logins)")
             url, pool = self.login_url(role_for(service)), self._service_pool(service)
             engine = _engine(url, pool, f"vmsdb:{service}")
+            prepare_outbox(engine)  # its transactions send their outbox as EXECUTE
             self._service_engines[service] = engine
         return engine
 

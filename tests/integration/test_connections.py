@@ -1,5 +1,5 @@
-"""A transaction's connection: the driver connection under ``connection()``, and what a
-cancelled call leaves behind."""
+"""A transaction's connection: the driver connection under ``connection()``, what a cancelled
+call leaves behind, and the outbox statement each login's connection prepares."""
 
 from __future__ import annotations
 
@@ -7,11 +7,12 @@ import asyncio
 import random
 from typing import Any
 
+import asyncpg
 import pytest
 from sqlalchemy import text
 from sqlalchemy.orm import Mapped, mapped_column
 
-from framework import App, Event, Outbound, Service, Transactional, connection, send, session
+from framework import App, Event, Outbound, Service, ServiceLimits, Transactional, connection, send, session
 
 
 class Noted(Event, key="key"):
@@ -36,9 +37,28 @@ class Notes(Service, name="notes"):
         seen_by_core = (await connection().execute(text("SELECT txid_current()"))).scalar_one()
         return seen_by_driver, seen_by_core
 
+    @Outbound(Noted)
+    @Transactional(type="RW")
+    async def send_many(self, keys: list[str], body: str) -> None:
+        for key in keys:
+            send(Noted(key=key, text=body))
+
     @Transactional(type="RW")
     async def sleep(self, seconds: float) -> None:
         await connection().execute(text("SELECT pg_sleep(:s)"), {"s": seconds})
+
+
+class Scribe(Service, name="scribe", limits=ServiceLimits(connections=1)):
+    @Outbound(Noted)
+    @Transactional(type="RW")
+    async def send_one(self, key: str) -> None:
+        send(Noted(key=key, text="sent"))
+
+    @Outbound(Noted)
+    @Transactional(type="RW")
+    async def deallocate_then_send(self, key: str) -> None:
+        await connection().execute(text("DEALLOCATE vms_outbox"))  # as DEALLOCATE ALL would
+        send(Noted(key=key, text="sent"))
 
 
 class Note(Notes.Model):
@@ -100,3 +120,25 @@ async def test_cancelled_calls_leave_no_connection_or_transaction_behind(vmsdb_a
                 )
             ).scalars().all()
     assert states and all(s == "idle" for s in states), states
+
+
+async def test_the_outbox_of_several_events_is_logged_whole(vmsdb_app_factory: Any) -> None:
+    body = "it's a \\ \"test\"; $$ -- \n é 🚀 E'x' ARRAY[NULL]"
+    async with vmsdb_app_factory([Notes], workers=False) as app:
+        for _ in range(8):  # past the server's first, custom, plans of the prepared statement
+            await app.service(Notes).send_many(["a", "b", "c"], body)
+        logged = await _logged(app, "notes")
+    assert logged == [(k, body) for _ in range(8) for k in ("a", "b", "c")]
+
+
+async def test_a_deallocated_outbox_statement_fails_one_transaction_only(vmsdb_app_factory: Any) -> None:
+    async with vmsdb_app_factory([Scribe], workers=False) as app:
+        scribe = app.service(Scribe)
+        await scribe.send_one("before")
+        with pytest.raises(asyncpg.InvalidSQLStatementNameError):
+            await scribe.deallocate_then_send("lost")
+        # The same (only) connection: its outbox is inlined from now on.
+        await scribe.send_one("after")
+        assert app.core.pools()["scribe"].size() == 1
+        logged = await _logged(app, "scribe")
+    assert logged == [("before", "sent"), ("after", "sent")]
