@@ -74,14 +74,16 @@ def append_sql(records: Sequence[EventRecord]) -> str:
     return f"INSERT INTO vms.events ({_COLUMNS}) VALUES {rows}"
 
 
+# The EXECUTE with one placeholder per column, each filled with that column's values.
+_EXECUTE = f"EXECUTE {OUTBOX_STATEMENT}(" + ", ".join(f"ARRAY[{{}}]::{t}[]" for t in _COLUMN_TYPES) + ")"
+
+
 def _execute_sql(records: Sequence[EventRecord]) -> str:
     """The prepared statement's ``EXECUTE``: one array literal per column, one element per event."""
+    if len(records) == 1:  # most transactions send one event
+        return _EXECUTE.format(*map(_literal, _columns(records[0])))
     rows = [_columns(r) for r in records]
-    arrays = (
-        f"ARRAY[{','.join(_literal(row[i]) for row in rows)}]::{sql_type}[]"
-        for i, sql_type in enumerate(_COLUMN_TYPES)
-    )
-    return f"EXECUTE {OUTBOX_STATEMENT}({', '.join(arrays)})"
+    return _EXECUTE.format(*(",".join(_literal(row[i]) for row in rows) for i in range(len(_COLUMN_TYPES))))
 
 
 def commit_sql(pooled: PoolProxiedConnection, records: Sequence[EventRecord]) -> str:
