@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable, Iterable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 
 from sqlalchemy import URL, select, text
@@ -23,6 +23,7 @@ from dbcore.catalog import CATALOG_SCHEMA, metadata, owned_tables, services
 from dbcore.descriptor import LimitsDescriptor, ServiceDescriptor, role_for
 from dbcore.isolation import CommitStatement, autocommit_connection, service_connection
 from dbcore.logins import CORE_ROLE, core_role_sql, grant_login, password_for, read_secret
+from dbcore.outbox import prepare_outbox
 from dbcore.registry import REGISTRY_LOCK, Registration, ensure_group_role, register, sync_grants
 
 __all__ = [
@@ -168,6 +169,7 @@ class Core:
                 raise RuntimeError("the core's logins are not in use (Core.use_logins)")
             url, pool = self.login_url(role_for(service)), self._service_pool(service)
             engine = _engine(url, pool, f"vmsdb:{service}")
+            prepare_outbox(engine)  # its transactions send their outbox as EXECUTE
             self._service_engines[service] = engine
         return engine
 
@@ -214,8 +216,7 @@ class Core:
         async with autocommit_connection(self.core_engine) as conn:
             yield conn
 
-    @asynccontextmanager
-    async def transaction(
+    def transaction(
         self,
         service: str,
         *,
@@ -223,7 +224,7 @@ class Core:
         read_only: bool = False,
         connection: AsyncConnection | None = None,
         before_commit: CommitStatement | None = None,
-    ) -> AsyncIterator[AsyncConnection]:
+    ) -> AbstractAsyncContextManager[AsyncConnection]:
         """A transaction of ``service``: on its own login (:meth:`use_logins`), else the
         administrator's connection with ``SET LOCAL ROLE`` (migrations, commands).
 
@@ -243,7 +244,7 @@ class Core:
             and isolation == "read_committed"
             and (before_commit is None or not before_commit.sql)
         )
-        async with service_connection(
+        return service_connection(  # no context manager of its own: one fewer per transaction
             self.service_engine(service) if logged_in else self.engine,
             None if logged_in else role_for(service),
             isolation=isolation,
@@ -251,8 +252,7 @@ class Core:
             connection=connection,
             before_commit=before_commit,
             begin=not reads_alone,
-        ) as conn:
-            yield conn
+        )
 
     async def install(self) -> None:
         """Create the catalog if it is missing. Safe to run concurrently from many processes."""

@@ -40,13 +40,13 @@ from dbcore.catalog import SERVICE_ROLE_FUNCTION, SERVICES_GROUP_ROLE, metadata
 
 __all__ = [
     "FAN_OUT_FUNCTION",
+    "INSERT_EVENTS",
     "NOTIFY_CHANNEL",
     "OWN_EVENTS_POLICY",
     "UNDECLARED_FUNCTION",
     "EventRecord",
     "Outcome",
     "append",
-    "append_sql",
     "dead_letters",
     "deliveries",
     "events",
@@ -283,8 +283,9 @@ class EventRecord:
 
 
 # One statement for a whole outbox, so the fan-out trigger fires once per transaction. Sent on
-# the asyncpg connection itself (prepared once per connection): it is on every producer's path.
-_INSERT = """
+# the asyncpg connection itself (prepared once per connection): it is on every producer's path;
+# a transaction's outbox is this statement prepared by name (``dbcore.outbox``).
+INSERT_EVENTS = """
     INSERT INTO vms.events (id, type, key, payload, producer, correlation_id, causation_id, origin,
                             trace_context)
     SELECT id, type, key, payload::jsonb, producer, correlation_id, causation_id, origin, trace_context
@@ -294,7 +295,7 @@ _INSERT = """
 """
 # Events from outside (publish, Kafka ingress) may arrive twice: the id makes the second a no-op.
 # Only the administrator uses it: ON CONFLICT needs to read the table, which service roles cannot.
-_INSERT_ONCE = _INSERT + " ON CONFLICT (id) DO NOTHING RETURNING id"
+_INSERT_ONCE = INSERT_EVENTS + " ON CONFLICT (id) DO NOTHING RETURNING id"
 
 
 async def append(
@@ -320,37 +321,8 @@ async def append(
     )
     if deduplicate:
         return [row[0] for row in await raw.fetch(_INSERT_ONCE, *columns)]
-    await raw.execute(_INSERT, *columns)
+    await raw.execute(INSERT_EVENTS, *columns)
     return [r.id for r in records]
-
-
-_COLUMNS = "id, type, key, payload, producer, correlation_id, causation_id, origin, trace_context"
-
-
-def _literal(value: str | uuid.UUID | None) -> str:
-    """An escape-string literal: read the same whatever ``standard_conforming_strings`` says
-    (a payload's JSON holds backslashes, which a plain '...' literal reads as escapes when it
-    is off)."""
-    if value is None:
-        return "NULL"
-    text_ = str(value)
-    if "\x00" in text_:
-        raise ValueError("a SQL literal cannot hold a NUL character")
-    return "E'" + text_.replace("\\", "\\\\").replace("'", "''") + "'"
-
-
-def append_sql(records: Sequence[EventRecord]) -> str:
-    """``append`` as one statement with its values inlined, to travel in the ``COMMIT`` message
-    of the transaction that sends them (the simple-query protocol takes no parameters): the
-    outbox then costs no round trip of its own. Raises ``ValueError`` for a value no SQL
-    literal can hold (a NUL character); :func:`append` takes any."""
-    rows = ",".join(
-        f"({_literal(r.id)}::uuid,{_literal(r.type)},{_literal(r.key)},{_literal(r.payload)}::jsonb,"
-        f"{_literal(r.producer)},{_literal(r.correlation_id)},{_literal(r.causation_id)}::uuid,"
-        f"{_literal(r.origin)},{_literal(r.trace_context)})"
-        for r in records
-    )
-    return f"INSERT INTO vms.events ({_COLUMNS}) VALUES {rows}"
 
 
 # Keep what is still needed: pending deliveries, dead letters that may be replayed, and events a

@@ -18,6 +18,7 @@ from typing import Literal, Protocol
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from dbcore.catalog import quote_ident
+from dbcore.connections import checked_out, checkout, release
 from dbcore.errors import ReadOnlyViolation, TransactionAborted, TransactionConflict
 
 __all__ = [
@@ -56,7 +57,7 @@ def _autocommit_engine(engine: AsyncEngine) -> bool:
 async def autocommit_connection(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
     """A pooled connection outside any transaction, as the administrator: each statement
     commits on its own (one round trip, no ``BEGIN``/``COMMIT``)."""
-    async with engine.connect() as conn:
+    async with checked_out(engine) as conn:
         if not _autocommit_engine(engine):  # an engine not made by Core.connect
             await conn.execution_options(isolation_level="AUTOCOMMIT")
         yield conn
@@ -112,11 +113,14 @@ async def service_connection(
         async with run(connection, role, isolation, read_only, before_commit):
             yield connection
         return
-    async with engine.connect() as conn:
+    conn = await checkout(engine)
+    try:
         if not _autocommit_engine(engine):  # an engine not made by Core.connect
             await conn.execution_options(isolation_level="AUTOCOMMIT")
         async with run(conn, role, isolation, read_only, before_commit):
             yield conn
+    finally:
+        await release(conn)
 
 
 @asynccontextmanager

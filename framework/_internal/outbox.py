@@ -2,7 +2,8 @@
 
 Events a function sends are kept in its ``TxContext`` and written in one statement just before
 the transaction commits, in the same transaction as the function's state (G2). That statement
-travels in the ``COMMIT`` message itself (``OutboxCommit``): sending events costs no round trip.
+travels in the ``COMMIT`` message itself (``OutboxCommit``): sending events costs no round trip
+(and, on a service's login, no planning either: ``dbcore.outbox``).
 """
 
 from __future__ import annotations
@@ -10,9 +11,11 @@ from __future__ import annotations
 import uuid
 
 from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.pool import PoolProxiedConnection
 
-from dbcore.eventlog import EventRecord, append, append_sql
+from dbcore.eventlog import EventRecord, append
 from dbcore.isolation import CommitStatement
+from dbcore.outbox import commit_sql, forget_outbox
 from framework._internal import telemetry
 from framework._internal.context import TxContext
 from framework._internal.events import Event
@@ -57,11 +60,12 @@ class OutboxCommit:
     its state (G2); ``inner`` translates its own errors.
     """
 
-    __slots__ = ("_inner", "_outbox")
+    __slots__ = ("_inner", "_outbox", "_pooled")
 
     def __init__(self, inner: CommitStatement | None) -> None:
         self._inner = inner
         self._outbox = ""
+        self._pooled: PoolProxiedConnection | None = None
 
     async def write(self, conn: AsyncConnection, ctx: TxContext) -> None:
         """Take ``ctx``'s outbox along with the commit (or, when a value cannot be inlined,
@@ -71,10 +75,13 @@ class OutboxCommit:
     async def write_records(self, conn: AsyncConnection, records: list[EventRecord]) -> None:
         """Take ``records`` along with the commit (or, when a value cannot be inlined, write
         them now)."""
+        pooled = await conn.get_raw_connection()
         try:
-            self._outbox = append_sql(records)
+            self._outbox = commit_sql(pooled, records)
         except ValueError:
             await append(conn, records)
+        else:
+            self._pooled = pooled
 
     @property
     def sql(self) -> str:
@@ -82,4 +89,7 @@ class OutboxCommit:
         return "; ".join(s for s in (self._outbox, inner) if s)
 
     def translate(self, err: BaseException) -> BaseException | None:
+        # Sees whatever ended the transaction: where a connection learns its statement is gone.
+        if self._pooled is not None:
+            forget_outbox(self._pooled, err)
         return None if self._inner is None else self._inner.translate(err)

@@ -24,6 +24,7 @@ from typing import Protocol
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from dbcore import delivery
+from dbcore.connections import checked_out
 from dbcore.core import Core
 from dbcore.delivery import Claimed
 from framework._internal import telemetry
@@ -187,7 +188,7 @@ class HandlerWorkers:
                 # The connection is logged in as the job's service: it runs that service's jobs
                 # only, and is given back when the next job is another service's.
                 service = group[0].dispatcher.service
-                async with self.core.service_engine(service).connect() as conn:
+                async with checked_out(self.core.service_engine(service)) as conn:
                     while group is not None:
                         running, group = group, None
                         try:

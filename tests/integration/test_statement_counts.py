@@ -207,6 +207,24 @@ async def test_a_read_only_read_committed_call_is_one_round_trip(
     assert logged == 1  # the bump's event; the read-only call's was refused
 
 
+async def test_a_services_outbox_is_planned_once_per_connection(
+    vmsdb_app_factory: Any, recorder: Recorder
+) -> None:
+    """The outbox sent with COMMIT executes the statement the service's connection prepared when
+    it was opened: the server does not plan the insert, row-level security policy included, in
+    every transaction."""
+    async with vmsdb_app_factory([Counter, Ledger], poll_interval=POLL) as app:
+        await app.service(Counter).bump("warm")
+        await settle(app)
+        recorder.sent.clear()
+        me = asyncio.current_task()
+        assert me is not None
+        await app.service(Counter).bump("warm")
+        commits = [s.sql for s in recorder.of(me.get_name()) if s.sql.endswith("COMMIT")]
+        await settle(app)
+    assert len(commits) == 1 and commits[0].startswith("EXECUTE vms_outbox("), commits
+
+
 async def test_a_handled_event_costs_what_it_did(vmsdb_app_factory: Any, recorder: Recorder) -> None:
     async with vmsdb_app_factory([Counter, Ledger], poll_interval=POLL) as app:
         for _ in range(2):
