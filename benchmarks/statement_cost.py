@@ -87,6 +87,9 @@ async def measure(statements: int, rounds: int, profile: bool) -> None:
                         _WRITE_BALANCE, {"account": a, "new_balance": 1}
                     ),
                     "ORM, attribute change + flush()": orm_change,
+                    "ORM, update() built once, session.execute()": lambda a: session.execute(
+                        _WRITE_BALANCE, {"account": a, "new_balance": 1}
+                    ),
                 }
                 accounts = [f"a{random.randrange(ACCOUNTS)}" for _ in range(statements)]
                 for title, ways in (("read", reads), ("write", writes)):
