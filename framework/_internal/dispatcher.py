@@ -309,6 +309,11 @@ class Dispatcher:
         """Run the handler of ``items`` (one event type, see :meth:`group_limit`) for all of
         them in one transaction, acknowledging all with its commit; if anything fails, roll
         back and run each on its own (:meth:`handle`), with its own retries."""
+        if self.service in self.host.recovering or self.host.amnesia:
+            # A recovery (or amnesia) began after the group was formed: each on its own path.
+            for item in items:
+                await self.handle(item, conn)
+            return
         call, event_type = self.handlers[items[0].event_type]
         events: list[tuple[Claimed, Event]] = []
         for item in items:
