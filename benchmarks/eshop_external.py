@@ -196,7 +196,6 @@ async def _sessions(url: str) -> int:
     """Sessions this database has seen so far (pool churn shows as new ones during a run)."""
     conn = await asyncpg.connect(**asyncpg_connect_kwargs(url))
     try:
-        await conn.execute("SELECT pg_stat_clear_snapshot()")
         sql = "SELECT sessions FROM pg_stat_database WHERE datname = current_database()"
         return int(await conn.fetchval(sql))
     finally:

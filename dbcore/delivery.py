@@ -170,7 +170,7 @@ class Claim:
     #: them, still running: claim again when one finishes.
     blocked: bool
     #: The snapshot horizon the claim saw (``pg_snapshot_xmin`` as text).
-    horizon: str = ""
+    horizon: str
 
 
 async def claim_batch(

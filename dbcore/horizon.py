@@ -24,8 +24,6 @@ __all__ = ["Blocker", "HorizonWatch", "oldest_transaction"]
 
 log = logging.getLogger("vmsdb.delivery")
 
-_HORIZON = text("SELECT pg_snapshot_xmin(pg_current_snapshot())::text")
-
 # The horizon is the oldest transaction that holds a transaction id; the backend running it is
 # the one to name. age(backend_xid) is how many transactions ago it began.
 _OLDEST = text(
@@ -79,18 +77,14 @@ class HorizonWatch:
         self._since = 0.0
         self._warned = False
 
-    async def check(
-        self, conn: AsyncConnection, held_back: bool, horizon: str | None = None
-    ) -> Blocker | None:
+    async def check(self, conn: AsyncConnection, held_back: bool, horizon: str) -> Blocker | None:
         """Returns the blocker it warned about (once per stall), else ``None``.
 
-        ``horizon``: the horizon the claim saw (``Claim.horizon``); read here when not given.
+        ``horizon``: the horizon the claim saw (``Claim.horizon``).
         """
         if not held_back:
             self._horizon = None
             return None
-        if not horizon:
-            horizon = str((await conn.execute(_HORIZON)).scalar_one())
         now = time.monotonic()
         if horizon != self._horizon:
             self._horizon, self._since, self._warned = horizon, now, False

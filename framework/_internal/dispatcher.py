@@ -241,12 +241,7 @@ class Dispatcher:
             return
         spec = call.spec
         try:
-            payload: Any = item.payload
-            event = (
-                event_type.model_validate_json(payload)
-                if isinstance(payload, (str, bytes))
-                else event_type.model_validate(payload)
-            )
+            event = _event_of(event_type, item)
         except ValidationError as err:
             # A payload that does not validate will never validate: no retries (G12).
             assert spec.inbound is not None
@@ -318,13 +313,7 @@ class Dispatcher:
         events: list[tuple[Claimed, Event]] = []
         for item in items:
             try:
-                payload: Any = item.payload
-                events.append((
-                    item,
-                    event_type.model_validate_json(payload)
-                    if isinstance(payload, (str, bytes))
-                    else event_type.model_validate(payload),
-                ))  # fmt: skip
+                events.append((item, _event_of(event_type, item)))
             except ValidationError:
                 await self.handle(item, conn)  # dead-letters it
         if len(events) <= 1:
@@ -402,3 +391,11 @@ class Dispatcher:
         self.host.metrics.inc("dead_letters", service=self.service, event=item.event_type)
         async with self.host.core.housekeeping() as conn:
             await delivery.dead_letter(conn, item, error, trace, blocking=blocking)
+
+
+def _event_of(event_type: type[Event], item: Claimed) -> Event:
+    """``item``'s payload as an ``event_type``; ``ValidationError`` when it is not one."""
+    payload: Any = item.payload
+    if isinstance(payload, (str, bytes)):
+        return event_type.model_validate_json(payload)
+    return event_type.model_validate(payload)

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import text
@@ -195,31 +195,15 @@ class ServiceRuntime:
             connection=connection,
             before_commit=commit,
         ) as conn:
-            ctx = TxContext(
-                service=self.name,
-                function=spec.qualname,
-                connection=conn,
-                read_only=read_only,
-                allowed=call.allowed_events,
-                correlation_id=correlation_id,
-                causation_id=causation_id,
-            )
-            token = bind(ctx)
-            reads = epochs.track(self.host, ctx)
-            try:
+            ctx = self._context(call, conn, correlation_id, causation_id)
+            async with _bound(ctx):
+                reads = epochs.track(self.host, ctx)
                 result = await wrapped(*args, **kwargs)
-                if isinstance(result, Event):
-                    ctx.send(result)
-                if ctx.has_session:
-                    await ctx.session.flush()
+                await _returned(ctx, result)
                 if reads is not None:
                     await epochs.record(self.host, ctx, reads)
                 if ctx.outbox:
                     await commit.write(conn, ctx)
-            finally:
-                unbind(token)
-                if ctx.has_session:
-                    await ctx.session.close()
         epochs.settle(self.host, reads)
         self.host.metrics.inc("transactions", service=self.name, function=spec.name)
         return result
@@ -246,31 +230,30 @@ class ServiceRuntime:
                 before_commit=commit,
             ) as conn:
                 for item, event in events:
-                    ctx = TxContext(
-                        service=self.name,
-                        function=spec.qualname,
-                        connection=conn,
-                        read_only=tx.type == "RO",
-                        allowed=call.allowed_events,
-                        correlation_id=item.correlation_id,
-                        causation_id=str(item.event_id),
-                    )
-                    token = bind(ctx)
-                    try:
+                    ctx = self._context(call, conn, item.correlation_id, str(item.event_id))
+                    async with _bound(ctx):
                         with telemetry.delivery_context(item):
                             result = await spec.function(self.instance, event)
-                        if isinstance(result, Event):
-                            ctx.send(result)
-                        if ctx.has_session:
-                            await ctx.session.flush()
-                    finally:
-                        unbind(token)
-                        if ctx.has_session:
-                            await ctx.session.close()
+                        await _returned(ctx, result)
                     outbox.extend(records_of(ctx))
                 if outbox:
                     await commit.write_records(conn, outbox)
         self.host.metrics.inc("transactions", len(events), service=self.name, function=spec.name)
+
+    def _context(
+        self, call: CallPlan, conn: AsyncConnection, correlation_id: str | None, causation_id: str | None
+    ) -> TxContext:
+        """The context of one run of ``call``'s function in the transaction on ``conn``."""
+        assert call.tx is not None
+        return TxContext(
+            service=self.name,
+            function=call.spec.qualname,
+            connection=conn,
+            read_only=call.tx.type == "RO",
+            allowed=call.allowed_events,
+            correlation_id=correlation_id,
+            causation_id=causation_id,
+        )
 
     async def _join(
         self,
@@ -325,6 +308,28 @@ class ServiceRuntime:
                         )
             self.host.amnesia.difference_update(emptied)
         return convert_rows(call.row_type, list(rows))
+
+
+@contextlib.asynccontextmanager
+async def _bound(ctx: TxContext) -> AsyncIterator[None]:
+    """``ctx`` is the running transaction's context (``session()``, ``send()``) for the block;
+    its session, if the function opened one, is closed after it."""
+    token = bind(ctx)
+    try:
+        yield
+    finally:
+        unbind(token)
+        if ctx.has_session:
+            await ctx.session.close()
+
+
+async def _returned(ctx: TxContext, result: object) -> None:
+    """What a function's return adds to its transaction: a returned ``Event`` is sent, and the
+    session's pending changes are flushed."""
+    if isinstance(result, Event):
+        ctx.send(result)
+    if ctx.has_session:
+        await ctx.session.flush()
 
 
 class ServiceHandle:
