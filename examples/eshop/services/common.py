@@ -20,6 +20,7 @@ from framework import session
 __all__ = [
     "CENT",
     "OWN_KEY_GROUP",
+    "RowsInsert",
     "as_row",
     "clear",
     "insert_rows",
@@ -97,24 +98,61 @@ def insert_rows(model: type[DeclarativeBase], values: Sequence[Mapping[str, Any]
     every execution), and Postgres sees one statement per row count: asyncpg prepares each, and
     pg_stat_statements lists each. This one has one text whatever the number of rows: compiled
     once, prepared once per connection. Like ``values()``, columns left out get their defaults.
+    On a hot path, build it once instead: :class:`RowsInsert`.
 
     Every row must name the same columns. Raises ``ValueError`` for no rows (leave the INSERT
     out), for rows naming different columns, or for a name that is not a column of the table.
     """
-    table = model.__table__
     if not values:
         raise ValueError(f"insert_rows({model.__name__}): no rows; leave the INSERT out instead")
     given = set(values[0])
-    if unknown := given - set(table.c.keys()):
-        raise ValueError(f"insert_rows({model.__name__}): {sorted(unknown)} are not columns of {table}")
+    columns = _columns(model, given)
     if differ := [n for n, v in enumerate(values) if set(v) != given]:
         raise ValueError(f"insert_rows({model.__name__}): rows {differ} name other columns than row 0")
-    # One array per column, in the table's order whatever the dicts' order: one statement text.
-    columns = [c for c in table.c if c.key in given]
     arrays = [bindparam(c.key, [v[c.key] for v in values], type_=ARRAY(c.type), unique=True) for c in columns]
+    return _insert_unnest(model, columns, arrays)
+
+
+class RowsInsert:
+    """:func:`insert_rows` built once, for a hot path: a module constant, run with
+    :meth:`params` of the rows.
+
+    ``RowsInsert(OrderLine, ["order_id", "quantity"])`` is ``INSERT INTO t (order_id, quantity)
+    SELECT ... FROM unnest(:order_items_order_id, :order_items_quantity)``. Built per call, a
+    statement costs SQLAlchemy its construction, coercion and cache key on every execution
+    (about as much Python as the statement's whole round trip); built once, it is looked up in
+    the compiled cache by a key computed once. :attr:`statement` can be extended once too
+    (``.returning()``, ``.cte()``, ``.add_cte()``). Parameters are named ``<table>_<column>``,
+    so the INSERTs of two tables compose into one statement without a clash.
+    """
+
+    __slots__ = ("_names", "statement")
+
+    def __init__(self, model: type[DeclarativeBase], columns: Iterable[str]) -> None:
+        table = model.__table__
+        chosen = _columns(model, set(columns))
+        self._names = {c.key: f"{table.name}_{c.key}" for c in chosen}
+        arrays = [bindparam(self._names[c.key], type_=ARRAY(c.type)) for c in chosen]
+        self.statement: Insert = _insert_unnest(model, chosen, arrays)
+
+    def params(self, values: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]:
+        """The parameters that insert ``values`` (rows, as dicts naming at least the columns)."""
+        return {name: [v[key] for v in values] for key, name in self._names.items()}
+
+
+def _columns(model: type[DeclarativeBase], names: set[str]) -> list[Any]:
+    """``names``' columns of ``model``'s table, in the table's order (one statement text whatever
+    the order they were named in); ``ValueError`` for a name that is not a column."""
+    table = model.__table__
+    if unknown := names - set(table.c.keys()):
+        raise ValueError(f"{model.__name__}: {sorted(unknown)} are not columns of {table}")
+    return [c for c in table.c if c.key in names]
+
+
+def _insert_unnest(model: type[DeclarativeBase], columns: Sequence[Any], arrays: Sequence[Any]) -> Insert:
     # unnest(a, b, ...) zips the arrays into rows; AS r(a, b, ...) names their columns.
     rows = func.unnest(*arrays).table_valued(*(column(c.name, c.type) for c in columns)).render_derived("r")
-    return insert(table).from_select(columns, select(*rows.c))
+    return insert(model.__table__).from_select(columns, select(*rows.c))
 
 
 async def upsert(model: type[DeclarativeBase], values: Sequence[Mapping[str, Any]]) -> None:

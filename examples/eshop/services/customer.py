@@ -13,8 +13,8 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import DateTime, update
-from sqlalchemy.orm import InstrumentedAttribute, Mapped, mapped_column
+from sqlalchemy import DateTime, Update, bindparam, update
+from sqlalchemy.orm import Mapped, mapped_column
 
 from framework import Inbound, Service, Transactional, connection, session, sql_function
 from vmsdb_eshop.events import DeliveryNotification, PaymentConfirmed, PaymentFailed
@@ -43,22 +43,17 @@ class Customer(Service, name="customer"):
     @Inbound(PaymentConfirmed, group_commit=OWN_KEY_GROUP)
     @Transactional
     async def on_payment_confirmed(self, event: PaymentConfirmed) -> None:
-        await self._count(event.customer_id, CustomerRecord.success_payment_count)
+        await connection().execute(_COUNT["success_payment_count"], {"by_customer": event.customer_id})
 
     @Inbound(PaymentFailed, group_commit=OWN_KEY_GROUP)
     @Transactional
     async def on_payment_failed(self, event: PaymentFailed) -> None:
-        await self._count(event.customer_id, CustomerRecord.failed_payment_count)
+        await connection().execute(_COUNT["failed_payment_count"], {"by_customer": event.customer_id})
 
     @Inbound(DeliveryNotification, group_commit=OWN_KEY_GROUP)
     @Transactional
     async def on_delivery(self, event: DeliveryNotification) -> None:
-        await self._count(event.customer_id, CustomerRecord.delivery_count)
-
-    async def _count(self, customer_id: int, counter: InstrumentedAttribute[int]) -> None:
-        await connection().execute(
-            update(CustomerRecord).where(CustomerRecord.id == customer_id).values({counter: counter + 1})
-        )
+        await connection().execute(_COUNT["delivery_count"], {"by_customer": event.customer_id})
 
     @Transactional
     async def cleanup(self) -> None:
@@ -103,3 +98,20 @@ class CustomerDiscount(Customer.Model):
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
     expired = sql_function("self.expires_at <= now()")
+
+
+def _counting(counter: str) -> Update:
+    column = CustomerRecord.__table__.c[counter]
+    return (
+        update(CustomerRecord)
+        .where(CustomerRecord.id == bindparam("by_customer"))
+        .values({column: column + 1})
+    )
+
+
+#: ``counter += 1`` of one customer, per counter: built once (the fast path for a hot handler,
+#: README "Performance"), run with ``{"by_customer": id}``.
+_COUNT = {
+    counter: _counting(counter)
+    for counter in ("success_payment_count", "failed_payment_count", "delivery_count")
+}

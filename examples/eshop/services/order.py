@@ -12,11 +12,12 @@ An entity that is gone (not found, or deleted) leaves the reference empty: the o
 
 from __future__ import annotations
 
+import functools
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Identity, String, select, update
+from sqlalchemy import Identity, String, bindparam, select, update
 from sqlalchemy.dialects.postgresql import Insert, insert
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -46,8 +47,8 @@ from vmsdb_eshop.schemas import (
 )
 from vmsdb_eshop.services.common import (
     OWN_KEY_GROUP,
+    RowsInsert,
     clear,
-    insert_rows,
     money,
     money_column,
     nested,
@@ -156,36 +157,28 @@ class Order(Service, name="order"):
         total_freight = sum((i.freight_value for i in items), Decimal(0))
         key = {"customer_id": event.customer_id, "order_id": order_id}
         invoice_number = f"{event.customer_id}-{issued:%Y%m%d}-{order_id}"
-        order = insert(OrderRecord.__table__).values(
+        order = {
             **key,
-            tid=event.tid,
-            invoice_number=invoice_number,
-            status=OrderStatus.INVOICED,
-            purchase_date=issued,
-            estimated_delivery_date=issued + DELIVERY_ESTIMATE,
-            count_items=len(items),
-            total_items=sum((i.total_items for i in items), Decimal(0)),
-            total_incentive=sum((i.total_incentive for i in items), Decimal(0)),
-            total_amount=total_amount,
-            total_freight=total_freight,
-            total_invoice=total_amount + total_freight,
-            customer=customer,
-        )
-        lines = insert_rows(
-            OrderLine,
-            [
-                {
-                    **key,
-                    "order_item_id": n,
-                    "product": product,
-                    **item.model_dump(exclude={"product_category"}),
-                }
-                for n, (item, product) in enumerate(zip(items, products, strict=True), start=1)
-            ],
-        )
+            "tid": event.tid,
+            "invoice_number": invoice_number,
+            "status": OrderStatus.INVOICED,
+            "purchase_date": issued,
+            "estimated_delivery_date": issued + DELIVERY_ESTIMATE,
+            "count_items": len(items),
+            "total_items": sum((i.total_items for i in items), Decimal(0)),
+            "total_incentive": sum((i.total_incentive for i in items), Decimal(0)),
+            "total_amount": total_amount,
+            "total_freight": total_freight,
+            "total_invoice": total_amount + total_freight,
+            "customer": customer,
+        }
+        lines = [
+            {**key, "order_item_id": n, "product": product, **item.model_dump(exclude={"product_category"})}
+            for n, (item, product) in enumerate(zip(items, products, strict=True), start=1)
+        ]
         # One statement: the order and its first history row are CTEs of the lines' INSERT.
         await connection().execute(
-            lines.add_cte(order.cte("new_order"), _history(key, OrderStatus.INVOICED).cte("history"))
+            _INVOICE, {**{f"orders_{name}": value for name, value in order.items()}, **_LINES.params(lines)}
         )
         send(
             InvoiceIssued(
@@ -202,11 +195,7 @@ class Order(Service, name="order"):
 
     async def _next_order_id(self, customer_id: int) -> int:
         """The customer's next order id (1, 2, ...), counted in the order service's own table."""
-        insert_first = insert(CustomerOrders).values(customer_id=customer_id, next_order_id=1)
-        statement = insert_first.on_conflict_do_update(
-            index_elements=["customer_id"], set_={"next_order_id": CustomerOrders.next_order_id + 1}
-        ).returning(CustomerOrders.next_order_id)
-        return int((await connection().execute(statement)).scalar_one())
+        return int((await connection().execute(_NEXT_ORDER_ID, {"customer_id": customer_id})).scalar_one())
 
     @Inbound(PaymentConfirmed, group_commit=OWN_KEY_GROUP)
     @Transactional
@@ -232,14 +221,8 @@ class Order(Service, name="order"):
 
     async def _advance(self, customer_id: int, order_id: int, status: OrderStatus, **dates: Any) -> None:
         """Move the order to ``status`` and record it in its history, in one statement."""
-        table = OrderRecord.__table__
-        moved = (
-            update(table)
-            .where(table.c.customer_id == customer_id, table.c.order_id == order_id)
-            .values(status=status, updated_at=now(), **dates)
-        )
-        key = {"customer_id": customer_id, "order_id": order_id}
-        await connection().execute(_history(key, status).add_cte(moved.cte("moved")))
+        params = {"by_customer": customer_id, "by_order": order_id, "status": status, "at": now(), **dates}
+        await connection().execute(_advancing(tuple(sorted(dates))), params)
 
     @Transactional(type="RO", isolation="snapshot")
     async def orders_of(self, customer_id: int) -> list[dict[str, Any]]:
@@ -262,11 +245,6 @@ class Order(Service, name="order"):
                 if ref is not None:
                     await delete_reference(ref)
         await clear(OrderLine, OrderHistory, OrderRecord, CustomerOrders)
-
-
-def _history(key: dict[str, int], status: OrderStatus) -> Insert:
-    """The INSERT of the order's history row for ``status``."""
-    return insert(OrderHistory.__table__).values(**key, status=status)
 
 
 class CustomerOrders(Order.Model):
@@ -326,3 +304,77 @@ class OrderHistory(Order.Model):
     order_id: Mapped[int]
     status: Mapped[str] = mapped_column(String(30))
     created_at: Mapped[datetime] = timestamp_column()
+
+
+# -- the hot statements, built once (see the cart's) -------------------------------------------
+
+_NEXT_ORDER_ID = (
+    insert(CustomerOrders)
+    .values(customer_id=bindparam("customer_id"), next_order_id=1)
+    .on_conflict_do_update(
+        index_elements=["customer_id"], set_={"next_order_id": CustomerOrders.next_order_id + 1}
+    )
+    .returning(CustomerOrders.next_order_id)
+)
+
+_LINES = RowsInsert(
+    OrderLine,
+    [
+        "customer_id",
+        "order_id",
+        "order_item_id",
+        "product",
+        *(name for name in OrderItem.model_fields if name != "product_category"),
+    ],
+)
+
+
+#: What an invoiced order is written with (the dates of its later moves come with them).
+_ORDER_COLUMNS = (
+    "customer_id",
+    "order_id",
+    "tid",
+    "invoice_number",
+    "status",
+    "purchase_date",
+    "estimated_delivery_date",
+    "count_items",
+    "total_items",
+    "total_incentive",
+    "total_amount",
+    "total_freight",
+    "total_invoice",
+    "customer",
+)
+
+
+def _invoice() -> Insert:
+    """The order (parameters ``orders_<column>``), its history row and its lines (``_LINES``)."""
+    order = insert(OrderRecord.__table__).values(
+        {name: bindparam(f"orders_{name}") for name in _ORDER_COLUMNS}
+    )
+    history = insert(OrderHistory.__table__).values(
+        customer_id=bindparam("orders_customer_id"),
+        order_id=bindparam("orders_order_id"),
+        status=bindparam("orders_status"),
+    )
+    return _LINES.statement.add_cte(order.cte("new_order"), history.cte("history"))
+
+
+_INVOICE = _invoice()
+
+
+@functools.cache
+def _advancing(dates: tuple[str, ...]) -> Insert:
+    """:meth:`Order._advance` setting the columns ``dates`` too, built once per set of them:
+    the order's move to ``status`` and its history row, in one statement."""
+    table = OrderRecord.__table__
+    moved = (
+        update(table)
+        .where(table.c.customer_id == bindparam("by_customer"), table.c.order_id == bindparam("by_order"))
+        .values(status=bindparam("status"), updated_at=bindparam("at"), **{d: bindparam(d) for d in dates})
+    )
+    history = insert(OrderHistory.__table__).values(
+        customer_id=bindparam("by_customer"), order_id=bindparam("by_order"), status=bindparam("status")
+    )
+    return history.add_cte(moved.cte("moved"))

@@ -20,7 +20,7 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import String, func, insert, select, update
+from sqlalchemy import Insert, Select, String, Update, bindparam, func, insert, select, update
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -29,8 +29,8 @@ from vmsdb_eshop.events import CheckoutMark, InvoiceIssued, PaymentConfirmed, Pa
 from vmsdb_eshop.schemas import MarkStatus, PaymentType
 from vmsdb_eshop.services.common import (
     OWN_KEY_GROUP,
+    RowsInsert,
     clear,
-    insert_rows,
     money_column,
     now,
     rows,
@@ -54,38 +54,23 @@ class Payment(Service, name="payment"):
 
         One statement: the request's INSERT, and ``pg_notify`` (delivered at commit) after it.
         """
-        request = insert(PaymentRequestRecord.__table__).values(
-            customer_id=event.customer_id,
-            order_id=event.order_id,
-            tid=event.tid,
-            invoice=event.model_dump(mode="json"),
-            status="pending",
-            # The processor charges outside this transaction: it continues this trace.
-            trace_context=trace_context(),
-        )
         await connection().execute(
-            select(func.pg_notify(REQUESTS_CHANNEL, "")).add_cte(request.cte("request"))
+            _REQUEST,
+            {
+                "customer": event.customer_id,
+                "order": event.order_id,
+                "tid": event.tid,
+                "invoice": event.model_dump(mode="json"),
+                # The processor charges outside this transaction: it continues this trace.
+                "trace_context": trace_context(),
+            },
         )
 
     @Transactional
     async def claim(self, limit: int = 16) -> list[tuple[InvoiceIssued, str | None]]:
         """Take up to ``limit`` pending requests nobody works on, for ``CLAIM_PERIOD``: each
         invoice with the trace context of the handler that recorded it."""
-        table = PaymentRequestRecord.__table__
-        free = (
-            select(table.c.customer_id, table.c.order_id)
-            .where(table.c.status == "pending", table.c.claimed_until <= func.now())
-            .order_by(table.c.created_at)
-            .limit(limit)
-            .with_for_update(skip_locked=True)  # concurrent processors take different requests
-            .cte()
-        )
-        taken = await rows(
-            update(table)
-            .where(table.c.customer_id == free.c.customer_id, table.c.order_id == free.c.order_id)
-            .values(claimed_until=func.now() + CLAIM_PERIOD)
-            .returning(table.c.invoice, table.c.trace_context)
-        )
+        taken = await rows(_CLAIM, {"limit": limit})
         return [(InvoiceIssued.model_validate(r["invoice"]), r["trace_context"]) for r in taken]
 
     @Transactional(type="RO")
@@ -103,17 +88,14 @@ class Payment(Service, name="payment"):
     async def settle(self, event: InvoiceIssued, approved: bool, reason: str = "") -> bool:
         """Record the provider's answer for ``event``'s request; ``False`` if it was settled."""
         status = "succeeded" if approved else "failed"
-        settled = await rows(
-            update(PaymentRequestRecord)
-            .where(
-                PaymentRequestRecord.customer_id == event.customer_id,
-                PaymentRequestRecord.order_id == event.order_id,
-                PaymentRequestRecord.status == "pending",  # the answer takes effect once
-            )
-            .values(status=status, reason=reason, settled_at=now())
-            .returning(PaymentRequestRecord.order_id)
-        )
-        if not settled:
+        answer = {
+            "by_customer": event.customer_id,
+            "by_order": event.order_id,
+            "status": status,
+            "reason": reason,
+        }
+        settled = (await connection().execute(_SETTLE, {**answer, "at": now()})).first()
+        if settled is None:
             return False
         await self._record(event, status)
         total = sum((i.total_amount for i in event.items), Decimal(0))
@@ -146,33 +128,28 @@ class Payment(Service, name="payment"):
             "value": event.total_invoice,
         }
         vouchers = [i for i in event.items if i.total_incentive > 0]
-        lines = insert_rows(
-            OrderPayment,
-            [
-                main,
-                *(
-                    {
-                        **line,
-                        "sequential": n,
-                        "type": PaymentType.VOUCHER,
-                        "installments": 1,
-                        "value": item.total_incentive,
-                    }
-                    for n, item in enumerate(vouchers, start=2)
-                ),
-            ],
+        lines = [
+            main,
+            *(
+                {
+                    **line,
+                    "sequential": n,
+                    "type": PaymentType.VOUCHER,
+                    "installments": 1,
+                    "value": item.total_incentive,
+                }
+                for n, item in enumerate(vouchers, start=2)
+            ),
+        ]
+        params = _LINES.params(lines)
+        if not is_card:
+            await connection().execute(_LINES.statement, params)
+            return
+        card = {name: getattr(customer, name) for name in _CARD_COLUMNS}
+        await connection().execute(
+            _LINES_AND_CARD,
+            {**params, **card, "card_customer": event.customer_id, "card_order": event.order_id},
         )
-        if is_card:
-            card = insert(PaymentCard.__table__).values(
-                **key,
-                sequential=1,
-                card_number=customer.card_number,
-                card_holder_name=customer.card_holder_name,
-                card_expiration=customer.card_expiration,
-                card_brand=customer.card_brand,
-            )
-            lines = lines.add_cte(card.cte("card"))
-        await connection().execute(lines)
 
     @Transactional(type="RO")
     async def payments_of(self, customer_id: int, order_id: int) -> list[dict[str, Any]]:
@@ -227,3 +204,78 @@ class PaymentRequestRecord(Payment.Model):
     settled_at: Mapped[datetime | None] = timestamp_column(nullable=True)
     #: The W3C traceparent of the recording handler, when tracing is on.
     trace_context: Mapped[str | None] = mapped_column(String(55), nullable=True)
+
+
+# -- the hot statements, built once (see the cart's) -------------------------------------------
+
+
+def _request() -> Select[Any]:
+    """The request's INSERT, and ``pg_notify`` (delivered at commit) after it."""
+    request = insert(PaymentRequestRecord.__table__).values(
+        customer_id=bindparam("customer"),
+        order_id=bindparam("order"),
+        tid=bindparam("tid"),
+        invoice=bindparam("invoice"),
+        status="pending",
+        trace_context=bindparam("trace_context"),
+    )
+    return select(func.pg_notify(REQUESTS_CHANNEL, "")).add_cte(request.cte("request"))
+
+
+_REQUEST = _request()
+
+
+def _claim() -> Update:
+    table = PaymentRequestRecord.__table__
+    free = (
+        select(table.c.customer_id, table.c.order_id)
+        .where(table.c.status == "pending", table.c.claimed_until <= func.now())
+        .order_by(table.c.created_at)
+        .limit(bindparam("limit"))
+        .with_for_update(skip_locked=True)  # concurrent processors take different requests
+        .cte()
+    )
+    return (
+        update(table)
+        .where(table.c.customer_id == free.c.customer_id, table.c.order_id == free.c.order_id)
+        .values(claimed_until=func.now() + CLAIM_PERIOD)
+        .returning(table.c.invoice, table.c.trace_context)
+    )
+
+
+_CLAIM = _claim()
+
+_SETTLE = (
+    update(PaymentRequestRecord)
+    .where(
+        PaymentRequestRecord.customer_id == bindparam("by_customer"),
+        PaymentRequestRecord.order_id == bindparam("by_order"),
+        PaymentRequestRecord.status == "pending",  # the answer takes effect once
+    )
+    .values(status=bindparam("status"), reason=bindparam("reason"), settled_at=bindparam("at"))
+    .returning(PaymentRequestRecord.order_id)
+)
+
+_LINES = RowsInsert(
+    OrderPayment, ["customer_id", "order_id", "tid", "status", "sequential", "type", "installments", "value"]
+)
+
+
+_CARD_COLUMNS = ("card_number", "card_holder_name", "card_expiration", "card_brand")
+
+
+def _lines_and_card() -> Insert:
+    """The payment lines with the card's INSERT as a CTE (its customer and order as
+    ``card_customer`` and ``card_order``)."""
+    card = insert(PaymentCard.__table__).values(
+        {
+            "customer_id": bindparam("card_customer"),
+            "order_id": bindparam("card_order"),
+            "sequential": 1,
+            **{name: bindparam(name) for name in _CARD_COLUMNS},
+        }
+    )
+    return _LINES.statement.add_cte(card.cte("card"))
+
+
+_LINES_AND_CARD = _lines_and_card()

@@ -16,11 +16,24 @@ totals always equal the sum of the entries returned with them.
 
 from __future__ import annotations
 
+import functools
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import CTE, ColumnElement, FromClause, Integer, String, cast, false, func, select, update
+from sqlalchemy import (
+    CTE,
+    ColumnElement,
+    FromClause,
+    Integer,
+    String,
+    bindparam,
+    cast,
+    false,
+    func,
+    select,
+    update,
+)
 from sqlalchemy.dialects.postgresql import Insert, insert
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -41,9 +54,9 @@ from vmsdb_eshop.schemas import (
 )
 from vmsdb_eshop.services.common import (
     OWN_KEY_GROUP,
+    RowsInsert,
     as_row,
     clear,
-    insert_rows,
     money_column,
     rows,
     timestamp_column,
@@ -80,35 +93,27 @@ class Seller(Service, name="seller"):
 
         One statement: the entries' INSERT ... RETURNING feeds the view's increments.
         """
-        table = OrderEntry.__table__
-        entries = (
-            insert_rows(
-                OrderEntry,
-                [
-                    {
-                        "customer_id": event.customer_id,
-                        "order_id": event.order_id,
-                        "seller_id": item.seller_id,
-                        "product_id": item.product_id,
-                        "natural_key": f"{event.customer_id}_{event.order_id}",
-                        "product_name": item.product_name,
-                        "product_category": item.product_category,
-                        "unit_price": item.unit_price,
-                        "quantity": item.quantity,
-                        "total_items": item.total_items,
-                        "total_amount": item.total_amount,
-                        "total_incentive": item.total_incentive,
-                        "freight_value": item.freight_value,
-                        "total_invoice": item.total_amount + item.freight_value,
-                        "order_status": OrderStatus.INVOICED,
-                    }
-                    for item in event.items
-                ],
-            )
-            .returning(table.c.seller_id, table.c.order_status, *_totals_of(table))
-            .cte("entries")
-        )
-        await connection().execute(_count_in_view(entries, was_open=false()))
+        entries = [
+            {
+                "customer_id": event.customer_id,
+                "order_id": event.order_id,
+                "seller_id": item.seller_id,
+                "product_id": item.product_id,
+                "natural_key": f"{event.customer_id}_{event.order_id}",
+                "product_name": item.product_name,
+                "product_category": item.product_category,
+                "unit_price": item.unit_price,
+                "quantity": item.quantity,
+                "total_items": item.total_items,
+                "total_amount": item.total_amount,
+                "total_incentive": item.total_incentive,
+                "freight_value": item.freight_value,
+                "total_invoice": item.total_amount + item.freight_value,
+                "order_status": OrderStatus.INVOICED,
+            }
+            for item in event.items
+        ]
+        await connection().execute(_INVOICE, _ENTRIES.params(entries))
 
     @Inbound(PaymentConfirmed)
     @Transactional
@@ -132,44 +137,23 @@ class Seller(Service, name="seller"):
     @Transactional
     async def on_delivery(self, event: DeliveryNotification) -> None:
         """Record the package's delivery on its entry; the order status, so the view, stays."""
-        table = OrderEntry.__table__
         await connection().execute(
-            update(table)
-            .where(
-                table.c.customer_id == event.customer_id,
-                table.c.order_id == event.order_id,
-                table.c.seller_id == event.seller_id,
-                table.c.product_id == event.product_id,
-            )
-            .values(
-                package_id=event.package_id, delivery_date=event.delivery_date, delivery_status=event.status
-            )
+            _DELIVERED,
+            {
+                "by_customer": event.customer_id,
+                "by_order": event.order_id,
+                "by_seller": event.seller_id,
+                "by_product": event.product_id,
+                "package_id": event.package_id,
+                "delivery_date": event.delivery_date,
+                "delivery_status": event.status,
+            },
         )
 
     async def _set(self, customer_id: int, order_id: int, **values: Any) -> None:
         """Update the order's entries and the view by the difference, in one statement."""
-        table = OrderEntry.__table__
-        # Lock the entries first: the difference is computed from the rows as they were (under
-        # read committed, FOR UPDATE reads the latest version of a row it waited for).
-        before = (
-            select(*_key_of(table), table.c.order_status)
-            .where(table.c.customer_id == customer_id, table.c.order_id == order_id)
-            .with_for_update()
-            .cte("before")
-        )
-        changed = (
-            update(table)
-            .where(*(column == before.c[column.name] for column in _key_of(table)))
-            .values(**values)
-            .returning(
-                table.c.seller_id,
-                table.c.order_status,
-                before.c.order_status.label("was"),
-                *_totals_of(table),
-            )
-            .cte("changed")
-        )
-        await connection().execute(_count_in_view(changed, was_open=changed.c.was.in_(OPEN_ORDER_STATUSES)))
+        statement = _setting(tuple(sorted(values)))
+        await connection().execute(statement, {"by_customer": customer_id, "by_order": order_id, **values})
 
     @Transactional(type="RO", isolation="snapshot")
     async def dashboard(self, seller_id: int) -> dict[str, Any]:
@@ -238,6 +222,34 @@ def _count_in_view(changes: CTE, *, was_open: ColumnElement[bool]) -> Insert:
     )
 
 
+@functools.cache
+def _setting(names: tuple[str, ...]) -> Insert:
+    """:meth:`Seller._set` of the columns ``names``, built once per set of columns: run with
+    ``customer_id``, ``order_id`` and a value per name."""
+    table = OrderEntry.__table__
+    # Lock the entries first: the difference is computed from the rows as they were (under
+    # read committed, FOR UPDATE reads the latest version of a row it waited for).
+    before = (
+        select(*_key_of(table), table.c.order_status)
+        .where(table.c.customer_id == bindparam("by_customer"), table.c.order_id == bindparam("by_order"))
+        .with_for_update()
+        .cte("before")
+    )
+    changed = (
+        update(table)
+        .where(*(column == before.c[column.name] for column in _key_of(table)))
+        .values({name: bindparam(name) for name in names})
+        .returning(
+            table.c.seller_id,
+            table.c.order_status,
+            before.c.order_status.label("was"),
+            *_totals_of(table),
+        )
+        .cte("changed")
+    )
+    return _count_in_view(changed, was_open=changed.c.was.in_(OPEN_ORDER_STATUSES))
+
+
 class SellerRecord(Seller.Model):
     __tablename__ = "sellers"
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -290,3 +302,51 @@ class SellerView(Seller.Model):
     total_incentive: Mapped[Decimal] = money_column()
     total_invoice: Mapped[Decimal] = money_column()
     total_items: Mapped[Decimal] = money_column()
+
+
+# -- the hot statements, built once (see the cart's) -------------------------------------------
+
+_ENTRIES = RowsInsert(
+    OrderEntry,
+    [
+        "customer_id",
+        "order_id",
+        "seller_id",
+        "product_id",
+        "natural_key",
+        "product_name",
+        "product_category",
+        "unit_price",
+        "quantity",
+        "total_items",
+        "total_amount",
+        "total_incentive",
+        "freight_value",
+        "total_invoice",
+        "order_status",
+    ],
+)
+#: The entries' INSERT ... RETURNING feeds the view's increments: one statement.
+_INVOICE = _count_in_view(
+    _ENTRIES.statement.returning(
+        OrderEntry.__table__.c.seller_id,
+        OrderEntry.__table__.c.order_status,
+        *_totals_of(OrderEntry.__table__),
+    ).cte("entries"),
+    was_open=false(),
+)
+
+_DELIVERED = (
+    update(OrderEntry)
+    .where(
+        OrderEntry.customer_id == bindparam("by_customer"),
+        OrderEntry.order_id == bindparam("by_order"),
+        OrderEntry.seller_id == bindparam("by_seller"),
+        OrderEntry.product_id == bindparam("by_product"),
+    )
+    .values(
+        package_id=bindparam("package_id"),
+        delivery_date=bindparam("delivery_date"),
+        delivery_status=bindparam("delivery_status"),
+    )
+)

@@ -14,8 +14,25 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import String, Update, and_, case, exists, insert, or_, select, tuple_, update
-from sqlalchemy.dialects.postgresql import distinct_on
+from sqlalchemy import (
+    ColumnElement,
+    Insert,
+    Integer,
+    String,
+    Update,
+    and_,
+    bindparam,
+    case,
+    column,
+    exists,
+    func,
+    insert,
+    or_,
+    select,
+    tuple_,
+    update,
+)
+from sqlalchemy.dialects.postgresql import ARRAY, distinct_on
 from sqlalchemy.orm import Mapped, mapped_column
 
 from framework import Inbound, Outbound, Service, Transactional, connection, send
@@ -24,8 +41,8 @@ from vmsdb_eshop.events import CheckoutMark, DeliveryNotification, PaymentConfir
 from vmsdb_eshop.schemas import MarkStatus, PackageStatus, ShipmentStatus
 from vmsdb_eshop.services.common import (
     OWN_KEY_GROUP,
+    RowsInsert,
     clear,
-    insert_rows,
     money_column,
     nested,
     now,
@@ -48,39 +65,30 @@ class Shipment(Service, name="shipment"):
         when = now()
         customer = event.customer
         key = {"customer_id": event.customer_id, "order_id": event.order_id}
-        shipment = insert(ShipmentRecord).values(
-            **key,
-            tid=event.tid,
-            package_count=len(event.items),
-            total_freight_value=sum((i.freight_value for i in event.items), Decimal(0)),
-            request_date=when,
-            status=ShipmentStatus.APPROVED,
-            first_name=customer.first_name,
-            last_name=customer.last_name,
-            street=customer.street,
-            complement=customer.complement,
-            zip_code=customer.zip_code,
-            city=customer.city,
-            state=customer.state,
-        )
-        packages = insert_rows(
-            Package,
-            [
-                {
-                    **key,
-                    "package_id": n,
-                    "seller_id": item.seller_id,
-                    "product_id": item.product_id,
-                    "product_name": item.product_name,
-                    "freight_value": item.freight_value,
-                    "quantity": item.quantity,
-                    "shipping_date": when,
-                    "status": PackageStatus.SHIPPED,
-                }
-                for n, item in enumerate(event.items, start=1)
-            ],
-        )
-        await connection().execute(packages.add_cte(shipment.cte("shipment")))
+        shipment = {
+            "customer": event.customer_id,
+            "order": event.order_id,
+            "tid": event.tid,
+            "package_count": len(event.items),
+            "total_freight_value": sum((i.freight_value for i in event.items), Decimal(0)),
+            "request_date": when,
+            **{name: getattr(customer, name) for name in _ADDRESS},
+        }
+        packages = [
+            {
+                **key,
+                "package_id": n,
+                "seller_id": item.seller_id,
+                "product_id": item.product_id,
+                "product_name": item.product_name,
+                "freight_value": item.freight_value,
+                "quantity": item.quantity,
+                "shipping_date": when,
+                "status": PackageStatus.SHIPPED,
+            }
+            for n, item in enumerate(event.items, start=1)
+        ]
+        await connection().execute(_SHIP, {**shipment, **_PACKAGES.params(packages)})
         send(ShipmentNotification(**key, tid=event.tid, status=ShipmentStatus.APPROVED, event_date=when))
         send(CheckoutMark.of(event.tid, event.customer_id, MarkStatus.SUCCESS, "shipment"))
 
@@ -94,7 +102,7 @@ class Shipment(Service, name="shipment"):
         their shipments', which every delivery takes in key order.
         """
         when = now()
-        delivered = await rows(_deliver(settings().delivery_sellers, when))
+        delivered = await rows(_DELIVER, {"sellers": settings().delivery_sellers, "at": when})
         delivered.sort(key=lambda p: (p["customer_id"], p["order_id"], p["seller_id"], p["package_id"]))
         for package in delivered:
             send(DeliveryNotification(tid=tid, status=PackageStatus.DELIVERED, delivery_date=when, **package))
@@ -106,37 +114,18 @@ class Shipment(Service, name="shipment"):
     async def _progress(self, shipments: Sequence[tuple[int, int]], tid: str, when: datetime) -> None:
         """approved -> delivery_in_progress -> concluded, notifying each step (``shipments``:
         ``(customer_id, order_id)`` in key order)."""
-        key = tuple_(ShipmentRecord.customer_id, ShipmentRecord.order_id)
+        keys = {"customers": [c for c, _ in shipments], "orders": [o for _, o in shipments]}
         # Lock the shipments in key order and read their status as locked. A concurrent delivery
         # of the same shipments (another seller's packages of the same order) waits here until
         # this transaction commits, or this one waits for it.
-        locked = await rows(
-            select(ShipmentRecord.customer_id, ShipmentRecord.order_id, ShipmentRecord.status)
-            .where(key.in_(shipments))
-            .order_by(ShipmentRecord.customer_id, ShipmentRecord.order_id)
-            .with_for_update()
-        )
+        locked = await rows(_LOCK_SHIPMENTS, keys)
         was = {(r["customer_id"], r["order_id"]): r["status"] for r in locked}
-        # The packages left are counted in a later statement than the lock: under read committed
-        # a statement reads the snapshot taken when it began, before it waited for the lock. This
-        # one begins after every delivery that locked these shipments before us has committed,
-        # so it sees their packages delivered, and the last of two deliveries of one order's
-        # packages concludes the shipment.
-        left = exists().where(
-            Package.customer_id == ShipmentRecord.customer_id,
-            Package.order_id == ShipmentRecord.order_id,
-            Package.status == PackageStatus.SHIPPED,
-        )
-        advanced = await rows(
-            update(ShipmentRecord)
-            .where(
-                key.in_(shipments),
-                ShipmentRecord.status != ShipmentStatus.CONCLUDED,
-                or_(ShipmentRecord.status == ShipmentStatus.APPROVED, ~left),
-            )
-            .values(status=case((left, ShipmentStatus.DELIVERY_IN_PROGRESS), else_=ShipmentStatus.CONCLUDED))
-            .returning(ShipmentRecord.customer_id, ShipmentRecord.order_id, ShipmentRecord.status)
-        )
+        # The packages left are counted in a later statement than the lock (_ADVANCE): under
+        # read committed a statement reads the snapshot taken when it began, before it waited
+        # for the lock. This one begins after every delivery that locked these shipments before
+        # us has committed, so it sees their packages delivered, and the last of two deliveries
+        # of one order's packages concludes the shipment.
+        advanced = await rows(_ADVANCE, keys)
         status = {(r["customer_id"], r["order_id"]): r["status"] for r in advanced}
         for customer_id, order_id in shipments:
             if (customer_id, order_id) not in status:
@@ -171,9 +160,9 @@ class Shipment(Service, name="shipment"):
         await clear(Package, ShipmentRecord)
 
 
-def _deliver(sellers: int, when: datetime) -> Update:
-    """Deliver the shipped packages of each of up to ``sellers`` sellers' oldest order (by
-    shipping date), in one statement that returns the packages it delivered.
+def _deliver() -> Update:
+    """Deliver the shipped packages of each of up to ``:sellers`` sellers' oldest order (by
+    shipping date), at ``:at``, in one statement that returns the packages it delivered.
 
     The packages are locked ``SKIP LOCKED``: a delivery never waits for another one's packages.
     When two deliveries choose the same order, the second leaves the packages the first holds
@@ -190,7 +179,7 @@ def _deliver(sellers: int, when: datetime) -> Update:
         .order_by(Package.seller_id, Package.shipping_date, Package.customer_id, Package.order_id)
         .subquery("oldest")
     )
-    chosen = select(oldest).order_by(oldest.c.shipping_date).limit(sellers).subquery("chosen")
+    chosen = select(oldest).order_by(oldest.c.shipping_date).limit(bindparam("sellers")).subquery("chosen")
     free = (
         select(Package.customer_id, Package.order_id, Package.package_id)
         .join(
@@ -212,7 +201,7 @@ def _deliver(sellers: int, when: datetime) -> Update:
             Package.order_id == free.c.order_id,
             Package.package_id == free.c.package_id,
         )
-        .values(status=PackageStatus.DELIVERED, delivery_date=when)
+        .values(status=PackageStatus.DELIVERED, delivery_date=bindparam("at"))
         .returning(
             Package.customer_id,
             Package.order_id,
@@ -255,3 +244,89 @@ class Package(Shipment.Model):
     shipping_date: Mapped[datetime] = timestamp_column()
     delivery_date: Mapped[datetime | None] = timestamp_column(nullable=True)
     status: Mapped[str] = mapped_column(String(20))
+
+
+# -- a delivery's statements, built once (see the cart's) ------------------------------------
+
+_DELIVER = _deliver()
+
+
+def _shipments_in() -> ColumnElement[bool]:
+    """The shipments ``zip(:customers, :orders)`` name (two integer arrays): one statement text
+    whatever their number (an IN list of tuples is rendered anew for each length)."""
+    pairs = (
+        func.unnest(bindparam("customers", type_=ARRAY(Integer)), bindparam("orders", type_=ARRAY(Integer)))
+        .table_valued(column("customer_id", Integer), column("order_id", Integer))
+        .render_derived("k")
+    )
+    key = tuple_(ShipmentRecord.customer_id, ShipmentRecord.order_id)
+    return key.in_(select(pairs.c.customer_id, pairs.c.order_id))
+
+
+_LOCK_SHIPMENTS = (
+    select(ShipmentRecord.customer_id, ShipmentRecord.order_id, ShipmentRecord.status)
+    .where(_shipments_in())
+    .order_by(ShipmentRecord.customer_id, ShipmentRecord.order_id)
+    .with_for_update()
+)
+
+
+def _advance() -> Update:
+    """approved -> delivery_in_progress, or -> concluded once no package is left shipped."""
+    left = exists().where(
+        Package.customer_id == ShipmentRecord.customer_id,
+        Package.order_id == ShipmentRecord.order_id,
+        Package.status == PackageStatus.SHIPPED,
+    )
+    return (
+        update(ShipmentRecord)
+        .where(
+            _shipments_in(),
+            ShipmentRecord.status != ShipmentStatus.CONCLUDED,
+            or_(ShipmentRecord.status == ShipmentStatus.APPROVED, ~left),
+        )
+        .values(status=case((left, ShipmentStatus.DELIVERY_IN_PROGRESS), else_=ShipmentStatus.CONCLUDED))
+        .returning(ShipmentRecord.customer_id, ShipmentRecord.order_id, ShipmentRecord.status)
+    )
+
+
+_ADVANCE = _advance()
+
+
+# -- a paid order's shipment, built once (see the cart's) --------------------------------------
+
+#: What a shipment copies of the customer's checkout.
+_ADDRESS = ("first_name", "last_name", "street", "complement", "zip_code", "city", "state")
+
+_PACKAGES = RowsInsert(
+    Package,
+    [
+        "customer_id",
+        "order_id",
+        "package_id",
+        "seller_id",
+        "product_id",
+        "product_name",
+        "freight_value",
+        "quantity",
+        "shipping_date",
+        "status",
+    ],
+)
+
+
+def _ship() -> Insert:
+    """The packages' INSERT (``_PACKAGES``), the shipment's riding along as a CTE."""
+    shipment = insert(ShipmentRecord).values(
+        customer_id=bindparam("customer"),
+        order_id=bindparam("order"),
+        status=ShipmentStatus.APPROVED,
+        **{
+            name: bindparam(name)
+            for name in ("tid", "package_count", "total_freight_value", "request_date", *_ADDRESS)
+        },
+    )
+    return _PACKAGES.statement.add_cte(shipment.cte("shipment"))
+
+
+_SHIP = _ship()

@@ -22,7 +22,22 @@ from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
-from sqlalchemy import CheckConstraint, ColumnElement, String, and_, select, tuple_, update
+from sqlalchemy import (
+    CheckConstraint,
+    ColumnElement,
+    Integer,
+    Select,
+    String,
+    Update,
+    and_,
+    bindparam,
+    column,
+    func,
+    select,
+    tuple_,
+    update,
+)
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Mapped, mapped_column
 
 from framework import (
@@ -51,9 +66,9 @@ from vmsdb_eshop.events import (
 )
 from vmsdb_eshop.schemas import CartItem, ItemStatus, MarkStatus, StockRow
 from vmsdb_eshop.services.common import (
+    RowsInsert,
     as_row,
     clear,
-    insert_rows,
     keys_of,
     now,
     timestamp_column,
@@ -154,10 +169,7 @@ class Stock(Service, name="stock"):
         other instead of deadlocking. (The lease functions lock one row each.)
         """
         found = await connection().execute(
-            select(StockItem.seller_id, StockItem.product_id, StockItem.version)
-            .where(tuple_(StockItem.seller_id, StockItem.product_id).in_(keys))
-            .order_by(StockItem.seller_id, StockItem.product_id)
-            .with_for_update()
+            _LOCK, {"sellers": [seller for seller, _ in keys], "products": [product for _, product in keys]}
         )
         return {(row.seller_id, row.product_id): row.version for row in found}
 
@@ -189,107 +201,35 @@ class Stock(Service, name="stock"):
         """Insert the reservations and raise the rows' ``qty_reserved``, in one statement."""
         if not items:
             return
-        held = (
-            insert_rows(
-                Reservation,
-                [
-                    {
-                        "tid": event.tid,
-                        "seller_id": item.seller_id,
-                        "product_id": item.product_id,
-                        "customer_id": event.customer_id,
-                        "quantity": item.quantity,
-                        "version": item.version,
-                        "lease_id": item.lease_id,
-                        "status": "reserved",
-                    }
-                    for item in items
-                ],
-            )
-            .returning(Reservation.seller_id, Reservation.product_id, Reservation.quantity)
-            .cte("held")
-        )
-        # The rows are locked (``_lock``): the order this UPDATE writes them in is free.
-        await connection().execute(
-            update(StockItem)
-            .where(StockItem.seller_id == held.c.seller_id, StockItem.product_id == held.c.product_id)
-            .values(qty_reserved=StockItem.qty_reserved + held.c.quantity, updated_at=now())
-        )
+        reservations = [
+            {
+                "tid": event.tid,
+                "seller_id": item.seller_id,
+                "product_id": item.product_id,
+                "customer_id": event.customer_id,
+                "quantity": item.quantity,
+                "version": item.version,
+                "lease_id": item.lease_id,
+                "status": "reserved",
+            }
+            for item in items
+        ]
+        await connection().execute(_RESERVE, {**_RESERVATIONS.params(reservations), "at": now()})
 
     @Inbound(PaymentConfirmed)
     @Transactional
     async def confirm(self, event: PaymentConfirmed) -> None:
         """Sold: the reserved quantity leaves the stock for good (``qty_free`` is unchanged)."""
-        await self._settle_reservations(
-            event.customer_id,
-            event.tid,
-            "confirmed",
-            lambda q: {
-                "qty_available": StockItem.qty_available - q,
-                "qty_reserved": StockItem.qty_reserved - q,
-                "ytd": StockItem.ytd + q,
-                "order_count": StockItem.order_count + 1,
-            },
+        await connection().execute(
+            _CONFIRM, {"by_customer": event.customer_id, "by_tid": event.tid, "at": now()}
         )
 
     @Inbound(PaymentFailed)
     @Transactional
     async def cancel(self, event: PaymentFailed) -> None:
         """Not paid: the reservation is released, its quantity free again."""
-        await self._settle_reservations(
-            event.customer_id,
-            event.tid,
-            "cancelled",
-            lambda q: {"qty_reserved": StockItem.qty_reserved - q, "qty_free": StockItem.qty_free + q},
-        )
-
-    async def _settle_reservations(
-        self,
-        customer_id: int,
-        tid: str,
-        status: str,
-        changes: Callable[[ColumnElement[int]], dict[str, ColumnElement[int]]],
-    ) -> None:
-        """Mark the checkout's open reservations ``status`` and apply ``changes`` (of each one's
-        quantity) to their stock rows, in one statement.
-
-        ``settled`` ends the reservations; ``locked`` then locks their stock rows in key order,
-        as ``_lock`` does, so a confirmation and a checkout sharing items cannot deadlock (an
-        UPDATE has no ORDER BY: on its own it would lock them in whatever order its join found
-        them). The UPDATE writes only rows joined to ``locked``, so every row it writes was
-        locked there first, whichever way Postgres joins them. MATERIALIZED: the locking query
-        is run as written, never folded into the UPDATE.
-        """
-        settled = (
-            update(Reservation)
-            .where(
-                Reservation.customer_id == customer_id,
-                Reservation.tid == tid,
-                Reservation.status == "reserved",
-            )
-            .values(status=status, updated_at=now())
-            .returning(Reservation.seller_id, Reservation.product_id, Reservation.quantity)
-            .cte("settled")
-        )
-        locked = (
-            select(StockItem.seller_id, StockItem.product_id, settled.c.quantity)
-            .join_from(
-                StockItem,
-                settled,
-                and_(
-                    StockItem.seller_id == settled.c.seller_id,
-                    StockItem.product_id == settled.c.product_id,
-                ),
-            )
-            .order_by(StockItem.seller_id, StockItem.product_id)
-            .with_for_update(of=StockItem)
-            .cte("locked")
-            .prefix_with("MATERIALIZED", dialect="postgresql")
-        )
         await connection().execute(
-            update(StockItem)
-            .where(StockItem.seller_id == locked.c.seller_id, StockItem.product_id == locked.c.product_id)
-            .values(**changes(locked.c.quantity), updated_at=now())
+            _CANCEL, {"by_customer": event.customer_id, "by_tid": event.tid, "at": now()}
         )
 
     @Inbound(ProductUpdated, precedence=ReserveStock)
@@ -302,13 +242,14 @@ class Stock(Service, name="stock"):
         request is applied before it, so the replaced version cannot be sold to that checkout.
         """
         await connection().execute(
-            update(StockItem)
-            .where(
-                StockItem.seller_id == event.seller_id,
-                StockItem.product_id == event.product_id,
-                StockItem.product_revision < event.revision,  # an older update never wins
-            )
-            .values(version=event.product.version, product_revision=event.revision, updated_at=now())
+            _NEW_VERSION,
+            {
+                "by_seller": event.seller_id,
+                "by_product": event.product_id,
+                "version": event.product.version,
+                "product_revision": event.revision,
+                "at": now(),
+            },
         )
         if event.tid is not None:
             send(ProductUpdateMark.of(event.tid, event.seller_id, MarkStatus.SUCCESS, "stock"))
@@ -374,3 +315,121 @@ class Reservation(Stock.Model):
     status: Mapped[str] = mapped_column(String(20))
     created_at: Mapped[datetime] = timestamp_column()
     updated_at: Mapped[datetime] = timestamp_column()
+
+
+# -- the hot statements, built once (see the cart's) -------------------------------------------
+
+
+def _lock_rows() -> Select[Any]:
+    """Lock the rows ``zip(:sellers, :products)`` name, in key order; their versions. The keys
+    come as two arrays: one statement text whatever their number (an IN list of tuples is
+    rendered anew for each length)."""
+    keys = (
+        func.unnest(bindparam("sellers", type_=ARRAY(Integer)), bindparam("products", type_=ARRAY(Integer)))
+        .table_valued(column("seller_id", Integer), column("product_id", Integer))
+        .render_derived("k")
+    )
+    return (
+        select(StockItem.seller_id, StockItem.product_id, StockItem.version)
+        .where(
+            tuple_(StockItem.seller_id, StockItem.product_id).in_(select(keys.c.seller_id, keys.c.product_id))
+        )
+        .order_by(StockItem.seller_id, StockItem.product_id)
+        .with_for_update()
+    )
+
+
+_LOCK = _lock_rows()
+
+_RESERVATIONS = RowsInsert(
+    Reservation,
+    ["tid", "seller_id", "product_id", "customer_id", "quantity", "version", "lease_id", "status"],
+)
+
+
+def _reserve() -> Update:
+    """Insert the reservations (``_RESERVATIONS``) and raise the rows' ``qty_reserved``."""
+    held = (
+        _RESERVATIONS.statement.returning(Reservation.seller_id, Reservation.product_id, Reservation.quantity)
+    ).cte("held")
+    # The rows are locked (``_lock``): the order this UPDATE writes them in is free.
+    return (
+        update(StockItem)
+        .where(StockItem.seller_id == held.c.seller_id, StockItem.product_id == held.c.product_id)
+        .values(qty_reserved=StockItem.qty_reserved + held.c.quantity, updated_at=bindparam("at"))
+    )
+
+
+_RESERVE = _reserve()
+
+
+def _settling(status: str, changes: Callable[[ColumnElement[int]], dict[str, ColumnElement[int]]]) -> Update:
+    """Mark the checkout's open reservations ``status`` and apply ``changes`` (of each one's
+    quantity) to their stock rows, in one statement; run with ``by_customer``, ``by_tid`` and
+    ``at``.
+
+    ``settled`` ends the reservations; ``locked`` then locks their stock rows in key order,
+    as ``_lock`` does, so a confirmation and a checkout sharing items cannot deadlock (an
+    UPDATE has no ORDER BY: on its own it would lock them in whatever order its join found
+    them). The UPDATE writes only rows joined to ``locked``, so every row it writes was
+    locked there first, whichever way Postgres joins them. MATERIALIZED: the locking query
+    is run as written, never folded into the UPDATE.
+    """
+    settled = (
+        update(Reservation)
+        .where(
+            Reservation.customer_id == bindparam("by_customer"),
+            Reservation.tid == bindparam("by_tid"),
+            Reservation.status == "reserved",
+        )
+        .values(status=status, updated_at=bindparam("at"))
+        .returning(Reservation.seller_id, Reservation.product_id, Reservation.quantity)
+        .cte("settled")
+    )
+    locked = (
+        select(StockItem.seller_id, StockItem.product_id, settled.c.quantity)
+        .join_from(
+            StockItem,
+            settled,
+            and_(StockItem.seller_id == settled.c.seller_id, StockItem.product_id == settled.c.product_id),
+        )
+        .order_by(StockItem.seller_id, StockItem.product_id)
+        .with_for_update(of=StockItem)
+        .cte("locked")
+        .prefix_with("MATERIALIZED", dialect="postgresql")
+    )
+    return (
+        update(StockItem)
+        .where(StockItem.seller_id == locked.c.seller_id, StockItem.product_id == locked.c.product_id)
+        .values(**changes(locked.c.quantity), updated_at=bindparam("at"))
+    )
+
+
+#: Sold: the reserved quantity leaves the stock for good (``qty_free`` is unchanged).
+_CONFIRM = _settling(
+    "confirmed",
+    lambda q: {
+        "qty_available": StockItem.qty_available - q,
+        "qty_reserved": StockItem.qty_reserved - q,
+        "ytd": StockItem.ytd + q,
+        "order_count": StockItem.order_count + 1,
+    },
+)
+#: Not paid: the reservation is released, its quantity free again.
+_CANCEL = _settling(
+    "cancelled", lambda q: {"qty_reserved": StockItem.qty_reserved - q, "qty_free": StockItem.qty_free + q}
+)
+
+_NEW_VERSION = (
+    update(StockItem)
+    .where(
+        StockItem.seller_id == bindparam("by_seller"),
+        StockItem.product_id == bindparam("by_product"),
+        StockItem.product_revision < bindparam("product_revision"),  # an older update never wins
+    )
+    .values(
+        version=bindparam("version"),
+        product_revision=bindparam("product_revision"),
+        updated_at=bindparam("at"),
+    )
+)
