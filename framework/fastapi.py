@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Annotated, Any, TypeVar
 
@@ -178,22 +178,29 @@ def attach(api: FastAPI, app: App) -> FastAPI:
     return api
 
 
-def current_app(request: Request) -> App:
-    """Dependency: the App attached to the request's FastAPI application."""
+def _app_of(request: Request) -> App:
     app = getattr(request.app.state, _STATE_KEY, None)
     if not isinstance(app, App):
         raise FrameworkError("no App is attached to this FastAPI application; call attach(api, app)")
     return app
 
 
+# The dependencies are coroutines, though they never wait: FastAPI runs a plain ``def``
+# dependency in a worker thread, one thread hop (a context switch each way and the GIL handed
+# over) per dependency per request.
+async def current_app(request: Request) -> App:
+    """Dependency: the App attached to the request's FastAPI application."""
+    return _app_of(request)
+
+
 #: ``app: CurrentApp`` in a route's signature: the attached App.
 CurrentApp = Annotated[App, Depends(current_app)]
 
 
-_dependencies: dict[type[Service], Callable[[Request], Any]] = {}
+_dependencies: dict[type[Service], Callable[[Request], Awaitable[Any]]] = {}
 
 
-def service(cls: type[S]) -> Callable[[Request], S]:
+def service(cls: type[S]) -> Callable[[Request], Awaitable[S]]:
     """Dependency factory: ``Annotated[Cart, Depends(service(Cart))]`` gives the running instance.
 
     The same callable is returned for the same class, so FastAPI resolves it once per request.
@@ -201,8 +208,8 @@ def service(cls: type[S]) -> Callable[[Request], S]:
     found = _dependencies.get(cls)
     if found is None:
 
-        def dependency(request: Request) -> S:
-            return current_app(request).service(cls)
+        async def dependency(request: Request) -> S:
+            return _app_of(request).service(cls)
 
         dependency.__name__ = f"service_{cls.__name__}"
         dependency.__qualname__ = dependency.__name__

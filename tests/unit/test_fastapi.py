@@ -13,7 +13,8 @@ from typing import Annotated, Any
 
 import httpx
 import pytest
-from fastapi import Depends, FastAPI
+from fastapi import Depends, FastAPI, Request
+from fastapi.dependencies import utils as fastapi_dependencies
 from pydantic import BaseModel
 from sqlalchemy import text
 from sqlalchemy.orm import Mapped, mapped_column
@@ -209,6 +210,38 @@ async def test_service_dependency_gives_the_running_instance(api: FastAPI, clien
     async with client(api) as http:
         body = (await http.get("/whoami")).json()
     assert body["same"] == 1
+
+
+async def test_no_dependency_runs_in_a_worker_thread(
+    api: FastAPI, client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A plain ``def`` dependency costs a thread hop per request: the framework's are coroutines."""
+    hops: list[str] = []
+    real = fastapi_dependencies.run_in_threadpool
+
+    async def counted(call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        hops.append(getattr(call, "__name__", repr(call)))
+        return await real(call, *args, **kwargs)
+
+    monkeypatch.setattr(fastapi_dependencies, "run_in_threadpool", counted)
+    async with client(api) as http:
+        assert (await http.get("/whoami")).json()["same"] == 1
+        assert (await http.post("/items", json={"sku": "t", "qty": 1})).status_code == 200
+
+    assert hops == []
+
+    def sync_app(request: Request) -> str:  # what the dependencies were: the check sees it
+        return request.url.path
+
+    probe = FastAPI()
+
+    @probe.get("/sync-dependency")
+    async def uses_sync(path: str = Depends(sync_app)) -> str:  # local: no Annotated (postponed)
+        return path
+
+    async with client(probe) as http:
+        assert (await http.get("/sync-dependency")).json() == "/sync-dependency"
+    assert hops == ["sync_app"]
 
 
 async def test_isolation_error_is_403_naming_both_services(api: FastAPI, client: Client) -> None:
