@@ -63,7 +63,11 @@ async def _listen(app: App, wake: asyncio.Event) -> asyncpg.Connection:
     engine = app.core.engine
     args, kwargs = engine.dialect.create_connect_args(engine.url)
     conn: asyncpg.Connection = await asyncpg.connect(*args, **kwargs)
-    await conn.add_listener(REQUESTS_CHANNEL, lambda *_: wake.set())
+    try:
+        await conn.add_listener(REQUESTS_CHANNEL, lambda *_: wake.set())
+    except BaseException:  # cancelled (the App stopping) while it listened: not left open
+        await conn.close()
+        raise
     return conn
 
 

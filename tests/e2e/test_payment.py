@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
+import asyncpg
 import pytest
 from sqlalchemy import text
 
@@ -130,3 +131,23 @@ async def test_a_recorded_request_wakes_the_processors(eshop: Eshop, provider: G
         await asyncio.wait_for(woken.wait(), 10)
     finally:
         await listener.close()
+
+
+async def test_a_processor_stopped_while_it_starts_listening_leaves_no_connection_open(
+    eshop: Eshop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    opened: list[asyncpg.Connection] = []
+    listening = asyncio.Event()
+
+    async def stuck(self: asyncpg.Connection, *_: object) -> None:  # LISTEN never answers
+        opened.append(self)
+        listening.set()
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(asyncpg.Connection, "add_listener", stuck)
+    task = asyncio.create_task(_listen(eshop.app, asyncio.Event()))
+    await asyncio.wait_for(listening.wait(), 10)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert [conn.is_closed() for conn in opened] == [True]
