@@ -13,7 +13,6 @@ one's answer. Every route documents the statuses it can answer.
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from typing import Annotated, Any, TypeVar
 
@@ -44,6 +43,7 @@ from vmsdb_eshop.schemas import (
     StockRow,
 )
 from vmsdb_eshop.services import Cart, Customer, Order, Payment, Product, Seller, Shipment, Stock
+from vmsdb_eshop.services.cart import UnknownEntity
 from vmsdb_eshop.services.product import Change
 
 __all__ = ["ROUTERS", "NotFound", "cleanup", "ops"]
@@ -128,13 +128,6 @@ def _tid(given: str | None) -> str:
     return given or uuid.uuid4().hex
 
 
-async def _all_found(*lookups: tuple[Any, str]) -> None:
-    """404 for the first of ``(read, what)`` that finds nothing (the reads run together)."""
-    found = await asyncio.gather(*(read for read, _ in lookups))
-    for value, (_, what) in zip(found, lookups, strict=True):
-        _found(value, what)
-
-
 def _refused(change: Change, tid: str, what: str) -> None:
     """A price update's or replacement's refusal as 404/409 (nothing was published)."""
     if change is Change.UNKNOWN:
@@ -184,18 +177,15 @@ async def ingest_stock(row: StockRow, svc: StockApi) -> Row:
 
 
 @cart.patch("/{customer_id}/add", responses=_answers(400, 404, 409))
-async def add_to_cart(
-    customer_id: IdPath, item: CartItemBody, svc: CartApi, customers: CustomerApi, products: ProductApi
-) -> Row:
+async def add_to_cart(customer_id: IdPath, item: CartItemBody, svc: CartApi) -> Row:
     """Add an item; its quantity is held by a stock lease when there is enough (``reserved``).
 
     404 for an unknown customer or product.
     """
-    await _all_found(
-        (customers.get(customer_id), f"customer {customer_id}"),
-        (products.get(item.seller_id, item.product_id), f"product {item.seller_id}/{item.product_id}"),
-    )
-    result: Row = await svc.add_item(customer_id, item)
+    try:
+        result: Row = await svc.add_item(customer_id, item)
+    except UnknownEntity as err:
+        raise NotFound(str(err)) from None
     return result
 
 

@@ -34,7 +34,10 @@ from vmsdb_eshop.services.payment import Payment
 # reservation 5n (and 2n savepoints) and its confirmation 1 + n; an add 4, a re-add 6 (and 2
 # savepoints).
 CHECKOUT = {"Cart.claim_checkout": 1, "Cart.checkout": 2, "Stock.reserve": 3, "Stock.confirm": 1}
-ADD = 4  # the cart's upsert, the replaced line's lease, the stock's hold, the line's upsert
+# An add, all its calls: whether the customer and the product exist (one query, in the cart's
+# transaction; before, two more calls of their own), the cart's upsert, the replaced line's
+# lease, the stock's hold, the line's upsert.
+ADD = 5
 READD = ADD + 1  # and the replaced lease given back
 # Items whose cart lease expired: a lease on the spot for each, and one consume for them all.
 SPOT = 1
@@ -104,12 +107,26 @@ async def test_a_checkout_costs_the_same_for_one_item_as_for_five(eshop: Eshop) 
     assert_holds(await eshop.verdict())
 
 
-async def test_an_add_to_the_cart_costs_four_statements(eshop: Eshop) -> None:
+async def test_an_add_to_the_cart_is_one_call_of_five_statements(eshop: Eshop) -> None:
     with statements_by_function() as first:
         await eshop.add(3, 1, 1, 1)
     with statements_by_function() as again:
         await eshop.add(3, 1, 1, 2)  # replaces the line and its lease
-    assert (first["Cart.add_item"], again["Cart.add_item"]) == (ADD, READD)
+    assert (dict(first), dict(again)) == ({"Cart.add_item": ADD}, {"Cart.add_item": READD})
+
+
+async def test_an_add_of_an_unknown_customer_or_product_is_404_naming_it_and_writes_nothing(
+    eshop: Eshop,
+) -> None:
+    item = {"SellerId": 1, "ProductId": 1, "ProductName": "p", "UnitPrice": "1.00", "Quantity": 1}
+    unknown_customer = await eshop.http.patch("/cart/999999/add", json=item)
+    assert unknown_customer.status_code == 404, unknown_customer.text
+    assert "customer 999999 does not exist" in unknown_customer.text
+    unknown_product = await eshop.http.patch("/cart/3/add", json={**item, "ProductId": 999999})
+    assert unknown_product.status_code == 404, unknown_product.text
+    assert "product 1/999999 does not exist" in unknown_product.text
+    for customer in (999999, 3):  # checked before the cart's upsert: no cart row was written
+        assert (await eshop.http.get(f"/cart/{customer}")).status_code == 404
 
 
 async def test_expired_leases_cost_the_reservation_a_statement_each_and_one(eshop: Eshop) -> None:

@@ -23,7 +23,17 @@ from sqlalchemy import RowMapping, Select, String, Update, and_, bindparam, dele
 from sqlalchemy.dialects.postgresql import Insert, insert
 from sqlalchemy.orm import Mapped, mapped_column
 
-from framework import Inbound, Outbound, Service, Transactional, connection, release_leases, send, session
+from framework import (
+    Inbound,
+    Outbound,
+    Query,
+    Service,
+    Transactional,
+    connection,
+    release_leases,
+    send,
+    session,
+)
 from vmsdb_eshop.config import settings
 from vmsdb_eshop.events import (
     CheckoutMark,
@@ -46,11 +56,33 @@ from vmsdb_eshop.services.common import (
 )
 from vmsdb_eshop.services.stock import Stock
 
-__all__ = ["Cart", "CartHistory", "CartLine", "CartRecord", "CheckoutClaim", "ReplicaProduct"]
+__all__ = [
+    "Cart",
+    "CartHistory",
+    "CartLine",
+    "CartRecord",
+    "CheckoutClaim",
+    "ReplicaProduct",
+    "UnknownEntity",
+]
+
+
+class UnknownEntity(LookupError):
+    """A cart call named a customer or a product that does not exist."""
 
 
 class Cart(Service, name="cart"):
     stock: Stock
+
+    @Query(
+        "SELECT EXISTS (SELECT 1 FROM CustomerRecord c WHERE c.id = :customer_id) AS customer, "
+        "EXISTS (SELECT 1 FROM ProductRecord p "
+        "WHERE p.seller_id = :seller_id AND p.product_id = :product_id) AS product"
+    )
+    async def known(self, customer_id: int, seller_id: int, product_id: int) -> list[dict[str, bool]]:
+        """Whether the customer and the product exist (one row), read from the customer's and
+        the product's own tables in the caller's transaction."""
+        ...
 
     # Read committed: the lease grant runs in this transaction and must see leases committed
     # while it waited for the stock row's lock (see Stock.reserve).
@@ -58,8 +90,15 @@ class Cart(Service, name="cart"):
     async def add_item(self, customer_id: int, item: CartItemFields) -> dict[str, Any]:
         """Put ``item`` in the cart, holding its quantity with a stock lease when there is enough.
 
-        Adding a product that is already in the cart replaces it (and its lease).
+        Adding a product that is already in the cart replaces it (and its lease). Raises
+        :class:`UnknownEntity` (nothing written) for an unknown customer or product: one call
+        and one transaction do what took three calls.
         """
+        known = (await self.known(customer_id, item.seller_id, item.product_id))[0]
+        if not known["customer"]:
+            raise UnknownEntity(f"customer {customer_id} does not exist")
+        if not known["product"]:
+            raise UnknownEntity(f"product {item.seller_id}/{item.product_id} does not exist")
         conn = connection()
         key = {"customer_id": customer_id, "seller_id": item.seller_id, "product_id": item.product_id}
         # First, and a statement of its own: the upsert locks the customer's cart row, so two

@@ -200,6 +200,7 @@ async def _record(tid: str, kind: str, request: BaseModel) -> bool:
     return taken.first() is not None
 
 
+@Product.export  # the catalog is public: a cart checks that a product exists (Cart.known)
 @Product.referenceable
 class ProductRecord(Product.Model):
     __tablename__ = "products"
