@@ -1,13 +1,16 @@
-"""Batched references: ``vms.get_references`` and the body it shares with ``vms.get_reference``.
+"""Batched references, and notifications that name the event types of each correlation.
 
 - ``vms.get_references(uris, count, copies, holder)``: many references in one statement, each
   refusal (no such entity, a tombstone) an answer in its place rather than an error, so the
   caller's transaction goes on without a savepoint; the entities are locked in URI order, so two
   batches cannot deadlock. ``vms.ref_take`` is the body it shares with ``vms.get_reference``
   (which still raises a refusal); services may not call it (it trusts the holder it is given).
+- ``vms.fan_out``: the notification's second line names each correlation with the event types
+  committed in it (``<correlation>=<type>|<type>,...``, names escaped by ``vms.notify_part``),
+  so that an outcome waiter is looked up only when a type it awaits committed.
 
-Copied from ``dbcore.reference_catalog`` as it was when this revision was written: a revision
-stays what it is when the code moves on.
+Copied from ``dbcore.reference_catalog``, ``dbcore.eventlog`` and ``dbcore.notifications`` as
+they were when this revision was written: a revision stays what it is when the code moves on.
 
 Revision ID: 0008_ref_batches_notify_types
 Revises: 0007_login_roles
@@ -136,6 +139,74 @@ GET_REFERENCES = r"""
     END $$
 """
 
+NOTIFY_PART = r"""
+    CREATE OR REPLACE FUNCTION vms.notify_part(text) RETURNS text LANGUAGE sql IMMUTABLE AS $$
+        SELECT replace(replace(replace(replace($1, '%', '%25'), ',', '%2C'), '=', '%3D'), '|', '%7C')
+    $$
+"""
+
+FAN_OUT_AFTER = r"""
+    CREATE OR REPLACE FUNCTION vms.fan_out() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, vms AS $$
+    DECLARE
+        targets text;
+        correlations text;
+    BEGIN
+        WITH inserted AS (
+            INSERT INTO vms.deliveries (subscriber, position, xid, event_type, key)
+            SELECT s.service, n.position, n.xid, n.type, n.key
+              FROM new_events n JOIN vms.subscriptions s ON s.event_type = n.type
+             WHERE NOT vms.undeclared(n.producer, n.type, n.origin)
+            RETURNING subscriber
+        )
+        SELECT string_agg(DISTINCT subscriber, ',') INTO targets FROM inserted;
+        -- The second line names each correlation with the event types it committed (the
+        -- format: dbcore.notifications), so an outcome waiter is looked up only when a type it
+        -- awaits committed; '*' (look at all) when the list would not fit in a notification.
+        SELECT string_agg(vms.notify_part(c.correlation_id) || '=' || c.types, ',') INTO correlations
+          FROM (SELECT correlation_id, string_agg(DISTINCT vms.notify_part(type), '|') AS types
+                  FROM new_events WHERE correlation_id IS NOT NULL GROUP BY correlation_id) c;
+        IF octet_length(coalesce(targets, '')) + octet_length(correlations) > 7000 THEN
+            correlations := '*';
+        END IF;
+        IF targets IS NOT NULL OR correlations IS NOT NULL THEN
+            PERFORM pg_notify('vms_events',
+                              coalesce(targets, '') || E'\n' || coalesce(correlations, ''));
+        END IF;
+        RETURN NULL;
+    END $$
+    """
+
+FAN_OUT_BEFORE = r"""
+    CREATE OR REPLACE FUNCTION vms.fan_out() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, vms AS $$
+    DECLARE
+        targets text;
+        correlations text;
+    BEGIN
+        WITH inserted AS (
+            INSERT INTO vms.deliveries (subscriber, position, xid, event_type, key)
+            SELECT s.service, n.position, n.xid, n.type, n.key
+              FROM new_events n JOIN vms.subscriptions s ON s.event_type = n.type
+             WHERE NOT vms.undeclared(n.producer, n.type, n.origin)
+            RETURNING subscriber
+        )
+        SELECT string_agg(DISTINCT subscriber, ',') INTO targets FROM inserted;
+        -- The second line names the correlations, so outcome waiters look up only their own;
+        -- '*' (look at all) when the list would not fit in a notification.
+        SELECT string_agg(DISTINCT correlation_id, ',') INTO correlations FROM new_events;
+        IF length(correlations) > 7000 THEN
+            correlations := '*';
+        END IF;
+        IF targets IS NOT NULL OR correlations IS NOT NULL THEN
+            PERFORM pg_notify('vms_events',
+                              coalesce(targets, '') || E'
+' || coalesce(correlations, ''));
+        END IF;
+        RETURN NULL;
+    END $$
+    """
+
 
 def upgrade() -> None:
     op.execute(REF_TAKE)
@@ -144,9 +215,13 @@ def upgrade() -> None:
     op.execute("REVOKE ALL ON FUNCTION vms.ref_take(text, boolean, boolean, text[], text) FROM PUBLIC")
     op.execute("REVOKE ALL ON FUNCTION vms.get_references(text[], boolean, jsonb, text) FROM PUBLIC")
     op.execute("GRANT EXECUTE ON FUNCTION vms.get_references(text[], boolean, jsonb, text) TO vms_services")
+    op.execute(NOTIFY_PART)
+    op.execute(FAN_OUT_AFTER)
 
 
 def downgrade() -> None:
+    op.execute(FAN_OUT_BEFORE)
+    op.execute("DROP FUNCTION IF EXISTS vms.notify_part(text)")
     op.execute("DROP FUNCTION IF EXISTS vms.get_references(text[], boolean, jsonb, text)")
     op.execute(GET_REFERENCE_BEFORE)
     op.execute("DROP FUNCTION IF EXISTS vms.ref_take(text, boolean, boolean, text[], text)")
