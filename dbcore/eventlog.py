@@ -37,6 +37,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.types import UserDefinedType
 
 from dbcore.catalog import SERVICE_ROLE_FUNCTION, SERVICES_GROUP_ROLE, metadata
+from dbcore.notifications import NOTIFY_LIST_LIMIT, NOTIFY_PART_FUNCTION
 
 __all__ = [
     "FAN_OUT_FUNCTION",
@@ -219,15 +220,18 @@ FAN_OUT_FUNCTION = f"""
             RETURNING subscriber
         )
         SELECT string_agg(DISTINCT subscriber, ',') INTO targets FROM inserted;
-        -- The second line names the correlations, so outcome waiters look up only their own;
-        -- '*' (look at all) when the list would not fit in a notification.
-        SELECT string_agg(DISTINCT correlation_id, ',') INTO correlations FROM new_events;
-        IF length(correlations) > 7000 THEN
+        -- The second line names each correlation with the event types it committed (the
+        -- format: dbcore.notifications), so an outcome waiter is looked up only when a type it
+        -- awaits committed; '*' (look at all) when the list would not fit in a notification.
+        SELECT string_agg(vms.notify_part(c.correlation_id) || '=' || c.types, ',') INTO correlations
+          FROM (SELECT correlation_id, string_agg(DISTINCT vms.notify_part(type), '|') AS types
+                  FROM new_events WHERE correlation_id IS NOT NULL GROUP BY correlation_id) c;
+        IF octet_length(coalesce(targets, '')) + octet_length(correlations) > {NOTIFY_LIST_LIMIT} THEN
             correlations := '*';
         END IF;
         IF targets IS NOT NULL OR correlations IS NOT NULL THEN
             PERFORM pg_notify('{NOTIFY_CHANNEL}',
-                              coalesce(targets, '') || E'\n' || coalesce(correlations, ''));
+                              coalesce(targets, '') || E'\\n' || coalesce(correlations, ''));
         END IF;
         RETURN NULL;
     END $$
@@ -240,6 +244,7 @@ install_sql: Sequence[str] = (
     # A log created before the column existed (create_all adds no column to a table it finds).
     "ALTER TABLE vms.events ADD COLUMN IF NOT EXISTS trace_context text",
     UNDECLARED_FUNCTION,
+    NOTIFY_PART_FUNCTION,
     FAN_OUT_FUNCTION,
     "DROP TRIGGER IF EXISTS events_fan_out ON vms.events",
     """

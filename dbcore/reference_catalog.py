@@ -15,14 +15,15 @@
   last value and ``(t, k)``; the tombstone goes when the last reference is deleted.
 
 The functions are owned by the administrator and ``SECURITY DEFINER``, as the lease functions
-are: a service calls ``vms.get_reference`` in its own transaction, so the counter moves and
-commits with the caller's changes or not at all, and the caller is read from the session's role,
-so a service cannot count references in another's name. Services may read which tables are
-referenceable and where references are kept; the metadata changes only through the functions.
+are: a service calls ``vms.get_reference`` (or ``vms.get_references``, many entities in one
+statement) in its own transaction, so the counter moves and commits with the caller's changes
+or not at all, and the caller is read from the session's role, so a service cannot count
+references in another's name. Services may read which tables are referenceable and where
+references are kept; the metadata changes only through the functions.
 
 The tables have a ``MetaData`` of their own; :func:`install` creates them and the functions, and
-``Core.install()`` calls it. Core revisions ``0003_references`` and ``0006_reads_begin_epochs``
-create the same (a test compares).
+``Core.install()`` calls it. Core revisions ``0003_references``, ``0006_reads_begin_epochs`` and
+``0008_ref_batches_notify_types`` create the same (a test compares).
 When this module changes, add a core revision (see ``alembic/README.md``).
 """
 
@@ -227,6 +228,92 @@ REF_CALLER_FUNCTION = """
     END $$
 """
 
+#: ``vms.ref_take(uri, count, copy, columns, holder)``: take (or refresh) one reference for a
+#: holder already resolved; a refusal is returned as ``{"error": "not_found"|"deleted", ...}``.
+REF_TAKE_FUNCTION = """
+    CREATE OR REPLACE FUNCTION vms.ref_take(
+        p_uri text, p_count boolean, p_copy boolean, p_columns text[], p_holder text)
+    RETURNS jsonb LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $$
+    DECLARE e vms.entities; s vms.ref_services;
+    BEGIN
+        SELECT * INTO e FROM vms.entities WHERE uri = p_uri FOR UPDATE;
+        IF NOT FOUND THEN
+            RETURN jsonb_build_object('uri', p_uri, 'error', 'not_found',
+                                      'message', format('no referenceable entity %s', p_uri));
+        END IF;
+        s := vms.ref_service(e.service, true);
+        IF e.deleted AND p_count THEN
+            RETURN jsonb_build_object('uri', p_uri, 'error', 'deleted',
+                                      'message', format('entity %s was deleted', p_uri));
+        END IF;
+        IF e.pending THEN  -- the first access stamps a new version, in the new epoch
+            e := vms.ref_access(e);
+            e.t := vms.ref_tick(e.service);
+            e.k := s.epoch;
+        END IF;
+        IF p_count THEN
+            e.d := e.d + 1;
+            INSERT INTO vms.entity_holders AS h (uri, holder, count) VALUES (p_uri, p_holder, 1)
+            ON CONFLICT (uri, holder) DO UPDATE SET count = h.count + 1;
+        END IF;
+        -- A copy is a read of the entity's state: a merge must not overwrite what it saw.
+        UPDATE vms.entities SET t = e.t, k = e.k, d = e.d, pending = e.pending,
+               restored_by = CASE WHEN p_copy THEN NULL ELSE e.restored_by END
+         WHERE uri = p_uri;
+        RETURN jsonb_build_object('uri', e.uri, 't', e.t, 'k', e.k, 'deleted', e.deleted,
+                                  'copy', CASE WHEN p_copy THEN vms.ref_copy(e, p_columns) END);
+    END $$
+"""
+
+#: ``vms.get_reference(uri, count, copy, columns, holder)``: one reference; raises a refusal
+#: (SQLSTATE ``VR404``, ``VR410``).
+GET_REFERENCE_FUNCTION = f"""
+    CREATE OR REPLACE FUNCTION vms.get_reference(
+        p_uri text, p_count boolean, p_copy boolean, p_columns text[], p_holder text)
+    RETURNS jsonb LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $$
+    DECLARE answer jsonb := vms.ref_take(p_uri, p_count, p_copy, p_columns, vms.ref_caller(p_holder));
+    BEGIN
+        CASE answer ->> 'error'
+            WHEN 'not_found' THEN
+                RAISE EXCEPTION '%', answer ->> 'message' USING ERRCODE = '{SQLSTATE_NOT_FOUND}';
+            WHEN 'deleted' THEN
+                RAISE EXCEPTION '%', answer ->> 'message' USING ERRCODE = '{SQLSTATE_DELETED}';
+            ELSE
+                RETURN answer;
+        END CASE;
+    END $$
+"""
+
+#: ``vms.get_references(uris, count, copies, holder)``: one answer per URI, as a JSON array in
+#: the order given; ``copies`` has one element per URI: ``false``, ``true`` (the whole row) or
+#: an array of column names.
+GET_REFERENCES_FUNCTION = """
+    CREATE OR REPLACE FUNCTION vms.get_references(
+        p_uris text[], p_count boolean, p_copies jsonb, p_holder text)
+    RETURNS jsonb LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $$
+    DECLARE
+        holder_ text := vms.ref_caller(p_holder);
+        answers jsonb[] := array_fill(NULL::jsonb, ARRAY[cardinality(p_uris)]);
+        target record;
+        copy_ jsonb;
+    BEGIN
+        -- The entities' rows are locked in URI order, whatever order the caller gave: two
+        -- batches over the same entities then lock them in the same order. In the caller's
+        -- order, one batch taking A then B and another B then A could deadlock (each holding
+        -- the row the other waits for) until Postgres aborts one of them.
+        FOR target IN SELECT u.uri, u.n::int AS n FROM unnest(p_uris) WITH ORDINALITY AS u(uri, n)
+                       ORDER BY u.uri, u.n LOOP
+            copy_ := coalesce(p_copies -> (target.n - 1), 'false');
+            answers[target.n] := vms.ref_take(
+                target.uri, p_count, copy_ <> 'false',
+                CASE WHEN jsonb_typeof(copy_) = 'array'
+                     THEN ARRAY(SELECT jsonb_array_elements_text(copy_)) END,
+                holder_);
+        END LOOP;
+        RETURN to_jsonb(answers);
+    END $$
+"""
+
 # The functions every trigger and reference operation shares. Each takes the entity row FOR
 # UPDATE first: that lock orders a delete after every reference taken before it, so "d = 0, so
 # remove" can never race with a new reference (the same reason leases lock the stock row).
@@ -387,39 +474,16 @@ install_sql: Sequence[str] = (
                  WHERE j.key = ANY(p_columns || keys));
     END $$
     """,
-    # get_reference (p_count) and refresh (not p_count): both are accesses of the entity.
-    f"""
-    CREATE OR REPLACE FUNCTION vms.get_reference(
-        p_uri text, p_count boolean, p_copy boolean, p_columns text[], p_holder text)
-    RETURNS jsonb LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $$
-    DECLARE e vms.entities; s vms.ref_services; holder_ text := vms.ref_caller(p_holder);
-    BEGIN
-        SELECT * INTO e FROM vms.entities WHERE uri = p_uri FOR UPDATE;
-        IF NOT FOUND THEN
-            RAISE EXCEPTION 'no referenceable entity %', p_uri USING ERRCODE = '{SQLSTATE_NOT_FOUND}';
-        END IF;
-        s := vms.ref_service(e.service, true);
-        IF e.deleted AND p_count THEN
-            RAISE EXCEPTION 'entity % was deleted', p_uri USING ERRCODE = '{SQLSTATE_DELETED}';
-        END IF;
-        IF e.pending THEN  -- the first access stamps a new version, in the new epoch
-            e := vms.ref_access(e);
-            e.t := vms.ref_tick(e.service);
-            e.k := s.epoch;
-        END IF;
-        IF p_count THEN
-            e.d := e.d + 1;
-            INSERT INTO vms.entity_holders AS h (uri, holder, count) VALUES (p_uri, holder_, 1)
-            ON CONFLICT (uri, holder) DO UPDATE SET count = h.count + 1;
-        END IF;
-        -- A copy is a read of the entity's state: a merge must not overwrite what it saw.
-        UPDATE vms.entities SET t = e.t, k = e.k, d = e.d, pending = e.pending,
-               restored_by = CASE WHEN p_copy THEN NULL ELSE e.restored_by END
-         WHERE uri = p_uri;
-        RETURN jsonb_build_object('uri', e.uri, 't', e.t, 'k', e.k, 'deleted', e.deleted,
-                                  'copy', CASE WHEN p_copy THEN vms.ref_copy(e, p_columns) END);
-    END $$
-    """,
+    # Taking a reference (p_count) and refreshing one (not p_count): both are accesses of the
+    # entity. A refusal (no such entity, a tombstone) is an answer, {"error": ..., "message": ...},
+    # not an exception, so a batch can go on past it; nothing is counted for it. It keeps the
+    # row lock it took: the answer holds until the caller's transaction ends. The holder is
+    # already resolved (vms.ref_caller): no service may call this one itself.
+    REF_TAKE_FUNCTION,
+    # One reference, raising a refusal: the caller's transaction (or savepoint) is then aborted.
+    GET_REFERENCE_FUNCTION,
+    # Many references in one statement, each refusal an answer in its place (nothing raised).
+    GET_REFERENCES_FUNCTION,
     # A read of entities (recovery paper, Definition 2: "a new epoch begins at the first reading
     # or written access"): for each restored entity not yet read or written since, its first
     # access closes the amnesia and stamps a new version in the new epoch, exactly as
@@ -483,7 +547,9 @@ install_sql: Sequence[str] = (
             "ref_written(text, text, text, jsonb)",
             "ref_deleted(text, text, jsonb)",
             "ref_copy(vms.entities, text[])",
+            "ref_take(text, boolean, boolean, text[], text)",
             "get_reference(text, boolean, boolean, text[], text)",
+            "get_references(text[], boolean, jsonb, text)",
             "ref_read(text, text, text[])",
             "delete_reference(text, text)",
         )
@@ -492,6 +558,7 @@ install_sql: Sequence[str] = (
     # metadata itself (t, k, d) changes only through the functions above.
     f"GRANT SELECT ON vms.referenceables, vms.reference_columns TO {_GROUP}",
     f"GRANT EXECUTE ON FUNCTION vms.get_reference(text, boolean, boolean, text[], text) TO {_GROUP}",
+    f"GRANT EXECUTE ON FUNCTION vms.get_references(text[], boolean, jsonb, text) TO {_GROUP}",
     f"GRANT EXECUTE ON FUNCTION vms.delete_reference(text, text) TO {_GROUP}",
     f"GRANT EXECUTE ON FUNCTION vms.ref_read(text, text, text[]) TO {_GROUP}",
 )

@@ -6,9 +6,9 @@ entity ``vms://<service>/<table>/<key>``, whose metadata ``(t, k, d, ⊥)`` a ro
 the core (see ``reference_catalog.py``). A holder stores ``Ref(uri, t, k[, copy])`` in a JSONB
 column and declares where, so that the checkers and the recovery protocol can find it.
 
-Within one core, :func:`get_reference` (``d += 1``), :func:`refresh_reference` and
-:func:`delete_reference` (``d -= 1``) run in the caller's transaction. Across cores the same
-operations travel as events (``reference_events.py``).
+Within one core, :func:`get_reference` (``d += 1``), :func:`get_references` (many, in one
+statement), :func:`refresh_reference` and :func:`delete_reference` (``d -= 1``) run in the
+caller's transaction. Across cores the same operations travel as events (``reference_events.py``).
 """
 
 from __future__ import annotations
@@ -32,10 +32,12 @@ __all__ = [
     "EntityDeleted",
     "EntityNotFound",
     "Ref",
+    "ReferenceResult",
     "ServiceRecovering",
     "TruncateRefused",
     "delete_reference",
     "get_reference",
+    "get_references",
     "install_service",
     "parse_uri",
     "primary_key",
@@ -274,7 +276,86 @@ async def get_reference(
         _GET,
         {"uri": uri, "count": count, "copy": copy is not False, "columns": columns, "holder": holder},
     )
-    return Ref.from_json(json.loads(raw) if isinstance(raw, str) else raw)
+    return Ref.from_json(_decoded(raw))
+
+
+@dataclass(frozen=True, slots=True)
+class ReferenceResult:
+    """One entity's answer in a batch of :func:`get_references`: the reference taken, or the
+    refusal (and then nothing was counted for it).
+
+    ``refusal`` says why not: ``"not_found"`` (no such entity) or ``"deleted"`` (a tombstone).
+    """
+
+    uri: str
+    ref: Ref | None
+    refusal: str | None = None
+    message: str | None = None
+
+    @property
+    def taken(self) -> bool:
+        return self.refusal is None
+
+    def error(self) -> EntityNotFound | EntityDeleted | None:
+        """The error :func:`get_reference` raises for this refusal, or ``None``."""
+        if self.refusal is None:
+            return None
+        error = EntityDeleted if self.refusal == "deleted" else EntityNotFound
+        return error(self.message or f"{self.uri}: {self.refusal}")
+
+    def raise_if_refused(self) -> None:
+        """Raise :meth:`error`, if the reference was refused."""
+        error = self.error()
+        if error is not None:
+            raise error
+
+
+#: Each entity of a batch: its URI, or ``(URI, copy)`` to copy otherwise than the batch's default.
+Target = str | tuple[str, bool | Sequence[str]]
+
+_GET_MANY = text("SELECT vms.get_references(CAST(:uris AS text[]), :count, CAST(:copies AS jsonb), :holder)")
+
+
+def _copy_json(copy: bool | Sequence[str]) -> bool | list[str]:
+    return copy if isinstance(copy, bool) else list(copy)
+
+
+async def get_references(
+    conn: AsyncConnection,
+    targets: Sequence[Target],
+    *,
+    copy: bool | Sequence[str] = False,
+    holder: str | None = None,
+    count: bool = True,
+) -> list[ReferenceResult]:
+    """:func:`get_reference` of many entities in ``conn``'s transaction, in one statement however
+    many; one :class:`ReferenceResult` per target, in the order given.
+
+    A target is a URI (copied as ``copy`` says) or ``(uri, copy)``. The same URI twice is two
+    references. Nothing is raised for a refused entity and the transaction stays usable: a
+    refusal is an answer, not an error, so no savepoint is needed around the call. The entities
+    are locked in URI order, so two batches over the same entities, in any orders, cannot
+    deadlock each other. Raises ``ServiceRecovering`` (for the whole batch: that is a state of
+    an owner, not of one entity) while an owner recovers in consistency mode.
+    """
+    if not targets:
+        return []
+    uris = [t if isinstance(t, str) else t[0] for t in targets]
+    copies = [_copy_json(copy if isinstance(t, str) else t[1]) for t in targets]
+    params = {"uris": uris, "count": count, "copies": json.dumps(copies), "holder": holder}
+    answers = _decoded(await _call(conn, _GET_MANY, params))
+    return [_result(uri, answer) for uri, answer in zip(uris, answers, strict=True)]
+
+
+def _decoded(raw: Any) -> Any:
+    return json.loads(raw) if isinstance(raw, str) else raw
+
+
+def _result(uri: str, answer: dict[str, Any]) -> ReferenceResult:
+    refusal = answer.get("error")
+    if refusal is None:
+        return ReferenceResult(uri, Ref.from_json(answer))
+    return ReferenceResult(uri, None, str(refusal), str(answer.get("message", refusal)))
 
 
 async def refresh_reference(

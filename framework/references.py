@@ -19,6 +19,14 @@ class Shop(Service, name="shop"):
         session().add(Order(id=order_id, customer=ref))
 ```
 
+Many references at once (an order's lines, its customer) take one statement, and a gone
+entity is an answer, not an error, so the transaction goes on without a savepoint:
+
+```python
+taken = await get_references([(Product, (seller_id, product_id)), (Customer, customer_id)], copy=True)
+refs = [t.ref for t in taken]                      # None where t.refusal is "not_found"/"deleted"
+```
+
 Models stay plain: the core keeps each entity's ``(t, k, d, ⊥)`` with a trigger. ``delete_reference``
 gives a reference back (``d -= 1``; a deleted entity stays as a tombstone until then), and
 ``refresh_reference`` re-reads the entity into a reference's cached copy.
@@ -33,7 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -47,6 +55,7 @@ from dbcore.references import (
     EntityDeleted,
     EntityNotFound,
     Ref,
+    ReferenceResult,
     ServiceRecovering,
     TruncateRefused,
     uri_for,
@@ -65,7 +74,9 @@ __all__ = [
     "EntityNotFound",
     "Host",
     "Ref",
+    "RefTarget",
     "RefType",
+    "ReferenceResult",
     "ServiceRecovering",
     "TruncateRefused",
     "answer",
@@ -75,6 +86,7 @@ __all__ = [
     "crash",
     "delete_reference",
     "get_reference",
+    "get_references",
     "install",
     "ref_column",
     "referenceable",
@@ -133,6 +145,37 @@ async def get_reference(target: type | str, *key: object, copy: bool | Sequence[
     """
     uri = target if isinstance(target, str) else uri_of(target, *key)
     return await references.get_reference(_connection("get_reference"), uri, copy=copy)
+
+
+#: An entity for :func:`get_references`: its URI, ``(model, key)``, or ``(model, key, copy)`` to
+#: copy otherwise than the batch's default. ``key`` is a tuple of the primary key's values, in
+#: its columns' order; any other value is the key of a one-column primary key.
+RefTarget = str | tuple[type, object] | tuple[type, object, bool | Sequence[str]]
+
+
+def _target(target: RefTarget, copy: bool | Sequence[str]) -> tuple[str, bool | Sequence[str]]:
+    if isinstance(target, str):
+        return target, copy
+    model, key, *own = target
+    uri = uri_of(model, *(key if isinstance(key, tuple) else (key,)))
+    return uri, own[0] if own else copy
+
+
+async def get_references(
+    targets: Iterable[RefTarget], *, copy: bool | Sequence[str] = False
+) -> list[ReferenceResult]:
+    """Reference many entities (``d += 1`` each) in the running transaction, in one statement.
+
+    One ``ReferenceResult`` per target, in the order given: ``taken`` with its ``ref``, or the
+    ``refusal`` (``"not_found"``, ``"deleted"``) that counted nothing for it. Nothing is raised
+    for a refusal and the transaction stays usable, without a savepoint (``error()`` and
+    ``raise_if_refused()`` give the error :func:`get_reference` would have raised). ``copy``:
+    what to cache of each entity whose target does not say. The entities are locked in URI
+    order, so concurrent batches in any orders do not deadlock. Raises ``ServiceRecovering``,
+    for the whole batch, while an owner recovers in consistency mode.
+    """
+    given = [_target(t, copy) for t in targets]
+    return await references.get_references(_connection("get_references"), given, copy=copy)
 
 
 async def refresh_reference(ref: Ref, *, copy: bool | Sequence[str] | None = None) -> Ref:

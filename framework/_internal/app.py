@@ -18,7 +18,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from contextlib import AbstractAsyncContextManager
 from types import TracebackType
 from typing import Any, TypeVar
@@ -384,14 +384,16 @@ class App:
         that waits on one (claimable deliveries, outcomes, the recovery state)."""
         for name in self._dispatchers:
             self._wake(name)
-        self._outcomes.notified("*")
+        self._outcomes.notified(None)
         if self._housekeeping is not None:
             self._housekeeping.recheck_recovery()
 
-    def _on_events(self, subscribers: Iterable[str], correlations: str) -> None:
+    def _on_events(
+        self, subscribers: Iterable[str], committed: Mapping[str, frozenset[str] | None] | None
+    ) -> None:
         for name in subscribers:
             self._wake(name)
-        self._outcomes.notified(correlations)
+        self._outcomes.notified(committed)
 
     def _on_recovery(self, service: str, mode: str) -> None:
         self.host.amnesia.add(service)  # a restore (or a merge) leaves entities to be read

@@ -1,9 +1,9 @@
 """The App's LISTEN connection: the core's notifications, turned into calls.
 
-Two channels: the event log's (``<subscribers>\\n<correlations>`` per committed batch, see
-``dbcore.eventlog``) and recovery's (``<service>\\n<mode>``, mode empty when it serves again).
-The connection is the core role's own asyncpg connection, outside the pool: a LISTEN must
-live as long as the App, and a pooled connection would carry it to other users.
+Two channels: the event log's (``<subscribers>\\n<correlations and their types>`` per committed
+batch, see ``dbcore.notifications``) and recovery's (``<service>\\n<mode>``, mode empty when it
+serves again). The connection is the core role's own asyncpg connection, outside the pool: a
+LISTEN must live as long as the App, and a pooled connection would carry it to other users.
 
 The connection is watched: when it drops (a database restart, a network cut) or stops answering
 a periodic ping, it is opened again with backoff, and ``on_reconnect`` runs once it is back.
@@ -17,21 +17,23 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import asyncpg
 
 from dbcore.core import Core
 from dbcore.eventlog import NOTIFY_CHANNEL
+from dbcore.notifications import parse_events_notification
 from dbcore.reference_catalog import RECOVERY_CHANNEL
 
 __all__ = ["Listener"]
 
 log = logging.getLogger("vmsdb.app")
 
-#: Called with the subscribers and the correlations a committed batch names ("*": any).
-OnEvents = Callable[[Sequence[str], str], None]
+#: Called with the subscribers and the correlations a committed batch names, each with the event
+#: types committed in it (``None``: not said); ``None`` for "any correlation" (``*``).
+OnEvents = Callable[[Sequence[str], Mapping[str, frozenset[str] | None] | None], None]
 #: Called with a service and its recovery mode ("" once it serves again).
 OnRecovery = Callable[[str, str], None]
 
@@ -80,8 +82,8 @@ class Listener:
         self._connection = connection
 
     def _events(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
-        subscribers, _, correlations = payload.partition("\n")
-        self._on_events(subscribers.split(",") if subscribers else (), correlations)
+        notification = parse_events_notification(payload)
+        self._on_events(notification.subscribers, notification.committed)
 
     def _recovery(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
         service, _, mode = payload.partition("\n")

@@ -1,10 +1,12 @@
 """Awaiting the outcome of a chain of events: ``await app.outcome(tid, Done, Failed)``.
 
 A waiter first looks in the log (the outcome may already be there), then waits. The core's
-notification names the correlations of each committed batch of events, so a notification wakes
-only the waiters of those correlations. Lookups are batched: one task looks up every
-correlation marked since its last look in one statement, on an autocommit connection (no
-``BEGIN``/``COMMIT`` around a read), however many waiters and notifications arrive meanwhile.
+notification names the correlations of each committed batch of events and the event types
+committed in each (``dbcore.notifications``), so a notification wakes only the waiters of those
+correlations that await one of those types: the other events of a chain (which all share its
+correlation) cost no lookup. Lookups are batched: one task looks up every correlation marked
+since its last look in one statement, on an autocommit connection (no ``BEGIN``/``COMMIT``
+around a read), however many waiters and notifications arrive meanwhile.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 
@@ -68,11 +70,23 @@ class OutcomeWatcher:
             if not waiters:
                 self._waiters.pop(correlation_id, None)
 
-    def notified(self, correlations: str) -> None:
-        """A batch of events committed; ``correlations`` is the notification's list (or ``*``)."""
-        if not self._waiters or not correlations:
+    def notified(self, committed: Mapping[str, frozenset[str] | None] | None) -> None:
+        """A batch of events committed: ``committed`` maps each of its correlations to the event
+        types committed in it (``None``: not said, any); ``committed=None`` looks at every
+        waiter (a notification that could not list them, or notifications lost)."""
+        if not self._waiters:
             return
-        self._mark(set(self._waiters) if correlations == "*" else set(correlations.split(",")))
+        if committed is None:
+            self._mark(set(self._waiters))
+            return
+        self._mark({c for c, types in committed.items() if c in self._waiters and self._awaits(c, types)})
+
+    def _awaits(self, correlation_id: str, types: frozenset[str] | None) -> bool:
+        """Does a waiter of ``correlation_id`` still wait for one of ``types``?"""
+        return any(
+            not w.future.done() and (types is None or not types.isdisjoint(w.types))
+            for w in self._waiters[correlation_id]
+        )
 
     def _mark(self, correlations: set[str]) -> None:
         """Look ``correlations`` up (those still waited on) in the next batch."""

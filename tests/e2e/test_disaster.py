@@ -63,11 +63,11 @@ async def test_orders_reference_their_customer_and_products_and_reset_gives_them
 
 async def test_an_order_whose_product_is_gone_references_the_rest_once(eshop: Eshop) -> None:
     """A deleted product leaves its line's reference empty; the order's other references
-    (taken together while every entity is there) are each counted once, not twice."""
+    (taken in the same statement, which answers the gone one as refused) are each counted once."""
     await eshop.add(4, 1, 1, 1)
     await eshop.add(4, 2, 1, 1)
     async with eshop.app.core.admin() as conn:
-        # The second line's product: the first line's reference is taken before it fails.
+        # The second line's product: the first line's reference is taken before it is refused.
         await conn.execute(text("DELETE FROM product.products WHERE seller_id = 2 AND product_id = 1"))
     assert (await eshop.checkout(4, "t-gone")).status_code == 200
     await eshop.app.drain(timeout=30)

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
-from typing import Any
 from uuid import UUID, uuid4
 
 import pytest
-from sqlalchemy import event, select, text
-from sqlalchemy.engine import Engine
+from sqlalchemy import select, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from dbcore import leases
@@ -34,6 +31,8 @@ from framework import (
     session,
 )
 from framework.testing import advance_clock
+
+from .statements import statements_sent
 
 
 class Warehouse(Service, name="warehouse"):
@@ -328,23 +327,6 @@ async def test_the_core_grants_lists_and_settles_a_lease_on_its_own(vmsdb_app: A
 
 
 # -- many leases in one statement -------------------------------------------------------------
-
-
-@contextmanager
-def statements_sent() -> Iterator[list[str]]:
-    """The statements this task sends to the server while the block runs."""
-    me = asyncio.current_task()
-    sent: list[str] = []
-
-    def note(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
-        if asyncio.current_task() is me:
-            sent.append(statement)
-
-    event.listen(Engine, "before_cursor_execute", note)
-    try:
-        yield sent
-    finally:
-        event.remove(Engine, "before_cursor_execute", note)
 
 
 async def grants_of(app: App, sku: str, quantities: list[int]) -> list[LeaseGrant]:

@@ -49,8 +49,13 @@ CORE_REVISIONS = [
     "0005_trace_context",
     "0006_reads_begin_epochs",
     "0007_login_roles",
+    "0008_ref_batches_notify_types",
 ]
-HEADS = {"core": ("0007_login_roles",), "warehouse": ("w0002_audit",), "basket": ("b0001_lines",)}
+HEADS = {
+    "core": ("0008_ref_batches_notify_types",),
+    "warehouse": ("w0002_audit",),
+    "basket": ("b0001_lines",),
+}
 AT_HEAD = {"vms": HEADS["core"], "warehouse": HEADS["warehouse"], "basket": HEADS["basket"]}
 
 

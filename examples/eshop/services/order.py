@@ -22,14 +22,7 @@ from sqlalchemy.dialects.postgresql import Insert, insert
 from sqlalchemy.orm import Mapped, mapped_column
 
 from framework import Inbound, Outbound, Query, Service, Transactional, connection, send, session
-from framework.references import (
-    EntityDeleted,
-    EntityNotFound,
-    Ref,
-    delete_reference,
-    get_reference,
-    ref_column,
-)
+from framework.references import Ref, delete_reference, get_references, ref_column
 from vmsdb_eshop.events import (
     InvoiceIssued,
     PaymentConfirmed,
@@ -77,26 +70,15 @@ Target = tuple[type, tuple[object, ...], bool | list[str]]
 
 
 async def reference(target: type, *key: object, copy: bool | list[str]) -> Ref | None:
-    """A reference to ``target``'s entity ``key`` with a cached copy; ``None`` if it is gone.
-
-    Taken in a savepoint: a refusal must not abort the order's transaction.
-    """
-    try:
-        async with connection().begin_nested():
-            return await get_reference(target, *key, copy=copy)
-    except (EntityNotFound, EntityDeleted):
-        return None
+    """A reference to ``target``'s entity ``key`` with a cached copy; ``None`` if it is gone."""
+    [ref] = await references([(target, key, copy)])
+    return ref
 
 
 async def references(targets: list[Target]) -> list[Ref | None]:
-    """:func:`reference` of each target, in order; all in one savepoint while every entity is
-    there (the common case), each in its own once one is gone (its savepoint is rolled back:
-    none of its references stays counted)."""
-    try:
-        async with connection().begin_nested():
-            return [await get_reference(model, *key, copy=copy) for model, key, copy in targets]
-    except (EntityNotFound, EntityDeleted):
-        return [await reference(model, *key, copy=copy) for model, key, copy in targets]
+    """:func:`reference` of each target, in order, in one statement: an entity that is gone is
+    ``None`` and counts nothing, and the order's transaction goes on (no savepoint needed)."""
+    return [taken.ref for taken in await get_references(targets)]
 
 
 def invoice_line(
