@@ -4,10 +4,11 @@ Discounts come from the customer service through ``@Query`` (the paper's Listing
 query runs inside the order's transaction and reads the customer's exported tables, which the
 order service could not read (let alone write) otherwise.
 
-Each order references its customer and each order line its product (G9): ``get_reference`` in
-the invoicing transaction counts the reference and caches a few display columns, so that a
-restored customer or product service can recover lost rows from the orders' copies (G10).
-An entity that is gone (not found, or deleted) leaves the reference empty: the order goes on.
+Each order references its customer and each order line its product (G9): ``get_references`` in
+the invoicing transaction counts the references, all in one statement, and caches a copy of each
+row, so that a restored customer or product service can recover lost rows from the orders'
+copies (G10). An entity that is gone (not found, or deleted) leaves the reference empty and
+counts nothing: the order goes on.
 """
 
 from __future__ import annotations
