@@ -225,7 +225,7 @@ def _count_in_view(changes: CTE, *, was_open: ColumnElement[bool]) -> Insert:
 @functools.cache
 def _setting(names: tuple[str, ...]) -> Insert:
     """:meth:`Seller._set` of the columns ``names``, built once per set of columns: run with
-    ``customer_id``, ``order_id`` and a value per name."""
+    ``by_customer``, ``by_order`` and a value per name."""
     table = OrderEntry.__table__
     # Lock the entries first: the difference is computed from the rows as they were (under
     # read committed, FOR UPDATE reads the latest version of a row it waited for).
