@@ -11,9 +11,9 @@ several statements (``BEGIN ...; SET LOCAL ROLE ...``) is one round trip.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 import pytest
@@ -57,7 +57,6 @@ class Counter(Service, name="counter"):
         send(Bumped(key=key, n=row.n))
         return row.n
 
-
     @Transactional(type="RO")
     async def peek(self, key: str) -> int | None:
         """A one-statement read: read committed and read-only, so no transaction around it."""
@@ -94,6 +93,9 @@ class Entry(Ledger.Model):
     n: Mapped[int] = mapped_column(primary_key=True)
 
 
+T = TypeVar("T")
+
+
 @dataclass
 class Sent:
     task: str
@@ -114,6 +116,14 @@ class Recorder:
 
     def of(self, prefix: str) -> list[Sent]:
         return [s for s in self.sent if s.task.startswith(prefix)]
+
+    async def mine(self, call: Awaitable[T]) -> tuple[T, list[Sent]]:
+        """``call``'s result, and what this task sent while awaiting it (nothing before)."""
+        self.sent.clear()
+        me = asyncio.current_task()
+        assert me is not None
+        result = await call
+        return result, self.of(me.get_name())
 
 
 @pytest.fixture
@@ -176,11 +186,8 @@ async def test_a_direct_call_costs_what_it_did(vmsdb_app_factory: Any, recorder:
         for _ in range(2):  # warm: prepared statements, the ORM's compiled cache
             await app.service(Counter).bump("warm")
         await settle(app)
-        recorder.sent.clear()
-        me = asyncio.current_task()
-        assert me is not None
-        assert await app.service(Counter).bump("warm") == 3
-        mine = recorder.of(me.get_name())
+        bumped, mine = await recorder.mine(app.service(Counter).bump("warm"))
+        assert bumped == 3
         await settle(app)
     round_trips, statements = totals(mine)
     assert round_trips <= DIRECT_CALL[0] and statements <= DIRECT_CALL[1], [s.sql for s in mine]
@@ -195,11 +202,8 @@ async def test_a_read_only_read_committed_call_is_one_round_trip(
         await app.service(Counter).bump("read")
         await app.service(Counter).peek("read")  # warm
         await settle(app)
-        recorder.sent.clear()
-        me = asyncio.current_task()
-        assert me is not None
-        assert await app.service(Counter).peek("read") == 1
-        mine = recorder.of(me.get_name())
+        peeked, mine = await recorder.mine(app.service(Counter).peek("read"))
+        assert peeked == 1
         with pytest.raises(ReadOnlyViolation):
             await app.service(Counter).sneak("read")
         async with app.core.admin() as conn:
@@ -218,11 +222,8 @@ async def test_a_services_outbox_is_planned_once_per_connection(
     async with vmsdb_app_factory([Counter, Ledger], poll_interval=POLL) as app:
         await app.service(Counter).bump("warm")
         await settle(app)
-        recorder.sent.clear()
-        me = asyncio.current_task()
-        assert me is not None
-        await app.service(Counter).bump("warm")
-        commits = [s.sql for s in recorder.of(me.get_name()) if s.sql.endswith("COMMIT")]
+        _, mine = await recorder.mine(app.service(Counter).bump("warm"))
+        commits = [s.sql for s in mine if s.sql.endswith("COMMIT")]
         await settle(app)
     assert len(commits) == 1 and commits[0].startswith("EXECUTE vms_outbox("), commits
 
