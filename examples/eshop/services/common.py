@@ -9,7 +9,18 @@ from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 from uuid import UUID
 
-from sqlalchemy import DateTime, Executable, Numeric, bindparam, column, delete, func, select
+from sqlalchemy import (
+    ColumnElement,
+    DateTime,
+    Executable,
+    Numeric,
+    bindparam,
+    column,
+    delete,
+    func,
+    select,
+    tuple_,
+)
 from sqlalchemy.dialects.postgresql import ARRAY, Insert, insert
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase, mapped_column
@@ -24,6 +35,7 @@ __all__ = [
     "as_row",
     "clear",
     "insert_rows",
+    "keys_in",
     "money",
     "money_column",
     "now",
@@ -150,9 +162,24 @@ def _columns(model: type[DeclarativeBase], names: set[str]) -> list[Any]:
 
 
 def _insert_unnest(model: type[DeclarativeBase], columns: Sequence[Any], arrays: Sequence[Any]) -> Insert:
-    # unnest(a, b, ...) zips the arrays into rows; AS r(a, b, ...) names their columns.
-    rows = func.unnest(*arrays).table_valued(*(column(c.name, c.type) for c in columns)).render_derived("r")
+    rows = _zipped(arrays, columns)
     return insert(model.__table__).from_select(columns, select(*rows.c))
+
+
+def _zipped(arrays: Sequence[Any], columns: Sequence[Any]) -> Any:
+    """``unnest(a, b, ...) AS r(a, b, ...)``: the arrays zipped into rows, each column named
+    and typed as the matching one of ``columns``."""
+    return func.unnest(*arrays).table_valued(*(column(c.name, c.type) for c in columns)).render_derived("r")
+
+
+def keys_in(*columns: Any) -> ColumnElement[bool]:
+    """``(a, b, ...) IN (rows of unnest(:a_list, :b_list, ...))``: the rows whose key is one of
+    those the parameters list, each parameter an array named after its column plus ``_list``
+    (``customer_id_list``). One statement text whatever the number of keys: an ``IN`` list of
+    tuples is rendered anew for each length."""
+    arrays = [bindparam(f"{c.name}_list", type_=ARRAY(c.type)) for c in columns]
+    rows = _zipped(arrays, columns)
+    return tuple_(*columns).in_(select(*rows.c))
 
 
 async def upsert(model: type[DeclarativeBase], values: Sequence[Mapping[str, Any]]) -> None:

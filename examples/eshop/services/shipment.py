@@ -15,24 +15,19 @@ from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import (
-    ColumnElement,
     Insert,
-    Integer,
     String,
     Update,
     and_,
     bindparam,
     case,
-    column,
     exists,
-    func,
     insert,
     or_,
     select,
-    tuple_,
     update,
 )
-from sqlalchemy.dialects.postgresql import ARRAY, distinct_on
+from sqlalchemy.dialects.postgresql import distinct_on
 from sqlalchemy.orm import Mapped, mapped_column
 
 from framework import Inbound, Outbound, Service, Transactional, connection, send
@@ -43,6 +38,7 @@ from vmsdb_eshop.services.common import (
     OWN_KEY_GROUP,
     RowsInsert,
     clear,
+    keys_in,
     money_column,
     nested,
     now,
@@ -114,7 +110,7 @@ class Shipment(Service, name="shipment"):
     async def _progress(self, shipments: Sequence[tuple[int, int]], tid: str, when: datetime) -> None:
         """approved -> delivery_in_progress -> concluded, notifying each step (``shipments``:
         ``(customer_id, order_id)`` in key order)."""
-        keys = {"customers": [c for c, _ in shipments], "orders": [o for _, o in shipments]}
+        keys = {"customer_id_list": [c for c, _ in shipments], "order_id_list": [o for _, o in shipments]}
         # Lock the shipments in key order and read their status as locked. A concurrent delivery
         # of the same shipments (another seller's packages of the same order) waits here until
         # this transaction commits, or this one waits for it.
@@ -251,21 +247,9 @@ class Package(Shipment.Model):
 _DELIVER = _deliver()
 
 
-def _shipments_in() -> ColumnElement[bool]:
-    """The shipments ``zip(:customers, :orders)`` name (two integer arrays): one statement text
-    whatever their number (an IN list of tuples is rendered anew for each length)."""
-    pairs = (
-        func.unnest(bindparam("customers", type_=ARRAY(Integer)), bindparam("orders", type_=ARRAY(Integer)))
-        .table_valued(column("customer_id", Integer), column("order_id", Integer))
-        .render_derived("k")
-    )
-    key = tuple_(ShipmentRecord.customer_id, ShipmentRecord.order_id)
-    return key.in_(select(pairs.c.customer_id, pairs.c.order_id))
-
-
 _LOCK_SHIPMENTS = (
     select(ShipmentRecord.customer_id, ShipmentRecord.order_id, ShipmentRecord.status)
-    .where(_shipments_in())
+    .where(keys_in(ShipmentRecord.customer_id, ShipmentRecord.order_id))
     .order_by(ShipmentRecord.customer_id, ShipmentRecord.order_id)
     .with_for_update()
 )
@@ -281,7 +265,7 @@ def _advance() -> Update:
     return (
         update(ShipmentRecord)
         .where(
-            _shipments_in(),
+            keys_in(ShipmentRecord.customer_id, ShipmentRecord.order_id),
             ShipmentRecord.status != ShipmentStatus.CONCLUDED,
             or_(ShipmentRecord.status == ShipmentStatus.APPROVED, ~left),
         )

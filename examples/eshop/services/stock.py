@@ -25,19 +25,13 @@ from uuid import UUID
 from sqlalchemy import (
     CheckConstraint,
     ColumnElement,
-    Integer,
-    Select,
     String,
     Update,
     and_,
     bindparam,
-    column,
-    func,
     select,
-    tuple_,
     update,
 )
-from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Mapped, mapped_column
 
 from framework import (
@@ -69,6 +63,7 @@ from vmsdb_eshop.services.common import (
     RowsInsert,
     as_row,
     clear,
+    keys_in,
     keys_of,
     now,
     timestamp_column,
@@ -169,7 +164,11 @@ class Stock(Service, name="stock"):
         other instead of deadlocking. (The lease functions lock one row each.)
         """
         found = await connection().execute(
-            _LOCK, {"sellers": [seller for seller, _ in keys], "products": [product for _, product in keys]}
+            _LOCK,
+            {
+                "seller_id_list": [seller for seller, _ in keys],
+                "product_id_list": [product for _, product in keys],
+            },
         )
         return {(row.seller_id, row.product_id): row.version for row in found}
 
@@ -320,26 +319,13 @@ class Reservation(Stock.Model):
 # -- the hot statements, built once (see the cart's) -------------------------------------------
 
 
-def _lock_rows() -> Select[Any]:
-    """Lock the rows ``zip(:sellers, :products)`` name, in key order; their versions. The keys
-    come as two arrays: one statement text whatever their number (an IN list of tuples is
-    rendered anew for each length)."""
-    keys = (
-        func.unnest(bindparam("sellers", type_=ARRAY(Integer)), bindparam("products", type_=ARRAY(Integer)))
-        .table_valued(column("seller_id", Integer), column("product_id", Integer))
-        .render_derived("k")
-    )
-    return (
-        select(StockItem.seller_id, StockItem.product_id, StockItem.version)
-        .where(
-            tuple_(StockItem.seller_id, StockItem.product_id).in_(select(keys.c.seller_id, keys.c.product_id))
-        )
-        .order_by(StockItem.seller_id, StockItem.product_id)
-        .with_for_update()
-    )
-
-
-_LOCK = _lock_rows()
+#: Lock the rows ``zip(:seller_id_list, :product_id_list)`` name, in key order; their versions.
+_LOCK = (
+    select(StockItem.seller_id, StockItem.product_id, StockItem.version)
+    .where(keys_in(StockItem.seller_id, StockItem.product_id))
+    .order_by(StockItem.seller_id, StockItem.product_id)
+    .with_for_update()
+)
 
 _RESERVATIONS = RowsInsert(
     Reservation,
