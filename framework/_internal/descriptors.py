@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 
 import sqlglot
-from sqlalchemy import Table
+from sqlalchemy import Table, TextClause, text
 from sqlalchemy.dialects import postgresql
 from sqlglot import exp
 
@@ -76,6 +76,9 @@ class CallPlan:
     #: A ``@Query``: its compiled statement, and the type its rows become (``None``: dicts).
     query: QuerySpec | None = None
     row_type: type | None = None
+    #: The ``@Query``'s SQL as a statement, built once: a ``text()`` built in each call would
+    #: parse its bind parameters and compute its cache key again every time.
+    statement: TextClause | None = None
 
 
 @dataclass(frozen=True)
@@ -348,6 +351,7 @@ def _call_plan(spec: FunctionSpec, desc: ServiceDescriptor, catalog: Sequence[Se
         tx=spec.effective_transaction(),
         query=query,
         row_type=row_type(spec) if query is not None else None,
+        statement=text(query.sql) if query is not None else None,
     )
 
 

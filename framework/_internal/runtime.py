@@ -14,7 +14,6 @@ import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from dbcore.delivery import Claimed, GroupAck
@@ -284,12 +283,11 @@ class ServiceRuntime:
 
     async def _run_query(self, call: CallPlan, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> list[Any]:
         """Run a compiled @Query in the caller's transaction, or in its own snapshot."""
-        compiled = call.query
-        assert compiled is not None
+        compiled, statement = call.query, call.statement
+        assert compiled is not None and statement is not None
         bound = call.spec.signature.bind(self.instance, *args, **kwargs)
         bound.apply_defaults()
         values = bind_values(compiled, bound.arguments)
-        statement = text(compiled.sql)
         ctx, amnesia = current(), bool(self.host.amnesia)
         if ctx is not None:
             rows = (await ctx.connection.execute(statement, values)).mappings().all()
