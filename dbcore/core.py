@@ -50,7 +50,7 @@ async def lock_install(conn: AsyncConnection) -> None:
 
 #: The core revision (``alembic/versions/core``) whose catalog :meth:`Core.install` creates: the
 #: head. A fresh install is stamped with it, so ``vmsdb migrate`` finds it at head.
-CATALOG_REVISION = "0008_ref_batches_notify_types"
+CATALOG_REVISION = "0009_handoff"
 #: The core revision a catalog without a version table is at: :meth:`Core.install` made such
 #: catalogs before it stamped itself, and then it created what ``0001_catalog`` creates.
 #: ``vmsdb migrate`` stamps such a catalog with it, and the later revisions follow.

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -40,6 +40,7 @@ from dbcore.eventlog import CLAIM_LOST_SQLSTATE, NOTIFY_CHANNEL, dead_letters
 from dbcore.translate import sqlstate_of
 
 __all__ = [
+    "HANDED_OFF_POSITION",
     "Ack",
     "Claim",
     "ClaimLost",
@@ -56,8 +57,14 @@ __all__ = [
     "release",
     "renew",
     "replay",
+    "resolve",
     "retry_later",
 ]
+
+
+#: ``Claimed.position`` of a delivery handed off by its producer (``eventlog.FAN_OUT_FUNCTION``):
+#: the App that claimed it knows its event, not its position (positions start at 1).
+HANDED_OFF_POSITION = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +83,11 @@ class Claimed:
     followed: bool = False
     #: The sender's W3C traceparent, when it was traced.
     trace_context: str | None = None
+
+    @property
+    def handed_off(self) -> bool:
+        """Claimed by its producer's transaction, position unknown (see :func:`resolve`)."""
+        return self.position == HANDED_OFF_POSITION
 
 
 # Why each condition is there: see the module docstring. The precedence clause is left out for
@@ -241,6 +253,8 @@ async def renew(conn: AsyncConnection, subscriber: str, claims: Sequence[tuple[C
     of a live worker. A claim already run out and taken over by another is left alone."""
     if not claims:
         return
+    items = await resolve(conn, [item for item, _ in claims])  # a handed-off one's position
+    claims = [(i, seconds) for i, (_, seconds) in zip(items, claims, strict=True) if not i.handed_off]
     await (await driver(conn)).execute(
         _RENEW,
         subscriber,
@@ -248,6 +262,22 @@ async def renew(conn: AsyncConnection, subscriber: str, claims: Sequence[tuple[C
         [item.claim for item, _ in claims],
         [float(seconds) for _, seconds in claims],
     )
+
+
+_POSITIONS = "SELECT id, position FROM vms.events WHERE id = ANY($1::uuid[])"
+
+
+async def resolve(conn: AsyncConnection, items: Sequence[Claimed]) -> list[Claimed]:
+    """``items`` with the position of each handed-off one filled in (one statement, only when
+    there is one): what renewing, retrying, releasing or dead-lettering it needs. A delivery
+    whose event is gone keeps position 0, which matches no delivery."""
+    missing = [i.event_id for i in items if i.handed_off]
+    if not missing:
+        return list(items)
+    found = {r["id"]: r["position"] for r in await (await driver(conn)).fetch(_POSITIONS, missing)}
+    return [
+        replace(i, position=found.get(i.event_id, HANDED_OFF_POSITION)) if i.handed_off else i for i in items
+    ]
 
 
 class ClaimLost(CoreError):
@@ -271,6 +301,11 @@ class Ack:
     @property
     def sql(self) -> str:
         item = self.item
+        if item.handed_off:
+            return (
+                f"SELECT vms.ack_event({quote_literal(item.subscriber)}, '{uuid.UUID(str(item.event_id))}', "
+                f"'{uuid.UUID(str(item.claim))}')"
+            )
         return (
             f"SELECT vms.ack({quote_literal(item.subscriber)}, {int(item.position)}, "
             f"'{uuid.UUID(str(item.claim))}')"
@@ -284,6 +319,13 @@ class Ack:
             "by another worker after this one's claim ran out"
         )
 
+    @property
+    def after_commit(self) -> str:
+        return ""
+
+    def committed(self, status: str) -> None:
+        pass
+
 
 @dataclass(frozen=True, slots=True)
 class GroupAck:
@@ -295,6 +337,16 @@ class GroupAck:
 
     @property
     def sql(self) -> str:
+        if any(i.handed_off for i in self.items):  # by event: one of them has no position
+            rows = ", ".join(
+                f"({quote_literal(i.subscriber)}, '{uuid.UUID(str(i.event_id))}'::uuid, "
+                f"'{uuid.UUID(str(i.claim))}'::uuid)"
+                for i in self.items
+            )
+            return (
+                "SELECT vms.ack_event(a.subscriber, a.event, a.claim) "
+                f"FROM (VALUES {rows}) AS a(subscriber, event, claim)"
+            )
         rows = ", ".join(
             f"({quote_literal(i.subscriber)}, {int(i.position)}::bigint, '{uuid.UUID(str(i.claim))}'::uuid)"
             for i in self.items
@@ -309,6 +361,13 @@ class GroupAck:
             return None
         return ClaimLost(f"a delivery of a group of {len(self.items)} was claimed by another worker: {err}")
 
+    @property
+    def after_commit(self) -> str:
+        return ""
+
+    def committed(self, status: str) -> None:
+        pass
+
 
 _RETRY = text(
     """
@@ -321,6 +380,7 @@ _RETRY = text(
 
 
 async def retry_later(conn: AsyncConnection, item: Claimed, error: str, delay: float) -> None:
+    (item,) = await resolve(conn, [item])
     await conn.execute(
         _RETRY,
         {
@@ -341,6 +401,7 @@ _RELEASE = text(
 
 async def release(conn: AsyncConnection, item: Claimed) -> None:
     """Give a claimed delivery back untried (worker shutting down)."""
+    (item,) = await resolve(conn, [item])
     await conn.execute(
         _RELEASE, {"subscriber": item.subscriber, "position": item.position, "claim": item.claim}
     )
@@ -375,6 +436,7 @@ async def dead_letter(
     conn: AsyncConnection, item: Claimed, error: str, traceback: str | None, *, blocking: bool = False
 ) -> int | None:
     """Move ``item`` to the dead letters; ``blocking`` keeps its key waiting until a replay."""
+    (item,) = await resolve(conn, [item])
     row = (
         await conn.execute(
             _DEAD_LETTER_BLOCKING if blocking else _DEAD_LETTER_FLOWING,

@@ -40,7 +40,10 @@ from dbcore.catalog import SERVICE_ROLE_FUNCTION, SERVICES_GROUP_ROLE, metadata
 from dbcore.notifications import NOTIFY_LIST_LIMIT, NOTIFY_PART_FUNCTION
 
 __all__ = [
+    "ACK_EVENT_FUNCTION",
     "FAN_OUT_FUNCTION",
+    "HANDED_OFF",
+    "HANDOFF_SECONDS",
     "INSERT_EVENTS",
     "NOTIFY_CHANNEL",
     "OWN_EVENTS_POLICY",
@@ -88,6 +91,10 @@ events = Table(
     Column("origin", Text),
     # The sender's W3C traceparent when tracing was on: a handler's span is a child of it.
     Column("trace_context", Text),
+    # A hand-off (see FAN_OUT_FUNCTION): the subscribers, comma-separated, whose deliveries of
+    # this event are inserted claimed with this token.
+    Column("handoff_to", Text),
+    Column("handoff_claim", UUID(as_uuid=True)),
     Index("ix_events_xid_position", "xid", "position"),
     Index(
         "ix_events_correlation_id",
@@ -158,6 +165,9 @@ _GROUP = SERVICES_GROUP_ROLE
 
 #: SQLSTATE of ``vms.ack``'s refusal (a class Postgres does not use).
 CLAIM_LOST_SQLSTATE = "VMS01"
+#: How long a handed-off delivery's claim lasts until the App's heartbeat renews it (the
+#: dispatcher's liveness, ``framework._internal.dispatcher._LIVENESS``).
+HANDOFF_SECONDS = 2.0
 
 # Marks a delivery handled, in the handler's transaction, under the subscriber's role (SECURITY
 # INVOKER: row-level security lets a service delete only its own deliveries). It raises, rather
@@ -205,21 +215,65 @@ UNDECLARED_FUNCTION = """
 # Fan-out: one delivery per subscriber of each new event, then one NOTIFY per statement
 # naming the subscribers. SECURITY DEFINER so a service role, which may only insert into
 # vms.events, can still create the deliveries its events cause.
+#
+# A hand-off: an event whose producer's App runs some of its subscribers itself names them
+# (handoff_to) and a claim token (handoff_claim); their deliveries are then inserted already
+# claimed, and left out of the NOTIFY, so the App hands them to its own workers once the
+# transaction commits, without a notification and a claim round trip (framework.handoff). Only
+# when the claim would be the one the dispatcher's claim makes (delivery.py): no older
+# transaction is still open (so none can commit an earlier delivery later: G3), and none of
+# the subscribers has a delivery of the same key waiting (G5). All or nothing, and the number
+# claimed is added to the session's vms.handed_off, which the producer reads right after its
+# COMMIT (HANDED_OFF). The first delivery of a key in the statement is claimed, later ones of
+# the same key wait behind it, as they would. The claim lasts HANDOFF_SECONDS; the App's
+# heartbeat renews it like any other.
 FAN_OUT_FUNCTION = f"""
     CREATE OR REPLACE FUNCTION vms.fan_out() RETURNS trigger
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, vms AS $$
     DECLARE
         targets text;
         correlations text;
+        handing boolean := false;
+        handed integer;
     BEGIN
-        WITH inserted AS (
-            INSERT INTO vms.deliveries (subscriber, position, xid, event_type, key)
-            SELECT s.service, n.position, n.xid, n.type, n.key
+        IF EXISTS (SELECT 1 FROM new_events WHERE handoff_claim IS NOT NULL) THEN
+            handing := pg_snapshot_xmin(pg_current_snapshot()) = pg_current_xact_id()
+                AND NOT EXISTS (
+                    SELECT 1 FROM new_events n
+                      JOIN vms.deliveries e
+                        ON e.subscriber = ANY(string_to_array(n.handoff_to, ',')) AND e.key = n.key
+                     WHERE n.handoff_claim IS NOT NULL);
+        END IF;
+        WITH fanned AS (
+            SELECT s.service, n.position, n.xid, n.type, n.key, n.handoff_claim,
+                   handing AND n.handoff_claim IS NOT NULL
+                       AND s.service = ANY(string_to_array(n.handoff_to, ',')) AS handed_to
               FROM new_events n JOIN vms.subscriptions s ON s.event_type = n.type
              WHERE NOT vms.undeclared(n.producer, n.type, n.origin)
-            RETURNING subscriber
+        ),
+        ranked AS (
+            SELECT f.*, f.handed_to AND (f.key IS NULL OR row_number() OVER (
+                       PARTITION BY f.service, f.key ORDER BY f.position) = 1) AS claimed
+              FROM fanned f
+        ),
+        inserted AS (
+            INSERT INTO vms.deliveries
+                   (subscriber, position, xid, event_type, key, attempts, claim, claimed_until)
+            SELECT r.service, r.position, r.xid, r.type, r.key,
+                   CASE WHEN r.claimed THEN 1 ELSE 0 END,
+                   CASE WHEN r.claimed THEN r.handoff_claim END,
+                   CASE WHEN r.claimed THEN now() + make_interval(secs => {HANDOFF_SECONDS}) END
+              FROM ranked r
         )
-        SELECT string_agg(DISTINCT subscriber, ',') INTO targets FROM inserted;
+        SELECT string_agg(DISTINCT service, ',') FILTER (WHERE NOT handed_to),
+               count(*) FILTER (WHERE claimed)
+          INTO targets, handed
+          FROM ranked;
+        IF handed > 0 THEN
+            PERFORM set_config('vms.handed_off',
+                (coalesce(nullif(current_setting('vms.handed_off', true), ''), '0')::integer
+                 + handed)::text, false);
+        END IF;
         -- The second line names each correlation with the event types it committed (the
         -- format: dbcore.notifications), so an outcome waiter is looked up only when a type it
         -- awaits committed; '*' (look at all) when the list would not fit in a notification.
@@ -236,6 +290,36 @@ FAN_OUT_FUNCTION = f"""
         RETURN NULL;
     END $$
     """
+
+#: Sent right after a hand-off's COMMIT, in the same message: its status, ``SELECT <n>``, says
+#: how many deliveries the transaction handed off (``vms.handed_off``, which it resets).
+HANDED_OFF = (
+    "SELECT set_config('vms.handed_off', '0', false) FROM generate_series(1, "
+    "coalesce(nullif(current_setting('vms.handed_off', true), ''), '0')::integer)"
+)
+
+# Marks a handed-off delivery handled: vms.ack by the event's id, as the App that handed it off
+# does not know the delivery's position. SECURITY DEFINER, as service roles cannot read the log;
+# it checks what row-level security checks for vms.ack: the caller is the subscriber's login (or
+# may act as it).
+ACK_EVENT_FUNCTION = f"""
+    CREATE OR REPLACE FUNCTION vms.ack_event(p_subscriber text, p_event uuid, p_claim uuid)
+    RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, vms AS $$
+    BEGIN
+        IF NOT pg_has_role(session_user, vms.service_role(p_subscriber), 'MEMBER') THEN
+            RAISE EXCEPTION 'permission denied to acknowledge deliveries to %', p_subscriber
+                  USING ERRCODE = '42501';
+        END IF;
+        DELETE FROM vms.deliveries d USING vms.events e
+         WHERE e.id = p_event AND d.subscriber = p_subscriber AND d.position = e.position
+           AND d.claim = p_claim;
+        IF NOT FOUND THEN
+            RAISE EXCEPTION 'delivery of event % to % is no longer claimed by this worker',
+                            p_event, p_subscriber
+                  USING ERRCODE = '{CLAIM_LOST_SQLSTATE}';
+        END IF;
+    END $$
+"""
 
 #: DDL that SQLAlchemy's create_all does not express: fan-out trigger, row-level security.
 install_sql: Sequence[str] = (
@@ -269,6 +353,9 @@ install_sql: Sequence[str] = (
     USING (vms.service_role(subscriber) = current_user)
     """,
     ACK_FUNCTION,
+    ACK_EVENT_FUNCTION,
+    "REVOKE ALL ON FUNCTION vms.ack_event(text, uuid, uuid) FROM PUBLIC",
+    f"GRANT EXECUTE ON FUNCTION vms.ack_event(text, uuid, uuid) TO {_GROUP}",
 )
 
 
@@ -285,6 +372,10 @@ class EventRecord:
     causation_id: uuid.UUID | None = None
     origin: str | None = None
     trace_context: str | None = None
+    #: A hand-off (``FAN_OUT_FUNCTION``): the subscribers, comma-separated, whose deliveries
+    #: are inserted claimed with ``handoff_claim``.
+    handoff_to: str | None = None
+    handoff_claim: uuid.UUID | None = None
 
 
 # One statement for a whole outbox, so the fan-out trigger fires once per transaction. Sent on
@@ -292,11 +383,13 @@ class EventRecord:
 # a transaction's outbox is this statement prepared by name (``dbcore.outbox``).
 INSERT_EVENTS = """
     INSERT INTO vms.events (id, type, key, payload, producer, correlation_id, causation_id, origin,
-                            trace_context)
-    SELECT id, type, key, payload::jsonb, producer, correlation_id, causation_id, origin, trace_context
+                            trace_context, handoff_to, handoff_claim)
+    SELECT id, type, key, payload::jsonb, producer, correlation_id, causation_id, origin, trace_context,
+           handoff_to, handoff_claim
       FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-                  $7::uuid[], $8::text[], $9::text[])
-           AS t(id, type, key, payload, producer, correlation_id, causation_id, origin, trace_context)
+                  $7::uuid[], $8::text[], $9::text[], $10::text[], $11::uuid[])
+           AS t(id, type, key, payload, producer, correlation_id, causation_id, origin, trace_context,
+                handoff_to, handoff_claim)
 """
 # Events from outside (publish, Kafka ingress) may arrive twice: the id makes the second a no-op.
 # Only the administrator uses it: ON CONFLICT needs to read the table, which service roles cannot.
@@ -323,6 +416,8 @@ async def append(
         [r.causation_id for r in records],
         [r.origin for r in records],
         [r.trace_context for r in records],
+        [r.handoff_to for r in records],
+        [r.handoff_claim for r in records],
     )
     if deduplicate:
         return [row[0] for row in await raw.fetch(_INSERT_ONCE, *columns)]

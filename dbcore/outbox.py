@@ -36,11 +36,14 @@ OUTBOX_STATEMENT = "vms_outbox"
 _NO_SUCH_STATEMENT = "26000"
 # Key of the pooled connection's ``info``: the outbox statement is prepared on it.
 _PREPARED = "vms.outbox_prepared"
-_COLUMN_TYPES = ("uuid", "text", "text", "text", "text", "text", "uuid", "text", "text")
+_COLUMN_TYPES = ("uuid", "text", "text", "text", "text", "text", "uuid", "text", "text", "text", "uuid")
 _PREPARE = (
     f"PREPARE {OUTBOX_STATEMENT} ({', '.join(f'{t}[]' for t in _COLUMN_TYPES)}) AS {INSERT_EVENTS}"
 )
-_COLUMNS = "id, type, key, payload, producer, correlation_id, causation_id, origin, trace_context"
+_COLUMNS = (
+    "id, type, key, payload, producer, correlation_id, causation_id, origin, trace_context, handoff_to, "
+    "handoff_claim"
+)
 
 
 def _literal(value: str | uuid.UUID | None) -> str:
@@ -58,7 +61,7 @@ def _literal(value: str | uuid.UUID | None) -> str:
 def _columns(r: EventRecord) -> tuple[str | uuid.UUID | None, ...]:
     return (
         r.id, r.type, r.key, r.payload, r.producer, r.correlation_id, r.causation_id, r.origin,
-        r.trace_context,
+        r.trace_context, r.handoff_to, r.handoff_claim,
     )  # fmt: skip
 
 
@@ -68,7 +71,8 @@ def append_sql(records: Sequence[EventRecord]) -> str:
     rows = ",".join(
         f"({_literal(r.id)}::uuid,{_literal(r.type)},{_literal(r.key)},{_literal(r.payload)}::jsonb,"
         f"{_literal(r.producer)},{_literal(r.correlation_id)},{_literal(r.causation_id)}::uuid,"
-        f"{_literal(r.origin)},{_literal(r.trace_context)})"
+        f"{_literal(r.origin)},{_literal(r.trace_context)},{_literal(r.handoff_to)},"
+        f"{_literal(r.handoff_claim)}::uuid)"
         for r in records
     )
     return f"INSERT INTO vms.events ({_COLUMNS}) VALUES {rows}"

@@ -37,6 +37,7 @@ from framework._internal.descriptors import ServicePlan, build_plans, dependenci
 from framework._internal.dispatcher import Dispatcher
 from framework._internal.errors import FrameworkError
 from framework._internal.events import Event
+from framework._internal.handoff import HandOff
 from framework._internal.host import Database, Host
 from framework._internal.housekeeping import Housekeeping, read_recovering
 from framework._internal.leases import LeaseExecutor
@@ -252,6 +253,8 @@ class App:
                 dispatcher = Dispatcher(self.host, runtime, self._workers)
                 self._dispatchers[runtime.name] = dispatcher
                 dispatcher.start()
+        if self._dispatchers:
+            self.host.handoff = HandOff(self._dispatchers)
 
     async def _create_tables(self) -> None:
         """Create missing tables, owned by each service's role (development and tests)."""
@@ -283,6 +286,8 @@ class App:
         if self._kafka is not None:
             await self._kafka.stop()
             self._kafka = None
+        if self._host is not None:
+            self._host.handoff = None  # from now on, every event is claimed by its dispatcher
         for dispatcher in self._dispatchers.values():
             await dispatcher.stop()
         if self._workers is not None:

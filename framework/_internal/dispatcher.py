@@ -21,6 +21,7 @@ import json
 import logging
 import time
 import traceback
+import uuid
 from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
@@ -87,6 +88,8 @@ class Dispatcher:
             if r.consistency == "eventual"
         }
         self.has_precedence = any(i.precedence for i in runtime.plan.descriptor.inbound)
+        #: The event types whose handlers wait for others (``precedence=``): never handed off.
+        self.waiting = frozenset(i.event for i in runtime.plan.descriptor.inbound if i.precedence)
         #: The event types others wait for (``precedence=`` on their handler): only a finished
         #: one of these can make a delivery of another key claimable.
         self.preceding = frozenset(i.event for i in runtime.plan.descriptor.inbound if i.precedence)
@@ -97,9 +100,9 @@ class Dispatcher:
         self._unblocked = False  # since the last claim, a key's head finished with more behind
         self._blocked = False  # the last claim left deliveries behind running ones
         self._finishes = 0  # deliveries finished so far
-        #: Claimed and not finished, by position: the claim and when it must end (loop time,
+        #: Claimed and not finished, by event: the claim and when it must end (loop time,
         #: ``claim_timeout`` after it was taken), for the heartbeat.
-        self._live: dict[int, tuple[Claimed, float]] = {}
+        self._live: dict[uuid.UUID, tuple[Claimed, float]] = {}
         self._heartbeat: asyncio.Task[None] | None = None
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
@@ -111,11 +114,29 @@ class Dispatcher:
     def wake(self) -> None:
         self._wake.set()
 
+    @property
+    def accepts_hand_offs(self) -> bool:
+        """Whether a producer in this App may hand this service its deliveries now
+        (``framework._internal.handoff``): not while it stops or recovers."""
+        return not self._stopping and self.service not in self.host.recovering
+
+    def take_over(self, items: list[Claimed]) -> None:
+        """Run ``items``, which their producer's transaction claimed for this service (a
+        hand-off), as if this dispatcher's claim had taken them."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        ends, start_before = now + self.claim_timeout, now + self.claim_timeout * _START_WITHIN
+        self._outstanding += len(items)
+        for item in items:
+            self._live[item.event_id] = (item, ends)
+            self.workers.submit(Job(self, item, start_before))
+        self.host.metrics.inc("deliveries_handed_off", len(items), service=self.service)
+
     def finished(self, item: Claimed) -> None:
         """``item`` is done with (handled, retried, dead-lettered or given back)."""
         self._outstanding -= 1
         self._finishes += 1
-        self._live.pop(item.position, None)
+        self._live.pop(item.event_id, None)
         if self._stopping and not self._live:
             self._stop_heartbeat()
         # Claim again once below the low water mark, if there may be more to claim: the last
@@ -176,7 +197,7 @@ class Dispatcher:
                     self._saturated = len(claimed) == limit
                     self._outstanding += len(claimed)
                     for item in claimed:  # before the horizon check: the workers start at once
-                        self._live[item.position] = (item, ends)
+                        self._live[item.event_id] = (item, ends)
                         self.workers.submit(Job(self, item, start_before))
                     if claimed:
                         self.host.metrics.observe("claim_batch_size", len(claimed), service=self.service)

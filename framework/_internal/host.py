@@ -24,6 +24,7 @@ from dbcore.descriptor import ServiceDescriptor
 from dbcore.embedded import EmbeddedPostgres
 from framework._internal.config import Settings, sqlalchemy_url
 from framework._internal.descriptors import ServicePlan
+from framework._internal.handoff import HandOff
 from framework._internal.metrics import Metrics
 
 __all__ = ["Database", "Host", "connected"]
@@ -41,6 +42,9 @@ class Host:
     recovering: set[str] = field(default_factory=set)
     #: Services with restored entities nobody has read or written since (framework.epochs).
     amnesia: set[str] = field(default_factory=set)
+    #: Which of the App's own subscribers take its events over from their producers
+    #: (``framework._internal.handoff``); ``None`` until its dispatchers run.
+    handoff: HandOff | None = None
 
     @property
     def descriptors(self) -> list[ServiceDescriptor]:

@@ -43,6 +43,10 @@ COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "lease_grants": ("Leases granted", ("service", "function")),
     "lease_refusals": ("Leases refused (not enough left)", ("service", "function")),
     "replica_changes": ("Replica rows applied", ("service", "table")),
+    "deliveries_handed_off": (
+        "Deliveries claimed by their producer's transaction for this App's workers (a hand-off)",
+        ("service",),
+    ),
     "group_commit_splits": (
         "Groups of deliveries (@Inbound(group_commit=)) rolled back and run again one by one",
         ("service", "event"),

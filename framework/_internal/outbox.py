@@ -19,6 +19,7 @@ from dbcore.outbox import commit_sql, forget_outbox
 from framework._internal import telemetry
 from framework._internal.context import TxContext
 from framework._internal.events import Event
+from framework._internal.handoff import HandOff, Planned
 
 __all__ = ["OutboxCommit", "record_of", "records_of"]
 
@@ -53,19 +54,24 @@ def records_of(ctx: TxContext) -> list[EventRecord]:
 
 
 class OutboxCommit:
-    """What a function's transaction sends with its ``COMMIT``: its outbox, then ``inner`` (the
-    delivery's acknowledgement, for a handler), in one message.
+    """What a function's transaction sends with its ``COMMIT``: ``inner`` (the delivery's
+    acknowledgement, for a handler), then its outbox, in one message; and, when the outbox hands
+    events off to this App's own subscribers (``handoff``, see ``framework._internal.handoff``),
+    the statement after ``COMMIT`` that says whether the fan-out took them.
 
     An error in either ends the message before ``COMMIT``, and the transaction rolls back with
     its state (G2); ``inner`` translates its own errors.
     """
 
-    __slots__ = ("_inner", "_outbox", "_pooled")
+    __slots__ = ("_handed_off", "_handoff", "_inner", "_outbox", "_planned", "_pooled")
 
-    def __init__(self, inner: CommitStatement | None) -> None:
+    def __init__(self, inner: CommitStatement | None, handoff: HandOff | None = None) -> None:
         self._inner = inner
+        self._handoff = handoff
         self._outbox = ""
         self._pooled: PoolProxiedConnection | None = None
+        self._planned: Planned | None = None
+        self._handed_off = False
 
     async def write(self, conn: AsyncConnection, ctx: TxContext) -> None:
         """Take ``ctx``'s outbox along with the commit (or, when a value cannot be inlined,
@@ -76,20 +82,37 @@ class OutboxCommit:
         """Take ``records`` along with the commit (or, when a value cannot be inlined, write
         them now)."""
         pooled = await conn.get_raw_connection()
+        marked, planned = (records, None) if self._handoff is None else self._handoff.plan(records)
         try:
-            self._outbox = commit_sql(pooled, records)
+            self._outbox = commit_sql(pooled, marked)
         except ValueError:
-            await append(conn, records)
+            await append(conn, records)  # written now: too early to know about a hand-off
         else:
             self._pooled = pooled
+            self._planned = planned
 
     @property
     def sql(self) -> str:
+        # The acknowledgement first: the fan-out of the outbox then no longer sees the handled
+        # delivery as one waiting ahead of a hand-off of the same key to the same subscriber.
         inner = "" if self._inner is None else self._inner.sql
-        return "; ".join(s for s in (self._outbox, inner) if s)
+        return "; ".join(s for s in (inner, self._outbox) if s)
 
     def translate(self, err: BaseException) -> BaseException | None:
         # Sees whatever ended the transaction: where a connection learns its statement is gone.
         if self._pooled is not None:
             forget_outbox(self._pooled, err)
         return None if self._inner is None else self._inner.translate(err)
+
+    @property
+    def after_commit(self) -> str:
+        return "" if self._planned is None else self._planned.after_commit
+
+    def committed(self, status: str) -> None:
+        self._handed_off = self._planned is not None and self._planned.taken(status)
+
+    def hand_off(self) -> None:
+        """After the commit: give what the fan-out claimed to this App's workers."""
+        if self._handed_off:
+            assert self._handoff is not None and self._planned is not None
+            self._handoff.deliver(self._planned)

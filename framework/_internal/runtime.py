@@ -186,7 +186,7 @@ class ServiceRuntime:
     ) -> Any:
         spec = call.spec
         read_only = tx.type == "RO"
-        commit = OutboxCommit(before_commit)  # the outbox travels with COMMIT
+        commit = OutboxCommit(before_commit, self.host.handoff)  # the outbox travels with COMMIT
         async with self.host.core.transaction(
             self.name,
             isolation=tx.isolation,
@@ -203,6 +203,7 @@ class ServiceRuntime:
                     await epochs.record(self.host, ctx, reads)
                 if ctx.outbox:
                     await commit.write(conn, ctx)
+        commit.hand_off()
         epochs.settle(self.host, reads)
         self.host.metrics.inc("transactions", service=self.name, function=spec.name)
         return result
@@ -218,7 +219,7 @@ class ServiceRuntime:
         tx = call.tx
         assert tx is not None
         spec = call.spec
-        commit = OutboxCommit(GroupAck([item for item, _ in events]))
+        commit = OutboxCommit(GroupAck([item for item, _ in events]), self.host.handoff)
         outbox: list[EventRecord] = []
         with translated(self.name, self.host.core.table_owners, self.host.core.limits):
             async with self.host.core.transaction(
@@ -237,6 +238,7 @@ class ServiceRuntime:
                     outbox.extend(records_of(ctx))
                 if outbox:
                     await commit.write_records(conn, outbox)
+        commit.hand_off()
         self.host.metrics.inc("transactions", len(events), service=self.name, function=spec.name)
 
     def _context(

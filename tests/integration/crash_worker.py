@@ -22,7 +22,7 @@ from sqlalchemy import BigInteger, Identity, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Mapped, mapped_column
 
-from framework import App, Event, Inbound, Service, Transactional, session
+from framework import App, Event, Inbound, Outbound, Service, Transactional, send, session
 from framework._internal.context import current
 
 #: A claim is taken over after this many seconds even when its worker lives on (stuck); the
@@ -52,6 +52,19 @@ class Beat(Event, key="key"):
     n: int
 
 
+class Start(Event, key="key"):
+    """Handled by ``Ledger.on_start``, which sends a ``Passed``: to its own App's handler, so
+    that delivery is handed off (``framework._internal.handoff``)."""
+
+    key: str
+    n: int
+
+
+class Passed(Event, key="key"):
+    key: str
+    n: int
+
+
 class Ledger(Service, name="ledger"):
     @Inbound(Tick, precedence=Tock)
     @Transactional(type="RW", isolation="read_committed")
@@ -63,6 +76,17 @@ class Ledger(Service, name="ledger"):
     async def on_beat(self, ev: Beat) -> None:
         await _count(ev)
 
+    @Inbound(Start)
+    @Outbound(Passed)
+    @Transactional(type="RW", isolation="read_committed")
+    async def on_start(self, ev: Start) -> None:
+        send(Passed(key=ev.key, n=ev.n))
+
+    @Inbound(Passed)
+    @Transactional(type="RW", isolation="read_committed")
+    async def on_passed(self, ev: Passed) -> None:
+        await _count(ev)
+
     @Inbound(Tock)
     @Transactional(type="RW", isolation="read_committed")
     async def on_tock(self, ev: Tock) -> None:
@@ -71,7 +95,7 @@ class Ledger(Service, name="ledger"):
         session().add(Seen(event_id=str(ctx.causation_id), key=ev.key, n=ev.n, worker=WORKER_NAME))
 
 
-async def _count(ev: Tick | Beat) -> None:
+async def _count(ev: Tick | Beat | Passed) -> None:
     """Count ``ev`` (not idempotent: a second commit adds 1 again); wait at the gate."""
     ctx = current()
     assert ctx is not None

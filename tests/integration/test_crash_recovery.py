@@ -22,7 +22,7 @@ from sqlalchemy import text
 
 from framework import App
 
-from .crash_worker import CLAIM_TIMEOUT, Beat, Ledger, Tick, Tock
+from .crash_worker import CLAIM_TIMEOUT, Beat, Ledger, Start, Tick, Tock
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -244,6 +244,50 @@ async def test_kill_9_with_several_events_of_one_key_pending(
         assert_fifo_once(rows, {"k1": 8, "k2": 3})
         assert {r[3] for r in rows} == {"B"}
         assert await counters(app) == {"k1": 8, "k2": 3}
+        assert await dead_letters(app) == 0
+
+
+async def test_kill_9_mid_handler_of_a_handed_off_delivery_then_it_takes_effect_once(
+    vmsdb_app_factory, spawn: Spawn, gate: Path
+) -> None:
+    """A hand-off (framework._internal.handoff): A's on_start sends Passed, which A's own
+    on_passed takes over without a claim of its own. Killed mid-handler, A leaves the
+    producer's claim to run out; B claims the delivery again, and it takes effect once."""
+    _handed = text(
+        "SELECT d.claim = e.handoff_claim FROM vms.deliveries d JOIN vms.events e ON e.position = d.position "
+        "WHERE d.subscriber = 'ledger' AND e.type = 'Passed'"
+    )
+    async with vmsdb_app_factory([Ledger], workers=False) as app:
+        a = await spawn("A", gate)
+        before: dict[str, int] = {}
+        # A producer that finds another transaction open (A's heartbeat, say) leaves its
+        # delivery to the dispatcher: then let it through and try again with another key.
+        for attempt in range(1, 6):
+            (gate / "hold").touch()
+            key = f"k{attempt}"
+            await app.publish(Start(key=key, n=1))
+            passed = (await held(gate, a, count=attempt))[-1]
+            async with app.core.admin() as conn:
+                handed_off = (await conn.execute(_handed)).scalar_one()
+            if handed_off:
+                break
+            (gate / "hold").unlink()
+            await all_handled(app)
+            before[key] = 1
+        else:
+            raise AssertionError("no delivery was handed off in five tries")
+        assert await counters(app) == before
+
+        await a.kill()
+        assert await counters(app) == before
+        assert await pending(app) == 1
+
+        (gate / "hold").unlink()
+        await spawn("B", gate)
+        await all_handled(app)
+
+        assert [r for r in await seen(app) if r[1] == key] == [(passed, key, 1, "B")]
+        assert await counters(app) == {**before, key: 1}
         assert await dead_letters(app) == 0
 
 

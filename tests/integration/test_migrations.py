@@ -50,9 +50,10 @@ CORE_REVISIONS = [
     "0006_reads_begin_epochs",
     "0007_login_roles",
     "0008_ref_batches_notify_types",
+    "0009_handoff",
 ]
 HEADS = {
-    "core": ("0008_ref_batches_notify_types",),
+    "core": ("0009_handoff",),
     "warehouse": ("w0002_audit",),
     "basket": ("b0001_lines",),
 }
