@@ -319,13 +319,6 @@ class Ack:
             "by another worker after this one's claim ran out"
         )
 
-    @property
-    def after_commit(self) -> str:
-        return ""
-
-    def committed(self, status: str) -> None:
-        pass
-
 
 @dataclass(frozen=True, slots=True)
 class GroupAck:
@@ -360,13 +353,6 @@ class GroupAck:
         if sqlstate_of(err) != CLAIM_LOST_SQLSTATE:
             return None
         return ClaimLost(f"a delivery of a group of {len(self.items)} was claimed by another worker: {err}")
-
-    @property
-    def after_commit(self) -> str:
-        return ""
-
-    def committed(self, status: str) -> None:
-        pass
 
 
 _RETRY = text(

@@ -42,7 +42,7 @@ from dbcore.notifications import NOTIFY_LIST_LIMIT, NOTIFY_PART_FUNCTION
 __all__ = [
     "ACK_EVENT_FUNCTION",
     "FAN_OUT_FUNCTION",
-    "HANDED_OFF",
+    "HANDED_OFF_SQLSTATE",
     "HANDOFF_SECONDS",
     "INSERT_EVENTS",
     "NOTIFY_CHANNEL",
@@ -165,6 +165,8 @@ _GROUP = SERVICES_GROUP_ROLE
 
 #: SQLSTATE of ``vms.ack``'s refusal (a class Postgres does not use).
 CLAIM_LOST_SQLSTATE = "VMS01"
+#: SQLSTATE of the fan-out's NOTICE that it handed deliveries off (its detail: how many).
+HANDED_OFF_SQLSTATE = "VMS02"
 #: How long a handed-off delivery's claim lasts until the App's heartbeat renews it (the
 #: dispatcher's liveness, ``framework._internal.dispatcher._LIVENESS``).
 HANDOFF_SECONDS = 2.0
@@ -219,14 +221,14 @@ UNDECLARED_FUNCTION = """
 # A hand-off: an event whose producer's App runs some of its subscribers itself names them
 # (handoff_to) and a claim token (handoff_claim); their deliveries are then inserted already
 # claimed, and left out of the NOTIFY, so the App hands them to its own workers once the
-# transaction commits, without a notification and a claim round trip (framework.handoff). Only
-# when the claim would be the one the dispatcher's claim makes (delivery.py): no older
-# transaction is still open (so none can commit an earlier delivery later: G3), and none of
-# the subscribers has a delivery of the same key waiting (G5). All or nothing, and the number
-# claimed is added to the session's vms.handed_off, which the producer reads right after its
-# COMMIT (HANDED_OFF). The first delivery of a key in the statement is claimed, later ones of
-# the same key wait behind it, as they would. The claim lasts HANDOFF_SECONDS; the App's
-# heartbeat renews it like any other.
+# transaction commits, without a notification and a claim round trip
+# (framework._internal.handoff). Only when the dispatcher's own claim (delivery.py) would take
+# them at once: no older transaction is still open (none can commit an earlier delivery later:
+# G3), and none of the subscribers has a delivery of the same key waiting (G5). All or nothing.
+# The number claimed is told to the producer by a NOTICE (HANDED_OFF_SQLSTATE, the number as
+# its detail), which reaches it in the reply to its COMMIT message (dbcore.outbox). The first
+# delivery of a key in the statement is claimed, later ones of the same key wait behind it, as
+# they would. The claim lasts HANDOFF_SECONDS; the App's heartbeat renews it like any other.
 FAN_OUT_FUNCTION = f"""
     CREATE OR REPLACE FUNCTION vms.fan_out() RETURNS trigger
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, vms AS $$
@@ -270,9 +272,8 @@ FAN_OUT_FUNCTION = f"""
           INTO targets, handed
           FROM ranked;
         IF handed > 0 THEN
-            PERFORM set_config('vms.handed_off',
-                (coalesce(nullif(current_setting('vms.handed_off', true), ''), '0')::integer
-                 + handed)::text, false);
+            RAISE NOTICE 'vms: % deliveries handed off', handed
+                  USING ERRCODE = '{HANDED_OFF_SQLSTATE}', DETAIL = handed::text;
         END IF;
         -- The second line names each correlation with the event types it committed (the
         -- format: dbcore.notifications), so an outcome waiter is looked up only when a type it
@@ -290,13 +291,6 @@ FAN_OUT_FUNCTION = f"""
         RETURN NULL;
     END $$
     """
-
-#: Sent right after a hand-off's COMMIT, in the same message: its status, ``SELECT <n>``, says
-#: how many deliveries the transaction handed off (``vms.handed_off``, which it resets).
-HANDED_OFF = (
-    "SELECT set_config('vms.handed_off', '0', false) FROM generate_series(1, "
-    "coalesce(nullif(current_setting('vms.handed_off', true), ''), '0')::integer)"
-)
 
 # Marks a handed-off delivery handled: vms.ack by the event's id, as the App that handed it off
 # does not know the delivery's position. SECURITY DEFINER, as service roles cannot read the log;

@@ -77,17 +77,6 @@ class CommitStatement(Protocol):
 
     def translate(self, err: BaseException) -> BaseException | None: ...
 
-    @property
-    def after_commit(self) -> str:
-        """A statement sent right after ``COMMIT``, in the same message ("": none). When there
-        is one, ``sql`` is not empty, so a transaction an earlier error aborted fails at
-        ``sql`` and never gets there; :meth:`committed` is given its status."""
-        ...
-
-    def committed(self, status: str) -> None:
-        """The transaction committed; ``status`` is that of ``after_commit``."""
-        ...
-
 
 @asynccontextmanager
 async def service_connection(
@@ -179,10 +168,6 @@ async def _transaction(
         # COMMIT of a transaction that an error aborted answers ROLLBACK instead of failing.
         sent_with = "" if before_commit is None else before_commit.sql
         commit = f"{sent_with}; COMMIT" if sent_with else "COMMIT"
-        after = "" if before_commit is None else before_commit.after_commit
-        if after:
-            assert sent_with, "a statement after COMMIT needs one before it (see CommitStatement)"
-            commit = f"{commit}; {after}"
         status = await raw.execute(commit)
     except BaseException as err:
         try:
@@ -192,10 +177,7 @@ async def _transaction(
             await conn.invalidate()
         _raise_translated(before_commit, err)
         raise
-    if after:
-        assert before_commit is not None
-        before_commit.committed(status)
-    elif status != "COMMIT":
+    if status != "COMMIT":
         raise TransactionAborted(
             "the transaction was aborted by an earlier error that was caught and ignored; "
             "nothing was committed"

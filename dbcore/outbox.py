@@ -11,6 +11,11 @@ insert once per connection rather than once per transaction. Planning it is not 
 ``INSERT`` it cost the server 75-110 µs of the 350-380 µs of CPU of a read-modify-write that
 sends one event (2 vCPUs). Any other connection (the administrator's, with ``SET LOCAL ROLE``)
 inlines the ``INSERT``.
+
+Such a connection also hears the fan-out's NOTICE that its transaction handed deliveries off
+(``eventlog.FAN_OUT_FUNCTION``): the notice arrives in the reply to the ``COMMIT`` message,
+before ``COMMIT``'s own answer, so telling the producer costs no statement either
+(:func:`hand_offs`, :func:`handed_off`).
 """
 
 from __future__ import annotations
@@ -24,9 +29,17 @@ from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import PoolProxiedConnection
 
-from dbcore.eventlog import INSERT_EVENTS, EventRecord
+from dbcore.eventlog import HANDED_OFF_SQLSTATE, INSERT_EVENTS, EventRecord
 
-__all__ = ["OUTBOX_STATEMENT", "append_sql", "commit_sql", "forget_outbox", "prepare_outbox"]
+__all__ = [
+    "OUTBOX_STATEMENT",
+    "append_sql",
+    "commit_sql",
+    "forget_outbox",
+    "hand_offs",
+    "handed_off",
+    "prepare_outbox",
+]
 
 log = logging.getLogger("vmsdb.outbox")
 
@@ -106,13 +119,45 @@ def forget_outbox(pooled: PoolProxiedConnection, err: BaseException) -> None:
         pooled.info.pop(_PREPARED, None)
 
 
+# Keys of the pooled connection's ``info``: it hears the fan-out's hand-off notices, and how
+# many deliveries they said were handed off since the producer last asked.
+_HEARS_HAND_OFFS = "vms.hears_hand_offs"
+_HANDED_OFF = "vms.handed_off"
+
+
+def hand_offs(pooled: PoolProxiedConnection) -> bool:
+    """Whether ``pooled`` hears the fan-out's hand-off notices (:func:`handed_off` counts them):
+    only then may its transactions ask for a hand-off."""
+    return bool(pooled.info.get(_HEARS_HAND_OFFS))
+
+
+def handed_off(pooled: PoolProxiedConnection) -> int:
+    """How many deliveries the fan-out handed off on ``pooled`` since the last call. Read once
+    the ``COMMIT`` message's reply is in: its notices were dispatched before that reply."""
+    return int(pooled.info.pop(_HANDED_OFF, 0))
+
+
+def _hear_hand_offs(driver: Any, info: dict[str, Any]) -> None:
+    def noticed(_conn: object, message: Any) -> None:
+        # asyncpg hands a notice to its listeners with call_soon, as it reads it: before it
+        # resolves the query that the rest of the same reply ends.
+        if getattr(message, "sqlstate", None) == HANDED_OFF_SQLSTATE:
+            info[_HANDED_OFF] = info.get(_HANDED_OFF, 0) + int(message.detail)
+
+    driver.add_log_listener(noticed)
+    info[_HEARS_HAND_OFFS] = True
+
+
 def _prepare(dbapi_connection: Any, record: Any) -> None:
+    # Notices reach this client whatever the server's or the role's default says.
+    setup = f"{_PREPARE}; SET client_min_messages TO notice"
     try:
-        dbapi_connection.run_async(lambda driver: driver.execute(_PREPARE))
+        dbapi_connection.run_async(lambda driver: driver.execute(setup))
     except Exception as err:  # no catalog (yet): this connection inlines its outbox
         log.debug("the outbox statement is not prepared on a new connection: %s", err)
         return
     record.info[_PREPARED] = True
+    _hear_hand_offs(dbapi_connection.driver_connection, record.info)
 
 
 def prepare_outbox(engine: AsyncEngine) -> None:

@@ -16,13 +16,13 @@ them. Exactly once (G4) and order (G3, G5) hold as for any claim:
   (``vms.ack_event``), like any other; its claim lasts ``HANDOFF_SECONDS`` and the dispatcher's
   heartbeat renews it. If the App dies (kill -9) before the handler commits, the claim runs
   out and any process of the App claims the delivery again on its next poll.
-- The producer learns whether the fan-out claimed from the status of a statement sent right
-  after its ``COMMIT``, in the same message (``dbcore.eventlog.HANDED_OFF``): no round trip.
+- The producer learns whether the fan-out claimed from its NOTICE, which arrives in the reply
+  to the ``COMMIT`` message (``dbcore.outbox.handed_off``): no statement, no round trip.
 
 No delivery of a type whose handler declares a precedence is handed off (the dispatcher's claim
 alone checks it), and none to a service that stops or recovers. Under concurrency the first condition
 fails often (some other transaction is nearly always open); the hand-off then costs the fan-out
-one check and the message one statement, and the delivery takes the usual way.
+one check, and the delivery takes the usual way.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from dbcore.delivery import HANDED_OFF_POSITION, Claimed
-from dbcore.eventlog import HANDED_OFF, EventRecord
+from dbcore.eventlog import EventRecord
 
 if TYPE_CHECKING:
     from framework._internal.dispatcher import Dispatcher
@@ -43,8 +43,6 @@ if TYPE_CHECKING:
 __all__ = ["HandOff", "Planned"]
 
 log = logging.getLogger("vmsdb.delivery")
-
-_STATUS_PREFIX = "SELECT "
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,22 +52,6 @@ class Planned:
     #: One per subscriber and key (the first of a key; the others wait behind it, as
     #: ``followed``): what the fan-out claims when it hands them off.
     items: Sequence[Claimed]
-
-    #: Sent right after the transaction's COMMIT: its status is how many were claimed.
-    after_commit = HANDED_OFF
-
-    def taken(self, status: str) -> bool:
-        """Whether ``after_commit``'s ``status`` says the fan-out claimed them all."""
-        count = int(status[len(_STATUS_PREFIX) :]) if status.startswith(_STATUS_PREFIX) else -1
-        if count in (0, len(self.items)):
-            return count > 0
-        log.warning(
-            "a hand-off claimed %s deliveries where %d were asked; they will be claimed again "
-            "once their claims run out",
-            count if count >= 0 else f"an unknown number of ({status!r})",
-            len(self.items),
-        )
-        return False
 
 
 class HandOff:
@@ -124,8 +106,18 @@ class HandOff:
             return list(records), None
         return marked, Planned(items)
 
-    def deliver(self, planned: Planned) -> None:
-        """Queue what the fan-out claimed for the workers, as the dispatchers' own claims."""
+    def deliver(self, planned: Planned, claimed: int) -> None:
+        """Queue what the fan-out claimed (``claimed`` deliveries: all of ``planned`` or none)
+        for the workers, as the dispatchers' own claims."""
+        if claimed != len(planned.items):
+            if claimed:
+                log.warning(
+                    "a hand-off claimed %d deliveries where %d were asked; they will be claimed "
+                    "again once their claims run out",
+                    claimed,
+                    len(planned.items),
+                )
+            return
         by_service: dict[str, list[Claimed]] = {}
         for item in planned.items:
             by_service.setdefault(item.subscriber, []).append(item)

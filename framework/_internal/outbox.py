@@ -15,7 +15,7 @@ from sqlalchemy.pool import PoolProxiedConnection
 
 from dbcore.eventlog import EventRecord, append
 from dbcore.isolation import CommitStatement
-from dbcore.outbox import commit_sql, forget_outbox
+from dbcore.outbox import commit_sql, forget_outbox, hand_offs, handed_off
 from framework._internal import telemetry
 from framework._internal.context import TxContext
 from framework._internal.events import Event
@@ -55,15 +55,15 @@ def records_of(ctx: TxContext) -> list[EventRecord]:
 
 class OutboxCommit:
     """What a function's transaction sends with its ``COMMIT``: ``inner`` (the delivery's
-    acknowledgement, for a handler), then its outbox, in one message; and, when the outbox hands
-    events off to this App's own subscribers (``handoff``, see ``framework._internal.handoff``),
-    the statement after ``COMMIT`` that says whether the fan-out took them.
+    acknowledgement, for a handler), then its outbox, in one message. The outbox may ask for a
+    hand-off to this App's own subscribers (``handoff``, see ``framework._internal.handoff``),
+    which get what the fan-out claimed once the transaction committed.
 
     An error in either ends the message before ``COMMIT``, and the transaction rolls back with
     its state (G2); ``inner`` translates its own errors.
     """
 
-    __slots__ = ("_handed_off", "_handoff", "_inner", "_outbox", "_planned", "_pooled")
+    __slots__ = ("_handoff", "_inner", "_outbox", "_planned", "_pooled")
 
     def __init__(self, inner: CommitStatement | None, handoff: HandOff | None = None) -> None:
         self._inner = inner
@@ -71,7 +71,6 @@ class OutboxCommit:
         self._outbox = ""
         self._pooled: PoolProxiedConnection | None = None
         self._planned: Planned | None = None
-        self._handed_off = False
 
     async def write(self, conn: AsyncConnection, ctx: TxContext) -> None:
         """Take ``ctx``'s outbox along with the commit (or, when a value cannot be inlined,
@@ -82,7 +81,10 @@ class OutboxCommit:
         """Take ``records`` along with the commit (or, when a value cannot be inlined, write
         them now)."""
         pooled = await conn.get_raw_connection()
-        marked, planned = (records, None) if self._handoff is None else self._handoff.plan(records)
+        marked, planned = records, None
+        if self._handoff is not None and hand_offs(pooled):
+            handed_off(pooled)  # forget what an earlier transaction left (none should)
+            marked, planned = self._handoff.plan(records)
         try:
             self._outbox = commit_sql(pooled, marked)
         except ValueError:
@@ -104,15 +106,8 @@ class OutboxCommit:
             forget_outbox(self._pooled, err)
         return None if self._inner is None else self._inner.translate(err)
 
-    @property
-    def after_commit(self) -> str:
-        return "" if self._planned is None else self._planned.after_commit
-
-    def committed(self, status: str) -> None:
-        self._handed_off = self._planned is not None and self._planned.taken(status)
-
     def hand_off(self) -> None:
         """After the commit: give what the fan-out claimed to this App's workers."""
-        if self._handed_off:
-            assert self._handoff is not None and self._planned is not None
-            self._handoff.deliver(self._planned)
+        if self._planned is not None and self._pooled is not None:
+            assert self._handoff is not None
+            self._handoff.deliver(self._planned, handed_off(self._pooled))

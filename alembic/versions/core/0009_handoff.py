@@ -3,8 +3,8 @@
 - ``vms.events`` gains ``handoff_to`` and ``handoff_claim``: the subscribers (comma-separated)
   whose deliveries of the event the fan-out inserts already claimed with that token.
 - ``vms.fan_out`` claims them when that is safe (no older transaction open, no delivery of the
-  same key waiting), leaves their subscribers out of the NOTIFY, and adds the number claimed to
-  the session's ``vms.handed_off``, which the producer reads right after its COMMIT.
+  same key waiting), leaves their subscribers out of the NOTIFY, and tells the producer how many
+  it claimed with a NOTICE (SQLSTATE VMS02), which reaches it in the reply to its COMMIT.
 - ``vms.ack_event``: ``vms.ack`` by the event's id (the App that handed a delivery off does not
   know its position).
 
@@ -68,9 +68,8 @@ FAN_OUT_AFTER = r"""
           INTO targets, handed
           FROM ranked;
         IF handed > 0 THEN
-            PERFORM set_config('vms.handed_off',
-                (coalesce(nullif(current_setting('vms.handed_off', true), ''), '0')::integer
-                 + handed)::text, false);
+            RAISE NOTICE 'vms: % deliveries handed off', handed
+                  USING ERRCODE = 'VMS02', DETAIL = handed::text;
         END IF;
         -- The second line names each correlation with the event types it committed (the
         -- format: dbcore.notifications), so an outcome waiter is looked up only when a type it
