@@ -88,8 +88,8 @@ class Dispatcher:
             if r.consistency == "eventual"
         }
         self.has_precedence = any(i.precedence for i in runtime.plan.descriptor.inbound)
-        #: The event types whose handlers wait for others (``precedence=``): never handed off.
-        self.waiting = frozenset(i.event for i in runtime.plan.descriptor.inbound if i.precedence)
+        #: The event types that wait for others (named in a ``precedence=``): never handed off.
+        self.waiting = frozenset(t for i in runtime.plan.descriptor.inbound for t in i.precedence)
         #: The event types others wait for (``precedence=`` on their handler): only a finished
         #: one of these can make a delivery of another key claimable.
         self.preceding = frozenset(i.event for i in runtime.plan.descriptor.inbound if i.precedence)

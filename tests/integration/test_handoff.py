@@ -25,11 +25,25 @@ class Bumped(Event, key="key"):
     n: int
 
 
+class Opened(Event, key="key"):
+    key: str
+
+
+class Closed(Event, key="key"):
+    key: str
+
+
 class Counter(Service, name="counter"):
     @Outbound(Bumped)
     @Transactional(type="RW")
     async def bump(self, key: str, n: int) -> None:
         send(Bumped(key=key, n=n))
+
+    @Outbound([Opened, Closed])
+    @Transactional(type="RW")
+    async def open_and_close(self, key: str) -> None:
+        send(Opened(key=key))
+        send(Closed(key=key))
 
     @Outbound(Bumped)
     @Transactional(type="RW")
@@ -46,6 +60,20 @@ class Ledger(Service, name="ledger"):
     async def on_bumped(self, ev: Bumped) -> None:
         # Not idempotent: a second commit of one event adds a second row.
         session().add(Entry(key=ev.key, n=ev.n))
+
+
+class Auditor(Service, name="auditor"):
+    """Handles Closed only after every earlier Opened (precedence), whatever the key."""
+
+    @Inbound(Opened, precedence=Closed)
+    @Transactional(type="RW")
+    async def on_opened(self, ev: Opened) -> None:
+        pass
+
+    @Inbound(Closed)
+    @Transactional(type="RW")
+    async def on_closed(self, ev: Closed) -> None:
+        pass
 
 
 class Entry(Ledger.Model):
@@ -162,3 +190,14 @@ async def test_concurrent_producers_each_event_once_and_in_order(vmsdb_app_facto
         await app.drain()
         assert await entries(app) == {f"k{i}": list(range(1, per_key + 1)) for i in range(keys)}
         assert handed_off(app) > 0
+
+
+async def test_no_hand_off_of_an_event_that_waits_for_a_precedence(vmsdb_app_factory: Any) -> None:
+    """Closed waits for earlier Opened deliveries (``precedence=``), which only the dispatcher's
+    claim checks: it is never handed off; Opened, which waits for nothing, may be."""
+    async with vmsdb_app_factory([Counter, Auditor], poll_interval=POLL) as app:
+        await app.service(Counter).open_and_close("k")
+        await app.drain()
+        async with app.core.admin() as conn:
+            marked = dict((await conn.execute(text("SELECT type, handoff_to FROM vms.events"))).all())
+    assert marked == {"Opened": "auditor", "Closed": None}
