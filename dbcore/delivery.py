@@ -44,11 +44,13 @@ __all__ = [
     "Ack",
     "Claim",
     "ClaimLost",
+    "ClaimRequest",
     "Claimed",
     "DeadLetter",
     "GroupAck",
     "claim",
     "claim_batch",
+    "claim_batches",
     "dead_letter",
     "discard",
     "held_back",
@@ -90,38 +92,48 @@ class Claimed:
         return self.position == HANDED_OFF_POSITION
 
 
-# Why each condition is there: see the module docstring. The precedence clause is left out for
-# subscribers that declare no precedence (it would scan every earlier delivery for nothing).
+# Why each condition is there: see the module docstring. Several subscribers are claimed for
+# in one statement (one lateral claim each, in one snapshot), each with its own limit. The
+# precedence clause is left out when no subscriber asked for declares a precedence (it would
+# scan every earlier delivery for nothing).
 _PRECEDENCE = """
-           AND NOT EXISTS (
-                SELECT 1 FROM vms.subscriptions s
-                  JOIN vms.deliveries p
-                    ON p.subscriber = s.service AND p.event_type = s.event_type
-                 WHERE s.service = d.subscriber AND d.event_type = ANY(s.precedence)
-                   AND (p.xid, p.position) < (d.xid, d.position))"""
+                   AND (NOT w.precedence OR NOT EXISTS (
+                        SELECT 1 FROM vms.subscriptions s
+                          JOIN vms.deliveries p
+                            ON p.subscriber = s.service AND p.event_type = s.event_type
+                         WHERE s.service = d.subscriber AND d.event_type = ANY(s.precedence)
+                           AND (p.xid, p.position) < (d.xid, d.position)))"""
 _CLAIM = """
     WITH horizon AS (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin),
+    wanted AS (
+        SELECT * FROM unnest($1::text[], $2::integer[], $3::boolean[]) AS w(subscriber, lim, precedence)
+    ),
     ready AS (
-        SELECT d.position
-          FROM vms.deliveries d, horizon h
-         WHERE d.subscriber = $1
-           AND d.xid < h.xmin
-           AND d.available_at <= now()
-           AND (d.claim IS NULL OR d.claimed_until < now())
-           AND NOT EXISTS (
-                SELECT 1 FROM vms.deliveries e
-                 WHERE e.subscriber = d.subscriber AND e.key = d.key
-                   AND (e.xid, e.position) < (d.xid, d.position)){precedence}
-         ORDER BY d.xid, d.position
-         LIMIT $2
-         FOR UPDATE OF d SKIP LOCKED
+        SELECT w.subscriber, r.position
+          FROM wanted w CROSS JOIN LATERAL (
+                SELECT d.position
+                  FROM vms.deliveries d, horizon h
+                 WHERE d.subscriber = w.subscriber
+                   AND d.xid < h.xmin
+                   AND d.available_at <= now()
+                   AND (d.claim IS NULL OR d.claimed_until < now())
+                   AND NOT EXISTS (
+                        SELECT 1 FROM vms.deliveries e
+                         WHERE e.subscriber = d.subscriber AND e.key = d.key
+                           AND (e.xid, e.position) < (d.xid, d.position)){precedence}
+                 ORDER BY d.xid, d.position
+                 LIMIT w.lim
+                 FOR UPDATE OF d SKIP LOCKED) r
     ),
     claimed AS (
-        -- By primary key: the planner then never scans the whole backlog to apply the claim.
+        -- By primary key (both columns = ANY, then the exact pairs): the planner then never
+        -- scans the whole backlog to apply the claim.
         UPDATE vms.deliveries d
-           SET claim = $3, claimed_until = now() + make_interval(secs => $4),
+           SET claim = $4, claimed_until = now() + make_interval(secs => $5),
                attempts = d.attempts + 1
-         WHERE d.subscriber = $1 AND d.position = ANY(ARRAY(SELECT position FROM ready))
+         WHERE d.subscriber = ANY(ARRAY(SELECT DISTINCT subscriber FROM ready))
+           AND d.position = ANY(ARRAY(SELECT position FROM ready))
+           AND EXISTS (SELECT 1 FROM ready r WHERE r.subscriber = d.subscriber AND r.position = d.position)
         RETURNING d.subscriber, d.position, d.xid, d.event_type, d.key, d.attempts, d.claim,
                   -- The claim's transaction commits without waiting for its WAL to reach disk
                   -- (synchronous_commit off), set where rows were claimed. That is safe: a
@@ -139,27 +151,31 @@ _CLAIM = """
     -- it, an event that commits while its key's head runs (after the head's claim, so the
     -- head is not "followed") would wait for the fallback poll.
     held AS (
-        SELECT EXISTS (
-                SELECT 1 FROM vms.deliveries w, horizon h
-                 WHERE w.subscriber = $1 AND w.xid >= h.xmin AND w.available_at <= now()
-                   AND (w.claim IS NULL OR w.claimed_until < now())) AS held_back,
+        SELECT w.subscriber,
                EXISTS (
-                SELECT 1 FROM vms.deliveries w, horizon h
-                 WHERE w.subscriber = $1 AND w.xid < h.xmin AND w.available_at <= now()
-                   AND (w.claim IS NULL OR w.claimed_until < now())
-                   AND w.position <> ALL(ARRAY(SELECT position FROM ready))) AS blocked,
-               -- The horizon itself, for HorizonWatch (no statement of its own per claim).
-               (SELECT h.xmin::text FROM horizon h) AS horizon
+                SELECT 1 FROM vms.deliveries x, horizon h
+                 WHERE x.subscriber = w.subscriber AND x.xid >= h.xmin AND x.available_at <= now()
+                   AND (x.claim IS NULL OR x.claimed_until < now())) AS held_back,
+               EXISTS (
+                SELECT 1 FROM vms.deliveries x, horizon h
+                 WHERE x.subscriber = w.subscriber AND x.xid < h.xmin AND x.available_at <= now()
+                   AND (x.claim IS NULL OR x.claimed_until < now())
+                   AND x.position <> ALL(ARRAY(
+                        SELECT r.position FROM ready r WHERE r.subscriber = w.subscriber))) AS blocked
+          FROM wanted w
     )
-    -- One row even when nothing was claimed (all NULL but held_back and blocked).
+    -- One row per subscriber even when nothing was claimed for it (all NULL but the last four).
     SELECT c.subscriber, c.position, ev.id AS event_id, c.event_type, c.key,
            ev.payload::text AS payload, ev.correlation_id, c.attempts, c.claim, ev.created_at,
            EXISTS (SELECT 1 FROM vms.deliveries n
                     WHERE n.subscriber = c.subscriber AND n.key = c.key
                       AND (n.xid, n.position) > (c.xid, c.position)) AS followed,
-           ev.trace_context, held.held_back, held.blocked, held.horizon
-      FROM held LEFT JOIN (claimed c JOIN vms.events ev ON ev.position = c.position) ON true
-     ORDER BY c.xid, c.position
+           ev.trace_context, held.subscriber AS wanted, held.held_back, held.blocked,
+           -- The horizon itself, for HorizonWatch (no statement of its own per claim).
+           (SELECT h.xmin::text FROM horizon h) AS horizon
+      FROM held LEFT JOIN (claimed c JOIN vms.events ev ON ev.position = c.position)
+        ON c.subscriber = held.subscriber
+     ORDER BY held.subscriber, c.xid, c.position
 """
 _CLAIM_PLAIN = _CLAIM.format(precedence="")
 _CLAIM_WITH_PRECEDENCE = _CLAIM.format(precedence=_PRECEDENCE)
@@ -185,6 +201,49 @@ class Claim:
     horizon: str
 
 
+@dataclass(frozen=True, slots=True)
+class ClaimRequest:
+    """One subscriber's part of a claim: up to ``limit`` deliveries; ``precedence=False`` when
+    the subscriber declares no precedence constraint."""
+
+    subscriber: str
+    limit: int
+    precedence: bool = True
+
+
+async def claim_batches(
+    conn: AsyncConnection, requests: Sequence[ClaimRequest], *, lease_seconds: float
+) -> dict[str, Claim]:
+    """For each request (one per subscriber), claim up to its limit of the subscriber's
+    deliveries, oldest first, at most one per key, and say whether others wait behind the
+    horizon: all in one statement, in one snapshot.
+
+    Meant for an autocommit connection: when rows are claimed, the statement turns
+    ``synchronous_commit`` off for the transaction it runs in (see ``_CLAIM``).
+    """
+    rows = await (await driver(conn)).fetch(
+        _CLAIM_WITH_PRECEDENCE if any(r.precedence for r in requests) else _CLAIM_PLAIN,
+        [r.subscriber for r in requests],
+        [r.limit for r in requests],
+        [r.precedence for r in requests],
+        uuid.uuid4(),
+        float(lease_seconds),
+    )
+    # The query's columns are the dataclass's fields, in order, then the subscriber asked for,
+    # held_back, blocked and the horizon.
+    items: dict[str, list[Claimed]] = {r.subscriber: [] for r in requests}
+    seen: dict[str, Any] = {}
+    for row in rows:
+        seen[row["wanted"]] = row
+        if row["subscriber"] is not None:
+            items[row["subscriber"]].append(Claimed(*row[:-4]))
+    return {
+        name: Claim(claimed, bool(row["held_back"]), bool(row["blocked"]), str(row["horizon"]))
+        for name, claimed in items.items()
+        for row in (seen[name],)
+    }
+
+
 async def claim_batch(
     conn: AsyncConnection,
     subscriber: str,
@@ -193,25 +252,9 @@ async def claim_batch(
     lease_seconds: float,
     precedence: bool = True,
 ) -> Claim:
-    """Claim up to ``limit`` deliveries of ``subscriber``, oldest first, at most one per key,
-    and say whether others wait behind the horizon, in one statement.
-
-    ``precedence=False`` when the subscriber declares no precedence constraint. Meant for an
-    autocommit connection: when rows are claimed, the statement turns ``synchronous_commit``
-    off for the transaction it runs in (see ``_CLAIM``).
-    """
-    rows = await (await driver(conn)).fetch(
-        _CLAIM_WITH_PRECEDENCE if precedence else _CLAIM_PLAIN,
-        subscriber,
-        limit,
-        uuid.uuid4(),
-        float(lease_seconds),
-    )
-    # The query's columns are the dataclass's fields, in order, then held_back, blocked and
-    # the horizon.
-    items = [Claimed(*r[:-3]) for r in rows if r["subscriber"] is not None]
-    first = rows[0]
-    return Claim(items, bool(first["held_back"]), bool(first["blocked"]), str(first["horizon"]))
+    """:func:`claim_batches` for one subscriber."""
+    request = ClaimRequest(subscriber, limit, precedence)
+    return (await claim_batches(conn, [request], lease_seconds=lease_seconds))[subscriber]
 
 
 async def claim(

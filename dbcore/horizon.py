@@ -77,20 +77,21 @@ class HorizonWatch:
         self._since = 0.0
         self._warned = False
 
-    async def check(self, conn: AsyncConnection, held_back: bool, horizon: str) -> Blocker | None:
-        """Returns the blocker it warned about (once per stall), else ``None``.
-
-        ``horizon``: the horizon the claim saw (``Claim.horizon``).
-        """
+    def stalled(self, held_back: bool, horizon: str) -> bool:
+        """Whether deliveries have waited behind the same horizon for ``after`` seconds (and
+        :meth:`warn` has not said so yet for it). ``horizon``: the horizon the claim saw
+        (``Claim.horizon``), ``held_back``: whether deliveries waited behind it."""
         if not held_back:
             self._horizon = None
-            return None
+            return False
         now = time.monotonic()
         if horizon != self._horizon:
             self._horizon, self._since, self._warned = horizon, now, False
-            return None
-        if self._warned or now - self._since < self.after:
-            return None
+            return False
+        return not self._warned and now - self._since >= self.after
+
+    async def warn(self, conn: AsyncConnection) -> Blocker | None:
+        """Warn, once per stall, of the transaction that holds the horizon; returns it."""
         self._warned = True
         blocker = await oldest_transaction(conn)
         log.warning(
@@ -98,8 +99,8 @@ class HorizonWatch:
             "delivery waits until it ends (end it with pg_terminate_backend(%s), or lower "
             "idle_in_transaction_session_timeout)",
             self.service,
-            now - self._since,
-            horizon,
+            time.monotonic() - self._since,
+            self._horizon,
             blocker if blocker is not None else "its backend is not visible to the core role",
             blocker.pid if blocker is not None else "<pid>",
         )

@@ -34,7 +34,7 @@ from framework._internal import epochs, telemetry
 from framework._internal.config import Settings
 from framework._internal.context import correlation
 from framework._internal.descriptors import ServicePlan, build_plans, dependencies_of
-from framework._internal.dispatcher import Dispatcher
+from framework._internal.dispatcher import Claims, Dispatcher
 from framework._internal.errors import FrameworkError
 from framework._internal.events import Event
 from framework._internal.handoff import HandOff
@@ -242,6 +242,7 @@ class App:
         self._workers = HandlerWorkers(self.core, self.settings.worker_concurrency, slots)
         self._workers.start()
         chosen_names = self.workers
+        claims = Claims(self.host)  # the dispatchers' claims, together
         for runtime in self._runtimes.values():
             chosen = chosen_names is True or (
                 isinstance(chosen_names, frozenset) and runtime.name in chosen_names
@@ -250,7 +251,7 @@ class App:
             if chosen and (
                 descriptor.inbound or any(r.consistency == "eventual" for r in descriptor.replicas)
             ):
-                dispatcher = Dispatcher(self.host, runtime, self._workers)
+                dispatcher = Dispatcher(self.host, runtime, self._workers, claims)
                 self._dispatchers[runtime.name] = dispatcher
                 dispatcher.start()
         if self._dispatchers:

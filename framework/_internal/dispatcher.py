@@ -8,6 +8,10 @@ keys run concurrently and handlers of one key run one after another, in order. C
 keeps the workers busy while the next claim is on its way: one claim round trip serves many
 handlers.
 
+The dispatchers of an App claim together (:class:`Claims`): those that want a claim at the
+same moment (a notification naming several subscribers wakes them all at once) share one
+statement, one snapshot and one housekeeping connection.
+
 It wakes on the core's NOTIFY, when a handled event had its key's next event behind it, and
 when a retry is due; it polls every 20 ms while events wait behind the snapshot horizon (an
 older transaction still open), and every ``poll_interval`` as a fallback.
@@ -27,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from dbcore import delivery, replicas
-from dbcore.delivery import Ack, Claimed, ClaimLost
+from dbcore.delivery import Ack, Claim, Claimed, ClaimLost, ClaimRequest
 from dbcore.descriptor import ReplicaDescriptor
 from dbcore.horizon import HorizonWatch
 from dbcore.replicas import change_event_type
@@ -43,7 +47,7 @@ if TYPE_CHECKING:
     from framework._internal.host import Host
     from framework._internal.runtime import ServiceRuntime
 
-__all__ = ["Dispatcher"]
+__all__ = ["Claims", "Dispatcher"]
 
 log = logging.getLogger("vmsdb.delivery")
 
@@ -60,13 +64,53 @@ _REPLICA_ATTEMPTS = 5
 _START_WITHIN = 0.8
 
 
+class Claims:
+    """The claims of an App's dispatchers: the requests made while one loop iteration runs go
+    out as one statement (``delivery.claim_batches``), each request answered with its own
+    subscriber's part. A statement in flight does not hold later requests back: they go out
+    in the next one."""
+
+    def __init__(self, host: Host) -> None:
+        self.host = host
+        self.lease_seconds = min(host.settings.claim_timeout, _LIVENESS)
+        self._waiting: dict[str, tuple[ClaimRequest, asyncio.Future[Claim]]] = {}
+        self._sending: asyncio.Task[None] | None = None
+
+    async def claim(self, request: ClaimRequest) -> Claim:
+        """``request``'s subscriber's claim (one request per subscriber at a time)."""
+        future: asyncio.Future[Claim] = asyncio.get_running_loop().create_future()
+        self._waiting[request.subscriber] = (request, future)
+        if self._sending is None:
+            self._sending = asyncio.create_task(self._send(), name="vmsdb-claims")
+        return await future
+
+    async def _send(self) -> None:
+        # One turn of the loop: the dispatchers woken by the same notification ask first.
+        await asyncio.sleep(0)
+        waiting, self._waiting, self._sending = self._waiting, {}, None
+        requests = [request for request, _ in waiting.values()]
+        try:
+            async with self.host.core.housekeeping_autocommit() as conn:
+                claims = await delivery.claim_batches(conn, requests, lease_seconds=self.lease_seconds)
+        except Exception as err:  # each dispatcher logs it and tries again
+            for _, future in waiting.values():
+                if not future.done():
+                    future.set_exception(err)
+            return
+        self.host.metrics.observe("claim_subscribers", len(requests))
+        for subscriber, (_, future) in waiting.items():
+            if not future.done():  # else its dispatcher was cancelled: the claim runs out
+                future.set_result(claims[subscriber])
+
+
 class Dispatcher:
     """Runs the ``@Inbound`` handlers of one service."""
 
-    def __init__(self, host: Host, runtime: ServiceRuntime, workers: HandlerWorkers) -> None:
+    def __init__(self, host: Host, runtime: ServiceRuntime, workers: HandlerWorkers, claims: Claims) -> None:
         self.host = host
         self.runtime = runtime
         self.workers = workers
+        self.claims = claims
         self.service = runtime.name
         settings = host.settings
         # Claimed and not yet finished, at most four times what the workers run at once; the
@@ -178,34 +222,30 @@ class Dispatcher:
             self._unblocked = False
             held_back = False
             try:
-                # One statement: the claim, and whether others wait behind the horizon.
-                async with self.host.core.housekeeping_autocommit() as conn:
-                    batch = await delivery.claim_batch(
-                        conn,
-                        self.service,
-                        limit=limit,
-                        lease_seconds=min(self.claim_timeout, _LIVENESS),
-                        precedence=self.has_precedence,
-                    )
-                    claimed = batch.items
-                    self._blocked = batch.blocked
-                    if batch.blocked and self._finishes != finishes:
-                        # One finished while the claim was on its way: it may have unblocked
-                        # what the claim saw blocked, and its finished() read the previous view.
-                        self._wake.set()
-                    start_before = loop.time() + self.claim_timeout * _START_WITHIN
-                    self._saturated = len(claimed) == limit
-                    self._outstanding += len(claimed)
-                    for item in claimed:  # before the horizon check: the workers start at once
-                        self._live[item.event_id] = (item, ends)
-                        self.workers.submit(Job(self, item, start_before))
-                    if claimed:
-                        self.host.metrics.observe("claim_batch_size", len(claimed), service=self.service)
-                    if self._saturated:
-                        continue  # there may be more; claim again at the low water mark
-                    held_back = batch.held_back
-                    # Warns of a long-open transaction (the claim read the horizon).
-                    await self._horizon.check(conn, held_back, batch.horizon)
+                # One statement (shared with the other dispatchers asking now): the claim, and
+                # whether others wait behind the horizon.
+                batch = await self.claims.claim(ClaimRequest(self.service, limit, self.has_precedence))
+                claimed = batch.items
+                self._blocked = batch.blocked
+                if batch.blocked and self._finishes != finishes:
+                    # One finished while the claim was on its way: it may have unblocked what
+                    # the claim saw blocked, and its finished() read the previous view.
+                    self._wake.set()
+                start_before = loop.time() + self.claim_timeout * _START_WITHIN
+                self._saturated = len(claimed) == limit
+                self._outstanding += len(claimed)
+                for item in claimed:  # before the horizon check: the workers start at once
+                    self._live[item.event_id] = (item, ends)
+                    self.workers.submit(Job(self, item, start_before))
+                if claimed:
+                    self.host.metrics.observe("claim_batch_size", len(claimed), service=self.service)
+                if self._saturated:
+                    continue  # there may be more; claim again at the low water mark
+                held_back = batch.held_back
+                # Warns of a long-open transaction (the claim read the horizon).
+                if self._horizon.stalled(held_back, batch.horizon):
+                    async with self.host.core.housekeeping_autocommit() as conn:
+                        await self._horizon.warn(conn)
             except Exception:  # the database went away: log, try again after poll_interval
                 log.exception("%s: claiming deliveries failed", self.service)
             # Everything claimable is claimed. What makes more claimable wakes the dispatcher:

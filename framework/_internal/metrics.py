@@ -60,6 +60,7 @@ _SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 HISTOGRAMS: dict[str, tuple[str, tuple[str, ...], tuple[float, ...]]] = {
     "handler_duration_seconds": ("Handler run time, transaction included", ("service", "event"), _SECONDS),
     "claim_batch_size": ("Deliveries taken by one claim", ("service",), _SIZES),
+    "claim_subscribers": ("Subscribers claimed for by one claim statement", (), _SIZES),
     "group_commit_size": (
         "Deliveries handled in one transaction (@Inbound(group_commit=))",
         ("service",),
