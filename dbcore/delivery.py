@@ -150,7 +150,8 @@ _CLAIM = """
     -- them) that is still running? Then a finished delivery is worth another claim. Without
     -- it, an event that commits while its key's head runs (after the head's claim, so the
     -- head is not "followed") would wait for the fallback poll.
-    held AS (
+    -- Materialized: computed once per subscriber, not once per row of the result.
+    held AS MATERIALIZED (
         SELECT w.subscriber,
                EXISTS (
                 SELECT 1 FROM vms.deliveries x, horizon h
