@@ -29,18 +29,15 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from dbcore.delivery import HANDED_OFF_POSITION, Claimed
 from dbcore.eventlog import EventRecord
 
-if TYPE_CHECKING:
-    from framework._internal.dispatcher import Dispatcher
-
-__all__ = ["HandOff", "Planned"]
+__all__ = ["HandOff", "Planned", "Taker"]
 
 log = logging.getLogger("vmsdb.delivery")
 
@@ -54,12 +51,39 @@ class Planned:
     items: Sequence[Claimed]
 
 
+class Taker(Protocol):
+    """What a hand-off needs of a service's dispatcher (``framework._internal.dispatcher``)."""
+
+    @property
+    def service(self) -> str: ...
+
+    @property
+    def handlers(self) -> Collection[str]:
+        """The event types it handles."""
+        ...
+
+    @property
+    def replicas(self) -> Collection[str]:
+        """The change events of the replicas it keeps."""
+        ...
+
+    @property
+    def waiting(self) -> Collection[str]:
+        """The event types that wait for others (``precedence=``)."""
+        ...
+
+    @property
+    def accepts_hand_offs(self) -> bool: ...
+
+    def take_over(self, items: list[Claimed]) -> None: ...
+
+
 class HandOff:
     """Which of this App's dispatchers take which events over from their producers."""
 
-    def __init__(self, dispatchers: Mapping[str, Dispatcher]) -> None:
+    def __init__(self, dispatchers: Mapping[str, Taker]) -> None:
         self._dispatchers = dict(dispatchers)
-        self._to: dict[str, tuple[Dispatcher, ...]] = {}
+        self._to: dict[str, tuple[Taker, ...]] = {}
         for dispatcher in dispatchers.values():
             for event_type in (*dispatcher.handlers, *dispatcher.replicas):
                 if event_type not in dispatcher.waiting:
