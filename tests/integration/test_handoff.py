@@ -47,6 +47,12 @@ class Counter(Service, name="counter"):
 
     @Outbound(Bumped)
     @Transactional(type="RW")
+    async def bump_keys(self, keys: list[str]) -> None:
+        for key in keys:
+            send(Bumped(key=key, n=1))
+
+    @Outbound(Bumped)
+    @Transactional(type="RW")
     async def bump_many(self, key: str, count: int) -> None:
         """Several events of one key in one transaction: the first is handed off, the rest
         wait behind it."""
@@ -60,6 +66,24 @@ class Ledger(Service, name="ledger"):
     async def on_bumped(self, ev: Bumped) -> None:
         # Not idempotent: a second commit of one event adds a second row.
         session().add(Entry(key=ev.key, n=ev.n))
+
+
+class Grouped(Service, name="grouped"):
+    """Runs up to eight deliveries in one transaction, acknowledged by one statement."""
+
+    @Inbound(Bumped, group_commit=8)
+    @Transactional(type="RW")
+    async def on_bumped(self, ev: Bumped) -> None:
+        session().add(GroupedEntry(key=ev.key, n=ev.n))
+
+
+class GroupedEntry(Grouped.Model):
+    __tablename__ = "entries"
+    seq: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    key: Mapped[str]
+    n: Mapped[int]
+    #: The handling transaction: deliveries run in one group share it.
+    xid: Mapped[int] = mapped_column(BigInteger, server_default=text("txid_current()"))
 
 
 class Auditor(Service, name="auditor"):
@@ -201,3 +225,22 @@ async def test_no_hand_off_of_an_event_that_waits_for_a_precedence(vmsdb_app_fac
         async with app.core.admin() as conn:
             marked = dict((await conn.execute(text("SELECT type, handoff_to FROM vms.events"))).all())
     assert marked == {"Opened": "auditor", "Closed": None}
+
+
+async def test_handed_off_deliveries_run_in_a_group_commit_once_each(vmsdb_app_factory: Any) -> None:
+    """Deliveries of several keys handed off together are queued together: the worker runs them
+    in one transaction and acknowledges them by their events (vms.ack_event), once each."""
+    keys = [f"k{i}" for i in range(6)]
+    async with vmsdb_app_factory([Counter, Grouped], poll_interval=POLL) as app:
+        await app.service(Counter).bump_keys(keys)
+        await app.drain()
+        assert int(app.metrics.value("deliveries_handed_off", service="grouped")) == len(keys)
+        async with app.core.admin() as conn:
+            rows = (await conn.execute(text("SELECT key, n FROM grouped.entries ORDER BY key"))).all()
+            transactions = (
+                await conn.execute(text("SELECT count(DISTINCT xid) FROM grouped.entries"))
+            ).scalar_one()
+            pending = (await conn.execute(text("SELECT count(*) FROM vms.deliveries"))).scalar_one()
+    assert [tuple(r) for r in rows] == [(k, 1) for k in keys]
+    assert pending == 0
+    assert transactions < len(keys)  # grouped
