@@ -174,6 +174,9 @@ DIRECT_CALL = (4, 6)
 # role, the ORM's INSERT, the outbox with ack and COMMIT). Before issue 14: 6 and 8 (a
 # held-back check after every claim, the outbox a round trip of its own).
 HANDLED_EVENT = (4, 7)
+# A handed-off event (framework._internal.handoff): the handler's transaction alone (BEGIN, the
+# ORM's INSERT, the ack and outbox with COMMIT); the claim, and its round trip, are gone.
+HANDED_OFF_EVENT = (3, 5)
 # Awaiting an outcome: one lookup for the waiter, one for the notification that names its
 # correlation with a type it awaits. Before the notification named the types: one more for
 # each other event of the chain (they all share its correlation).
@@ -239,6 +242,26 @@ async def test_a_handled_event_costs_what_it_did(vmsdb_app_factory: Any, recorde
     framework = recorder.of("vmsdb-dispatch-ledger") + recorder.of("vmsdb-handler-")
     round_trips, statements = totals(framework)
     assert round_trips <= HANDLED_EVENT[0] and statements <= HANDLED_EVENT[1], [s.sql for s in framework]
+
+
+async def test_an_event_handed_off_in_its_own_app_costs_no_claim(
+    vmsdb_app_factory: Any, recorder: Recorder
+) -> None:
+    """The direct call's Bumped goes to Ledger in the same App: a hand-off, so the delivery costs
+    the handler's transaction only (BEGIN, the ORM's INSERT, the ack and outbox with COMMIT), no
+    notification-driven claim."""
+    async with vmsdb_app_factory([Counter, Ledger], poll_interval=POLL) as app:
+        for _ in range(2):
+            await app.service(Counter).bump("warm")
+            await settle(app)
+        recorder.sent.clear()
+        await app.service(Counter).bump("handed")
+        await settle(app)
+        assert app.metrics.value("deliveries_handed_off", service="ledger") == 3
+    claims = recorder.of("vmsdb-claims") + recorder.of("vmsdb-dispatch-ledger")
+    handler = recorder.of("vmsdb-handler-")
+    assert claims == [], [s.sql for s in claims]
+    assert totals(handler) == (HANDED_OFF_EVENT[0], HANDED_OFF_EVENT[1]), [s.sql for s in handler]
 
 
 async def test_an_outcome_wait_is_one_lookup_per_look(vmsdb_app_factory: Any, recorder: Recorder) -> None:
