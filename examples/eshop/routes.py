@@ -20,11 +20,10 @@ from fastapi import APIRouter, Depends, Path, status
 from pydantic import BaseModel, ConfigDict
 
 from framework import App, Event, correlate
-from framework.fastapi import Conflict, CurrentApp, publish_and_wait, service
+from framework.fastapi import Conflict, CurrentApp, service
 from vmsdb_eshop.config import settings
 from vmsdb_eshop.events import (
     CheckoutMark,
-    CheckoutRequest,
     PriceUpdateMark,
     ProductUpdateMark,
     TransactionMark,
@@ -47,10 +46,6 @@ from vmsdb_eshop.services.cart import UnknownEntity
 from vmsdb_eshop.services.product import Change
 
 __all__ = ["ROUTERS", "NotFound", "cleanup", "ops"]
-
-#: Event ids of checkout requests derive from (customer, tid): a retried request (the driver
-#: tries up to three times) publishes nothing new and gets the first attempt's outcome.
-_CHECKOUT_IDS = uuid.UUID("6d1f0c52-8a54-4c1e-9a55-0f8f5a6b2c11")
 
 Row = dict[str, Any]
 T = TypeVar("T")
@@ -200,16 +195,15 @@ async def checkout(
     """
     _found(await customers.get(customer_id), f"customer {customer_id}")
     tid = _tid(body.instance_id)
+    fields = {**body.model_dump(), "customer_id": customer_id, "instance_id": tid}
+    # One call binds the id and sends the request (to the cart's own handler, in this App).
+    with correlate(tid):
+        owner = await svc.start_checkout(customer_id, tid, CustomerCheckout(**fields))
     # The id names one customer's checkout: its outcome is looked up by the id, so another
     # customer must never wait on it (they would read the first customer's mark).
-    if await svc.claim_checkout(customer_id, tid) != customer_id:
+    if owner != customer_id:
         raise Conflict(f"checkout id {tid!r} belongs to another customer's checkout", tid=tid)
-    fields = {**body.model_dump(), "customer_id": customer_id, "instance_id": tid}
-    request = CheckoutRequest(customer_id=customer_id, tid=tid, checkout=CustomerCheckout(**fields))
-    event_id = uuid.uuid5(_CHECKOUT_IDS, f"{customer_id}/{tid}")
-    mark = await publish_and_wait(
-        app, request, tid, CheckoutMark, timeout=settings().outcome_timeout, event_id=event_id
-    )
+    mark = await app.outcome(tid, CheckoutMark, timeout=settings().outcome_timeout)
     return _concluded(mark)
 
 

@@ -33,7 +33,7 @@ from vmsdb_eshop.services.payment import Payment
 # set-based rewrite a checkout of n items cost the cart 2 + 5 (claim, checkout), the stock's
 # reservation 5n (and 2n savepoints) and its confirmation 1 + n; an add 4, a re-add 6 (and 2
 # savepoints).
-CHECKOUT = {"Cart.claim_checkout": 1, "Cart.checkout": 2, "Stock.reserve": 3, "Stock.confirm": 1}
+CHECKOUT = {"Cart.start_checkout": 1, "Cart.checkout": 2, "Stock.reserve": 3, "Stock.confirm": 1}
 # An add, all its calls: whether the customer and the product exist (one query, in the cart's
 # transaction; before, two more calls of their own), the cart's upsert, the replaced line's
 # lease, the stock's hold, the line's upsert.

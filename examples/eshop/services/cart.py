@@ -19,7 +19,18 @@ from decimal import Decimal
 from typing import Any
 from uuid import UUID
 
-from sqlalchemy import RowMapping, Select, String, Update, and_, bindparam, delete, select, update
+from sqlalchemy import (
+    RowMapping,
+    Select,
+    String,
+    Update,
+    and_,
+    bindparam,
+    delete,
+    literal_column,
+    select,
+    update,
+)
 from sqlalchemy.dialects.postgresql import Insert, insert
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -44,7 +55,7 @@ from vmsdb_eshop.events import (
     RejectedItem,
     ReserveStock,
 )
-from vmsdb_eshop.schemas import CartItem, CartItemFields, CartStatus, ItemStatus, MarkStatus
+from vmsdb_eshop.schemas import CartItem, CartItemFields, CartStatus, CustomerCheckout, ItemStatus, MarkStatus
 from vmsdb_eshop.services.common import (
     RowsInsert,
     as_row,
@@ -118,18 +129,26 @@ class Cart(Service, name="cart"):
         written = await conn.execute(_PUT_LINE, values)
         return {**written.mappings().one(), "reserved": grant is not None}
 
+    @Outbound(CheckoutRequest)
     @Transactional(isolation="read_committed")
-    async def claim_checkout(self, customer_id: int, tid: str) -> int:
-        """Bind checkout id ``tid`` to ``customer_id`` unless it is bound already; its customer.
+    async def start_checkout(self, customer_id: int, tid: str, checkout: CustomerCheckout) -> int:
+        """Bind checkout id ``tid`` to ``customer_id`` and, the first time, send the checkout
+        request (to :meth:`checkout`, in this service); returns the customer the id is bound to.
 
         A checkout's events and outcome are found by its id, so an id must name one customer's
-        checkout: the route refuses an id whose customer is someone else. One statement: on a
-        conflict the upsert waits for a concurrent claim of the same id to commit, locks its
-        row and returns the customer it names (DO NOTHING would return nothing, and a second
-        statement would be needed to read the row).
+        checkout: an id bound to another customer sends nothing, and neither does a repeat of
+        the same customer's (its outcome is the first one's). The binding and the request
+        commit together, so a crash between them cannot leave a bound id that never checks out.
+        One statement: on a conflict the upsert waits for a concurrent claim of the same id to
+        commit, locks its row and returns the customer it names, and whether this call
+        inserted it (DO NOTHING would return nothing, and a second statement would be needed).
         """
-        owner = await connection().scalar(_CLAIM_CHECKOUT, {"tid": tid, "customer_id": customer_id})
-        return int(owner) if owner is not None else customer_id
+        owner, inserted = (
+            await connection().execute(_CLAIM_CHECKOUT, {"tid": tid, "customer_id": customer_id})
+        ).one()
+        if inserted:
+            send(CheckoutRequest(customer_id=customer_id, tid=tid, checkout=checkout))
+        return int(owner)
 
     @Transactional
     async def seal(self, customer_id: int) -> int:
@@ -394,7 +413,8 @@ _CLAIM_CHECKOUT = (
     insert(CheckoutClaim)
     .values(tid=bindparam("tid"), customer_id=bindparam("customer_id"))
     .on_conflict_do_update(index_elements=["tid"], set_={"customer_id": CheckoutClaim.customer_id})
-    .returning(CheckoutClaim.customer_id)
+    # A row this statement inserted has no xmax yet; one it found and locked has (Postgres).
+    .returning(CheckoutClaim.customer_id, literal_column("xmax = 0").label("inserted"))
 )
 
 _HISTORY = RowsInsert(CartHistory, ["customer_id", "tid", *CartItem.model_fields])
