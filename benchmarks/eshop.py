@@ -149,6 +149,14 @@ async def run_served(bench: Bench, options: Options) -> BenchmarkResult:
         result.measurements.append(
             Measurement(f"  Postgres sessions opened during the run ({label})", "sessions", str(r.sessions))
         )
+        if r.handed_off is not None:
+            result.measurements.append(
+                Measurement(
+                    f"  deliveries handed off by their producer ({label})",
+                    "share of handled",
+                    f"{100 * r.handed_off:.0f} %",
+                )
+            )
         for kind, stats in r.driver["per_type"].items():
             if stats["count"]:
                 result.measurements.append(

@@ -29,6 +29,7 @@ from typing import Any
 
 import asyncpg
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from dbcore.embedded import EmbeddedPostgres
 from framework.testing import fresh_database
@@ -54,6 +55,9 @@ class ExternalRun:
     load_average: tuple[float, float, float]
     #: Postgres sessions opened during the run (``pg_stat_database.sessions``): pool churn.
     sessions: int = 0
+    #: Of the deliveries handled, those their producer's transaction handed off (from the
+    #: server's /metrics; ``None`` with several processes, whose metrics one scrape misses).
+    handed_off: float | None = None
 
     @property
     def completed(self) -> int:
@@ -80,6 +84,7 @@ class ExternalRun:
             "load_average": self.load_average,
             "errors": self.driver["errors"],
             "sessions_opened": self.sessions,
+            "handed_off_share": self.handed_off,
         }
 
 
@@ -286,6 +291,20 @@ async def serving(url: str, workers: int, log_dir: Path) -> AsyncIterator[tuple[
                 await proc.wait()
 
 
+async def _handed_off_share(base: str) -> float | None:
+    """Of the deliveries the server handled, the share handed off by their producers
+    (``vmsdb_deliveries_handed_off_total`` over ``vmsdb_events_handled_total``) since it
+    started: the run's (the seeding ran in another App, before the server started)."""
+    async with httpx.AsyncClient(base_url=base, timeout=10) as client:
+        text = (await client.get("/metrics")).text
+    totals = {"vmsdb_deliveries_handed_off": 0.0, "vmsdb_events_handled": 0.0}
+    for family in text_string_to_metric_families(text):
+        if family.name in totals:
+            totals[family.name] += sum(s.value for s in family.samples if s.name.endswith("_total"))
+    handled = totals["vmsdb_events_handled"]
+    return totals["vmsdb_deliveries_handed_off"] / handled if handled else None
+
+
 async def _drive(base: str, *, clients: int, seconds: float, mix: str, out: Path) -> dict[str, Any]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "vmsdb_bench.eshop_driver", base, "--clients", str(clients),
@@ -323,11 +342,12 @@ async def run_external(
                         )
                         load = os.getloadavg()
                         sessions = await _sessions(url) - sessions_before
+                        handed_off = await _handed_off_share(base) if workers == 1 else None
                     consistent, broken = await _check(url)
                 runs.append(
                     ExternalRun(
                         mix, count, workers, driven, server_cpu, pg_cpu, statements, drained,
-                        consistent, broken, load, sessions,
+                        consistent, broken, load, sessions, handed_off,
                     )
                 )  # fmt: skip
     return runs
