@@ -92,28 +92,13 @@ class Claimed:
         return self.position == HANDED_OFF_POSITION
 
 
-# Why each condition is there: see the module docstring. Several subscribers are claimed for
-# in one statement (one lateral claim each, in one snapshot), each with its own limit. The
-# precedence clause is left out when no subscriber asked for declares a precedence (it would
+# Why each condition is there: see the module docstring. A claim for one subscriber is the
+# plain statement (_CLAIM_ONE); a claim for several (_CLAIM_MANY) is one lateral claim each, in
+# one snapshot, each with its own limit. They share their conditions and their result's shape.
+# The precedence clause is left out when no subscriber asked for declares a precedence (it would
 # scan every earlier delivery for nothing).
-_PRECEDENCE = """
-                   AND (NOT w.precedence OR NOT EXISTS (
-                        SELECT 1 FROM vms.subscriptions s
-                          JOIN vms.deliveries p
-                            ON p.subscriber = s.service AND p.event_type = s.event_type
-                         WHERE s.service = d.subscriber AND d.event_type = ANY(s.precedence)
-                           AND (p.xid, p.position) < (d.xid, d.position)))"""
-_CLAIM = """
-    WITH horizon AS (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin),
-    wanted AS (
-        SELECT * FROM unnest($1::text[], $2::integer[], $3::boolean[]) AS w(subscriber, lim, precedence)
-    ),
-    ready AS (
-        SELECT w.subscriber, r.position
-          FROM wanted w CROSS JOIN LATERAL (
-                SELECT d.position
-                  FROM vms.deliveries d, horizon h
-                 WHERE d.subscriber = w.subscriber
+_CLAIMABLE = """
+                 WHERE d.subscriber = {subscriber}
                    AND d.xid < h.xmin
                    AND d.available_at <= now()
                    AND (d.claim IS NULL OR d.claimed_until < now())
@@ -122,50 +107,42 @@ _CLAIM = """
                          WHERE e.subscriber = d.subscriber AND e.key = d.key
                            AND (e.xid, e.position) < (d.xid, d.position)){precedence}
                  ORDER BY d.xid, d.position
-                 LIMIT w.lim
-                 FOR UPDATE OF d SKIP LOCKED) r
-    ),
-    claimed AS (
-        -- By primary key (both columns = ANY, then the exact pairs): the planner then never
-        -- scans the whole backlog to apply the claim.
-        UPDATE vms.deliveries d
-           SET claim = $4, claimed_until = now() + make_interval(secs => $5),
-               attempts = d.attempts + 1
-         WHERE d.subscriber = ANY(ARRAY(SELECT DISTINCT subscriber FROM ready))
-           AND d.position = ANY(ARRAY(SELECT position FROM ready))
-           AND EXISTS (SELECT 1 FROM ready r WHERE r.subscriber = d.subscriber AND r.position = d.position)
+                 LIMIT {limit}
+                 FOR UPDATE OF d SKIP LOCKED"""
+_PRECEDENCE = """
+                   AND ({unless}NOT EXISTS (
+                        SELECT 1 FROM vms.subscriptions s
+                          JOIN vms.deliveries p
+                            ON p.subscriber = s.service AND p.event_type = s.event_type
+                         WHERE s.service = d.subscriber AND d.event_type = ANY(s.precedence)
+                           AND (p.xid, p.position) < (d.xid, d.position)))"""
+# The claim's transaction commits without waiting for its WAL to reach disk (synchronous_commit
+# off), set where rows were claimed. That is safe: a claim lost in a crash leaves its delivery
+# unclaimed, as if never claimed, and a handler's commit that deletes the delivery by this claim
+# is flushed after the claim (WAL is flushed in order): no durable "handled" can rest on a lost
+# claim.
+_CLAIMED = """
         RETURNING d.subscriber, d.position, d.xid, d.event_type, d.key, d.attempts, d.claim,
-                  -- The claim's transaction commits without waiting for its WAL to reach disk
-                  -- (synchronous_commit off), set where rows were claimed. That is safe: a
-                  -- claim lost in a crash leaves its delivery unclaimed, as if never claimed,
-                  -- and a handler's commit that deletes the delivery by this claim is flushed
-                  -- after the claim (WAL is flushed in order): no durable "handled" can rest on
-                  -- a lost claim.
-                  set_config('synchronous_commit', 'off', true) AS asynchronous_commit
-    ),
-    -- The horizon check in the claim's own snapshot: are deliveries waiting only for an older
-    -- transaction to end? Asked separately, a horizon that moved in between would answer "no"
-    -- for a row this claim could not take, and that row would wait for the fallback poll.
-    -- And are deliveries left behind an earlier one of their key (or of a type that precedes
-    -- them) that is still running? Then a finished delivery is worth another claim. Without
-    -- it, an event that commits while its key's head runs (after the head's claim, so the
-    -- head is not "followed") would wait for the fallback poll.
-    -- Materialized: computed once per subscriber, not once per row of the result.
-    held AS MATERIALIZED (
-        SELECT w.subscriber,
+                  set_config('synchronous_commit', 'off', true) AS asynchronous_commit"""
+# The horizon check in the claim's own snapshot: are deliveries waiting only for an older
+# transaction to end? Asked separately, a horizon that moved in between would answer "no" for a
+# row this claim could not take, and that row would wait for the fallback poll. And are
+# deliveries left behind an earlier one of their key (or of a type that precedes them) that is
+# still running? Then a finished delivery is worth another claim. Without it, an event that
+# commits while its key's head runs (after the head's claim, so the head is not "followed")
+# would wait for the fallback poll.
+_HELD = """
                EXISTS (
                 SELECT 1 FROM vms.deliveries x, horizon h
-                 WHERE x.subscriber = w.subscriber AND x.xid >= h.xmin AND x.available_at <= now()
+                 WHERE x.subscriber = {subscriber} AND x.xid >= h.xmin AND x.available_at <= now()
                    AND (x.claim IS NULL OR x.claimed_until < now())) AS held_back,
                EXISTS (
                 SELECT 1 FROM vms.deliveries x, horizon h
-                 WHERE x.subscriber = w.subscriber AND x.xid < h.xmin AND x.available_at <= now()
+                 WHERE x.subscriber = {subscriber} AND x.xid < h.xmin AND x.available_at <= now()
                    AND (x.claim IS NULL OR x.claimed_until < now())
-                   AND x.position <> ALL(ARRAY(
-                        SELECT r.position FROM ready r WHERE r.subscriber = w.subscriber))) AS blocked
-          FROM wanted w
-    )
-    -- One row per subscriber even when nothing was claimed for it (all NULL but the last four).
+                   AND x.position <> ALL(ARRAY({ready}))) AS blocked"""
+# One row per subscriber even when nothing was claimed for it (all NULL but the last four).
+_RESULT = """
     SELECT c.subscriber, c.position, ev.id AS event_id, c.event_type, c.key,
            ev.payload::text AS payload, ev.correlation_id, c.attempts, c.claim, ev.created_at,
            EXISTS (SELECT 1 FROM vms.deliveries n
@@ -178,8 +155,74 @@ _CLAIM = """
         ON c.subscriber = held.subscriber
      ORDER BY held.subscriber, c.xid, c.position
 """
-_CLAIM_PLAIN = _CLAIM.format(precedence="")
-_CLAIM_WITH_PRECEDENCE = _CLAIM.format(precedence=_PRECEDENCE)
+_CLAIM_ONE = (
+    """
+    WITH horizon AS (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin),
+    ready AS (
+        SELECT d.position FROM vms.deliveries d, horizon h"""
+    + _CLAIMABLE.format(subscriber="$1", precedence="{precedence}", limit="$2")
+    + """
+    ),
+    claimed AS (
+        -- By primary key: the planner then never scans the whole backlog to apply the claim.
+        UPDATE vms.deliveries d
+           SET claim = $3, claimed_until = now() + make_interval(secs => $4),
+               attempts = d.attempts + 1
+         WHERE d.subscriber = $1 AND d.position = ANY(ARRAY(SELECT position FROM ready))"""
+    + _CLAIMED
+    + """
+    ),
+    held AS (
+        SELECT $1::text AS subscriber,"""
+    + _HELD.format(subscriber="$1", ready="SELECT position FROM ready")
+    + """
+    )"""
+    + _RESULT
+)
+_CLAIM_MANY = (
+    """
+    WITH horizon AS (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin),
+    wanted AS (
+        SELECT * FROM unnest($1::text[], $2::integer[], $3::boolean[]) AS w(subscriber, lim, precedence)
+    ),
+    ready AS (
+        SELECT w.subscriber, r.position
+          FROM wanted w CROSS JOIN LATERAL (
+                SELECT d.position FROM vms.deliveries d, horizon h"""
+    + _CLAIMABLE.format(subscriber="w.subscriber", precedence="{precedence}", limit="w.lim")
+    + """) r
+    ),
+    claimed AS (
+        -- By primary key (both columns = ANY, then the exact pairs): the planner then never
+        -- scans the whole backlog to apply the claim.
+        UPDATE vms.deliveries d
+           SET claim = $4, claimed_until = now() + make_interval(secs => $5),
+               attempts = d.attempts + 1
+         WHERE d.subscriber = ANY(ARRAY(SELECT DISTINCT subscriber FROM ready))
+           AND d.position = ANY(ARRAY(SELECT position FROM ready))
+           AND EXISTS (SELECT 1 FROM ready r WHERE r.subscriber = d.subscriber AND r.position = d.position)"""
+    + _CLAIMED
+    + """
+    ),
+    -- Materialized: computed once per subscriber, not once per row of the result.
+    held AS MATERIALIZED (
+        SELECT w.subscriber,"""
+    + _HELD.format(
+        subscriber="w.subscriber", ready="SELECT r.position FROM ready r WHERE r.subscriber = w.subscriber"
+    )
+    + """
+          FROM wanted w
+    )"""
+    + _RESULT
+)
+#: By (several subscribers, with a precedence clause).
+_CLAIMS = {
+    (many, precedence): sql.format(
+        precedence=_PRECEDENCE.format(unless="NOT w.precedence OR " if many else "") if precedence else ""
+    )
+    for many, sql in ((False, _CLAIM_ONE), (True, _CLAIM_MANY))
+    for precedence in (False, True)
+}
 
 
 async def driver(conn: AsyncConnection) -> Any:
@@ -222,14 +265,21 @@ async def claim_batches(
     Meant for an autocommit connection: when rows are claimed, the statement turns
     ``synchronous_commit`` off for the transaction it runs in (see ``_CLAIM``).
     """
-    rows = await (await driver(conn)).fetch(
-        _CLAIM_WITH_PRECEDENCE if any(r.precedence for r in requests) else _CLAIM_PLAIN,
-        [r.subscriber for r in requests],
-        [r.limit for r in requests],
-        [r.precedence for r in requests],
-        uuid.uuid4(),
-        float(lease_seconds),
-    )
+    lease = float(lease_seconds)
+    if len(requests) == 1:  # planned once per connection; the lateral form is planned per call
+        (one,) = requests
+        rows = await (await driver(conn)).fetch(
+            _CLAIMS[False, one.precedence], one.subscriber, one.limit, uuid.uuid4(), lease
+        )
+    else:
+        rows = await (await driver(conn)).fetch(
+            _CLAIMS[True, any(r.precedence for r in requests)],
+            [r.subscriber for r in requests],
+            [r.limit for r in requests],
+            [r.precedence for r in requests],
+            uuid.uuid4(),
+            lease,
+        )
     # The query's columns are the dataclass's fields, in order, then the subscriber asked for,
     # held_back, blocked and the horizon.
     items: dict[str, list[Claimed]] = {r.subscriber: [] for r in requests}
