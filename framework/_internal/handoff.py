@@ -83,10 +83,13 @@ class HandOff:
 
     def __init__(self, dispatchers: Mapping[str, Taker]) -> None:
         self._dispatchers = dict(dispatchers)
-        self._to: dict[str, tuple[Taker, ...]] = {}
+        self._to: dict[str, tuple[Taker, ...]] = {}  # by event type: who may take it over
+        self._waiting: dict[str, set[str]] = {}  # by event type: who handles it, never handed
         for dispatcher in dispatchers.values():
             for event_type in (*dispatcher.handlers, *dispatcher.replicas):
-                if event_type not in dispatcher.waiting:
+                if event_type in dispatcher.waiting:
+                    self._waiting.setdefault(event_type, set()).add(dispatcher.service)
+                else:
                     self._to[event_type] = (*self._to.get(event_type, ()), dispatcher)
 
     def plan(self, records: Sequence[EventRecord]) -> tuple[list[EventRecord], Planned | None]:
@@ -97,8 +100,13 @@ class HandOff:
         items: list[Claimed] = []
         first_of: dict[tuple[str, str], int] = {}  # (subscriber, key) -> index in items
         marked: list[EventRecord] = []
+        # A subscriber that also gets an event of a waiting type from this transaction takes
+        # none over: that event may come first in its key, and only a claim checks it.
+        refused = {service for r in records for service in self._waiting.get(r.type, ())}
         for record in records:
-            takers = [d for d in self._to.get(record.type, ()) if d.accepts_hand_offs]
+            takers = [
+                d for d in self._to.get(record.type, ()) if d.accepts_hand_offs and d.service not in refused
+            ]
             if not takers:
                 marked.append(record)
                 continue

@@ -45,6 +45,11 @@ class Counter(Service, name="counter"):
         send(Opened(key=key))
         send(Closed(key=key))
 
+    @Outbound(Opened)
+    @Transactional(type="RW")
+    async def open_only(self, key: str) -> None:
+        send(Opened(key=key))
+
     @Outbound(Bumped)
     @Transactional(type="RW")
     async def bump_keys(self, keys: list[str]) -> None:
@@ -218,13 +223,25 @@ async def test_concurrent_producers_each_event_once_and_in_order(vmsdb_app_facto
 
 async def test_no_hand_off_of_an_event_that_waits_for_a_precedence(vmsdb_app_factory: Any) -> None:
     """Closed waits for earlier Opened deliveries (``precedence=``), which only the dispatcher's
-    claim checks: it is never handed off; Opened, which waits for nothing, may be."""
+    claim checks: it is never handed off, and neither is anything else the same transaction
+    sends the auditor (an Opened of the key could have to come after a Closed of it)."""
     async with vmsdb_app_factory([Counter, Auditor], poll_interval=POLL) as app:
         await app.service(Counter).open_and_close("k")
         await app.drain()
         async with app.core.admin() as conn:
             marked = dict((await conn.execute(text("SELECT type, handoff_to FROM vms.events"))).all())
-    assert marked == {"Opened": "auditor", "Closed": None}
+    assert marked == {"Opened": None, "Closed": None}  # Closed in the same transaction: neither
+
+
+async def test_an_event_that_waits_for_nothing_is_handed_off_beside_no_waiting_one(
+    vmsdb_app_factory: Any,
+) -> None:
+    async with vmsdb_app_factory([Counter, Auditor], poll_interval=POLL) as app:
+        await app.service(Counter).open_only("k")
+        await app.drain()
+        async with app.core.admin() as conn:
+            marked = dict((await conn.execute(text("SELECT type, handoff_to FROM vms.events"))).all())
+    assert marked == {"Opened": "auditor"}
 
 
 async def test_handed_off_deliveries_run_in_a_group_commit_once_each(vmsdb_app_factory: Any) -> None:
