@@ -49,7 +49,6 @@ __all__ = [
     "DeadLetter",
     "GroupAck",
     "claim",
-    "claim_batch",
     "claim_batches",
     "dead_letter",
     "discard",
@@ -295,19 +294,6 @@ async def claim_batches(
     }
 
 
-async def claim_batch(
-    conn: AsyncConnection,
-    subscriber: str,
-    *,
-    limit: int,
-    lease_seconds: float,
-    precedence: bool = True,
-) -> Claim:
-    """:func:`claim_batches` for one subscriber."""
-    request = ClaimRequest(subscriber, limit, precedence)
-    return (await claim_batches(conn, [request], lease_seconds=lease_seconds))[subscriber]
-
-
 async def claim(
     conn: AsyncConnection,
     subscriber: str,
@@ -316,18 +302,21 @@ async def claim(
     lease_seconds: float,
     precedence: bool = True,
 ) -> list[Claimed]:
-    """The deliveries :func:`claim_batch` claims."""
-    batch = await claim_batch(
-        conn, subscriber, limit=limit, lease_seconds=lease_seconds, precedence=precedence
-    )
-    return batch.items
+    """The deliveries :func:`claim_batches` claims for one subscriber."""
+    request = ClaimRequest(subscriber, limit, precedence)
+    return (await claim_batches(conn, [request], lease_seconds=lease_seconds))[subscriber].items
 
 
 # Renewal skips a row locked right now: its ack, retry or release is committing, and the claim
-# ends with it; waiting for the lock would stall every other renewal behind one handler.
+# ends with it; waiting for the lock would stall every other renewal behind one handler. A
+# handed-off delivery (position 0) is found by its event.
 _RENEW = """
     WITH wanted AS (
-        SELECT * FROM unnest($2::bigint[], $3::uuid[], $4::float8[]) AS w(position, claim, secs)
+        SELECT CASE WHEN w.position = 0
+                    THEN (SELECT e.position FROM vms.events e WHERE e.id = w.event)
+                    ELSE w.position END AS position,
+               w.claim, w.secs
+          FROM unnest($2::bigint[], $3::uuid[], $4::float8[], $5::uuid[]) AS w(position, claim, secs, event)
     ),
     live AS (
         SELECT d.position, w.secs
@@ -347,14 +336,13 @@ async def renew(conn: AsyncConnection, subscriber: str, claims: Sequence[tuple[C
     of a live worker. A claim already run out and taken over by another is left alone."""
     if not claims:
         return
-    items = await resolve(conn, [item for item, _ in claims])  # a handed-off one's position
-    claims = [(i, seconds) for i, (_, seconds) in zip(items, claims, strict=True) if not i.handed_off]
     await (await driver(conn)).execute(
         _RENEW,
         subscriber,
         [item.position for item, _ in claims],
         [item.claim for item, _ in claims],
         [float(seconds) for _, seconds in claims],
+        [item.event_id for item, _ in claims],
     )
 
 
@@ -363,7 +351,7 @@ _POSITIONS = "SELECT id, position FROM vms.events WHERE id = ANY($1::uuid[])"
 
 async def resolve(conn: AsyncConnection, items: Sequence[Claimed]) -> list[Claimed]:
     """``items`` with the position of each handed-off one filled in (one statement, only when
-    there is one): what renewing, retrying, releasing or dead-lettering it needs. A delivery
+    there is one): what retrying, releasing or dead-lettering it needs. A delivery
     whose event is gone keeps position 0, which matches no delivery."""
     missing = [i.event_id for i in items if i.handed_off]
     if not missing:

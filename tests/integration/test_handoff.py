@@ -16,7 +16,7 @@ import asyncpg
 from sqlalchemy import BigInteger, Identity, text
 from sqlalchemy.orm import Mapped, mapped_column
 
-from dbcore.eventlog import NOTIFY_CHANNEL
+from dbcore.eventlog import HANDOFF_SECONDS, NOTIFY_CHANNEL
 from framework import App, Event, Inbound, Outbound, Service, Transactional, send, session
 
 
@@ -91,6 +91,28 @@ class GroupedEntry(Grouped.Model):
     xid: Mapped[int] = mapped_column(BigInteger, server_default=text("txid_current()"))
 
 
+#: Slow's handler sets "started" and waits for "release".
+HOLD: dict[str, asyncio.Event] = {}
+
+
+class Slow(Service, name="slow"):
+    """Holds its handler while the test asks, past a hand-off claim's first lease."""
+
+    @Inbound(Bumped)
+    @Transactional(type="RW")
+    async def on_bumped(self, ev: Bumped) -> None:
+        HOLD["started"].set()
+        await asyncio.wait_for(HOLD["release"].wait(), 30)
+        session().add(SlowEntry(key=ev.key, n=ev.n))
+
+
+class SlowEntry(Slow.Model):
+    __tablename__ = "entries"
+    seq: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    key: Mapped[str]
+    n: Mapped[int]
+
+
 class Auditor(Service, name="auditor"):
     """Handles Closed only after every earlier Opened (precedence), whatever the key."""
 
@@ -125,8 +147,12 @@ async def entries(app: App) -> dict[str, list[int]]:
     return dict(by_key)
 
 
+def handed_off_to(app: App, service: str) -> int:
+    return int(app.metrics.value("deliveries_handed_off", service=service))
+
+
 def handed_off(app: App) -> int:
-    return int(app.metrics.value("deliveries_handed_off", service="ledger"))
+    return handed_off_to(app, "ledger")
 
 
 @asynccontextmanager
@@ -251,7 +277,7 @@ async def test_handed_off_deliveries_run_in_a_group_commit_once_each(vmsdb_app_f
     async with vmsdb_app_factory([Counter, Grouped], poll_interval=POLL) as app:
         await app.service(Counter).bump_keys(keys)
         await app.drain()
-        assert int(app.metrics.value("deliveries_handed_off", service="grouped")) == len(keys)
+        assert handed_off_to(app, "grouped") == len(keys)
         async with app.core.admin() as conn:
             rows = (await conn.execute(text("SELECT key, n FROM grouped.entries ORDER BY key"))).all()
             transactions = (
@@ -261,3 +287,29 @@ async def test_handed_off_deliveries_run_in_a_group_commit_once_each(vmsdb_app_f
     assert [tuple(r) for r in rows] == [(k, 1) for k in keys]
     assert pending == 0
     assert transactions < len(keys)  # grouped
+
+
+async def test_a_handed_off_claim_is_renewed_while_its_handler_runs(vmsdb_app_factory: Any) -> None:
+    """The heartbeat renews a handed-off delivery's claim (found by its event): held past the
+    claim's first lease, it is still the producer's claim, not taken over by a new one."""
+    HOLD.update(started=asyncio.Event(), release=asyncio.Event())
+    async with vmsdb_app_factory([Counter, Slow], poll_interval=0.05) as app:
+        await app.service(Counter).bump("k", 1)
+        await asyncio.wait_for(HOLD["started"].wait(), 10)
+        await asyncio.sleep(HANDOFF_SECONDS + 1.0)
+        async with app.core.admin() as conn:
+            (same,) = (
+                await conn.execute(
+                    text(
+                        "SELECT d.claim = e.handoff_claim FROM vms.deliveries d "
+                        "JOIN vms.events e ON e.position = d.position"
+                    )
+                )
+            ).one()
+        HOLD["release"].set()
+        await app.drain()
+        assert handed_off_to(app, "slow") == 1
+        async with app.core.admin() as conn:
+            rows = (await conn.execute(text("SELECT key, n FROM slow.entries"))).all()
+    assert same
+    assert [tuple(r) for r in rows] == [("k", 1)]
